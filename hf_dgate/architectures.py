@@ -1,0 +1,374 @@
+"""Where heads, neurons and layers live in a model, turned into `GroupSet`s.
+
+Detection is by module names inside each transformer block, which covers the Hugging Face families (GPT-2's
+fused `Conv1D` c_attn, Llama/Qwen/Mistral with GQA, BERT/RoBERTa, ViT, GPT-NeoX's per-head interleaved
+query_key_value, OPT, ...). Anything else can be named explicitly through `DGateConfig.module_names`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import DGateConfig, GroupRule
+from .groups import (
+    UNGATED,
+    GroupSet,
+    Site,
+    TensorSlice,
+    in_axis,
+    input_slices,
+    out_axis,
+    output_slices,
+    slice_index,
+    whole_module_slices,
+)
+
+# Relative names inside a block, most specific first. A name matches a module whose relative name equals it
+# or ends with "." + it.
+VALUE_NAMES = ("v_proj", "self.value", "attention.value", "value", "to_v", "wv", "v_lin")
+QUERY_NAMES = ("q_proj", "self.query", "attention.query", "query", "to_q", "wq", "q_lin")
+KEY_NAMES = ("k_proj", "self.key", "attention.key", "key", "to_k", "wk", "k_lin")
+FUSED_QKV = {
+    "c_attn": "blocked",
+    "qkv_proj": "blocked",
+    "Wqkv": "blocked",
+    "qkv": "blocked",
+    "query_key_value": "interleaved",
+}
+OUT_NAMES = (
+    "o_proj",
+    "out_proj",
+    "attention.output.dense",
+    "attn.c_proj",
+    "attention.dense",
+    "self_attn.dense",
+    "wo",
+    "to_out.0",
+    "out_lin",
+)
+DOWN_NAMES = ("down_proj", "mlp.c_proj", "fc2", "dense_4h_to_h", "output.dense", "w2", "lin2")
+UP_NAMES = (
+    ("gate_proj", "up_proj"),
+    ("w1", "w3"),
+    ("c_fc",),
+    ("fc1",),
+    ("dense_h_to_4h",),
+    ("intermediate.dense",),
+    ("lin1",),
+)
+# Families whose blocks normalise after the residual add: scaling a branch to zero does not make the block the
+# identity, so whole-layer gating cannot remove a layer there.
+POST_NORM_TYPES = {
+    "bert",
+    "roberta",
+    "xlm-roberta",
+    "camembert",
+    "electra",
+    "albert",
+    "distilbert",
+    "mpnet",
+    "deberta",
+    "deberta-v2",
+    "ernie",
+}
+
+
+class StructureNotFoundError(ValueError):
+    """A target's structure (value projection, MLP, block list) could not be located."""
+
+
+def find_group_sets(model: nn.Module, config: DGateConfig) -> list[GroupSet]:
+    """All group sets `config` asks for, in a stable order (target, then layer)."""
+    sets: list[GroupSet] = []
+    if config.targets:
+        blocks = find_blocks(model, config)
+        hf_config = _text_config(model)
+        for target in config.targets:
+            builder = {"heads": _head_set, "neurons": _neuron_set, "layers": _layer_set}[target]
+            for layer, (name, block) in enumerate(blocks):
+                sets.append(builder(model, hf_config, config, layer, name, block))
+    for rule in config.groups:
+        sets.extend(_rule_sets(model, rule))
+    if config.target_modules is not None:
+        pattern = re.compile(config.target_modules)
+        sets = [gs for gs in sets if any(pattern.search(s.module) for s in gs.sites)]
+        if not sets:
+            raise ValueError(
+                f"target_modules={config.target_modules!r} matches none of the modules that would be gated; "
+                "it is matched with re.search against names such as 'model.layers.0.self_attn.v_proj'."
+            )
+    return sets
+
+
+# ---- blocks ------------------------------------------------------------------------------------------------
+def find_blocks(model: nn.Module, config: DGateConfig) -> list[tuple[str, nn.Module]]:
+    """The transformer blocks in order; shared (tied) blocks appear once, since gating them once gates every use."""
+    names = config.module_names or {}
+    if "layers" in names:
+        try:
+            blocks = model.get_submodule(names["layers"])
+        except AttributeError:
+            raise StructureNotFoundError(
+                f"module_names['layers']={names['layers']!r} is not a submodule of {type(model).__name__}."
+            ) from None
+        prefix = names["layers"]
+    else:
+        n_layers = getattr(_text_config(model), "num_hidden_layers", None)
+        candidates = [
+            (n, m)
+            for n, m in model.named_modules()
+            if isinstance(m, nn.ModuleList) and len(m) > 0 and (n_layers is None or len(m) == n_layers)
+        ]
+        if not candidates:
+            raise StructureNotFoundError(
+                f"Could not find the list of transformer blocks in {type(model).__name__} (an nn.ModuleList of "
+                f"{n_layers} blocks). Name it explicitly: DGateConfig(module_names={{'layers': 'model.layers'}})."
+            )
+        prefix, blocks = max(candidates, key=lambda c: sum(p.numel() for p in c[1].parameters()))
+    seen: set[int] = set()
+    out = []
+    for i, block in enumerate(blocks):
+        if id(block) not in seen:
+            seen.add(id(block))
+            out.append((f"{prefix}.{i}", block))
+    return out
+
+
+def _text_config(model: nn.Module) -> Any:
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        return cfg.get_text_config()
+    return cfg
+
+
+def _leaves(block: nn.Module) -> dict[str, nn.Module]:
+    return {
+        n: m
+        for n, m in block.named_modules()
+        if n and getattr(m, "weight", None) is not None and len(list(m.children())) == 0
+    }
+
+
+def _match(leaves: dict[str, nn.Module], patterns: tuple[str, ...], taken: set[str]) -> str | None:
+    for p in patterns:
+        for rel in leaves:
+            if rel not in taken and (rel == p or rel.endswith("." + p)):
+                return rel
+    return None
+
+
+def _not_found(what: str, name: str, block: nn.Module, key: str, example: str) -> StructureNotFoundError:
+    leaves = ", ".join(_leaves(block)) or "none"
+    return StructureNotFoundError(
+        f"Could not find the {what} in module '{name}' ({type(block).__name__}); its weighted submodules are: "
+        f"{leaves}. Name it explicitly: DGateConfig(module_names={{'{key}': '{example}'}})."
+    )
+
+
+def _out_features(m: nn.Module) -> int:
+    return m.weight.shape[out_axis(m)]
+
+
+def _in_features(m: nn.Module) -> int:
+    return m.weight.shape[in_axis(m)]
+
+
+# ---- attention heads -------------------------------------------------------------------------------------------
+def _attention_parts(name: str, block: nn.Module, config: DGateConfig) -> dict[str, Any]:
+    names = config.module_names or {}
+    leaves = _leaves(block)
+    taken: set[str] = set()
+    parts: dict[str, Any] = {}
+    if "qkv" in names:
+        parts["qkv"] = names["qkv"]
+        parts["layout"] = names.get("qkv_layout", "blocked")
+    elif "value" in names:
+        parts["v"] = names["value"]
+    else:
+        fused = _match(leaves, tuple(FUSED_QKV), taken)
+        if fused is not None:
+            parts["qkv"] = fused
+            parts["layout"] = FUSED_QKV[fused.rsplit(".", 1)[-1]]
+        else:
+            parts["v"] = _match(leaves, VALUE_NAMES, taken)
+    if "v" in parts and parts["v"] is not None:
+        parts["q"] = names.get("query") or _match(leaves, QUERY_NAMES, taken)
+        parts["k"] = names.get("key") or _match(leaves, KEY_NAMES, taken)
+    parts["o"] = names.get("out") or _match(leaves, OUT_NAMES, taken)
+    if parts["o"] is None:
+        raise _not_found("attention output projection", name, block, "out", "attn.o_proj")
+    return parts
+
+
+def _head_geometry(hf_config: Any, o: nn.Module, name: str) -> tuple[int, int, int]:
+    n_heads = getattr(hf_config, "num_attention_heads", None)
+    if n_heads is None:
+        raise StructureNotFoundError(
+            f"The config of '{name}' has no num_attention_heads; heads cannot be gated without it."
+        )
+    n_kv = getattr(hf_config, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(hf_config, "head_dim", None) or _in_features(o) // n_heads
+    if n_heads * head_dim != _in_features(o) or n_heads % n_kv:
+        raise StructureNotFoundError(
+            f"Head geometry of '{name}' does not fit its output projection: {n_heads} heads x {head_dim} dims, "
+            f"{n_kv} key/value heads, but the projection takes {_in_features(o)} inputs."
+        )
+    return n_heads, n_kv, head_dim
+
+
+def _head_set(
+    model: nn.Module, hf_config: Any, config: DGateConfig, layer: int, name: str, block: nn.Module
+) -> GroupSet:
+    parts = _attention_parts(name, block, config)
+    get = block.get_submodule
+    o = get(parts["o"])
+    n_heads, n_kv, hd = _head_geometry(hf_config, o, name)
+    n_rep = n_heads // n_kv
+    q_group = slice_index(n_heads * hd, hd * n_rep)  # query head -> its key/value group
+    kv_group = slice_index(n_kv * hd, hd)
+    full = lambda rel: f"{name}.{rel}"  # noqa: E731
+    removable = input_slices(full(parts["o"]), o, q_group)
+    side = config.head_side
+    value_site: Site | None = None
+    value_primary: list[TensorSlice] = []
+    if parts.get("qkv"):
+        qkv = get(parts["qkv"])
+        n = _out_features(qkv)
+        if parts["layout"] == "interleaved":  # per head [q_h | k_h | v_h] (GPT-NeoX); MHA only
+            if n != 3 * n_heads * hd or n_rep != 1:
+                raise _not_found("interleaved query/key/value layout", name, block, "qkv", parts["qkv"])
+            pos = torch.arange(n)
+            fused_idx = pos // (3 * hd)
+            value_idx = torch.where(pos % (3 * hd) >= 2 * hd, fused_idx, UNGATED)
+        else:  # [q | k | v] blocks (GPT-2 c_attn, Phi-3 qkv_proj)
+            if n != (n_heads + 2 * n_kv) * hd:
+                raise _not_found("blocked query/key/value layout", name, block, "qkv", parts["qkv"])
+            fused_idx = torch.cat([q_group, kv_group, kv_group])
+            value_idx = torch.cat([torch.full((n - n_kv * hd,), UNGATED), kv_group])
+        removable += output_slices(full(parts["qkv"]), qkv, fused_idx)
+        value_site = Site(full(parts["qkv"]), "output", -1, value_idx)
+        value_primary = output_slices(full(parts["qkv"]), qkv, value_idx)
+    elif parts.get("v"):
+        v = get(parts["v"])
+        if _out_features(v) != n_kv * hd:
+            raise StructureNotFoundError(f"Value projection '{name}.{parts['v']}' does not have {n_kv}x{hd} outputs.")
+        for key, idx in (("q", q_group), ("k", kv_group), ("v", kv_group)):
+            if parts.get(key):
+                removable += output_slices(full(parts[key]), get(parts[key]), idx)
+        value_site = Site(full(parts["v"]), "output", -1, kv_group)
+        value_primary = output_slices(full(parts["v"]), v, kv_group)
+    if side == "value" and value_site is None:
+        raise _not_found("value projection (head_side='value')", name, block, "value", "attn.v_proj")
+    if side in ("value", "auto") and value_site is not None:
+        sites, primary, used = [value_site], value_primary, "value"
+    else:
+        sites = [Site(full(parts["o"]), "input", -1, q_group)]
+        primary, used = input_slices(full(parts["o"]), o, q_group), "output"
+    meta = dict(parts, n_heads=n_heads, n_kv=n_kv, head_dim=hd, side=used)
+    return GroupSet("heads", layer, n_kv, sites, primary, removable, meta)
+
+
+# ---- MLP neurons -------------------------------------------------------------------------------------------------
+def _mlp_parts(name: str, block: nn.Module, config: DGateConfig) -> tuple[str, list[str]]:
+    names = config.module_names or {}
+    leaves = _leaves(block)
+    taken = {p for p in (_attention_out_name(name, block, config),) if p}
+    down = names.get("down") or _match(leaves, DOWN_NAMES, taken)
+    if down is None:
+        raise _not_found("MLP down (second) projection", name, block, "down", "mlp.down_proj")
+    ups = names.get("up")
+    if ups is None:
+        for group in UP_NAMES:
+            found = [_match(leaves, (p,), taken) for p in group]
+            if all(found):
+                ups = found
+                break
+    if not ups:
+        raise _not_found("MLP up (first) projection", name, block, "up", "['mlp.up_proj']")
+    return down, [ups] if isinstance(ups, str) else list(ups)
+
+
+def _attention_out_name(name: str, block: nn.Module, config: DGateConfig) -> str | None:
+    try:
+        return _attention_parts(name, block, config)["o"]
+    except StructureNotFoundError:
+        return None
+
+
+def _neuron_set(
+    model: nn.Module, hf_config: Any, config: DGateConfig, layer: int, name: str, block: nn.Module
+) -> GroupSet:
+    down_rel, up_rels = _mlp_parts(name, block, config)
+    down = block.get_submodule(down_rel)
+    n = _in_features(down)
+    idx = slice_index(n)
+    removable = input_slices(f"{name}.{down_rel}", down, idx)
+    for rel in up_rels:
+        up = block.get_submodule(rel)
+        if _out_features(up) != n:
+            raise StructureNotFoundError(
+                f"MLP projections of '{name}' disagree: '{rel}' has {_out_features(up)} outputs, '{down_rel}' "
+                f"takes {n} inputs. Name them with DGateConfig(module_names={{'up': [...], 'down': ...}})."
+            )
+        removable += output_slices(f"{name}.{rel}", up, idx)
+    site = Site(f"{name}.{down_rel}", "input", -1, idx)
+    primary = input_slices(f"{name}.{down_rel}", down, idx)
+    return GroupSet("neurons", layer, n, [site], primary, removable, {"down": down_rel, "up": up_rels})
+
+
+# ---- whole layers ----------------------------------------------------------------------------------------------
+def _layer_set(
+    model: nn.Module, hf_config: Any, config: DGateConfig, layer: int, name: str, block: nn.Module
+) -> GroupSet:
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type in POST_NORM_TYPES or getattr(hf_config, "do_layer_norm_before", True) is False:
+        raise ValueError(
+            f"target='layers' needs pre-norm blocks (x + f(x)); '{model_type}' normalises after the residual "
+            "add, so a zero branch does not remove the layer. Gate 'heads' or 'neurons' instead."
+        )
+    o_rel = _attention_parts(name, block, config)["o"]
+    down_rel, _ = _mlp_parts(name, block, config)
+    sites, primary = [], []
+    for rel in (o_rel, down_rel):
+        m = block.get_submodule(rel)
+        sites.append(Site(f"{name}.{rel}", "output", -1, torch.zeros(_out_features(m), dtype=torch.long)))
+        primary += [
+            TensorSlice(f"{name}.{rel}", pn, None, torch.tensor([0])) for pn, _ in m.named_parameters(recurse=False)
+        ]
+    return GroupSet("layers", layer, 1, sites, primary, whole_module_slices(name, block), {"block": name})
+
+
+# ---- user-defined groups on any module ---------------------------------------------------------------------
+def _feature_axis(m: nn.Module) -> int:
+    return 1 if isinstance(m, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)) else -1
+
+
+def _rule_sets(model: nn.Module, rule: GroupRule) -> list[GroupSet]:
+    pattern = re.compile(rule.modules)
+    sets = []
+    for name, m in model.named_modules():
+        if not pattern.search(name) or getattr(m, "weight", None) is None or not isinstance(m.weight, torch.Tensor):
+            continue
+        axis = _feature_axis(m)
+        if rule.kind == "out":
+            idx = slice_index(_out_features(m), rule.size)
+            site, primary = Site(name, "output", axis, idx), output_slices(name, m, idx)
+        elif rule.kind == "in":
+            idx = slice_index(_in_features(m), rule.size)
+            site, primary = Site(name, "input", axis, idx), input_slices(name, m, idx)
+        else:
+            idx = torch.zeros(_out_features(m), dtype=torch.long)
+            site = Site(name, "output", axis, idx)
+            primary = [TensorSlice(name, pn, None, torch.tensor([0])) for pn, _ in m.named_parameters(recurse=False)]
+        n_groups = int(idx.max()) + 1
+        sets.append(GroupSet(rule.name, name, n_groups, [site], primary, list(primary), {"kind": rule.kind}))
+    if not sets:
+        raise StructureNotFoundError(
+            f"Group rule '{rule.name}': modules={rule.modules!r} matches no module with a weight; qualified "
+            f"names look like {[n for n, _ in list(model.named_modules())[1:4]]}."
+        )
+    return sets

@@ -1,0 +1,251 @@
+"""One mechanism for every granularity: a group is a set of slices of parameter tensors along one axis.
+
+A `GroupSet` describes the groups of one target in one place (the heads of layer 3, the filters of a conv):
+- `sites`: activations whose feature axis is multiplied by the group scale s_g (forward hooks), so the model's
+  own parameters, names and state-dict keys stay untouched;
+- `primary`: the parameter slices that scaling those activations is equivalent to (w_g; folded on merge);
+- `removable`: everything that only serves the group (q/k rows of a head, up rows of a neuron), for the
+  parameter count in reports and for export.
+Every slice carries an index vector along its axis: entry i is the (local) group of position i, -1 if none.
+Fused QKV layouts, GQA and per-head interleaving are therefore just different index vectors.
+
+`GateBank` is the single registered submodule (`model.dgate`) that owns the gates of all targets and computes
+the per-group norms with one reduction per tensor (no Python loop over groups).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import gates as G
+from .config import DGateConfig
+
+UNGATED = -1
+
+
+@dataclass
+class TensorSlice:
+    """Positions of `module.<param>` along `axis` and the group each belongs to (axis None: whole tensor)."""
+
+    module: str
+    param: str
+    axis: int | None
+    index: torch.Tensor  # int64, (size along axis,) or (1,) when axis is None
+
+
+@dataclass
+class Site:
+    """An activation scaled per group: the module's `input` (pre-hook) or `output`, along `axis`."""
+
+    module: str
+    where: str  # "input" | "output"
+    axis: int  # feature axis of the activation (-1 for Linear, 1 for Conv2d / BatchNorm2d)
+    index: torch.Tensor  # int64, (features,)
+
+
+@dataclass
+class GroupSet:
+    target: str
+    layer: int | str
+    n_groups: int
+    sites: list[Site]
+    primary: list[TensorSlice]
+    removable: list[TensorSlice]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def slice_index(size: int, group_size: int = 1, offset: int = 0) -> torch.Tensor:
+    """Index vector of `size` positions in consecutive blocks of `group_size`, numbered from `offset`."""
+    return torch.arange(size) // group_size + offset
+
+
+def out_axis(module: nn.Module) -> int:
+    """Axis of `module.weight` that indexes output features (transformers' Conv1D stores weights transposed)."""
+    return 1 if type(module).__name__ == "Conv1D" else 0
+
+
+def in_axis(module: nn.Module) -> int:
+    return 0 if type(module).__name__ == "Conv1D" else 1
+
+
+def output_slices(name: str, module: nn.Module, index: torch.Tensor) -> list[TensorSlice]:
+    """Weight rows (and bias) producing the selected output features of a Linear/Conv1D/Conv/Norm."""
+    slices = [TensorSlice(name, "weight", out_axis(module), index)]
+    if getattr(module, "bias", None) is not None:
+        slices.append(TensorSlice(name, "bias", 0, index))
+    return slices
+
+
+def input_slices(name: str, module: nn.Module, index: torch.Tensor) -> list[TensorSlice]:
+    """Weight columns consuming the selected input features."""
+    return [TensorSlice(name, "weight", in_axis(module), index)]
+
+
+def whole_module_slices(name: str, module: nn.Module, group: int = 0) -> list[TensorSlice]:
+    """Every parameter of `module` and its children, each whole tensor in group `group`."""
+    return [
+        TensorSlice(f"{name}.{sub}" if sub else name, pn, None, torch.tensor([group]))
+        for sub, m in module.named_modules()
+        for pn, p in m.named_parameters(recurse=False)
+    ]
+
+
+class GateBank(nn.Module):
+    """Owns the gates (one (D-1, G) parameter per target) and applies them through hooks."""
+
+    def __init__(self, model: nn.Module, group_sets: list[GroupSet], config: DGateConfig):
+        super().__init__()
+        self.config = config
+        self.lam = config.lam  # mutable (warm-up, controllers); the config keeps the requested value
+        self.depth = config.depth
+        self.group_sets = group_sets
+        self.targets: list[str] = list(dict.fromkeys(gs.target for gs in group_sets))
+        self.offsets: list[int] = []
+        sizes: dict[str, int] = {t: 0 for t in self.targets}
+        for gs in group_sets:
+            self.offsets.append(sizes[gs.target])
+            sizes[gs.target] += gs.n_groups
+        self.sizes = sizes
+        self.gammas = nn.ParameterDict({t: nn.Parameter(G.init_gates(n, config.depth)) for t, n in sizes.items()})
+        self._modules_by_name = dict(model.named_modules())
+        self._handles: list[Any] = []
+        self._norm_terms: dict[str, list[tuple[nn.Module, str, int | None, str | None, str]]] = {
+            t: [] for t in self.targets
+        }
+        self._sites: list[tuple[str, Site, str, bool]] = []
+        for k, (gs, off) in enumerate(zip(group_sets, self.offsets)):
+            for j, sl in enumerate(gs.primary):
+                self._add_norm_term(gs.target, f"p{k}_{j}", sl, off)
+            for j, site in enumerate(gs.sites):
+                idx = site.index.clone()
+                ungated = bool((idx < 0).any())
+                idx = torch.where(idx < 0, torch.full_like(idx, sizes[gs.target]), idx + off)
+                buf = f"s{k}_{j}"
+                self.register_buffer(buf, idx, persistent=False)
+                self._sites.append((gs.target, site, buf, ungated))
+
+    # ---- norms ----------------------------------------------------------------------------------------------
+    def _add_norm_term(self, target: str, key: str, sl: TensorSlice, offset: int) -> None:
+        module = self._modules_by_name[sl.module]
+        idx = sl.index
+        if sl.axis is None:
+            pos_buf = None
+        elif bool((idx < 0).any()):
+            pos_buf = f"{key}_pos"
+            self.register_buffer(pos_buf, torch.nonzero(idx >= 0).flatten(), persistent=False)
+            idx = idx[idx >= 0]
+        else:
+            pos_buf = None
+        gid_buf = f"{key}_gid"
+        self.register_buffer(gid_buf, idx + offset, persistent=False)
+        self._norm_terms[target].append((module, sl.param, sl.axis, pos_buf, gid_buf))
+
+    def _reduced(self, module: nn.Module, param: str, axis: int | None, pos_buf: str | None) -> torch.Tensor:
+        w = getattr(module, param)
+        if axis is None:
+            return w.float().pow(2).sum().reshape(1)
+        dims = [d for d in range(w.dim()) if d != axis]
+        r = w.float().pow(2).sum(dim=dims) if dims else w.float().pow(2)
+        return r if pos_buf is None else r[getattr(self, pos_buf)]
+
+    def group_sq_norms(self, target: str) -> torch.Tensor:
+        """||w_g||^2 for every group of `target`: one reduction per tensor, scattered into a (G,) vector."""
+        gam = self.gammas[target]
+        out = torch.zeros(self.sizes[target], device=gam.device, dtype=torch.float32)
+        for module, param, axis, pos_buf, gid_buf in self._norm_terms[target]:
+            out = out.index_add(0, getattr(self, gid_buf), self._reduced(module, param, axis, pos_buf))
+        return out
+
+    def total_sq_norm(self, target: str) -> torch.Tensor:
+        """sum_g ||w_g||^2 without the scatter (what the penalty needs)."""
+        terms = [self._reduced(m, p, a, pb).sum() for m, p, a, pb, _ in self._norm_terms[target]]
+        return torch.stack(terms).sum()
+
+    def effective_norms(self, target: str) -> torch.Tensor:
+        return G.effective_norms(self.group_sq_norms(target), self.gammas[target])
+
+    def scale(self, target: str) -> torch.Tensor:
+        return G.gate_scale(self.gammas[target])
+
+    # ---- penalties --------------------------------------------------------------------------------------------
+    def penalty(self, lam: float | None = None) -> torch.Tensor:
+        lam = self.lam if lam is None else lam
+        return sum(G.surrogate_penalty(self.total_sq_norm(t), self.gammas[t], lam, self.depth) for t in self.targets)
+
+    def induced_penalty(self, lam: float | None = None) -> torch.Tensor:
+        lam = self.lam if lam is None else lam
+        return sum(G.induced_penalty(self.effective_norms(t), lam, self.depth) for t in self.targets)
+
+    def misalignment(self, lam: float | None = None) -> torch.Tensor:
+        lam = self.lam if lam is None else lam
+        return sum(G.misalignment(self.group_sq_norms(t), self.gammas[t], lam, self.depth) for t in self.targets)
+
+    # ---- hooks ----------------------------------------------------------------------------------------------
+    def _site_scale(self, target: str, buf: str, ungated: bool) -> torch.Tensor:
+        s = G.gate_scale(self.gammas[target])
+        if ungated:
+            s = torch.cat([s, s.new_ones(1)])
+        return s[getattr(self, buf)]
+
+    def attach(self) -> None:
+        for target, site, buf, ungated in self._sites:
+            module = self._modules_by_name[site.module]
+            if site.where == "output":
+                self._handles.append(module.register_forward_hook(_OutputHook(self, target, site.axis, buf, ungated)))
+            else:
+                self._handles.append(
+                    module.register_forward_pre_hook(_InputHook(self, target, site.axis, buf, ungated))
+                )
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Multiply every primary slice by its group scale, after which the hooks can go."""
+        for gs, off in zip(self.group_sets, self.offsets):
+            s_ext = torch.cat([self.scale(gs.target), self.gammas[gs.target].new_ones(1)])
+            for sl in gs.primary:
+                w = getattr(self._modules_by_name[sl.module], sl.param)
+                idx = torch.where(sl.index < 0, self.sizes[gs.target], sl.index + off)
+                factor = s_ext[idx.to(s_ext.device)].to(device=w.device, dtype=w.dtype)
+                if sl.axis is not None:
+                    shape = [1] * w.dim()
+                    shape[sl.axis] = -1
+                    factor = factor.reshape(shape)
+                w.mul_(factor)
+
+
+def _scale_along(x: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
+    scale = scale.to(x.dtype)
+    if axis in (-1, x.dim() - 1):
+        return x * scale
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return x * scale.reshape(shape)
+
+
+class _OutputHook:
+    def __init__(self, bank: GateBank, target: str, axis: int, buf: str, ungated: bool):
+        self.bank, self.target, self.axis, self.buf, self.ungated = bank, target, axis, buf, ungated
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        scale = self.bank._site_scale(self.target, self.buf, self.ungated)
+        if isinstance(output, tuple):
+            return (_scale_along(output[0], scale, self.axis), *output[1:])
+        return _scale_along(output, scale, self.axis)
+
+
+class _InputHook:
+    def __init__(self, bank: GateBank, target: str, axis: int, buf: str, ungated: bool):
+        self.bank, self.target, self.axis, self.buf, self.ungated = bank, target, axis, buf, ungated
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple:
+        scale = self.bank._site_scale(self.target, self.buf, self.ungated)
+        return (_scale_along(args[0], scale, self.axis), *args[1:])

@@ -1,0 +1,123 @@
+"""Sparsity read off the effective weights: which groups are zero and what removing them would save."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from math import prod
+
+import torch
+from torch import nn
+
+from .groups import GateBank
+from .patch import get_bank
+
+
+@dataclass
+class TargetSparsity:
+    target: str
+    groups: int
+    zero: int
+    per_layer: dict[str, list[int]] = field(default_factory=dict)  # layer -> [active, total]
+
+    @property
+    def sparsity(self) -> float:
+        return self.zero / self.groups if self.groups else 0.0
+
+
+@dataclass
+class SparsityReport:
+    threshold: float
+    targets: dict[str, TargetSparsity]
+    params_total: int
+    params_kept: int
+
+    @property
+    def params_kept_fraction(self) -> float:
+        return self.params_kept / self.params_total if self.params_total else 1.0
+
+    def sparsity(self, target: str) -> float:
+        return self.targets[target].sparsity
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for t, ts in self.targets.items():
+            d["targets"][t]["sparsity"] = ts.sparsity
+        d["params_kept_fraction"] = self.params_kept_fraction
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def __str__(self) -> str:
+        lines = [f"D-Gating sparsity (zero when ||theta_g|| < {self.threshold:g})"]
+        for ts in self.targets.values():
+            lines.append(f"  {ts.target}: {ts.zero}/{ts.groups} zero ({100 * ts.sparsity:.1f}% sparse)")
+            width = max((len(k) for k in ts.per_layer), default=5)
+            for layer, (active, total) in ts.per_layer.items():
+                bar = "#" * active + "." * (total - active) if total <= 64 else ""
+                lines.append(f"    {layer:>{width}}  {active:>5}/{total:<5} active  {bar}")
+        lines.append(
+            f"  parameters: {self.params_kept:,} of {self.params_total:,} kept "
+            f"({100 * self.params_kept_fraction:.1f}%) once zero groups are removed"
+        )
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def sparsity_report(model: nn.Module, threshold: float | None = None) -> SparsityReport:
+    """Per target: groups, zero groups, sparsity, active groups per layer, and the parameters left after export."""
+    bank = get_bank(model)
+    thr = bank.config.threshold if threshold is None else threshold
+    if thr <= 0:
+        raise ValueError(f"threshold={thr!r} is invalid: expected a float > 0.")
+    dead = {t: bank.effective_norms(t) < thr for t in bank.targets}
+    targets = {t: TargetSparsity(t, bank.sizes[t], int(dead[t].sum())) for t in bank.targets}
+    for gs, off in zip(bank.group_sets, bank.offsets):
+        d = dead[gs.target][off : off + gs.n_groups]
+        label = str(gs.layer)
+        targets[gs.target].per_layer[label] = [gs.n_groups - int(d.sum()), gs.n_groups]
+    total, kept = _param_counts(bank, dead)
+    return SparsityReport(thr, targets, total, kept)
+
+
+def _param_counts(bank: GateBank, dead: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """Exact count of parameters left once dead groups (and what only fed them) are removed.
+
+    Removing a position along an axis removes its whole hyper-row, so per tensor the kept count is the product
+    over axes of kept positions; overlapping removals (a dead head inside a dead layer) are not double counted.
+    """
+    kept_mask: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
+    whole_dead: set[tuple[int, str]] = set()
+    for gs, off in zip(bank.group_sets, bank.offsets):
+        d = dead[gs.target][off : off + gs.n_groups].cpu()
+        if not bool(d.any()):
+            continue
+        for sl in gs.removable:
+            module = bank._modules_by_name[sl.module]
+            key = (id(module), sl.param)
+            if sl.axis is None:
+                if bool(d[sl.index].all()):
+                    whole_dead.add(key)
+                continue
+            w = getattr(module, sl.param)
+            masks = kept_mask.setdefault(key, {})
+            mask = masks.setdefault(sl.axis, torch.ones(w.shape[sl.axis], dtype=torch.bool))
+            in_group = sl.index >= 0
+            removed = torch.zeros_like(mask)
+            removed[in_group] = d[sl.index[in_group]]
+            mask &= ~removed
+    total = kept = 0
+    seen = {id(p) for p in bank.parameters()}  # gates fold into the weights; tied tensors count once
+    for module in bank._modules_by_name.values():
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+            key = (id(module), pname)
+            if key in whole_dead:
+                continue
+            masks = kept_mask.get(key, {})
+            kept += prod(int(masks[a].sum()) if a in masks else s for a, s in enumerate(p.shape))
+    return total, kept
