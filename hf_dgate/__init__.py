@@ -12,6 +12,7 @@ from .patch import (
     remove_dgate,
 )
 from .report import SparsityReport, sparsity_report
+from .saving import load_gated, save_gated
 
 __version__ = "0.1.0"
 
@@ -24,8 +25,10 @@ __all__ = [
     "get_bank",
     "induced_penalty",
     "is_gated",
+    "load_gated",
     "misalignment",
     "penalty",
     "remove_dgate",
+    "save_gated",
     "sparsity_report",
 ]

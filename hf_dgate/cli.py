@@ -16,8 +16,18 @@ def demo(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     vocab, block = 32, 32
     model = GPT2LMHeadModel(
-        GPT2Config(vocab_size=vocab, n_positions=block, n_embd=64, n_layer=4, n_head=8, resid_pdrop=0.0,
-                   embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+        GPT2Config(
+            vocab_size=vocab,
+            n_positions=block,
+            n_embd=64,
+            n_layer=4,
+            n_head=8,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
     )
     hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="heads", depth=args.depth, lam=args.lam))
     # Synthetic language: each sequence repeats a random 8-token motif, so a couple of heads suffice.
@@ -33,8 +43,10 @@ def demo(args: argparse.Namespace) -> int:
         opt.step()
         if step % max(1, args.steps // 5) == 0 or step == args.steps:
             rep = hf_dgate.sparsity_report(model)
-            print(f"step {step:4d}  loss {loss.item():.3f}  penalty {hf_dgate.penalty(model).item():.4f}  "
-                  f"head sparsity {rep.sparsity('heads'):.2f}")
+            print(
+                f"step {step:4d}  loss {loss.item():.3f}  penalty {hf_dgate.penalty(model).item():.4f}  "
+                f"head sparsity {rep.sparsity('heads'):.2f}"
+            )
     print(hf_dgate.sparsity_report(model))
     return 0
 

@@ -11,6 +11,7 @@ from typing import Any
 CONFIG_NAME = "dgate_config.json"
 BUILTIN_TARGETS = ("heads", "neurons", "layers")
 HEAD_SIDES = ("auto", "value", "output")
+METHODS = ("dgate", "direct")
 GROUP_KINDS = ("out", "in", "module")
 
 
@@ -79,6 +80,13 @@ class DGateConfig:
             "'auto' picks 'value' when a value projection is found, else 'output'."
         },
     )
+    method: str = field(
+        default="dgate",
+        metadata={
+            "help": "'dgate': gates + smooth surrogate penalty. 'direct': the paper's baseline, the non-smooth "
+            "lam * sum ||theta_g||^(2/D) on the same groups optimised by (sub)gradient steps, no gates."
+        },
+    )
     groups: list[GroupRule] = field(
         default_factory=list,
         metadata={"help": "User-defined group types on any nn.Module (see GroupRule)."},
@@ -107,6 +115,7 @@ class DGateConfig:
         )
         _check(_is_number(self.lam) and self.lam >= 0, "lam", self.lam, "a float >= 0")
         _check(_is_number(self.threshold) and self.threshold > 0, "threshold", self.threshold, "a float > 0")
+        _check(self.method in METHODS, "method", self.method, f"one of {METHODS}")
         _check(self.head_side in HEAD_SIDES, "head_side", self.head_side, f"one of {HEAD_SIDES}")
         if self.target_modules is not None:
             import re

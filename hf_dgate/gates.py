@@ -27,12 +27,15 @@ def surrogate_penalty(w_sq_total: torch.Tensor, gammas: torch.Tensor, lam: float
 
 def effective_norms(w_sq: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:
     """||theta_g||_2 = |s_g| * ||w_g||_2 for every group."""
-    return gate_scale(gammas).abs() * w_sq.clamp_min(0).sqrt()
+    # sqrt has an infinite derivative at 0; a zero group gets the subgradient 0 instead of NaN.
+    safe = torch.where(w_sq > 0, w_sq, torch.ones_like(w_sq)).sqrt()
+    return gate_scale(gammas).abs() * torch.where(w_sq > 0, safe, torch.zeros_like(w_sq))
 
 
 def induced_penalty(theta_norms: torch.Tensor, lam: float, depth: int) -> torch.Tensor:
     """The non-smooth penalty D-Gating solves: lam * sum_g ||theta_g||_2^(2/D)."""
-    return lam * theta_norms.pow(2.0 / depth).sum()
+    safe = torch.where(theta_norms > 0, theta_norms, torch.ones_like(theta_norms)).pow(2.0 / depth)
+    return lam * torch.where(theta_norms > 0, safe, torch.zeros_like(theta_norms)).sum()
 
 
 def group_surrogate(w_sq: torch.Tensor, gammas: torch.Tensor, lam: float, depth: int) -> torch.Tensor:

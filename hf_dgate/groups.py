@@ -173,7 +173,10 @@ class GateBank(nn.Module):
 
     # ---- penalties --------------------------------------------------------------------------------------------
     def penalty(self, lam: float | None = None) -> torch.Tensor:
+        """What training adds to the loss: the surrogate R, or for method='direct' the induced penalty itself."""
         lam = self.lam if lam is None else lam
+        if self.direct:
+            return self.induced_penalty(lam)
         return sum(G.surrogate_penalty(self.total_sq_norm(t), self.gammas[t], lam, self.depth) for t in self.targets)
 
     def induced_penalty(self, lam: float | None = None) -> torch.Tensor:
@@ -192,6 +195,8 @@ class GateBank(nn.Module):
         return s[getattr(self, buf)]
 
     def attach(self) -> None:
+        if self.direct:
+            return  # gates stay at 1: nothing to apply
         for target, site, buf, ungated in self._sites:
             module = self._modules_by_name[site.module]
             if site.where == "output":
