@@ -110,7 +110,10 @@ class GateBank(nn.Module):
             self.offsets.append(sizes[gs.target])
             sizes[gs.target] += gs.n_groups
         self.sizes = sizes
-        self.gammas = nn.ParameterDict({t: nn.Parameter(G.init_gates(n, config.depth)) for t, n in sizes.items()})
+        self.direct = config.method == "direct"  # baseline: no trainable gates, non-smooth penalty on theta
+        self.gammas = nn.ParameterDict(
+            {t: nn.Parameter(G.init_gates(n, config.depth), requires_grad=not self.direct) for t, n in sizes.items()}
+        )
         self._modules_by_name = dict(model.named_modules())
         self._handles: list[Any] = []
         self._norm_terms: dict[str, list[tuple[nn.Module, str, int | None, str | None, str]]] = {
