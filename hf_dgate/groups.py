@@ -131,6 +131,10 @@ class GateBank(nn.Module):
                 self.register_buffer(buf, idx, persistent=False)
                 self._sites.append((gs.target, site, buf, ungated))
 
+    def forward(self, x: Any) -> Any:
+        """Identity: containers that call every child (nn.Sequential) pass straight through the bank."""
+        return x
+
     # ---- norms ----------------------------------------------------------------------------------------------
     def _add_norm_term(self, target: str, key: str, sl: TensorSlice, offset: int) -> None:
         module = self._modules_by_name[sl.module]
@@ -149,16 +153,18 @@ class GateBank(nn.Module):
 
     def _reduced(self, module: nn.Module, param: str, axis: int | None, pos_buf: str | None) -> torch.Tensor:
         w = getattr(module, param)
+        if w.dtype not in (torch.float32, torch.float64):
+            w = w.float()  # half-precision weights: accumulate norms in fp32
         if axis is None:
-            return w.float().pow(2).sum().reshape(1)
+            return w.pow(2).sum().reshape(1)
         dims = [d for d in range(w.dim()) if d != axis]
-        r = w.float().pow(2).sum(dim=dims) if dims else w.float().pow(2)
+        r = w.pow(2).sum(dim=dims) if dims else w.pow(2)
         return r if pos_buf is None else r[getattr(self, pos_buf)]
 
     def group_sq_norms(self, target: str) -> torch.Tensor:
         """||w_g||^2 for every group of `target`: one reduction per tensor, scattered into a (G,) vector."""
         gam = self.gammas[target]
-        out = torch.zeros(self.sizes[target], device=gam.device, dtype=torch.float32)
+        out = torch.zeros(self.sizes[target], device=gam.device, dtype=gam.dtype)
         for module, param, axis, pos_buf, gid_buf in self._norm_terms[target]:
             out = out.index_add(0, getattr(self, gid_buf), self._reduced(module, param, axis, pos_buf))
         return out
