@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import DGateConfig, GroupRule
+from . import channels
+from .config import TRANSFORMER_TARGETS, DGateConfig, GroupRule
 from .groups import (
     UNGATED,
     GroupSet,
@@ -81,16 +82,23 @@ class StructureNotFoundError(ValueError):
     """A target's structure (value projection, MLP, block list) could not be located."""
 
 
-def find_group_sets(model: nn.Module, config: DGateConfig) -> list[GroupSet]:
+def find_group_sets(model: nn.Module, config: DGateConfig, example_inputs: Any = None) -> list[GroupSet]:
     """All group sets `config` asks for, in a stable order (target, then layer)."""
     sets: list[GroupSet] = []
-    if config.targets:
+    transformer_targets = [t for t in config.targets if t in TRANSFORMER_TARGETS]
+    if transformer_targets:
         blocks = find_blocks(model, config)
         hf_config = _text_config(model)
-        for target in config.targets:
+        for target in transformer_targets:
             builder = {"heads": _head_set, "neurons": _neuron_set, "layers": _layer_set}[target]
             for layer, (name, block) in enumerate(blocks):
                 sets.append(builder(model, hf_config, config, layer, name, block))
+    if "filters" in config.targets:
+        if example_inputs is None:
+            example_inputs = channels.example_inputs_for(config.example_input_shape, model)
+        sets.extend(channels.filter_sets(model, example_inputs))
+    if "features" in config.targets:
+        sets.append(channels.feature_set(model))
     for rule in config.groups:
         sets.extend(_rule_sets(model, rule))
     if config.target_modules is not None:

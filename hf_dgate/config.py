@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 CONFIG_NAME = "dgate_config.json"
-BUILTIN_TARGETS = ("heads", "neurons", "layers")
+BUILTIN_TARGETS = ("heads", "neurons", "layers", "filters", "features")
+TRANSFORMER_TARGETS = ("heads", "neurons", "layers")
 HEAD_SIDES = ("auto", "value", "output")
 METHODS = ("dgate", "direct")
 GROUP_KINDS = ("out", "in", "module")
@@ -53,8 +54,9 @@ class DGateConfig:
         default="heads",
         metadata={
             "help": "What a group is: 'heads' (attention heads; key/value groups under GQA), 'neurons' (MLP "
-            "intermediate units), 'layers' (whole residual blocks), or a list of these. Empty when only "
-            "`groups` are used."
+            "intermediate units), 'layers' (whole residual blocks), 'filters' (Conv2d output channels; the "
+            "BatchNorm channel when one follows; channels tied through skip connections form one group), "
+            "'features' (input columns of the first Linear), or a list of these. Empty when only `groups` are used."
         },
     )
     depth: int = field(
@@ -85,6 +87,13 @@ class DGateConfig:
         metadata={
             "help": "'dgate': gates + smooth surrogate penalty. 'direct': the paper's baseline, the non-smooth "
             "lam * sum ||theta_g||^(2/D) on the same groups optimised by (sub)gradient steps, no gates."
+        },
+    )
+    example_input_shape: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Shape of one example input, e.g. [1, 3, 32, 32]; needed by target='filters' to trace which "
+            "channels are coupled (Torch-Pruning's dependency graph)."
         },
     )
     groups: list[GroupRule] = field(
@@ -131,6 +140,11 @@ class DGateConfig:
             names,
             "unique names that differ from the built-in targets",
         )
+        if self.example_input_shape is not None:
+            shape = self.example_input_shape
+            ok = isinstance(shape, (list, tuple)) and shape and all(isinstance(d, int) and d > 0 for d in shape)
+            _check(ok, "example_input_shape", shape, "a list of positive ints such as [1, 3, 32, 32]")
+            self.example_input_shape = list(shape)
         self.lam = float(self.lam)
         self.threshold = float(self.threshold)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -12,12 +14,14 @@ from .groups import GateBank
 BANK_NAME = "dgate"
 
 
-def apply_dgate(model: nn.Module, config: DGateConfig | None = None, **kwargs) -> nn.Module:
+def apply_dgate(model: nn.Module, config: DGateConfig | None = None, example_inputs: Any = None, **kwargs) -> nn.Module:
     """Gate `model` in place and return it.
 
     Gates are parameters of one submodule, `model.dgate`, so optimizers, `state_dict`, `.to()` and accelerate
     see them; the model's own parameters and names are untouched. Gates start at 1, so outputs are unchanged.
     Keyword arguments build the config when none is given: `apply_dgate(model, target="heads", lam=1e-3)`.
+    `example_inputs` (a batch) lets target='filters' trace coupled channels; otherwise the config's
+    `example_input_shape` is used.
     """
     if config is None:
         config = DGateConfig(**kwargs)
@@ -26,7 +30,7 @@ def apply_dgate(model: nn.Module, config: DGateConfig | None = None, **kwargs) -
     if get_bank(model, required=False) is not None:
         raise ValueError("The model is already gated; call hf_dgate.remove_dgate(model) first to re-gate it.")
     base = _unwrap(model)
-    sets = find_group_sets(base, config)
+    sets = find_group_sets(base, config, example_inputs)
     bank = GateBank(base, sets, config)
     ref = next((p for p in base.parameters()), None)
     if ref is not None:  # gates in fp32 (fp64 for fp64 models), on the model's device

@@ -10,7 +10,7 @@ from hf_dgate import DGateConfig, GroupRule
 @pytest.mark.parametrize(
     "kwargs,field",
     [
-        ({"target": "filters"}, "target"),
+        ({"target": "channels"}, "target"),
         ({"target": ["heads", "heads"]}, "target"),
         ({"target": []}, "target"),
         ({"depth": 1}, "depth"),

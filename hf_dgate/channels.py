@@ -1,0 +1,109 @@
+"""Filters and input features of plain PyTorch models, as `GroupSet`s.
+
+Which channels belong together is a property of the graph, not of module names: a ResNet's residual stream
+ties the output channels of every block in a stage. Torch-Pruning's dependency graph traces that once; each of
+its channel groups becomes one `GroupSet` whose gate scales the channel at every producer (the BatchNorm when
+one follows the conv, since BN would cancel a scale applied before it) and whose `removable` slices are the
+whole coupled group (producers, BN, and the inputs of the consumers).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .groups import GroupSet, Site, input_slices, output_slices, slice_index
+
+UNGATED = -1
+
+
+def dependency_graph(model: nn.Module, example_inputs: Any):
+    """Torch-Pruning's DependencyGraph of `model`, traced once on `example_inputs`."""
+    import torch_pruning as tp
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():  # Torch-Pruning traces through autograd
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+    finally:
+        model.train(was_training)
+
+
+def filter_sets(model: nn.Module, example_inputs: Any) -> list[GroupSet]:
+    """One GroupSet per coupled set of Conv2d output channels."""
+    import torch_pruning as tp
+
+    if example_inputs is None:
+        raise ValueError(
+            "target='filters' traces the model to find coupled channels: set DGateConfig(example_input_shape="
+            "[1, 3, 32, 32]) or pass apply_dgate(model, config, example_inputs=...)."
+        )
+    graph = dependency_graph(model, example_inputs)
+    names = {m: n for n, m in model.named_modules()}
+    sets, seen = [], set()
+    for conv in (m for m in model.modules() if isinstance(m, nn.Conv2d)):
+        if conv in seen or conv.groups != 1:
+            continue
+        n = conv.out_channels
+        group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(range(n)))
+        sites, primary, removable = [], [], []
+        for item in group.items:
+            module, handler = item.dep.target.module, item.dep.handler
+            if module not in names or not isinstance(module, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)):
+                continue
+            name = names[module]
+            size = _axis_size(module, graph.is_out_channel_pruning_fn(handler))
+            index = torch.full((size,), UNGATED, dtype=torch.long)
+            index[torch.as_tensor(item.idxs, dtype=torch.long)] = torch.as_tensor(item.root_idxs, dtype=torch.long)
+            if graph.is_out_channel_pruning_fn(handler):
+                removable += output_slices(name, module, index)
+                if isinstance(module, nn.Conv2d):
+                    seen.add(module)
+                    if _feeds_batchnorm(graph, module):
+                        continue  # its BatchNorm carries the gate
+                elif not module.affine:
+                    raise ValueError(f"BatchNorm '{name}' has no affine parameters to gate; use affine=True.")
+                if not isinstance(module, nn.Linear):
+                    sites.append(Site(name, "output", 1, index))
+                    primary += output_slices(name, module, index)
+            else:
+                removable += input_slices(name, module, index)
+        if sites:
+            sets.append(GroupSet("filters", names[conv], n, sites, primary, removable, {"root": names[conv]}))
+    if not sets:
+        raise ValueError(f"target='filters' found no Conv2d layers in {type(model).__name__}.")
+    return sets
+
+
+def feature_set(model: nn.Module) -> GroupSet:
+    """Input columns of the first Linear: one group per input feature."""
+    first = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)), None)
+    if first is None:
+        raise ValueError(f"target='features' needs an nn.Linear input layer; {type(model).__name__} has none.")
+    name, lin = first
+    index = slice_index(lin.in_features)
+    slices = input_slices(name, lin, index)
+    return GroupSet(
+        "features", name, lin.in_features, [Site(name, "input", -1, index)], slices, list(slices), {"module": name}
+    )
+
+
+def _axis_size(module: nn.Module, out: bool) -> int:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.num_features
+    return module.weight.shape[0 if out else 1]
+
+
+def _feeds_batchnorm(graph: Any, conv: nn.Conv2d) -> bool:
+    outs = graph.module2node[conv].outputs
+    return len(outs) == 1 and isinstance(outs[0].module, nn.modules.batchnorm._BatchNorm)
+
+
+def example_inputs_for(config_shape: list[int] | None, model: nn.Module) -> torch.Tensor | None:
+    if config_shape is None:
+        return None
+    ref = next(model.parameters(), None)
+    return torch.randn(*config_shape, device=ref.device if ref is not None else None)
