@@ -135,10 +135,10 @@ class DGateConfig:
                 raise ValueError(f"target_modules={self.target_modules!r} is not a valid regex ({e}).") from None
         names = [g.name for g in self.groups]
         _check(
-            len(set(names)) == len(names) and not set(names) & set(BUILTIN_TARGETS),
+            len(set(names)) == len(names) and not set(names) & set(targets),
             "groups",
             names,
-            "unique names that differ from the built-in targets",
+            "unique names that differ from the selected targets",
         )
         if self.example_input_shape is not None:
             shape = self.example_input_shape

@@ -24,7 +24,7 @@ from hf_dgate import DGateConfig, GroupRule
         ({"head_side": "query"}, "head_side"),
         ({"method": "prune"}, "method"),
         ({"target_modules": "("}, "target_modules"),
-        ({"groups": [{"name": "heads", "modules": "x"}]}, "groups"),
+        ({"target": "heads", "groups": [{"name": "heads", "modules": "x"}]}, "groups"),
         ({"groups": [{"name": "f", "modules": "x", "kind": "diagonal"}]}, "kind"),
         ({"groups": [{"name": "f", "modules": "x", "size": 0}]}, "size"),
         ({"groups": [{"name": "not valid", "modules": "x"}]}, "name"),
