@@ -96,6 +96,13 @@ class DGateConfig:
             "channels are coupled (Torch-Pruning's dependency graph)."
         },
     )
+    weight_side: bool = field(
+        default=True,
+        metadata={
+            "help": "Apply gates to plain Linear/Conv1D layers inside their forward (scaling the weight in one "
+            "autograd function: no extra activation memory). False: forward hooks on activations everywhere."
+        },
+    )
     groups: list[GroupRule] = field(
         default_factory=list,
         metadata={"help": "User-defined group types on any nn.Module (see GroupRule)."},

@@ -23,6 +23,7 @@ from torch import nn
 
 from . import gates as G
 from .config import DGateConfig
+from .gated_linear import gated_linear
 
 UNGATED = -1
 
@@ -115,7 +116,6 @@ class GateBank(nn.Module):
             {t: nn.Parameter(G.init_gates(n, config.depth), requires_grad=not self.direct) for t, n in sizes.items()}
         )
         self._modules_by_name = dict(model.named_modules())
-        self._handles: list[Any] = []
         self._norm_terms: dict[str, list[tuple[nn.Module, str, int | None, str | None, str]]] = {
             t: [] for t in self.targets
         }
@@ -204,21 +204,31 @@ class GateBank(nn.Module):
         return s[getattr(self, buf)]
 
     def attach(self) -> None:
+        """Install the gates: inside the forward of plain Linear/Conv1D modules, as hooks everywhere else."""
         if self.direct:
             return  # gates stay at 1: nothing to apply
-        for target, site, buf, ungated in self._sites:
-            module = self._modules_by_name[site.module]
-            if site.where == "output":
-                self._handles.append(module.register_forward_hook(_OutputHook(self, target, site.axis, buf, ungated)))
-            else:
-                self._handles.append(
+        by_module: dict[str, list[tuple[str, Site, str, bool]]] = {}
+        for entry in self._sites:
+            by_module.setdefault(entry[1].module, []).append(entry)
+        for name, entries in by_module.items():
+            module = self._modules_by_name[name]
+            if self.config.weight_side and _weight_side_ok(module, entries):
+                module.forward = _GatedLinearForward(self, module, entries)
+                continue
+            for target, site, buf, ungated in entries:
+                if site.where == "output":
+                    module.register_forward_hook(_OutputHook(self, target, site.axis, buf, ungated))
+                else:
                     module.register_forward_pre_hook(_InputHook(self, target, site.axis, buf, ungated))
-                )
 
     def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        """Remove everything `attach` installed (found by identity, so it also works on a deep copy)."""
+        for module in self._modules_by_name.values():
+            if isinstance(module.__dict__.get("forward"), _GatedLinearForward) and module.forward.bank is self:
+                del module.forward
+            for hooks in (module._forward_hooks, module._forward_pre_hooks):
+                for key in [k for k, h in hooks.items() if isinstance(h, (_OutputHook, _InputHook)) and h.bank is self]:
+                    del hooks[key]
 
     @torch.no_grad()
     def fold(self) -> None:
@@ -243,6 +253,38 @@ def _scale_along(x: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tenso
     shape = [1] * x.dim()
     shape[axis] = -1
     return x * scale.reshape(shape)
+
+
+def _weight_side_ok(module: nn.Module, entries: list[tuple[str, Site, str, bool]]) -> bool:
+    """Plain Linear/Conv1D whose forward nobody else replaced (accelerate's offload hooks, PEFT layers)."""
+    plain = type(module) is nn.Linear or type(module).__name__ == "Conv1D"
+    return (
+        plain
+        and "forward" not in module.__dict__
+        and not hasattr(module, "_hf_hook")
+        and all(site.axis in (-1,) for _, site, _, _ in entries)
+    )
+
+
+class _GatedLinearForward:
+    """Replacement forward of a gated Linear/Conv1D: the gates scale the weight inside one autograd function."""
+
+    def __init__(self, bank: GateBank, module: nn.Module, entries: list[tuple[str, Site, str, bool]]):
+        self.bank, self.module = bank, module
+        self.outputs = [(t, buf, ung) for t, site, buf, ung in entries if site.where == "output"]
+        self.inputs = [(t, buf, ung) for t, site, buf, ung in entries if site.where == "input"]
+        self.transposed = type(module).__name__ == "Conv1D"
+
+    def _scale(self, entries: list[tuple[str, str, bool]]) -> torch.Tensor | None:
+        scale = None
+        for target, buf, ungated in entries:
+            s = self.bank._site_scale(target, buf, ungated)
+            scale = s if scale is None else scale * s
+        return scale
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        return gated_linear(x, m.weight, m.bias, self._scale(self.outputs), self._scale(self.inputs), self.transposed)
 
 
 class _OutputHook:
