@@ -12,7 +12,7 @@ CONFIG_NAME = "dgate_config.json"
 BUILTIN_TARGETS = ("heads", "neurons", "layers", "filters", "features")
 TRANSFORMER_TARGETS = ("heads", "neurons", "layers")
 HEAD_SIDES = ("auto", "value", "output")
-METHODS = ("dgate", "direct")
+METHODS = ("dgate", "direct", "l0", "slimming")
 GROUP_KINDS = ("out", "in", "module")
 
 
@@ -86,7 +86,9 @@ class DGateConfig:
         default="dgate",
         metadata={
             "help": "'dgate': gates + smooth surrogate penalty. 'direct': the paper's baseline, the non-smooth "
-            "lam * sum ||theta_g||^(2/D) on the same groups optimised by (sub)gradient steps, no gates."
+            "lam * sum ||theta_g||^(2/D) on the same groups optimised by (sub)gradient steps, no gates. 'l0': "
+            "hard-concrete gates (Louizos et al. 2018) with the expected-L0 penalty. 'slimming': L1 on the "
+            "BatchNorm scales of target='filters' (network slimming)."
         },
     )
     example_input_shape: list[int] | None = field(

@@ -25,11 +25,15 @@ def surrogate_penalty(w_sq_total: torch.Tensor, gammas: torch.Tensor, lam: float
     return (lam / depth) * (w_sq_total + gammas.pow(2).sum())
 
 
+def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """sqrt whose gradient at 0 is the subgradient 0 instead of NaN (the direct baseline hits exact zeros)."""
+    positive = x > 0
+    return torch.where(positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
+
+
 def effective_norms(w_sq: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:
     """||theta_g||_2 = |s_g| * ||w_g||_2 for every group."""
-    # sqrt has an infinite derivative at 0; a zero group gets the subgradient 0 instead of NaN.
-    safe = torch.where(w_sq > 0, w_sq, torch.ones_like(w_sq)).sqrt()
-    return gate_scale(gammas).abs() * torch.where(w_sq > 0, safe, torch.zeros_like(w_sq))
+    return gate_scale(gammas).abs() * safe_sqrt(w_sq)
 
 
 def induced_penalty(theta_norms: torch.Tensor, lam: float, depth: int) -> torch.Tensor:
@@ -53,3 +57,25 @@ def misalignment(w_sq: torch.Tensor, gammas: torch.Tensor, lam: float, depth: in
 def imbalance(w_sq: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:
     """||w_g||^2 - gamma_{g,d}^2 for every gate, shape (D-1, G); decays as exp(-4 lam t / D) (Lemma 2)."""
     return w_sq.unsqueeze(0) - gammas.pow(2)
+
+
+# ---- L0 hard-concrete gates (Louizos, Welling, Kingma 2018), the best-known differentiable alternative ----------
+HC_BETA, HC_GAMMA, HC_ZETA = 2.0 / 3.0, -0.1, 1.1
+L0_INIT_LOG_ALPHA = 2.1972245773362196  # log(0.9 / 0.1): drop rate 0.1, test-time gate 0.98 at init
+
+
+def hard_concrete_sample(log_alpha: torch.Tensor) -> torch.Tensor:
+    """A stretched, clipped concrete sample per group (training-time gate, reparameterised)."""
+    u = torch.rand_like(log_alpha).clamp(1e-6, 1 - 1e-6)
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / HC_BETA)
+    return (s * (HC_ZETA - HC_GAMMA) + HC_GAMMA).clamp(0.0, 1.0)
+
+
+def hard_concrete_deterministic(log_alpha: torch.Tensor) -> torch.Tensor:
+    """The test-time gate min(1, max(0, sigmoid(log_alpha) (zeta - gamma) + gamma)); exactly 0 for small log_alpha."""
+    return (torch.sigmoid(log_alpha) * (HC_ZETA - HC_GAMMA) + HC_GAMMA).clamp(0.0, 1.0)
+
+
+def expected_l0(log_alpha: torch.Tensor) -> torch.Tensor:
+    """P(gate != 0) per group: sigmoid(log_alpha - beta log(-gamma / zeta))."""
+    return torch.sigmoid(log_alpha - HC_BETA * torch.log(torch.tensor(-HC_GAMMA / HC_ZETA)))

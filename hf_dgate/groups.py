@@ -111,10 +111,19 @@ class GateBank(nn.Module):
             self.offsets.append(sizes[gs.target])
             sizes[gs.target] += gs.n_groups
         self.sizes = sizes
-        self.direct = config.method == "direct"  # baseline: no trainable gates, non-smooth penalty on theta
+        self.method = config.method
+        # direct / slimming: baselines without trainable gates; l0: one log_alpha per group, kept in `gammas`
+        self.direct = self.method in ("direct", "slimming")
         self.gammas = nn.ParameterDict(
-            {t: nn.Parameter(G.init_gates(n, config.depth), requires_grad=not self.direct) for t, n in sizes.items()}
+            {t: nn.Parameter(self._init_gates(n), requires_grad=not self.direct) for t, n in sizes.items()}
         )
+        self._l0_cache: dict[str, torch.Tensor] = {}
+        self._modules_by_name = dict(model.named_modules())
+        if self.method == "slimming" and not self._slimming_norms():
+            raise ValueError(
+                "method='slimming' penalises BatchNorm scales: use target='filters' on a model with "
+                "BatchNorm after its convolutions."
+            )
         self._modules_by_name = dict(model.named_modules())
         self._norm_terms: dict[str, list[tuple[nn.Module, str, int | None, str | None, str]]] = {
             t: [] for t in self.targets
@@ -130,6 +139,11 @@ class GateBank(nn.Module):
                 buf = f"s{k}_{j}"
                 self.register_buffer(buf, idx, persistent=False)
                 self._sites.append((gs.target, site, buf, ungated))
+
+    def _init_gates(self, n: int) -> torch.Tensor:
+        if self.method == "l0":
+            return torch.full((1, n), G.L0_INIT_LOG_ALPHA)
+        return G.init_gates(n, self.depth)
 
     def forward(self, x: Any) -> Any:
         """Identity: containers that call every child (nn.Sequential) pass straight through the bank."""
@@ -175,17 +189,33 @@ class GateBank(nn.Module):
         return torch.stack(terms).sum()
 
     def effective_norms(self, target: str) -> torch.Tensor:
-        return G.effective_norms(self.group_sq_norms(target), self.gammas[target])
+        """||theta_g||_2 = |s_g| ||w_g||_2 with the deterministic gate (what sparsity and export read)."""
+        return self.scale(target).abs() * G.safe_sqrt(self.group_sq_norms(target))
 
     def scale(self, target: str) -> torch.Tensor:
+        """The deterministic group scale s_g (L0: the test-time hard-concrete gate)."""
+        if self.method == "l0":
+            return G.hard_concrete_deterministic(self.gammas[target][0])
         return G.gate_scale(self.gammas[target])
+
+    def _forward_scale(self, target: str) -> torch.Tensor:
+        """The scale used in a forward pass: L0 samples one gate per group per forward while training."""
+        if self.method != "l0" or not self.training:
+            return self.scale(target)
+        if target not in self._l0_cache:
+            self._l0_cache[target] = G.hard_concrete_sample(self.gammas[target][0])
+        return self._l0_cache[target]
 
     # ---- penalties --------------------------------------------------------------------------------------------
     def penalty(self, lam: float | None = None) -> torch.Tensor:
         """What training adds to the loss: the surrogate R, or for method='direct' the induced penalty itself."""
         lam = self.lam if lam is None else lam
-        if self.direct:
+        if self.method == "direct":
             return self.induced_penalty(lam)
+        if self.method == "l0":
+            return lam * sum(G.expected_l0(self.gammas[t]).sum() for t in self.targets)
+        if self.method == "slimming":
+            return lam * sum(m.weight.abs().sum() for m in self._slimming_norms())
         return sum(G.surrogate_penalty(self.total_sq_norm(t), self.gammas[t], lam, self.depth) for t in self.targets)
 
     def induced_penalty(self, lam: float | None = None) -> torch.Tensor:
@@ -193,12 +223,25 @@ class GateBank(nn.Module):
         return sum(G.induced_penalty(self.effective_norms(t), lam, self.depth) for t in self.targets)
 
     def misalignment(self, lam: float | None = None) -> torch.Tensor:
+        """R - induced penalty for D-Gating; 0 for the baselines, which have no surrogate."""
         lam = self.lam if lam is None else lam
+        if self.method != "dgate":
+            return self.gammas[self.targets[0]].new_zeros(())
         return sum(G.misalignment(self.group_sq_norms(t), self.gammas[t], lam, self.depth) for t in self.targets)
 
     # ---- hooks ----------------------------------------------------------------------------------------------
+    def _slimming_norms(self) -> list[nn.Module]:
+        """The BatchNorm layers whose scales network slimming penalises with L1."""
+        bns = {
+            id(m): m
+            for gs in self.group_sets
+            for sl in gs.primary
+            if isinstance(m := self._modules_by_name[sl.module], nn.modules.batchnorm._BatchNorm)
+        }
+        return list(bns.values())
+
     def _site_scale(self, target: str, buf: str, ungated: bool) -> torch.Tensor:
-        s = G.gate_scale(self.gammas[target])
+        s = self._forward_scale(target)
         if ungated:
             s = torch.cat([s, s.new_ones(1)])
         return s[getattr(self, buf)]
@@ -207,6 +250,10 @@ class GateBank(nn.Module):
         """Install the gates: inside the forward of plain Linear/Conv1D modules, as hooks everywhere else."""
         if self.direct:
             return  # gates stay at 1: nothing to apply
+        if self.method == "l0":  # one sample per group per forward pass, shared by all sites of the group
+            root = self._modules_by_name[""]
+            root.register_forward_pre_hook(_ClearSamples(self))
+            root.register_forward_hook(_ClearSamples(self))
         by_module: dict[str, list[tuple[str, Site, str, bool]]] = {}
         for entry in self._sites:
             by_module.setdefault(entry[1].module, []).append(entry)
@@ -227,7 +274,8 @@ class GateBank(nn.Module):
             if isinstance(module.__dict__.get("forward"), _GatedLinearForward) and module.forward.bank is self:
                 del module.forward
             for hooks in (module._forward_hooks, module._forward_pre_hooks):
-                for key in [k for k, h in hooks.items() if isinstance(h, (_OutputHook, _InputHook)) and h.bank is self]:
+                ours = (_OutputHook, _InputHook, _ClearSamples)
+                for key in [k for k, h in hooks.items() if isinstance(h, ours) and h.bank is self]:
                     del hooks[key]
 
     @torch.no_grad()
@@ -285,6 +333,16 @@ class _GatedLinearForward:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
         return gated_linear(x, m.weight, m.bias, self._scale(self.outputs), self._scale(self.inputs), self.transposed)
+
+
+class _ClearSamples:
+    """Root-model hook: L0 samples live for exactly one forward pass."""
+
+    def __init__(self, bank: GateBank):
+        self.bank = bank
+
+    def __call__(self, *args: Any) -> None:
+        self.bank._l0_cache.clear()
 
 
 class _OutputHook:

@@ -35,6 +35,7 @@ def apply_dgate(model: nn.Module, config: DGateConfig | None = None, example_inp
     ref = next((p for p in base.parameters()), None)
     if ref is not None:  # gates in fp32 (fp64 for fp64 models), on the model's device
         bank.to(device=ref.device, dtype=torch.float64 if ref.dtype == torch.float64 else torch.float32)
+    bank.train(base.training)
     base.add_module(BANK_NAME, bank)
     bank.attach()
     return model
