@@ -145,6 +145,14 @@ class GateBank(nn.Module):
             return torch.full((1, n), G.L0_INIT_LOG_ALPHA)
         return G.init_gates(n, self.depth)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> GateBank:
+        """Move with the model but keep gates in fp32 when the model is cast to half precision."""
+        super()._apply(fn, recurse)
+        for p in self.gammas.values():
+            if p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+        return self
+
     def forward(self, x: Any) -> Any:
         """Identity: containers that call every child (nn.Sequential) pass straight through the bank."""
         return x
@@ -252,8 +260,7 @@ class GateBank(nn.Module):
             return  # gates stay at 1: nothing to apply
         if self.method == "l0":  # one sample per group per forward pass, shared by all sites of the group
             root = self._modules_by_name[""]
-            root.register_forward_pre_hook(_ClearSamples(self))
-            root.register_forward_hook(_ClearSamples(self))
+            root.register_forward_pre_hook(_DrawSamples(self))
         by_module: dict[str, list[tuple[str, Site, str, bool]]] = {}
         for entry in self._sites:
             by_module.setdefault(entry[1].module, []).append(entry)
@@ -274,7 +281,7 @@ class GateBank(nn.Module):
             if isinstance(module.__dict__.get("forward"), _GatedLinearForward) and module.forward.bank is self:
                 del module.forward
             for hooks in (module._forward_hooks, module._forward_pre_hooks):
-                ours = (_OutputHook, _InputHook, _ClearSamples)
+                ours = (_OutputHook, _InputHook, _DrawSamples)
                 for key in [k for k, h in hooks.items() if isinstance(h, ours) and h.bank is self]:
                     del hooks[key]
 
@@ -335,14 +342,19 @@ class _GatedLinearForward:
         return gated_linear(x, m.weight, m.bias, self._scale(self.outputs), self._scale(self.inputs), self.transposed)
 
 
-class _ClearSamples:
-    """Root-model hook: L0 samples live for exactly one forward pass."""
+class _DrawSamples:
+    """Root-model pre-hook: one L0 sample per group per forward pass, drawn before any checkpointed block so a
+    recomputation reuses it."""
 
     def __init__(self, bank: GateBank):
         self.bank = bank
 
     def __call__(self, *args: Any) -> None:
-        self.bank._l0_cache.clear()
+        bank = self.bank
+        bank._l0_cache.clear()
+        if bank.training:
+            for t in bank.targets:
+                bank._l0_cache[t] = G.hard_concrete_sample(bank.gammas[t][0])
 
 
 class _OutputHook:
