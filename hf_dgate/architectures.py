@@ -26,6 +26,7 @@ from .groups import (
     output_slices,
     slice_index,
     whole_module_slices,
+    whole_weight_slices,
 )
 
 # Relative names inside a block, most specific first. A name matches a module whose relative name equals it
@@ -154,11 +155,18 @@ def _text_config(model: nn.Module) -> Any:
 
 
 def _leaves(block: nn.Module) -> dict[str, nn.Module]:
-    return {
-        n: m
-        for n, m in block.named_modules()
-        if n and getattr(m, "weight", None) is not None and len(list(m.children())) == 0
-    }
+    """Weighted layers by relative name; a PEFT-wrapped layer counts as one leaf under its own name."""
+    leaves: dict[str, nn.Module] = {}
+    wrapped: tuple[str, ...] = ()
+    for n, m in block.named_modules():
+        if not n or n.startswith(wrapped):
+            continue
+        if isinstance(getattr(m, "base_layer", None), nn.Module):
+            leaves[n] = m
+            wrapped = (*wrapped, n + ".")
+        elif getattr(m, "weight", None) is not None and len(list(m.children())) == 0:
+            leaves[n] = m
+    return leaves
 
 
 def _match(leaves: dict[str, nn.Module], patterns: tuple[str, ...], taken: set[str]) -> str | None:
@@ -344,9 +352,7 @@ def _layer_set(
     for rel in (o_rel, down_rel):
         m = block.get_submodule(rel)
         sites.append(Site(f"{name}.{rel}", "output", -1, torch.zeros(_out_features(m), dtype=torch.long)))
-        primary += [
-            TensorSlice(f"{name}.{rel}", pn, None, torch.tensor([0])) for pn, _ in m.named_parameters(recurse=False)
-        ]
+        primary += whole_weight_slices(f"{name}.{rel}", m)
     return GroupSet("layers", layer, 1, sites, primary, whole_module_slices(name, block), {"block": name})
 
 

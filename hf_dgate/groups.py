@@ -64,17 +64,24 @@ def slice_index(size: int, group_size: int = 1, offset: int = 0) -> torch.Tensor
     return torch.arange(size) // group_size + offset
 
 
+def base_layer(name: str, module: nn.Module) -> tuple[str, nn.Module]:
+    """The layer that owns the weights: PEFT adapters (LoRA...) wrap it as `<name>.base_layer`."""
+    inner = getattr(module, "base_layer", None)
+    return (f"{name}.base_layer", inner) if isinstance(inner, nn.Module) else (name, module)
+
+
 def out_axis(module: nn.Module) -> int:
     """Axis of `module.weight` that indexes output features (transformers' Conv1D stores weights transposed)."""
-    return 1 if type(module).__name__ == "Conv1D" else 0
+    return 1 if type(base_layer("", module)[1]).__name__ == "Conv1D" else 0
 
 
 def in_axis(module: nn.Module) -> int:
-    return 0 if type(module).__name__ == "Conv1D" else 1
+    return 0 if type(base_layer("", module)[1]).__name__ == "Conv1D" else 1
 
 
 def output_slices(name: str, module: nn.Module, index: torch.Tensor) -> list[TensorSlice]:
     """Weight rows (and bias) producing the selected output features of a Linear/Conv1D/Conv/Norm."""
+    name, module = base_layer(name, module)
     slices = [TensorSlice(name, "weight", out_axis(module), index)]
     if getattr(module, "bias", None) is not None:
         slices.append(TensorSlice(name, "bias", 0, index))
@@ -83,7 +90,14 @@ def output_slices(name: str, module: nn.Module, index: torch.Tensor) -> list[Ten
 
 def input_slices(name: str, module: nn.Module, index: torch.Tensor) -> list[TensorSlice]:
     """Weight columns consuming the selected input features."""
+    name, module = base_layer(name, module)
     return [TensorSlice(name, "weight", in_axis(module), index)]
+
+
+def whole_weight_slices(name: str, module: nn.Module, group: int = 0) -> list[TensorSlice]:
+    """The weight and bias of one layer, each whole tensor in group `group`."""
+    name, module = base_layer(name, module)
+    return [TensorSlice(name, pn, None, torch.tensor([group])) for pn, _ in module.named_parameters(recurse=False)]
 
 
 def whole_module_slices(name: str, module: nn.Module, group: int = 0) -> list[TensorSlice]:
@@ -119,6 +133,11 @@ class GateBank(nn.Module):
         )
         self._l0_cache: dict[str, torch.Tensor] = {}
         self._modules_by_name = dict(model.named_modules())
+        self._adapters = {  # base layer -> its PEFT LoRA wrapper
+            id(m.base_layer): m
+            for m in self._modules_by_name.values()
+            if isinstance(getattr(m, "base_layer", None), nn.Module) and hasattr(m, "get_delta_weight")
+        }
         if self.method == "slimming" and not self._slimming_norms():
             raise ValueError(
                 "method='slimming' penalises BatchNorm scales: use target='filters' on a model with "
@@ -173,8 +192,18 @@ class GateBank(nn.Module):
         self.register_buffer(gid_buf, idx + offset, persistent=False)
         self._norm_terms[target].append((module, sl.param, sl.axis, pos_buf, gid_buf))
 
-    def _reduced(self, module: nn.Module, param: str, axis: int | None, pos_buf: str | None) -> torch.Tensor:
+    def _weight(self, module: nn.Module, param: str) -> torch.Tensor:
+        """The effective tensor: a LoRA-wrapped weight counts with its active adapters' delta (W + BA)."""
         w = getattr(module, param)
+        adapter = self._adapters.get(id(module))
+        if adapter is not None and param == "weight":
+            for name in adapter.active_adapters:
+                if name in adapter.lora_A:
+                    w = w + adapter.get_delta_weight(name)
+        return w
+
+    def _reduced(self, module: nn.Module, param: str, axis: int | None, pos_buf: str | None) -> torch.Tensor:
+        w = self._weight(module, param)
         if w.dtype not in (torch.float32, torch.float64):
             w = w.float()  # half-precision weights: accumulate norms in fp32
         if axis is None:
@@ -299,6 +328,21 @@ class GateBank(nn.Module):
                     shape[sl.axis] = -1
                     factor = factor.reshape(shape)
                 w.mul_(factor)
+                adapter = self._adapters.get(id(self._modules_by_name[sl.module]))
+                if adapter is not None and sl.param == "weight":
+                    self._fold_adapter(adapter, sl, s_ext[idx.to(s_ext.device)])
+
+    @staticmethod
+    def _fold_adapter(adapter: nn.Module, sl: TensorSlice, factor: torch.Tensor) -> None:
+        """Scale LoRA's B rows (output features) or A columns (input features) like the base weight."""
+        outputs = sl.axis is None or sl.axis == out_axis(adapter)
+        for name in adapter.lora_A:
+            if outputs:
+                b = adapter.lora_B[name].weight
+                b.mul_(factor.to(b.dtype).reshape(-1, 1) if sl.axis is not None else factor.to(b.dtype))
+            else:
+                a = adapter.lora_A[name].weight
+                a.mul_(factor.to(a.dtype).reshape(1, -1))
 
 
 def _scale_along(x: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:

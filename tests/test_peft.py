@@ -1,0 +1,73 @@
+"""D-Gating on a PEFT model: base heads gated through LoRA layers, penalty on the effective weights."""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+from conftest import make_inputs, make_model
+
+import hf_dgate
+
+
+def _lora_llama():
+    model = make_model("llama")
+    cfg = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], init_lora_weights=False)
+    return peft.get_peft_model(model, cfg)
+
+
+def test_lora_model_gates_heads_and_trains_adapters_and_gates():
+    model, inputs = _lora_llama(), make_inputs("llama")
+    ref = model(**inputs).logits
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target=["heads", "neurons", "layers"], lam=0.1))
+    assert torch.equal(model(**inputs).logits, ref)
+    bank = hf_dgate.get_bank(model)
+    assert bank.group_sets[0].sites[0].module.endswith("self_attn.v_proj")  # the LoRA layer, adapter included
+    (model(**inputs).logits.pow(2).mean() + hf_dgate.penalty(model)).backward()
+    v = model.base_model.model.model.layers[0].self_attn.v_proj
+    assert v.lora_B["default"].weight.grad.abs().sum() > 0 and v.base_layer.weight.grad is None  # base frozen
+    assert all(g.grad.abs().sum() > 0 for g in bank.gammas.values())
+
+
+def test_penalty_uses_effective_weights_and_fold_scales_adapters():
+    model, inputs = _lora_llama(), make_inputs("llama")
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target=["heads", "neurons"], lam=0.3, depth=3))
+    bank = hf_dgate.get_bank(model)
+    with torch.no_grad():
+        for g in bank.gammas.values():
+            g.uniform_(0.5, 1.5)
+        bank.gammas["heads"][:, 0] = 0.0
+    gated = model(**inputs).logits
+    # expected penalty from W + BA of every gated projection
+    base = model.base_model.model.model
+    w_sq = 0.0
+    for layer in base.layers:
+        v, d = layer.self_attn.v_proj, layer.mlp.down_proj
+        w_sq += (v.base_layer.weight + v.get_delta_weight("default")).pow(2).sum()
+        w_sq += v.base_layer.weight.new_tensor(0) if v.base_layer.bias is None else v.base_layer.bias.pow(2).sum()
+        w_sq += (d.base_layer.weight + d.get_delta_weight("default")).pow(2).sum()
+    gam_sq = sum(g.pow(2).sum() for g in bank.gammas.values())
+    torch.testing.assert_close(hf_dgate.penalty(model), 0.3 / 3 * (w_sq + gam_sq))
+    hf_dgate.remove_dgate(model, merge=True)
+    torch.testing.assert_close(model(**inputs).logits, gated, rtol=1e-5, atol=1e-5)
+    plain = model.merge_and_unload()
+    torch.testing.assert_close(plain(**inputs).logits, gated, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("depth,expect_zeros", [(2, False), (3, True)])
+def test_frozen_weights_need_depth_three_for_sparsity(depth, expect_zeros):
+    """Only the gates move when primary weights are frozen: D-1 gates induce |s|^(2/(D-1)), sparse only for D>=3."""
+    torch.manual_seed(0)
+    model, inputs = make_model("llama"), make_inputs("llama", batch=4, seq=16)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="heads", depth=depth, lam=0.1, threshold=1e-4))
+    bank = hf_dgate.get_bank(model)
+    opt = torch.optim.SGD(bank.parameters(), lr=0.5)
+    for _ in range(150):
+        loss = model(**inputs, labels=inputs["input_ids"]).loss + hf_dgate.penalty(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    zeros = hf_dgate.sparsity_report(model).targets["heads"].zero
+    assert (zeros > 0) == expect_zeros, zeros
