@@ -192,6 +192,10 @@ class GateBank(nn.Module):
         self.register_buffer(gid_buf, idx + offset, persistent=False)
         self._norm_terms[target].append((module, sl.param, sl.axis, pos_buf, gid_buf))
 
+    def gates(self, target: str) -> torch.Tensor:
+        """The (D-1, G) gate tensor of `target`, whole even when FSDP2 holds it sharded outside forward."""
+        return _full(self.gammas[target])
+
     def _weight(self, module: nn.Module, param: str) -> torch.Tensor:
         """The effective tensor: a LoRA-wrapped weight counts with its active adapters' delta (W + BA)."""
         w = getattr(module, param)
@@ -207,14 +211,14 @@ class GateBank(nn.Module):
         if w.dtype not in (torch.float32, torch.float64):
             w = w.float()  # half-precision weights: accumulate norms in fp32
         if axis is None:
-            return w.pow(2).sum().reshape(1)
+            return _full(w.pow(2).sum()).reshape(1)
         dims = [d for d in range(w.dim()) if d != axis]
-        r = w.pow(2).sum(dim=dims) if dims else w.pow(2)
+        r = _full(w.pow(2).sum(dim=dims) if dims else w.pow(2))  # FSDP2: reduce the shard, then gather (n,)
         return r if pos_buf is None else r[getattr(self, pos_buf)]
 
     def group_sq_norms(self, target: str) -> torch.Tensor:
         """||w_g||^2 for every group of `target`: one reduction per tensor, scattered into a (G,) vector."""
-        gam = self.gammas[target]
+        gam = self.gates(target)
         out = torch.zeros(self.sizes[target], device=gam.device, dtype=gam.dtype)
         for module, param, axis, pos_buf, gid_buf in self._norm_terms[target]:
             out = out.index_add(0, getattr(self, gid_buf), self._reduced(module, param, axis, pos_buf))
@@ -232,15 +236,15 @@ class GateBank(nn.Module):
     def scale(self, target: str) -> torch.Tensor:
         """The deterministic group scale s_g (L0: the test-time hard-concrete gate)."""
         if self.method == "l0":
-            return G.hard_concrete_deterministic(self.gammas[target][0])
-        return G.gate_scale(self.gammas[target])
+            return G.hard_concrete_deterministic(self.gates(target)[0])
+        return G.gate_scale(self.gates(target))
 
     def _forward_scale(self, target: str) -> torch.Tensor:
         """The scale used in a forward pass: L0 samples one gate per group per forward while training."""
         if self.method != "l0" or not self.training:
             return self.scale(target)
         if target not in self._l0_cache:
-            self._l0_cache[target] = G.hard_concrete_sample(self.gammas[target][0])
+            self._l0_cache[target] = G.hard_concrete_sample(self.gates(target)[0])
         return self._l0_cache[target]
 
     # ---- penalties --------------------------------------------------------------------------------------------
@@ -250,10 +254,10 @@ class GateBank(nn.Module):
         if self.method == "direct":
             return self.induced_penalty(lam)
         if self.method == "l0":
-            return lam * sum(G.expected_l0(self.gammas[t]).sum() for t in self.targets)
+            return lam * sum(G.expected_l0(self.gates(t)).sum() for t in self.targets)
         if self.method == "slimming":
             return lam * sum(m.weight.abs().sum() for m in self._slimming_norms())
-        return sum(G.surrogate_penalty(self.total_sq_norm(t), self.gammas[t], lam, self.depth) for t in self.targets)
+        return sum(G.surrogate_penalty(self.total_sq_norm(t), self.gates(t), lam, self.depth) for t in self.targets)
 
     def induced_penalty(self, lam: float | None = None) -> torch.Tensor:
         lam = self.lam if lam is None else lam
@@ -264,7 +268,7 @@ class GateBank(nn.Module):
         lam = self.lam if lam is None else lam
         if self.method != "dgate":
             return self.gammas[self.targets[0]].new_zeros(())
-        return sum(G.misalignment(self.group_sq_norms(t), self.gammas[t], lam, self.depth) for t in self.targets)
+        return sum(G.misalignment(self.group_sq_norms(t), self.gates(t), lam, self.depth) for t in self.targets)
 
     # ---- hooks ----------------------------------------------------------------------------------------------
     def _slimming_norms(self) -> list[nn.Module]:
@@ -352,6 +356,11 @@ def _scale_along(x: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tenso
     shape = [1] * x.dim()
     shape[axis] = -1
     return x * scale.reshape(shape)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP2 shard) as the whole tensor, differentiably; plain tensors pass through."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _weight_side_ok(module: nn.Module, entries: list[tuple[str, Site, str, bool]]) -> bool:

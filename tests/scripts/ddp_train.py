@@ -1,4 +1,4 @@
-"""Train a tiny gated Llama with accelerate on a fixed global batch; write losses and gate norms as JSON.
+"""Train a tiny gated Llama with accelerate (DDP or FSDP2 by the launch flags) on a fixed global batch; write losses and gate norms as JSON.
 
 Run once with `python` and once with `accelerate launch --num_processes 2 --cpu`: the results must agree.
 """
