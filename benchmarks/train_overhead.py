@@ -1,0 +1,182 @@
+"""Training overhead of D-Gating: step time and memory of vanilla against gated training, in one process.
+
+    python benchmarks/train_overhead.py            # GPT-2-small size and a small Llama, 1k and 4k tokens/step
+    python benchmarks/train_overhead.py --quick    # 2 layers, for a CPU smoke run
+
+Vanilla and gated steps (heads + neurons, D = 3, AdamW) alternate so machine noise hits both alike; the table
+prints medians and their ratios. Memory: on CUDA the peak allocated bytes; on CPU the bytes autograd saves for
+the backward pass (activations, distinct storages) plus parameters, gradients and AdamW state. A profile
+section counts the operators hf_dgate runs per penalty call for two group counts: the count does not grow with
+the number of groups (no per-group Python work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import transformers as T
+
+import hf_dgate
+
+
+def build(kind: str, layers: int) -> torch.nn.Module:
+    if kind == "gpt2":
+        cfg = T.GPT2Config(
+            n_layer=layers,
+            n_embd=768,
+            n_head=12,
+            vocab_size=50257,
+            n_positions=1024,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+        return T.GPT2LMHeadModel(cfg)
+    cfg = T.LlamaConfig(
+        num_hidden_layers=layers,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    )
+    return T.LlamaForCausalLM(cfg)
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of distinct storages autograd keeps between forward and backward."""
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = fn()
+    loss.backward()
+    return sum(storages.values())
+
+
+def state_bytes(model: torch.nn.Module) -> int:
+    """Parameters + gradients + AdamW's two moments."""
+    return 4 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def make_step(model, ids, gated: bool, compiled: bool):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    forward = torch.compile(model) if compiled else model
+
+    def loss_fn():
+        loss = forward(input_ids=ids, labels=ids).loss
+        return loss + hf_dgate.penalty(model) if gated else loss
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        opt.step()
+
+    return step, loss_fn
+
+
+def timed(step, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def measure(kind: str, layers: int, batch: int, seq: int, steps: int, device, compiled: bool) -> dict:
+    torch.manual_seed(0)
+    vanilla = build(kind, layers).to(device)
+    torch.manual_seed(0)
+    gated = hf_dgate.apply_dgate(
+        build(kind, layers).to(device), hf_dgate.DGateConfig(target=["heads", "neurons"], depth=3, lam=1e-4)
+    )
+    ids = torch.randint(0, 1000, (batch, seq), device=device)
+    runs = {"vanilla": make_step(vanilla, ids, False, compiled), "gated": make_step(gated, ids, True, compiled)}
+    mem = {}
+    for name, (step, loss_fn) in runs.items():
+        step()  # warm-up (and compilation)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            mem[name] = torch.cuda.max_memory_allocated()
+        else:
+            model = vanilla if name == "vanilla" else gated
+            mem[name] = saved_bytes(loss_fn) + state_bytes(model)
+    times = {name: [] for name in runs}
+    for _ in range(steps):
+        for name, (step, _) in runs.items():
+            times[name].append(timed(step, device))
+    t_v, t_g = statistics.median(times["vanilla"]), statistics.median(times["gated"])
+    return {
+        "model": kind,
+        "layers": layers,
+        "tokens": batch * seq,
+        "compiled": compiled,
+        "t_vanilla": t_v,
+        "t_gated": t_g,
+        "time_ratio": t_g / t_v,
+        "mem_vanilla": mem["vanilla"],
+        "mem_gated": mem["gated"],
+        "mem_ratio": mem["gated"] / mem["vanilla"],
+    }
+
+
+def penalty_op_counts(layers: int) -> list[tuple[int, int]]:
+    """(groups, aten ops per penalty call) for two MLP widths: the op count must not depend on the group count."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = []
+    for inner in (256, 1024):
+        model = T.GPT2LMHeadModel(T.GPT2Config(n_layer=layers, n_embd=64, n_head=4, n_inner=inner, vocab_size=100))
+        hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target=["heads", "neurons"]))
+        hf_dgate.penalty(model)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            hf_dgate.penalty(model)
+        ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+        out.append((sum(hf_dgate.get_bank(model).sizes.values()), ops))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2 layers, 3 timed steps")
+    parser.add_argument("--layers", type=int, default=None, help="override the number of layers (default 12)")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096], help="tokens per step")
+    parser.add_argument("--models", nargs="+", default=["gpt2", "llama"])
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd steps")
+    args = parser.parse_args()
+    layers = args.layers or (2 if args.quick else 12)
+    steps = args.steps or (3 if args.quick else 5)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"device {device}, torch {torch.__version__}, {layers} layers, median of {steps} alternating steps")
+    print(
+        f"{'model':6} {'tokens':>6} {'compiled':>8} {'vanilla s':>10} {'gated s':>9} {'time x':>7} "
+        f"{'vanilla MB':>11} {'gated MB':>9} {'mem x':>6}"
+    )
+    for kind in args.models:
+        for tokens in args.tokens:
+            for compiled in [False, True] if args.compile else [False]:
+                r = measure(kind, layers, max(1, tokens // args.seq), min(args.seq, tokens), steps, device, compiled)
+                print(
+                    f"{kind:6} {r['tokens']:>6} {str(compiled):>8} {r['t_vanilla']:>10.3f} {r['t_gated']:>9.3f} "
+                    f"{r['time_ratio']:>7.3f} {r['mem_vanilla'] / 2**20:>11.1f} {r['mem_gated'] / 2**20:>9.1f} "
+                    f"{r['mem_ratio']:>6.3f}",
+                    flush=True,
+                )
+    print(
+        "penalty profile (groups -> aten ops per call):", ", ".join(f"{g} -> {n}" for g, n in penalty_op_counts(layers))
+    )
+
+
+if __name__ == "__main__":
+    main()
