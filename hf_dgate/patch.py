@@ -51,6 +51,17 @@ def remove_dgate(model: nn.Module, merge: bool = True) -> nn.Module:
     return model
 
 
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """PEFT model -> plain gated model: fold the gates into base + LoRA weights, merge the adapters
+    (`merge_and_unload`) and gate the merged model again with gates at 1. Zero groups stay zero (their weights
+    are), so the result is ready for `export_pruned`."""
+    if not hasattr(model, "merge_and_unload"):
+        raise ValueError("merge_adapters expects a PEFT model (with merge_and_unload); this model has no adapters.")
+    config = get_bank(model).config
+    remove_dgate(model, merge=True)
+    return apply_dgate(model.merge_and_unload(), config)
+
+
 def get_bank(model: nn.Module, required: bool = True) -> GateBank | None:
     """The `GateBank` of a gated model (also through PEFT, DDP and compile wrappers)."""
     for m in (model, _unwrap(model)):

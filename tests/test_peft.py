@@ -8,6 +8,7 @@ import torch
 from conftest import make_inputs, make_model
 
 import hf_dgate
+from hf_dgate.patch import merge_adapters
 
 
 def _lora_llama():
@@ -52,6 +53,20 @@ def test_penalty_uses_effective_weights_and_fold_scales_adapters():
     torch.testing.assert_close(model(**inputs).logits, gated, rtol=1e-5, atol=1e-5)
     plain = model.merge_and_unload()
     torch.testing.assert_close(plain(**inputs).logits, gated, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_adapters_gives_a_plain_gated_model_with_the_same_zeros():
+    model, inputs = _lora_llama(), make_inputs("llama")
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target=["heads", "neurons"]))
+    with torch.no_grad():
+        hf_dgate.get_bank(model).gammas["heads"][:, [0, 3]] = 0.0
+        hf_dgate.get_bank(model).gammas["neurons"][:, :10] = 0.5
+    gated = model(**inputs).logits
+    zeros = hf_dgate.sparsity_report(model).targets["heads"].zero
+    plain = merge_adapters(model)
+    assert not isinstance(plain, peft.PeftModel) and hf_dgate.is_gated(plain)
+    torch.testing.assert_close(plain(**inputs).logits, gated, rtol=1e-5, atol=1e-5)
+    assert hf_dgate.sparsity_report(plain).targets["heads"].zero == zeros == 2
 
 
 @pytest.mark.parametrize("depth,expect_zeros", [(2, False), (3, True)])
