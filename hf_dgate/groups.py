@@ -133,11 +133,8 @@ class GateBank(nn.Module):
         )
         self._l0_cache: dict[str, torch.Tensor] = {}
         self._modules_by_name = dict(model.named_modules())
-        self._adapters = {  # base layer -> its PEFT LoRA wrapper
-            id(m.base_layer): m
-            for m in self._modules_by_name.values()
-            if isinstance(getattr(m, "base_layer", None), nn.Module) and hasattr(m, "get_delta_weight")
-        }
+        self._adapters: dict[int, nn.Module] = {}
+        self._adapters_of: int | None = None
         if self.method == "slimming" and not self._slimming_norms():
             raise ValueError(
                 "method='slimming' penalises BatchNorm scales: use target='filters' on a model with "
@@ -196,10 +193,21 @@ class GateBank(nn.Module):
         """The (D-1, G) gate tensor of `target`, whole even when FSDP2 holds it sharded outside forward."""
         return _full(self.gammas[target])
 
+    def _adapter(self, module: nn.Module) -> nn.Module | None:
+        """The PEFT LoRA layer wrapping `module`, if any (an id-keyed map, rebuilt for a deep copy of the bank)."""
+        if self._adapters_of != id(self):
+            self._adapters = {
+                id(m.base_layer): m
+                for m in self._modules_by_name.values()
+                if isinstance(getattr(m, "base_layer", None), nn.Module) and hasattr(m, "get_delta_weight")
+            }
+            self._adapters_of = id(self)
+        return self._adapters.get(id(module))
+
     def _weight(self, module: nn.Module, param: str) -> torch.Tensor:
         """The effective tensor: a LoRA-wrapped weight counts with its active adapters' delta (W + BA)."""
         w = getattr(module, param)
-        adapter = self._adapters.get(id(module))
+        adapter = self._adapter(module)
         if adapter is not None and param == "weight":
             for name in adapter.active_adapters:
                 if name in adapter.lora_A:
@@ -332,7 +340,7 @@ class GateBank(nn.Module):
                     shape[sl.axis] = -1
                     factor = factor.reshape(shape)
                 w.mul_(factor)
-                adapter = self._adapters.get(id(self._modules_by_name[sl.module]))
+                adapter = self._adapter(self._modules_by_name[sl.module])
                 if adapter is not None and sl.param == "weight":
                     self._fold_adapter(adapter, sl, s_ext[idx.to(s_ext.device)])
 

@@ -46,10 +46,10 @@ def prune_torch_model(model: nn.Module, threshold: float | None = None, example_
         if owner is not None:  # the model knows its own structure (trees, shape functions, modalities)
             owners.setdefault((id(owner), gs.target), (owner, []))[1].append(dead)
             continue
-        if not bool(dead.any()):
-            continue
-        if gs.target == "features":
+        if gs.target == "features":  # recorded even when nothing is dropped, so callers can always index with it
             _drop_input_features(model, modules[gs.sites[0].module], ~dead)
+            continue
+        if not bool(dead.any()):
             continue
         if graph is None:
             if example_inputs is None:

@@ -69,6 +69,21 @@ def test_merge_adapters_gives_a_plain_gated_model_with_the_same_zeros():
     assert hf_dgate.sparsity_report(plain).targets["heads"].zero == zeros == 2
 
 
+def test_export_merges_adapters_and_prunes():
+    model, inputs = _lora_llama(), make_inputs("llama")
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target=["heads", "neurons"]))
+    with torch.no_grad():
+        hf_dgate.get_bank(model).gammas["heads"][:, [0, 3]] = 0.0
+        hf_dgate.get_bank(model).gammas["neurons"][:, :10] = 0.0
+    gated = model(**inputs).logits
+    small = hf_dgate.export_pruned(model)
+    assert not isinstance(small, peft.PeftModel)
+    assert small.model.layers[0].self_attn.v_proj.out_features == 8  # one of two key/value groups left
+    assert small.model.layers[0].mlp.down_proj.in_features == 48 - 10
+    torch.testing.assert_close(small(**inputs).logits, gated, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(**inputs).logits, gated)  # the PEFT model itself is untouched
+
+
 @pytest.mark.parametrize("depth,expect_zeros", [(2, False), (3, True)])
 def test_frozen_weights_need_depth_three_for_sparsity(depth, expect_zeros):
     """Only the gates move when primary weights are frozen: D-1 gates induce |s|^(2/(D-1)), sparse only for D>=3."""

@@ -69,6 +69,9 @@ def test_input_features_export_reports_kept_features():
     assert small.fc1.in_features == 184
     assert small.dgate_kept_features.tolist() == list(range(100)) + list(range(700, 784))
     torch.testing.assert_close(small(x[:, small.dgate_kept_features]), gated)
+    dense = LeNet300100(in_features=6)
+    hf_dgate.apply_dgate(dense, hf_dgate.DGateConfig(target="features"))
+    assert prune_torch_model(dense).dgate_kept_features.tolist() == list(range(6))  # nothing dropped, still recorded
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
-"""Train a tiny gated Llama with accelerate (DDP or FSDP2 by the launch flags) on a fixed global batch; write losses and gate norms as JSON.
+"""Train a tiny gated Llama on a fixed global batch with accelerate; write losses and gate norms as JSON.
 
-Run once with `python` and once with `accelerate launch --num_processes 2 --cpu`: the results must agree.
+Run with `python` (one process) and with `accelerate launch --num_processes 2` plus `--multi_gpu` (DDP on CPU
+with gloo) or `--use_fsdp --fsdp_version 2 ...`: the results must agree (tests/test_distributed.py).
 """
 
 import json

@@ -1,0 +1,179 @@
+"""Sweep lam for D-Gating (D = 2, 3, 4) and the direct group-lasso baseline on the NanoGPT example (paper Fig. 7).
+
+Each run is `examples/nanogpt_shakespeare.py` in its own process (run directories under --runs-dir; finished runs
+are skipped, so the sweep can be resumed). The table (CSV + JSON) and the plot of validation character accuracy
+against head sparsity go to --results-dir.
+
+    nice python examples/nanogpt_sweep.py --data-file ../shared/data/shakespeare.txt --preset tiny
+    python examples/nanogpt_sweep.py --table-only      # rebuild table and plot from finished runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+COLUMNS = [
+    "method",
+    "depth",
+    "lam",
+    "head_sparsity",
+    "head_sparsity_1e-4",
+    "head_sparsity_1e-6",
+    "val_loss",
+    "val_perplexity",
+    "val_char_accuracy",
+    "params_kept",
+    "params_total",
+    "steps",
+    "train_seconds",
+]
+
+
+def run_names(depths: list[int], lams: list[float], direct: bool, dense: bool) -> list[tuple[str, list[str]]]:
+    """(name, extra flags) of every run, lam-major so a cut-short sweep still covers every method."""
+    runs = [("dense_lam0", ["--method", "dgate", "--depth", "3", "--lam", "0"])] if dense else []
+    for lam in lams:
+        for d in depths:
+            runs.append((f"dgate_D{d}_lam{lam:g}", ["--method", "dgate", "--depth", str(d), "--lam", str(lam)]))
+        if direct:
+            runs.append((f"direct_lam{lam:g}", ["--method", "direct", "--lam", str(lam)]))
+    return runs
+
+
+def strict_sparsity(run_dir: str) -> dict[str, float | None]:
+    """Head sparsity at stricter thresholds, from the saved gated model: how exactly zero the zeros are."""
+    import hf_dgate
+
+    try:
+        model = hf_dgate.load_gated(run_dir)
+    except (OSError, ValueError):
+        return {"head_sparsity_1e-4": None, "head_sparsity_1e-6": None}
+    return {
+        f"head_sparsity_{name}": hf_dgate.sparsity_report(model, threshold=t).sparsity("heads")
+        for name, t in (("1e-4", 1e-4), ("1e-6", 1e-6))
+    }
+
+
+def collect(runs_dir: str, results_dir: str) -> list[dict]:
+    rows = []
+    for name in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []:
+        path = os.path.join(runs_dir, name, "results.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                r = json.load(f)
+            row = {k: r.get(k) for k in COLUMNS}
+            row["method"] = "direct" if r["method"] == "direct" else f"dgate D={r['depth']}"
+            row["run"] = name
+            row["active_per_layer"] = r["active_per_layer"].get("heads")
+            row.update(strict_sparsity(os.path.join(runs_dir, name)))
+            rows.append(row)
+    rows.sort(key=lambda r: (r["method"], r["lam"]))
+    os.makedirs(results_dir, exist_ok=True)
+    with open(os.path.join(results_dir, "sweep.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    with open(os.path.join(results_dir, "sweep.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["run", *COLUMNS])
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r[k] for k in ["run", *COLUMNS]})
+    plot(rows, os.path.join(results_dir, "accuracy_vs_head_sparsity.png"))
+    return rows
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Accuracy against head sparsity at the default threshold (left) and at a strict one (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, key, title in (
+        (axes[0], "head_sparsity", "zero: ||theta_g|| < 1e-3 (default)"),
+        (axes[1], "head_sparsity_1e-6", "zero: ||theta_g|| < 1e-6"),
+    ):
+        dense = [r for r in rows if r["lam"] == 0]
+        for method in sorted({r["method"] for r in rows if r["lam"] > 0}):
+            pts = sorted(
+                (r[key], r["val_char_accuracy"], r["lam"])
+                for r in rows
+                if r["method"] == method and r["lam"] > 0 and r[key] is not None
+            )
+            ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], "o-", label=method)
+            for sp, acc, lam in pts:
+                ax.annotate(f"{lam:g}", (100 * sp, acc), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for r in dense:
+            ax.plot([100 * (r[key] or 0.0)], [r["val_char_accuracy"]], "k*", markersize=10, label="dense (lam = 0)")
+        ax.set_xlabel(f"head sparsity (%), {title}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation character accuracy")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("NanoGPT on TinyShakespeare, tiny preset (CPU, 600 steps); point labels = lam")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| method | lam | head sparsity | at 1e-4 | at 1e-6 | val loss | ppl | char acc. | params kept | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['lam']:g} | {100 * r['head_sparsity']:.1f}% | {pct(r['head_sparsity_1e-4'])} | "
+            f"{pct(r['head_sparsity_1e-6'])} | {r['val_loss']:.4f} | "
+            f"{r['val_perplexity']:.3f} | {r['val_char_accuracy']:.4f} | {r['params_kept']:,} / "
+            f"{r['params_total']:,} | {r['train_seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-file", default=None)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--depths", type=int, nargs="+", default=[2, 3, 4])
+    p.add_argument("--lams", type=float, nargs="+", default=[0.003, 0.01, 0.03, 0.1, 0.3])
+    p.add_argument("--no-direct", action="store_true")
+    p.add_argument("--no-dense", action="store_true", help="skip the lam = 0 reference run")
+    p.add_argument("--runs-dir", default="outputs/nanogpt_sweep")
+    p.add_argument("--results-dir", default="results/nanogpt")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS)")
+    p.add_argument("--table-only", action="store_true")
+    p.add_argument("extra", nargs="*", help="flags passed to every run, after --")
+    args = p.parse_args()
+
+    if not args.table_only:
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        for name, flags in run_names(args.depths, args.lams, not args.no_direct, not args.no_dense):
+            out = os.path.join(args.runs_dir, name)
+            if os.path.isfile(os.path.join(out, "results.json")):
+                continue
+            cmd = [sys.executable, os.path.join(HERE, "nanogpt_shakespeare.py"), "--preset", args.preset]
+            cmd += ["--output-dir", out, "--sample-chars", "0", *flags, *args.extra]
+            if args.data_file:
+                cmd += ["--data-file", args.data_file]
+            t0 = time.time()
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, "log.txt"), "w") as log:
+                rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            print(f"{name}: rc={rc} in {time.time() - t0:.0f}s", flush=True)
+            collect(args.runs_dir, args.results_dir)
+    rows = collect(args.runs_dir, args.results_dir)
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()

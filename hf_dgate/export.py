@@ -1,0 +1,843 @@
+"""Physical export: fold the gates, remove every zero group and what only fed it, and keep the model reloadable.
+
+The group sets of the gate bank already say, per head / neuron / layer, which tensor slices belong to a group
+and nothing else (`GroupSet.removable`), so removal is one generic operation: `index_select` the kept positions
+of every removable slice. What is family-specific is small and lives here: the attention attributes that
+count heads (`num_heads`, `split_size`, `all_head_size`, ...), attention layers left with no head at all, and
+the config fields that can express the new shape.
+
+The pruned structure is recorded in `config.dgate_pruning`; `AutoPrunedModel.from_pretrained` rebuilds it.
+Where the config alone can express the shape (layers dropped, equal head or neuron counts in every layer and
+a family whose head size is a config field) the config is rewritten so that a plain
+`transformers.AutoModel*.from_pretrained` loads the export as well.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from .architectures import find_blocks, find_group_sets
+from .config import DGateConfig
+from .groups import GroupSet, TensorSlice
+from .patch import _unwrap, get_bank, remove_dgate
+
+PRUNING_KEY = "dgate_pruning"
+TRANSFORMER_TARGETS = ("heads", "neurons", "layers")
+HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
+PER_LAYER_CONFIG_LISTS = ("layer_types", "attention_layers", "no_rope_layers")
+NEURON_CONFIG_ATTRS = ("intermediate_size", "n_inner", "ffn_dim")
+
+__all__ = ["AutoPrunedModel", "ExportError", "export_pruned", "export_to_dir", "prune_heads", "pruned_structure"]
+
+
+class ExportError(ValueError):
+    """The model cannot be exported as asked; the message says what to do instead."""
+
+
+# ---- public API -----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def export_pruned(model: nn.Module, threshold: float | None = None, inplace: bool = False) -> nn.Module:
+    """A physically smaller copy of a gated model that computes what the gated model computes.
+
+    Gates are folded into the weights, then every group whose effective norm ||theta_g|| is below `threshold`
+    (default: the DGateConfig's) is removed with everything that only fed it: heads (whole key/value groups
+    under GQA), MLP neurons and whole layers. The caller's model is left untouched unless `inplace=True`
+    (saves the memory of a copy; the model is then folded, ungated and pruned). Models gated only on filters,
+    input features or custom groups go to `hf_dgate.surgery.prune_torch_model`.
+    """
+    bank = get_bank(model)
+    thr = bank.config.threshold if threshold is None else threshold
+    if not isinstance(thr, (int, float)) or not thr > 0:
+        raise ExportError(f"threshold={thr!r} is invalid: pass a float > 0 (e.g. 1e-3).")
+    if hasattr(model, "peft_config") and hasattr(model, "merge_and_unload"):  # PEFT: merge adapters, then prune
+        from .patch import merge_adapters
+
+        model, inplace = merge_adapters(model if inplace else copy.deepcopy(model)), True
+        bank = get_bank(model)
+    if not any(t in TRANSFORMER_TARGETS for t in bank.targets) and not inplace:
+        from .surgery import prune_torch_model  # filters, input features, custom groups of plain torch models
+
+        return prune_torch_model(model, thr)
+    dead = {t: (bank.effective_norms(t) < thr).cpu() for t in bank.targets}
+    plan = [(gs, dead[gs.target][off : off + gs.n_groups]) for gs, off in zip(bank.group_sets, bank.offsets)]
+    dconfig = bank.config
+    base = _unwrap(model)
+    pruned = base if inplace else copy.deepcopy(base)
+    remove_dgate(pruned, merge=True)
+    _apply_plan(pruned, plan, dconfig, float(thr))
+    pruned.eval()
+    return pruned
+
+
+@torch.no_grad()
+def prune_heads(model: nn.Module, heads_to_prune: dict[int, list[int]], dconfig: DGateConfig | None = None) -> None:
+    """transformers 4.x's `prune_heads` contract for models whose transformers has none (v5 removed it).
+
+    `heads_to_prune` maps a layer (its current position) to attention heads in their original numbering; heads
+    pruned earlier are ignored. Under GQA a key/value head can only go with all query heads that share it.
+    With transformers 4.x and a model that still has `_prune_heads`, that implementation is used.
+    """
+    base = _unwrap(model)
+    if hasattr(base, "_prune_heads") and callable(getattr(base, "prune_heads", None)):
+        base.prune_heads(heads_to_prune)  # transformers 4.x
+        return
+    from types import SimpleNamespace
+
+    from .architectures import _head_set
+
+    dconfig = _with_targets(dconfig or DGateConfig(target="heads"), ["heads"])
+    record = _record(base) or {}
+    blocks = find_blocks(base, dconfig)
+    kept_heads = _current_heads(base, blocks, dconfig, record)
+    for layer, heads in heads_to_prune.items():
+        if not 0 <= layer < len(blocks):
+            raise ExportError(f"Layer {layer} does not exist; the model has {len(blocks)} layers.")
+        name, block = blocks[layer]
+        n_q, n_kv, hd, _ = _block_geometry(base, name, block, dconfig)
+        if n_q == 0:
+            continue  # nothing left to prune
+        # the layer's own (possibly already pruned) geometry, not the config's
+        geometry = SimpleNamespace(num_attention_heads=n_q, num_key_value_heads=n_kv, head_dim=hd)
+        gs = _head_set(base, geometry, dconfig, layer, name, block)
+        kept_q = kept_heads[layer]
+        n_rep = gs.meta["n_heads"] // gs.meta["n_kv"]
+        current = [kept_q[i] for i in range(0, len(kept_q), n_rep)]  # original query head opening each group
+        dead = torch.zeros(gs.n_groups, dtype=torch.bool)
+        for h in set(heads):
+            grp = [i for i, first in enumerate(current) if first <= h < first + n_rep]
+            if not grp:
+                continue  # already pruned
+            members = set(range(current[grp[0]], current[grp[0]] + n_rep))
+            if not members <= set(heads):
+                raise ExportError(
+                    f"Head {h} of layer {layer} shares its key/value head with heads {sorted(members)}; prune all "
+                    "of them together (GQA)."
+                )
+            dead[grp[0]] = True
+        _prune_head_group_set(base, gs, dead)
+        kept_heads[layer] = [h for j, h in enumerate(kept_q) if not dead[j // n_rep]]
+    structure = _structure(base, dconfig, kept_heads)
+    for key in ("layers", "num_hidden_layers_original", "threshold", "not_removed"):
+        if key in record:
+            structure[key] = record[key]
+    structure.setdefault("layers", list(range(len(blocks))))
+    structure.setdefault("num_hidden_layers_original", len(blocks))
+    _write_record(base, structure)
+
+
+def pruned_structure(model: nn.Module) -> dict[str, Any] | None:
+    """What export removed, as recorded in the config (None for a model that was not pruned)."""
+    return _record(_unwrap(model))
+
+
+# ---- the plan -------------------------------------------------------------------------------------------------
+def _apply_plan(model: nn.Module, plan: list[tuple[GroupSet, torch.Tensor]], dconfig: DGateConfig, thr: float) -> None:
+    transformer_targets = [t for t in dconfig.targets if t in TRANSFORMER_TARGETS]
+    blocks = find_blocks(model, dconfig) if transformer_targets else []
+    n_layers_before = len(blocks)
+    prev = _record(model) or {}
+    kept_heads = _current_heads(model, blocks, dconfig, prev)
+    dead_layers = {gs.layer for gs, d in plan if gs.target == "layers" and bool(d.all())}
+    skipped = sorted({gs.target for gs, d in plan if gs.target not in TRANSFORMER_TARGETS and d.any()})
+    for gs, dead in plan:
+        if gs.layer in dead_layers or not bool(dead.any()):
+            continue
+        if gs.target == "heads":
+            _prune_head_group_set(model, gs, dead)
+            n_rep = gs.meta["n_heads"] // gs.meta["n_kv"]
+            kept_heads[gs.layer] = [h for j, h in enumerate(kept_heads[gs.layer]) if not dead[j // n_rep]]
+        elif gs.target == "neurons":
+            _prune_neuron_group_set(model, gs, dead)
+    kept_layers = [i for i in range(n_layers_before) if i not in dead_layers]
+    if dead_layers:
+        _drop_layers(model, blocks, dead_layers)
+    orig_layers = prev.get("layers", list(range(n_layers_before)))
+    structure = _structure(model, dconfig, [kept_heads[i] for i in kept_layers] if kept_heads else None)
+    structure.update(
+        layers=[orig_layers[i] for i in kept_layers],
+        num_hidden_layers_original=prev.get("num_hidden_layers_original", n_layers_before),
+        threshold=thr,
+        not_removed=skipped,  # custom GroupRule targets: folded (zeros kept), not removed
+    )
+    _write_record(model, structure)
+
+
+def _current_heads(model: nn.Module, blocks: list, dconfig: DGateConfig, prev: dict[str, Any]) -> list[list[int]]:
+    """Kept query heads per layer in the original numbering (all of them for a model never pruned)."""
+    if prev.get("heads") and len(prev["heads"]) == len(blocks):
+        return [list(h) for h in prev["heads"]]
+    out = []
+    for name, block in blocks:
+        geo = _block_geometry(model, name, block, dconfig)
+        out.append(list(range(geo[0])) if geo else [])
+    return out
+
+
+def _with_targets(dconfig: DGateConfig, targets: list[str]) -> DGateConfig:
+    return DGateConfig(target=targets, module_names=dconfig.module_names, head_side="auto")
+
+
+def _keep_mask(sl: TensorSlice, dead: torch.Tensor) -> torch.Tensor:
+    idx = sl.index
+    return (idx < 0) | ~dead[idx.clamp(min=0)]
+
+
+def _keep_slice(model: nn.Module, sl: TensorSlice, dead: torch.Tensor) -> None:
+    """Replace `module.param` by its kept positions along `sl.axis`."""
+    module = model.get_submodule(sl.module)
+    p = getattr(module, sl.param)
+    if sl.axis is None:
+        return
+    keep = torch.nonzero(_keep_mask(sl, dead).cpu()).flatten().to(p.device)
+    new = p.data.index_select(sl.axis, keep).contiguous()
+    setattr(module, sl.param, nn.Parameter(new, requires_grad=p.requires_grad))
+    _sync_features(module)
+
+
+def _sync_features(module: nn.Module) -> None:
+    """Keep a module's size attributes true to its weight (they feed `extra_repr` and some forwards)."""
+    w = module.weight
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = w.shape
+    elif type(module).__name__.endswith("Conv1D"):
+        module.nx, module.nf = w.shape
+        if module.nx == 0 and not isinstance(module, _ZeroInputConv1D):
+            module.__class__ = _zero_input_conv1d(type(module))
+
+
+# ---- heads --------------------------------------------------------------------------------------------------
+def _prune_head_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -> None:
+    meta = gs.meta
+    if not meta.get("v") and not meta.get("qkv"):
+        raise ExportError(
+            f"Cannot remove heads of layer {gs.layer}: its query/key/value projections were not found. Name them "
+            "with DGateConfig(module_names={'value': ..., 'query': ..., 'key': ...}) when gating."
+        )
+    for sl in gs.removable:
+        _keep_slice(model, sl, dead)
+    block = _block_name(gs)
+    core_rel = (meta.get("v") or meta["qkv"]).rpartition(".")[0]
+    core = model.get_submodule(f"{block}.{core_rel}" if core_rel else block)
+    n_rep = meta["n_heads"] // meta["n_kv"]
+    n_kv = int((~dead).sum())
+    n_q, hd = n_kv * n_rep, meta["head_dim"]
+    for attr in HEAD_COUNT_ATTRS:
+        if isinstance(getattr(core, attr, None), int):
+            setattr(core, attr, n_q)
+    if isinstance(getattr(core, "num_key_value_heads", None), int):
+        core.num_key_value_heads = n_kv
+    for attr in ("all_head_size", "split_size"):
+        if isinstance(getattr(core, attr, None), int):
+            setattr(core, attr, n_q * hd)
+    if n_kv == 0 and not isinstance(core, _ZeroHeadAttention):
+        o_rel = meta["o"]
+        inside = not core_rel or o_rel.startswith(core_rel + ".")
+        core._dgate_out = (o_rel[len(core_rel) + 1 :] if core_rel else o_rel) if inside else None
+        core.__class__ = _zero_head_class(type(core))
+
+
+def _block_name(gs: GroupSet) -> str:
+    """The block a head/neuron group set lives in (its site names are `<block>.<relative name>`)."""
+    rel = gs.meta.get("down") or gs.meta.get("o")
+    name = gs.sites[0].module if gs.sites else gs.removable[0].module
+    if rel and name.endswith("." + rel):
+        return name[: -len(rel) - 1]
+    for sl in gs.removable:
+        for key in ("o", "down", "v", "qkv"):
+            r = gs.meta.get(key)
+            if isinstance(r, str) and sl.module.endswith("." + r):
+                return sl.module[: -len(r) - 1]
+    raise ExportError(f"Cannot locate the block of group set {gs.target}/{gs.layer}.")
+
+
+class _ZeroHeadAttention:
+    """Marker base: an attention module with no head left. Its output is the output projection's bias."""
+
+
+def _zero_head_forward(self, hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any):
+    if hidden_states is None:
+        hidden_states = kwargs.pop("hidden_states")
+    cache = kwargs.get("past_key_values", kwargs.get("layer_past"))
+    if cache is None:
+        cache = next((a for a in args if hasattr(a, "update") and hasattr(a, "get_seq_length")), None)
+    layer_idx = getattr(self, "layer_idx", None)
+    if cache is not None and layer_idx is not None and hasattr(cache, "update"):
+        cache = getattr(cache, "self_attention_cache", cache)
+        # A cache layer reports its length from its keys, and an empty tensor reads as length 0, which would
+        # shift positions during generation: keep one zero "head" of width 1 as a length marker.
+        b, t = hidden_states.shape[0], hidden_states.shape[1]
+        marker = hidden_states.new_zeros(b, 1, t, 1)
+        cache.update(marker, marker, layer_idx)
+    context = hidden_states.new_zeros(*hidden_states.shape[:-1], 0)
+    out = self.get_submodule(self._dgate_out)(context) if self._dgate_out else context
+    return out, None
+
+
+_ZERO_HEAD_CLASSES: dict[type, type] = {}
+
+
+def _zero_head_class(cls: type) -> type:
+    if cls not in _ZERO_HEAD_CLASSES:
+        _ZERO_HEAD_CLASSES[cls] = type(
+            f"NoHead{cls.__name__}", (cls, _ZeroHeadAttention), {"forward": _zero_head_forward, "__module__": __name__}
+        )
+    return _ZERO_HEAD_CLASSES[cls]
+
+
+class _ZeroInputConv1D:
+    """Marker base: transformers' Conv1D with no input feature left (its forward cannot view a 0-width input)."""
+
+
+def _zero_input_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return x.new_zeros(*x.shape[:-1], self.nf) + self.bias.to(x.dtype)
+
+
+_ZERO_INPUT_CLASSES: dict[type, type] = {}
+
+
+def _zero_input_conv1d(cls: type) -> type:
+    if cls not in _ZERO_INPUT_CLASSES:
+        _ZERO_INPUT_CLASSES[cls] = type(
+            f"NoInput{cls.__name__}", (cls, _ZeroInputConv1D), {"forward": _zero_input_forward, "__module__": __name__}
+        )
+    return _ZERO_INPUT_CLASSES[cls]
+
+
+# ---- neurons ------------------------------------------------------------------------------------------------
+def _prune_neuron_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -> None:
+    for sl in gs.removable:
+        _keep_slice(model, sl, dead)
+    block = _block_name(gs)
+    parent_rel = gs.meta["down"].rpartition(".")[0]
+    parent = model.get_submodule(f"{block}.{parent_rel}" if parent_rel else block)
+    n = int((~dead).sum())
+    for attr in ("intermediate_size", "ffn_dim"):
+        if isinstance(getattr(parent, attr, None), int):
+            setattr(parent, attr, n)
+
+
+# ---- layers -------------------------------------------------------------------------------------------------
+def _drop_layers(model: nn.Module, blocks: list[tuple[str, nn.Module]], dead: set[int]) -> None:
+    prefix = blocks[0][0].rpartition(".")[0]
+    parent_name, _, attr = prefix.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, attr)
+    if len(old) != len(blocks):
+        raise ExportError("Cannot drop layers of a model whose blocks are shared (tied) between positions.")
+    kept = [b for i, b in enumerate(old) if i not in dead]
+    setattr(parent, attr, nn.ModuleList(kept))
+    for new_idx, block in enumerate(kept):
+        for m in block.modules():
+            if isinstance(getattr(m, "layer_idx", None), int):
+                m.layer_idx = new_idx  # the KV cache is indexed by layer_idx
+    for cfg in _configs(model):
+        n_old = getattr(cfg, "num_hidden_layers", None)
+        if n_old != len(old):
+            continue
+        for key in PER_LAYER_CONFIG_LISTS:
+            val = getattr(cfg, key, None)
+            if isinstance(val, (list, tuple)) and len(val) == n_old:
+                setattr(cfg, key, [v for i, v in enumerate(val) if i not in dead])
+        cfg.num_hidden_layers = len(kept)
+
+
+def _configs(model: nn.Module) -> list[Any]:
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return []
+    out = [cfg]
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    if text is not cfg:
+        out.append(text)
+    return out
+
+
+# ---- the recorded structure ---------------------------------------------------------------------------------
+def _structure(model: nn.Module, dconfig: DGateConfig, kept_heads: list[list[int]] | None) -> dict[str, Any]:
+    """Per current layer: kept query heads (original numbering), kept key/value heads and kept neurons."""
+    out: dict[str, Any] = {"version": 1, "module_names": dconfig.module_names}
+    heads, kv, neurons, head_dims = [], [], [], []
+    try:
+        blocks = find_blocks(model, dconfig)
+    except ValueError:  # not a transformer, or no layer left
+        if getattr(_text_cfg(model), "num_hidden_layers", None) == 0:
+            out.update(heads=[], kv_heads=[], head_dim=None, neurons=[])
+        return out
+    for i, (name, block) in enumerate(blocks):
+        geo = _block_geometry(model, name, block, dconfig)
+        if geo is None:
+            return out
+        n_q, n_kv, hd, n_neur = geo
+        heads.append(kept_heads[i] if kept_heads is not None and len(kept_heads[i]) == n_q else list(range(n_q)))
+        kv.append(n_kv)
+        head_dims.append(hd)
+        neurons.append(n_neur)
+    out.update(heads=heads, kv_heads=kv, head_dim=head_dims[0] if head_dims else None, neurons=neurons)
+    return out
+
+
+def _block_geometry(
+    model: nn.Module, name: str, block: nn.Module, dconfig: DGateConfig
+) -> tuple[int, int, int, int] | None:
+    """(query heads, key/value heads, head size, neurons) a block has now, read off its weights."""
+    from .architectures import _attention_parts, _mlp_parts
+
+    try:
+        parts = _attention_parts(name, block, dconfig)
+        down_rel, _ = _mlp_parts(name, block, dconfig)
+    except ValueError:
+        return None
+    o = block.get_submodule(parts["o"])
+    in_o = o.weight.shape[0] if type(o).__name__.endswith("Conv1D") else o.weight.shape[1]
+    cfg = _text_cfg(model)
+    rec = _record(model)
+    hd = (rec or {}).get("head_dim") or getattr(cfg, "head_dim", None)
+    if not hd:
+        hd = cfg.hidden_size // cfg.num_attention_heads
+    n_q = in_o // hd
+    n_heads_cfg = cfg.num_attention_heads
+    n_kv_cfg = getattr(cfg, "num_key_value_heads", None) or n_heads_cfg
+    n_rep = n_heads_cfg // n_kv_cfg
+    down = block.get_submodule(down_rel)
+    n_neur = down.weight.shape[0] if type(down).__name__.endswith("Conv1D") else down.weight.shape[1]
+    return n_q, n_q // n_rep, hd, n_neur
+
+
+def _text_cfg(model: nn.Module) -> Any:
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def _record(model: nn.Module) -> dict[str, Any] | None:
+    cfg = getattr(model, "config", None)
+    rec = getattr(cfg, PRUNING_KEY, None) if cfg is not None else None
+    return copy.deepcopy(rec) if isinstance(rec, dict) else None
+
+
+def _write_record(model: nn.Module, structure: dict[str, Any]) -> None:
+    cfg = model.config
+    setattr(cfg, PRUNING_KEY, structure)
+    structure["native"] = _make_native(model, structure)
+    setattr(cfg, PRUNING_KEY, structure)
+
+
+def _make_native(model: nn.Module, structure: dict[str, Any]) -> bool:
+    """Rewrite the config so a plain `from_pretrained` builds exactly these shapes, when the config can say so.
+
+    Candidate rewrites (equal head counts with an explicit head size; equal neuron counts) are verified by
+    building the model class from the rewritten config on the meta device and comparing every tensor shape.
+    """
+    cfg = _text_cfg(model)
+    if cfg is None or not structure.get("heads"):
+        return _shapes_match(model)
+    originals = {k: getattr(cfg, k, None) for k in ("num_attention_heads", "num_key_value_heads", "head_dim")}
+    originals.update({k: getattr(cfg, k, None) for k in NEURON_CONFIG_ATTRS if hasattr(cfg, k)})
+    heads = [len(h) for h in structure["heads"]]
+    kv = structure["kv_heads"]
+    neurons = structure["neurons"]
+    head_edit: dict[str, Any] = {}
+    if len(set(heads)) == 1 and heads[0] > 0 and heads[0] != cfg.num_attention_heads:
+        head_edit = {"num_attention_heads": heads[0], "head_dim": structure["head_dim"]}
+        if hasattr(cfg, "num_key_value_heads"):
+            head_edit["num_key_value_heads"] = kv[0]
+    neuron_edit: dict[str, Any] = {}
+    if len(set(neurons)) == 1 and neurons[0] > 0:
+        for k in NEURON_CONFIG_ATTRS:
+            if hasattr(cfg, k):
+                neuron_edit[k] = neurons[0]
+                break
+    for edit in ({**head_edit, **neuron_edit}, neuron_edit, head_edit, {}):
+        _set_cfg(cfg, originals)
+        _set_cfg(cfg, edit)
+        if _shapes_match(model):
+            return True
+    _set_cfg(cfg, originals)
+    return False
+
+
+def _set_cfg(cfg: Any, values: dict[str, Any]) -> None:
+    for k, v in values.items():
+        if v is None and not hasattr(cfg, k):
+            continue
+        setattr(cfg, k, v)
+
+
+def _shapes_match(model: nn.Module) -> bool:
+    """Would `type(model)(model.config)` have exactly the parameter shapes of `model`?"""
+    if _has_patched_modules(model):
+        return False
+    try:
+        with torch.device("meta"):
+            fresh = type(model)(copy.deepcopy(model.config))
+    except Exception:
+        return False
+    mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    return mine == theirs
+
+
+def _has_patched_modules(model: nn.Module) -> bool:
+    return any(isinstance(m, (_ZeroHeadAttention, _ZeroInputConv1D)) for m in model.modules())
+
+
+# ---- reload ---------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def rebuild_structure(model: nn.Module, structure: dict[str, Any]) -> nn.Module:
+    """Shrink a freshly built model to a recorded pruned structure (which positions stay is irrelevant here:
+    the weights are loaded afterwards)."""
+    if not structure.get("heads") and not structure.get("neurons"):
+        return model
+    dconfig = DGateConfig(target=["heads", "neurons"], module_names=structure.get("module_names"))
+    with torch.device("cpu"):  # index vectors stay on the CPU even while transformers builds on "meta"
+        sets = find_group_sets(model, dconfig)
+    n_kv, neurons = structure.get("kv_heads", []), structure.get("neurons", [])
+    for gs in sets:
+        layer = int(gs.layer)
+        if gs.target == "heads" and layer < len(n_kv):
+            want = n_kv[layer]
+        elif gs.target == "neurons" and layer < len(neurons):
+            want = neurons[layer]
+        else:
+            continue
+        if want > gs.n_groups:
+            raise ExportError(
+                f"The recorded structure keeps {want} {gs.target} in layer {layer} but the config builds only "
+                f"{gs.n_groups}: the config does not match the weights."
+            )
+        if want == gs.n_groups:
+            continue
+        dead = torch.arange(gs.n_groups, device="cpu") >= want
+        # (a layer left with no head gets its bias-only forward here, as in the export)
+        (_prune_head_group_set if gs.target == "heads" else _prune_neuron_group_set)(model, gs, dead)
+    return model
+
+
+class AutoPrunedModel:
+    """Loads what `export_pruned(...).save_pretrained(dir)` wrote, any pruned structure included.
+
+    Models whose shape the config expresses natively load through the usual `from_pretrained`; for the rest
+    (different head or neuron counts per layer, layers without heads) the model is built from the config,
+    shrunk to the structure recorded in `config.dgate_pruning`, and the safetensors weights are loaded into it.
+    """
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, model_class: type | None = None, **kwargs: Any
+    ) -> nn.Module:
+        import transformers
+
+        path = str(pretrained_model_name_or_path)
+        if not os.path.isdir(path):
+            from huggingface_hub import snapshot_download
+
+            path = snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.md"])
+        config = transformers.AutoConfig.from_pretrained(path)
+        model_class = model_class or _architecture_class(config, path)
+        structure = getattr(config, PRUNING_KEY, None)
+        if not isinstance(structure, dict) or structure.get("native", False):
+            return model_class.from_pretrained(path, **kwargs)
+        # transformers' own loader (key renaming, shards, dtype, device_map) on a class that shrinks itself to the
+        # recorded structure right after construction; the instance gets its plain class back afterwards.
+        shrinking = type(
+            model_class.__name__,
+            (model_class,),
+            {"__init__": _shrinking_init(model_class, structure), "__module__": model_class.__module__},
+        )
+        model = shrinking.from_pretrained(path, **kwargs)
+        model.__class__ = model_class
+        return model
+
+
+def _shrinking_init(model_class: type, structure: dict[str, Any]):
+    def __init__(self, config, *args, **kwargs):  # noqa: N807
+        model_class.__init__(self, config, *args, **kwargs)
+        rebuild_structure(self, structure)
+
+    return __init__
+
+
+def _architecture_class(config: Any, path: str) -> type:
+    import transformers
+
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    model_class = getattr(transformers, arch, None) if arch else None
+    if model_class is None:
+        raise ExportError(
+            f"Cannot tell the model class of {path!r}; pass AutoPrunedModel.from_pretrained(dir, model_class=...)."
+        )
+    return model_class
+
+
+# ---- export to a directory (and the Hub) ----------------------------------------------------------------------
+SUMMARY_NAME = "dgate_export.json"
+
+
+def export_to_dir(
+    model: nn.Module,
+    output_dir: str | os.PathLike,
+    push_to_hub: bool = False,
+    hub_model_id: str | None = None,
+    threshold: float | None = None,
+    *,
+    measure: bool = True,
+    seq_len: int = 128,
+    overwrite: bool = True,
+    base_model: str | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+    progress: bool = False,
+    remote_code: bool = True,
+) -> dict[str, Any]:
+    """Export a gated model to `output_dir`: weights, config, `dgate_export.json` and a model card.
+
+    The card gives the base model, the DGateConfig, the kept heads/neurons per layer, parameters and FLOPs
+    before and after, the measured speed-up, and the largest output difference to the gated model. Files are
+    written to a temporary directory beside `output_dir` and renamed into place, so a failure never leaves a
+    half-written export. Where the config cannot express the pruned shape, `remote_code` adds a generated
+    modeling file so that `AutoModel*.from_pretrained(dir, trust_remote_code=True)` loads it without hf_dgate.
+    With `push_to_hub` the directory is uploaded to `hub_model_id`. Returns the summary.
+    """
+    from tqdm.auto import tqdm
+
+    from . import flops as F
+    from .hub import build_model_card, push_folder
+
+    if push_to_hub and not hub_model_id:
+        raise ExportError("push_to_hub=True needs hub_model_id='user/name'.")
+    bank = get_bank(model)
+    thr = bank.config.threshold if threshold is None else threshold
+    output_dir = os.path.abspath(os.fspath(output_dir))
+    if os.path.exists(output_dir) and not overwrite:
+        raise ExportError(f"{output_dir!r} exists; choose another directory or pass overwrite=True.")
+    steps = tqdm(total=5, desc="hf-dgate export", disable=not progress, unit="step")
+    base = _unwrap(model)
+    steps.set_postfix_str("pruning")
+    pruned = export_pruned(model, thr)
+    steps.update()
+    summary: dict[str, Any] = {
+        "base_model": base_model or getattr(getattr(base, "config", None), "_name_or_path", None) or None,
+        "dgate_config": bank.config.to_dict(),
+        "threshold": float(thr),
+        "structure": pruned_structure(pruned),
+        "native": bool((pruned_structure(pruned) or {}).get("native")),
+        "params_before": F.count_params(base),
+        "params_after": F.count_params(pruned),
+    }
+    steps.set_postfix_str("measuring")
+    with torch.no_grad():
+        # the dense reference for timing is the folded model without hooks (a second copy, only when measuring)
+        dense = _folded_copy(base) if measure else None
+        inputs = F.example_inputs(pruned, seq_len=seq_len)
+        summary["flops_input"] = ", ".join(f"{k} {tuple(v.shape)}" for k, v in inputs.items())
+        summary["flops_before"] = F.count_flops(dense if dense is not None else model, inputs)
+        summary["flops_after"] = F.count_flops(pruned, inputs)
+        was_training = base.training
+        base.eval()
+        ref, out = _first_output(model(**inputs)), _first_output(pruned(**inputs))
+        base.train(was_training)
+        summary["max_abs_diff"] = float((ref.float() - out.float()).abs().max()) if ref.numel() else 0.0
+        steps.update()
+        if dense is not None:
+            summary["device"] = str(next(pruned.parameters()).device)
+            summary["latency_before_s"] = F.forward_latency(dense, inputs, repeats=5)
+            summary["latency_after_s"] = F.forward_latency(pruned, inputs, repeats=5)
+            summary["speedup"] = summary["latency_before_s"] / summary["latency_after_s"]
+        del dense
+    summary["flops_ratio"] = summary["flops_before"] / max(summary["flops_after"], 1)
+    steps.update()
+    steps.set_postfix_str("writing")
+    parent = os.path.dirname(output_dir) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".hf-dgate-export-", dir=parent)
+    try:
+        if not summary["native"] and remote_code:
+            summary["remote_code"] = write_remote_code(pruned, tmp)
+        pruned.save_pretrained(tmp)
+        with open(os.path.join(tmp, SUMMARY_NAME), "w") as f:
+            json.dump(summary, f, indent=2)
+        build_model_card(summary).save(os.path.join(tmp, "README.md"))
+        _atomic_replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    steps.update()
+    summary["path"] = output_dir
+    if push_to_hub:
+        steps.set_postfix_str("uploading")
+        summary["hub_repo"] = push_folder(output_dir, hub_model_id, private=private, token=token)
+    steps.update()
+    steps.close()
+    return summary
+
+
+def _folded_copy(base: nn.Module) -> nn.Module:
+    dense = copy.deepcopy(base)
+    remove_dgate(dense, merge=True)
+    return dense.eval()
+
+
+def _first_output(out: Any) -> torch.Tensor:
+    for key in ("logits", "last_hidden_state"):
+        val = getattr(out, key, None)
+        if isinstance(val, torch.Tensor):
+            return val
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _atomic_replace(src: str, dst: str) -> None:
+    """Move the finished directory `src` to `dst`; an existing `dst` is swapped out, then deleted."""
+    if not os.path.exists(dst):
+        os.replace(src, dst)
+        return
+    old = f"{dst}.old-{os.getpid()}-{int(time.time())}"
+    os.replace(dst, old)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        os.replace(old, dst)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- trust_remote_code loader for people without hf_dgate ------------------------------------------------------
+REMOTE_CODE_FILE = "modeling_dgate_pruned.py"
+AUTO_CLASSES = {
+    "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES": "AutoModelForCausalLM",
+    "MODEL_FOR_MASKED_LM_MAPPING_NAMES": "AutoModelForMaskedLM",
+    "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES": "AutoModelForSequenceClassification",
+    "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES": "AutoModelForTokenClassification",
+    "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES": "AutoModelForQuestionAnswering",
+    "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES": "AutoModelForImageClassification",
+    "MODEL_MAPPING_NAMES": "AutoModel",
+}
+
+REMOTE_CODE_TEMPLATE = '''"""Generated by hf_dgate: loads this pruned {base} without hf_dgate (trust_remote_code=True).
+
+The model is built from config.json as usual, then every tensor, attribute and attention layer listed in
+`config.dgate_pruning["remote"]` is shrunk to its pruned shape before the weights are loaded.
+"""
+
+import torch
+from torch import nn
+from transformers import {base} as _Base
+
+
+def _no_head_forward(self, hidden_states=None, *args, **kwargs):
+    # an attention layer with no head left: its output is the output projection's bias
+    if hidden_states is None:
+        hidden_states = kwargs.pop("hidden_states")
+    cache = kwargs.get("past_key_values", kwargs.get("layer_past"))
+    layer_idx = getattr(self, "layer_idx", None)
+    if cache is not None and layer_idx is not None and hasattr(cache, "update"):
+        cache = getattr(cache, "self_attention_cache", cache)
+        marker = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
+        cache.update(marker, marker, layer_idx)  # keeps the cache length right
+    context = hidden_states.new_zeros(*hidden_states.shape[:-1], 0)
+    out = self.get_submodule(self._dgate_out)(context) if self._dgate_out else context
+    return out, None
+
+
+def _no_input_forward(self, x):
+    return x.new_zeros(*x.shape[:-1], self.nf) + self.bias.to(x.dtype)
+
+
+def _shrink(model, spec):
+    for name, shape in spec["shapes"].items():
+        module_name, _, param = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        old = getattr(module, param)
+        new = torch.empty(shape, dtype=old.dtype, device=old.device)
+        setattr(module, param, nn.Parameter(new, requires_grad=old.requires_grad))
+    for module_name, attrs in spec["attrs"].items():
+        module = model.get_submodule(module_name)
+        for key, value in attrs.items():
+            setattr(module, key, value)
+    for module_name, out in spec["no_head"].items():
+        module = model.get_submodule(module_name)
+        module._dgate_out = out
+        cls = type(module)
+        module.__class__ = type("NoHead" + cls.__name__, (cls,), {{"forward": _no_head_forward}})
+    for module_name in spec["no_input"]:
+        module = model.get_submodule(module_name)
+        cls = type(module)
+        module.__class__ = type("NoInput" + cls.__name__, (cls,), {{"forward": _no_input_forward}})
+
+
+class {cls}(_Base):
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        _shrink(self, config.dgate_pruning["remote"])
+
+
+try:  # transformers >= 5 renames legacy checkpoint keys only for its own classes unless a mapping is registered
+    from transformers import conversion_mapping as _cm
+
+    _conversions = _cm.get_checkpoint_conversion_mapping("{base}")
+    _conversions = _conversions or _cm.get_checkpoint_conversion_mapping("{model_type}")
+    if _conversions:
+        _cm.register_checkpoint_conversion_mapping("{cls}", _conversions, overwrite=True)
+except ImportError:
+    pass
+'''
+
+
+def remote_code_spec(model: nn.Module) -> dict[str, Any]:
+    """What a fresh `type(model)(config)` must change to become `model`: tensor shapes, int attributes, no-head
+    attention layers and no-input Conv1Ds. Found by comparing with a fresh build on the meta device."""
+    with torch.device("meta"):
+        fresh = type(model)(copy.deepcopy(model.config))
+    fresh_params = dict(fresh.named_parameters())
+    shapes = {
+        n: list(p.shape)
+        for n, p in model.named_parameters()
+        if n in fresh_params and tuple(fresh_params[n].shape) != tuple(p.shape)
+    }
+    attrs: dict[str, dict[str, Any]] = {}
+    fresh_modules = dict(fresh.named_modules())
+    for name, m in model.named_modules():
+        f = fresh_modules.get(name)
+        if f is None:
+            continue
+        diff = {
+            k: v
+            for k, v in vars(m).items()
+            if isinstance(v, int) and not isinstance(v, bool) and not k.startswith("_") and vars(f).get(k, v) != v
+        }
+        if diff:
+            attrs[name] = diff
+    no_head = {n: m._dgate_out for n, m in model.named_modules() if isinstance(m, _ZeroHeadAttention)}
+    no_input = [n for n, m in model.named_modules() if isinstance(m, _ZeroInputConv1D)]
+    return {"shapes": shapes, "attrs": attrs, "no_head": no_head, "no_input": no_input}
+
+
+def write_remote_code(model: nn.Module, directory: str | os.PathLike) -> str | None:
+    """Add a generated `modeling_dgate_pruned.py` and the config's `auto_map` so that
+    `AutoModel*.from_pretrained(dir, trust_remote_code=True)` loads a pruned structure without hf_dgate.
+    Call it before `save_pretrained` (it edits the config); returns the Auto class name or None when unsupported."""
+    import transformers.models.auto.modeling_auto as auto
+
+    base = type(model).__name__
+    auto_class = next((cls for table, cls in AUTO_CLASSES.items() if base in getattr(auto, table, {}).values()), None)
+    if auto_class is None or getattr(__import__("transformers"), base, None) is not type(model):
+        return None
+    structure = getattr(model.config, PRUNING_KEY, None)
+    if not isinstance(structure, dict):
+        return None
+    structure["remote"] = remote_code_spec(model)
+    cls = f"DGatePruned{base}"
+    auto_map = dict(getattr(model.config, "auto_map", None) or {})
+    auto_map[auto_class] = f"{REMOTE_CODE_FILE[:-3]}.{cls}"
+    model.config.auto_map = auto_map
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, REMOTE_CODE_FILE), "w") as f:
+        f.write(REMOTE_CODE_TEMPLATE.format(base=base, cls=cls, model_type=model.config.model_type))
+    return auto_class

@@ -1,0 +1,252 @@
+"""`DGateTrainer`: a `transformers.Trainer` that trains with the D-Gating penalty, logs sparsity and saves the gates.
+
+Penalty exactly once per optimizer step. The Trainer turns the loss of each micro-batch into gradients as
+`backward(loss / k)` (k = micro-batches in this optimizer step) unless the loss is already normalised over the whole
+accumulated batch (`num_items_in_batch`, then the Trainer does not divide). DDP then *averages* gradients over
+processes. The penalty R depends only on parameters, which are identical on every process and do not change inside
+an accumulation window, so each micro-batch adds R / k to what reaches `backward`:
+- loss not yet scaled for accumulation: add R (the Trainer divides by k);
+- loss already scaled (model takes `num_items_in_batch`, or `compute_loss_func`): add R / k.
+Summed over the k micro-batches that is R once, and averaging identical R over processes keeps it R. The
+token-count rescaling the Trainer applies for `average_tokens_across_devices` happens inside `super().compute_loss`,
+before the penalty is added, so it does not touch it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from .config import DGateConfig
+from .controller import LamController
+from .groups import GateBank
+from .patch import apply_dgate, get_bank
+from .report import SparsityReport, sparsity_report
+
+TRAINER_STATE_NAME = "dgate_trainer_state.json"
+SPARSITY_NAME = "dgate_sparsity.json"
+_METRIC_NAMES = {"heads": "head_sparsity", "neurons": "neuron_sparsity", "layers": "layer_sparsity"}
+
+
+def sparsity_metric_name(target: str) -> str:
+    """Log key of a target's sparsity: heads -> head_sparsity; a custom group type `g` -> g_sparsity."""
+    return _METRIC_NAMES.get(target, f"{target}_sparsity")
+
+
+class DGateTrainer(Trainer):
+    """`Trainer` that adds the D-Gating penalty to the training loss and reports sparsity.
+
+    Args beyond `Trainer`'s:
+        dgate_config: how to gate `model` if it is not gated yet (default `DGateConfig()`); if it is already
+            gated the existing gates are used and a different config is an error.
+        lam_warmup_steps: lam ramps linearly from lam/lam_warmup_steps to lam over this many optimizer steps.
+        target_sparsity: if set, lam is steered (see `LamController`) toward this sparsity of `sparsity_target`.
+        sparsity_target: the gated target the controller steers (default: the first gated target).
+        controller_interval, controller_gain: optimizer steps between controller updates, and its gain.
+
+    The logged `loss` is the data loss alone (comparable with `eval_loss`); the penalty is logged as
+    `dgate/penalty`. Gates and gated primary weights get no optimizer weight decay: the penalty already is an L2
+    decay on them (for fused tensors such as GPT-2's `c_attn` the whole tensor is excluded, query/key rows included).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: Any = None,
+        *,
+        dgate_config: DGateConfig | None = None,
+        lam_warmup_steps: int = 0,
+        target_sparsity: float | None = None,
+        sparsity_target: str | None = None,
+        controller_interval: int = 10,
+        controller_gain: float = 1.0,
+        **trainer_kwargs: Any,
+    ) -> None:
+        if model is None:
+            raise ValueError("DGateTrainer needs `model` (model_init is not supported: gate the model yourself).")
+        bank = get_bank(model, required=False)
+        if bank is None:
+            apply_dgate(model, dgate_config if dgate_config is not None else DGateConfig())
+        elif dgate_config is not None and dgate_config.to_dict() != bank.config.to_dict():
+            raise ValueError(
+                "The model is already gated with a different DGateConfig; pass dgate_config=None to keep its gates, "
+                "or call hf_dgate.remove_dgate(model) first."
+            )
+        self.dgate_bank: GateBank = get_bank(model)
+        targets = self.dgate_bank.targets
+        if sparsity_target is None:
+            sparsity_target = targets[0]
+        if sparsity_target not in targets:
+            raise ValueError(f"sparsity_target={sparsity_target!r} is not gated; gated targets are {targets}.")
+        self.sparsity_target = sparsity_target
+        self.lam_controller = LamController(
+            lam=self.dgate_bank.config.lam,
+            warmup_steps=lam_warmup_steps,
+            target_sparsity=target_sparsity,
+            interval=controller_interval,
+            gain=controller_gain,
+        )
+        self._dgate_pen_in_loss: torch.Tensor | None = None
+        super().__init__(model=model, args=args, **trainer_kwargs)
+        self.add_callback(_DGateCallback(self))
+
+    # ---- the loss -------------------------------------------------------------------------------------------
+    def _loss_scaled_for_ga(self, num_items_in_batch: Any) -> bool:
+        """The same decision `Trainer.training_step` makes on whether it divides the loss by the micro-batch count."""
+        if self.loss_is_scaled_for_ga is not None:
+            return bool(self.loss_is_scaled_for_ga)
+        return bool(
+            (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        )
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """The model's loss plus this micro-batch's share of the penalty (training only; evaluation is unchanged)."""
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if not (model.training and torch.is_grad_enabled()):
+            return out
+        loss, outputs = out if return_outputs else (out, None)
+        bank = self.dgate_bank
+        bank.lam = self.lam_controller.lam_at(self.state.global_step)
+        k = max(1, int(getattr(self, "current_gradient_accumulation_steps", 1) or 1))
+        pen = bank.penalty()
+        added = pen / k if self._loss_scaled_for_ga(num_items_in_batch) else pen
+        self._dgate_pen_in_loss = pen.detach() / k  # what this micro-batch's returned loss holds after scaling
+        loss = loss + added.to(device=loss.device, dtype=loss.dtype)
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """Trains on total loss, returns the data loss only, so the logged `loss` stays comparable to `eval_loss`."""
+        self._dgate_pen_in_loss = None
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._dgate_pen_in_loss is not None:
+            loss = loss - self._dgate_pen_in_loss.to(device=loss.device, dtype=loss.dtype)
+        return loss
+
+    # ---- optimizer ------------------------------------------------------------------------------------------
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        """Trainer's decay list minus the gates and every tensor holding gated primary weights."""
+        names = super().get_decay_parameter_names(model)
+        bank = get_bank(model)
+        skip = {id(p) for p in bank.parameters()}
+        for gs in bank.group_sets:
+            for sl in gs.primary:
+                skip.add(id(getattr(bank._modules_by_name[sl.module], sl.param)))
+        by_id = {n: id(p) for n, p in model.named_parameters()}
+        return [n for n in names if by_id.get(n) not in skip]
+
+    # ---- logging --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def dgate_metrics(self) -> dict[str, float]:
+        """Penalty, misalignment, lam, sparsity of each gated target and the parameters left after export."""
+        bank = self.dgate_bank
+        rep = sparsity_report(self.model)
+        metrics = {
+            "dgate/penalty": float(bank.penalty()),
+            "dgate/misalignment": 0.0 if bank.direct else float(bank.misalignment()),
+            "dgate/lam": float(bank.lam),
+        }
+        for t, ts in rep.targets.items():
+            metrics[f"dgate/{sparsity_metric_name(t)}"] = ts.sparsity
+        metrics["dgate/params_kept"] = float(rep.params_kept)
+        metrics["dgate/params_kept_fraction"] = rep.params_kept_fraction
+        return metrics
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the D-Gating metrics to training logs (`dgate/...`) and evaluation logs (`<prefix>_dgate/...`)."""
+        if not any(k.startswith("dgate/") or "_dgate/" in k for k in logs):
+            prefix = next((k[: -len("_runtime")] for k in logs if k.endswith("_runtime")), None)
+            if "loss" in logs or "train_loss" in logs:
+                logs.update(self.dgate_metrics())
+            elif prefix is not None:
+                logs.update({f"{prefix}_{k}": v for k, v in self.dgate_metrics().items()})
+        super().log(logs, start_time)
+
+    # ---- training, saving, resuming -------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        """`Trainer.train`; restores the lam controller from the checkpoint, writes the sparsity table at the end."""
+        ckpt = resume_from_checkpoint
+        if ckpt is True or (isinstance(ckpt, str) and ckpt == ""):
+            ckpt = get_last_checkpoint(self.args.output_dir)
+        if isinstance(ckpt, str):
+            path = os.path.join(ckpt, TRAINER_STATE_NAME)
+            if os.path.isfile(path):
+                with open(path) as f:
+                    self.lam_controller.load_state_dict(json.load(f)["lam_controller"])
+        result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        self.dgate_bank.lam = self.lam_controller.lam_at(self.state.global_step)
+        if self.is_world_process_zero():
+            report = self.write_sparsity_report(self.args.output_dir)
+            print(report)
+        return result
+
+    def write_sparsity_report(self, output_dir: str) -> SparsityReport:
+        """The per-layer table of active groups, saved as `dgate_sparsity.json` in `output_dir`."""
+        report = sparsity_report(self.model)
+        os.makedirs(output_dir, exist_ok=True)
+        data = report.to_dict()
+        data["global_step"] = self.state.global_step
+        data["lam"] = self.dgate_bank.lam
+        with open(os.path.join(output_dir, SPARSITY_NAME), "w") as f:
+            json.dump(data, f, indent=2)
+        return report
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The model with its gates (`dgate.*` tensors), `dgate_config.json` and the lam controller's state."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        output_dir = self.args.output_dir if output_dir is None else output_dir
+        if self.args.should_save:
+            self.dgate_bank.config.save_pretrained(output_dir)
+            with open(os.path.join(output_dir, TRAINER_STATE_NAME), "w") as f:
+                json.dump({"lam_controller": self.lam_controller.state_dict(), "lam": self.dgate_bank.lam}, f, indent=2)
+
+    def export_pruned(
+        self,
+        output_dir: str | None = None,
+        push_to_hub: bool = False,
+        hub_model_id: str | None = None,
+        threshold: float | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Write the physically pruned model (weights, config, model card) and optionally push it to the Hub.
+
+        Defaults to `<output_dir>/pruned`; see `hf_dgate.export_to_dir` for the keyword arguments.
+        """
+        from .export import export_to_dir
+
+        output_dir = os.path.join(self.args.output_dir, "pruned") if output_dir is None else output_dir
+        if not self.args.should_save:
+            return {}
+        return export_to_dir(
+            self.model, output_dir, push_to_hub=push_to_hub, hub_model_id=hub_model_id, threshold=threshold, **kwargs
+        )
+
+
+class _DGateCallback(TrainerCallback):
+    """Moves the lam controller after every optimizer step (same decision on every process: parameters agree)."""
+
+    def __init__(self, trainer: DGateTrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        tr = self.trainer
+        ctl = tr.lam_controller
+        if ctl.target_sparsity is not None and state.global_step % ctl.interval == 0:
+            bank = tr.dgate_bank
+            with torch.no_grad():
+                dead = bank.effective_norms(tr.sparsity_target) < bank.config.threshold
+            ctl.update(state.global_step, float(dead.float().mean()))
+        return control  # bank.lam keeps the value this step used (what gets logged); compute_loss sets the next

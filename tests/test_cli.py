@@ -1,0 +1,124 @@
+"""`hf-dgate export` and `hf-dgate report`: happy paths, and one-line errors that leave nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import logits, make_inputs, make_model
+from huggingface_hub import HfApi, RepoUrl
+
+import hf_dgate
+from hf_dgate.cli import main
+
+
+@pytest.fixture(scope="module")
+def gated_dir(tmp_path_factory):
+    model = make_model("gpt2")
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target=["heads", "neurons"]))
+    bank = hf_dgate.get_bank(model)
+    with torch.no_grad():
+        bank.gammas["heads"][0, [0, 5, 6]] = 0.0
+        bank.gammas["neurons"][0, :48] = 0.0  # every neuron of layer 0
+    path = tmp_path_factory.mktemp("gated") / "model"
+    hf_dgate.save_gated(model, path)
+    return path, logits(model, make_inputs("gpt2"))
+
+
+def run(argv, capsys):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_export_then_reload(gated_dir, tmp_path, capsys):
+    src, ref = gated_dir
+    rc, out, err = run(["export", src, "--out", tmp_path / "small", "--no-measure", "--seq-len", "8"], capsys)
+    assert rc == 0, err
+    assert "parameters" in out and "AutoPrunedModel" in out
+    model = hf_dgate.AutoPrunedModel.from_pretrained(tmp_path / "small")
+    torch.testing.assert_close(logits(model, make_inputs("gpt2")), ref, rtol=0, atol=1e-5)
+    assert model.config.dgate_pruning["heads"] == [[1, 2, 3], [0, 3]]
+
+    rc, out, _ = run(["report", tmp_path / "small"], capsys)  # an export: its kept structure
+    assert rc == 0 and "| 0 (0) | 3: [1, 2, 3] | 3 | 0 |" in out
+
+
+def test_report_table_and_heatmap(gated_dir, tmp_path, capsys):
+    src, _ = gated_dir
+    rc, out, _ = run(["report", src, "--json"], capsys)
+    assert rc == 0 and json.loads(out)["targets"]["heads"]["zero"] == 3
+    pytest.importorskip("matplotlib")  # an optional dependency (hf-dgate[examples])
+    rc, out, _ = run(["report", src, "--plot", tmp_path / "norms.png"], capsys)
+    assert rc == 0
+    assert "heads: 3/8 zero" in out and "neurons: 48/96 zero" in out
+    assert (tmp_path / "norms.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_export_pushes_to_hub(gated_dir, tmp_path, capsys, monkeypatch):
+    uploaded = []
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        uploaded.append(sorted(os.listdir(folder_path)))
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: RepoUrl(f"https://huggingface.co/{repo_id}"))
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    src, _ = gated_dir
+    rc, out, err = run(["export", src, "--out", tmp_path / "o", "--no-measure", "--push-to-hub", "me/x"], capsys)
+    assert rc == 0, err
+    assert "huggingface.co/me/x" in out and "README.md" in uploaded[0] and "model.safetensors" in uploaded[0]
+
+
+def _assert_one_line_error(rc, err, *needles):
+    assert rc == 2
+    lines = [line for line in err.strip().splitlines() if "error" in line.lower()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == lines[0]
+    for n in needles:
+        assert n in lines[0]
+
+
+def test_directory_without_gates(tmp_path, capsys):
+    plain = tmp_path / "plain"
+    make_model("gpt2").save_pretrained(plain)
+    rc, _, err = run(["export", plain, "--out", tmp_path / "o"], capsys)
+    _assert_one_line_error(rc, err, "no dgate_config.json", "save_gated")
+    assert sorted(os.listdir(tmp_path)) == ["plain"]  # no output, no temp dir
+    rc, _, err = run(["report", tmp_path / "missing"], capsys)
+    _assert_one_line_error(rc, err, "not a directory")
+
+
+def test_bad_threshold(gated_dir, tmp_path, capsys):
+    src, _ = gated_dir
+    for bad in ("0", "-1e-3"):
+        rc, _, err = run(["export", src, "--out", tmp_path / "o", f"--threshold={bad}"], capsys)
+        _assert_one_line_error(rc, err, "--threshold", "> 0")
+    assert not (tmp_path / "o").exists()
+
+
+def test_config_that_does_not_match_the_weights(gated_dir, tmp_path, capsys):
+    import shutil
+
+    src, _ = gated_dir
+    broken = tmp_path / "broken"
+    shutil.copytree(src, broken)
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["n_inner"] = 64  # the weights have 48
+    (broken / "config.json").write_text(json.dumps(cfg))
+    rc, _, err = run(["export", broken, "--out", tmp_path / "o"], capsys)
+    _assert_one_line_error(rc, err, "does not match", "config.json")
+    assert sorted(os.listdir(tmp_path)) == ["broken"]
+
+
+def test_existing_output_needs_overwrite(gated_dir, tmp_path, capsys):
+    src, _ = gated_dir
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("x")
+    rc, _, err = run(["export", src, "--out", tmp_path / "o", "--no-measure"], capsys)
+    _assert_one_line_error(rc, err, "--overwrite")
+    assert os.listdir(tmp_path / "o") == ["keep.txt"]
+    rc, _, err = run(["export", src, "--out", tmp_path / "o", "--no-measure", "--overwrite"], capsys)
+    assert rc == 0, err
+    assert "keep.txt" not in os.listdir(tmp_path / "o") and sorted(os.listdir(tmp_path)) == ["o"]
