@@ -101,3 +101,18 @@ def test_frozen_weights_need_depth_three_for_sparsity(depth, expect_zeros):
         opt.step()
     zeros = hf_dgate.sparsity_report(model).targets["heads"].zero
     assert (zeros > 0) == expect_zeros, zeros
+
+
+def test_lora_example_runs(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "examples" / "lora_head_pruning.py"
+    cmd = [sys.executable, str(script), "--steps", "3", "--pretrain-steps", "2", "--output-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["max_logit_diff"] < 1e-3 and summary["params_after"] <= summary["params_before"]
+    assert (tmp_path / "config.json").is_file()

@@ -1,0 +1,114 @@
+"""Head pruning during a LoRA fine-tune: a small Llama, LoRA on the attention projections, D-Gating on heads.
+
+    python examples/lora_head_pruning.py --steps 200 --output-dir runs/lora-heads
+
+The base weights are frozen, so only the LoRA matrices and the gates move. The penalty sees the effective
+weights W + BA; D-1 gates under an L2 penalty induce |s|^(2/(D-1)) on their product, so D >= 3 is what makes
+heads go to zero here (D = 2 is only a ridge on the gate). At the end the adapters are merged, zero heads are
+removed, and the smaller model is saved and checked against the gated one.
+
+The base model is a randomly initialised small Llama trained for a few steps on a synthetic task so the
+script runs anywhere without downloads; pass `--model NAME_OR_PATH` to start from a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import peft
+import torch
+import transformers as T
+
+import hf_dgate
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--model", default=None, help="a causal LM to fine-tune (default: a random small Llama)")
+parser.add_argument("--depth", type=int, default=3)
+parser.add_argument("--lam", type=float, default=0.05)
+parser.add_argument("--steps", type=int, default=200)
+parser.add_argument("--lr", type=float, default=1e-2)
+parser.add_argument("--rank", type=int, default=8)
+parser.add_argument("--pretrain-steps", type=int, default=150, help="full training of the random base model")
+parser.add_argument("--output-dir", default="runs/lora-heads")
+parser.add_argument("--seed", type=int, default=0)
+args = parser.parse_args()
+torch.manual_seed(args.seed)
+
+# 1. A base model. Offline default: a small random Llama (GQA: 8 query heads share 4 key/value heads).
+if args.model:
+    base = T.AutoModelForCausalLM.from_pretrained(args.model)
+else:
+    base = T.LlamaForCausalLM(
+        T.LlamaConfig(
+            num_hidden_layers=4,
+            hidden_size=128,
+            intermediate_size=256,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            vocab_size=256,
+        )
+    )
+vocab = base.config.vocab_size
+params_before = sum(p.numel() for p in base.parameters())
+
+# 2. A fine-tuning task: continue sequences that repeat an 8-token motif (a few heads suffice for copying).
+motifs = torch.randint(0, vocab, (2048, 8))
+data = motifs.repeat(1, 4)
+
+# A random base model knows nothing: give it a short full pre-training on the task so heads have work to do.
+if not args.model:
+    opt = torch.optim.Adam(base.parameters(), lr=3e-3)
+    for _ in range(args.pretrain_steps):
+        batch = data[torch.randint(0, len(data), (16,))]
+        loss = base(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    print(f"pre-trained base: loss {loss.item():.3f} after {args.pretrain_steps} steps")
+
+# 3. LoRA on the attention projections, then D-Gating on the heads of the wrapped model.
+model = peft.get_peft_model(
+    base,
+    peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+)
+hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="heads", depth=args.depth, lam=args.lam))
+trainable = [p for p in model.parameters() if p.requires_grad]
+print(f"trainable tensors: {len(trainable)} (LoRA A/B and the gates); {sum(p.numel() for p in trainable):,} parameters")
+
+# 4. A plain training loop: data loss + the D-Gating penalty.
+opt = torch.optim.Adam(trainable, lr=args.lr)
+model.train()
+for step in range(1, args.steps + 1):
+    batch = data[torch.randint(0, len(data), (16,))]
+    loss = model(input_ids=batch, labels=batch).loss
+    opt.zero_grad()
+    (loss + hf_dgate.penalty(model)).backward()
+    opt.step()
+    if step % max(1, args.steps // 5) == 0:
+        rep = hf_dgate.sparsity_report(model)
+        print(f"step {step:4d}  loss {loss.item():.3f}  head sparsity {rep.sparsity('heads'):.2f}")
+
+# 5. Merge the adapters, remove zero heads, check the smaller model, save it.
+model.eval()
+report = hf_dgate.sparsity_report(model)
+print(report)
+probe = data[:4]
+with torch.no_grad():
+    gated = model(input_ids=probe).logits
+    small = hf_dgate.export_pruned(model)  # merges LoRA (merge_and_unload), folds gates, prunes
+    diff = (small(input_ids=probe).logits - gated).abs().max().item()
+os.makedirs(args.output_dir, exist_ok=True)
+small.save_pretrained(args.output_dir)
+summary = {
+    "head_sparsity": report.sparsity("heads"),
+    "params_before": params_before,
+    "params_after": sum(p.numel() for p in small.parameters()),
+    "max_logit_diff": diff,  # groups under the threshold are removed: small, not always exactly 0
+    "final_loss": loss.item(),
+}
+with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+print(json.dumps(summary, indent=2))
+print(f"reload with: hf_dgate.AutoPrunedModel.from_pretrained({args.output_dir!r})")
