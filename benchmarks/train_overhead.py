@@ -3,7 +3,8 @@
     python benchmarks/train_overhead.py            # GPT-2-small size and a small Llama, 1k and 4k tokens/step
     python benchmarks/train_overhead.py --quick    # 2 layers, for a CPU smoke run
 
-Vanilla and gated steps (heads + neurons, D = 3, AdamW) alternate so machine noise hits both alike; the table
+Vanilla and gated steps (heads + neurons, D = 3, AdamW) alternate in ABBA order so noise and order effects hit
+both alike; the table
 prints medians and their ratios. Memory: on CUDA the peak allocated bytes; on CPU the bytes autograd saves for
 the backward pass (activations, distinct storages) plus parameters, gradients and AdamW state. A profile
 section counts the operators hf_dgate runs per penalty call for two group counts: the count does not grow with
@@ -111,9 +112,10 @@ def measure(kind: str, layers: int, batch: int, seq: int, steps: int, device, co
             model = vanilla if name == "vanilla" else gated
             mem[name] = saved_bytes(loss_fn) + state_bytes(model)
     times = {name: [] for name in runs}
-    for _ in range(steps):
-        for name, (step, _) in runs.items():
-            times[name].append(timed(step, device))
+    order = list(runs)
+    for i in range(steps):  # ABBA order: whichever runs second in a round is measurably slower on a busy CPU
+        for name in order if i % 2 == 0 else order[::-1]:
+            times[name].append(timed(runs[name][0], device))
     t_v, t_g = statistics.median(times["vanilla"]), statistics.median(times["gated"])
     return {
         "model": kind,
