@@ -140,7 +140,6 @@ class GateBank(nn.Module):
                 "method='slimming' penalises BatchNorm scales: use target='filters' on a model with "
                 "BatchNorm after its convolutions."
             )
-        self._modules_by_name = dict(model.named_modules())
         self._norm_terms: dict[str, list[tuple[nn.Module, str, int | None, str | None, str]]] = {
             t: [] for t in self.targets
         }
