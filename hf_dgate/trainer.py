@@ -188,14 +188,19 @@ class DGateTrainer(Trainer):
                     self.lam_controller.load_state_dict(json.load(f)["lam_controller"])
         result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         self.dgate_bank.lam = self.lam_controller.lam_at(self.state.global_step)
+        report = self.write_sparsity_report(self.args.output_dir)  # every rank: FSDP norms are collectives
         if self.is_world_process_zero():
-            report = self.write_sparsity_report(self.args.output_dir)
             print(report)
         return result
 
     def write_sparsity_report(self, output_dir: str) -> SparsityReport:
-        """The per-layer table of active groups, saved as `dgate_sparsity.json` in `output_dir`."""
+        """The per-layer table of active groups, saved as `dgate_sparsity.json` in `output_dir`.
+
+        Call it on every process (FSDP gathers the group norms); only the main process writes.
+        """
         report = sparsity_report(self.model)
+        if not self.is_world_process_zero():
+            return report
         os.makedirs(output_dir, exist_ok=True)
         data = report.to_dict()
         data["global_step"] = self.state.global_step

@@ -41,8 +41,10 @@ for _ in range(steps):
     accelerator.backward(total)
     opt.step()
     losses.append(accelerator.reduce(loss.detach(), reduction="mean").item())
+bank = hf_dgate.get_bank(model)
+norms = {t: bank.effective_norms(t).tolist() for t in bank.targets}  # every rank: under FSDP this gathers
 if accelerator.is_main_process:
-    bank = hf_dgate.get_bank(model)
-    norms = {t: bank.effective_norms(t).tolist() for t in bank.targets}
     with open(out_path, "w") as f:
         json.dump({"losses": losses, "norms": norms, "processes": accelerator.num_processes}, f)
+accelerator.wait_for_everyone()
+accelerator.end_training()
