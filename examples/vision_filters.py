@@ -65,6 +65,12 @@ def parse_args(argv=None):
         help="on ungated weights only (the penalty is the decay of gated ones)",
     )
     p.add_argument("--threshold", type=float, default=1e-3)
+    p.add_argument(
+        "--threshold-mode",
+        choices=["absolute", "relative"],
+        default="absolute",
+        help="relative: a filter is zero below threshold x its layer's largest (BN layers shrink as a whole)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="CPU smoke run: digits, width 1/16, 1 lam, D=3, 1 epoch")
     args = p.parse_args(argv)
@@ -111,7 +117,12 @@ def run(data, depth, lam, args, accelerator):
     hf_dgate.apply_dgate(
         model,
         hf_dgate.DGateConfig(
-            target="filters", depth=depth, lam=lam, threshold=args.threshold, example_input_shape=shape
+            target="filters",
+            depth=depth,
+            lam=lam,
+            threshold=args.threshold,
+            threshold_mode=args.threshold_mode,
+            example_input_shape=shape,
         ),
     )
     bank_params = {id(p) for p in hf_dgate.get_bank(model).parameters()}
@@ -147,7 +158,7 @@ def run(data, depth, lam, args, accelerator):
     zeroed = copy.deepcopy(model)
     with torch.no_grad():
         bank = hf_dgate.get_bank(zeroed)
-        bank.gammas["filters"][:, bank.effective_norms("filters") < args.threshold] = 0.0
+        bank.gammas["filters"][:, bank.zero_groups("filters")] = 0.0
         surgery_diff = (small(x) - zeroed(x)).abs().max().item()
     acc_small = accuracy(small, DataLoader(TensorDataset(xte, yte), batch_size=512), accelerator)
     f_dense, f_small = flops(build(args, xtr.shape[1], n_classes).eval(), x[:1]), flops(small, x[:1])

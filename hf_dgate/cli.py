@@ -190,26 +190,28 @@ def plot_norms(model, path: str, threshold: float | None = None) -> str:
     from .patch import get_bank
 
     bank = get_bank(model)
-    thr = bank.config.threshold if threshold is None else threshold
     target = "heads" if "heads" in bank.targets else bank.targets[0]
     with torch.no_grad():
         norms = bank.effective_norms(target).float().cpu().numpy()
+        zero = bank.zero_groups(target, threshold).cpu().numpy()
     rows = [
-        (str(gs.layer), norms[off : off + gs.n_groups])
+        (str(gs.layer), norms[off : off + gs.n_groups], zero[off : off + gs.n_groups])
         for gs, off in zip(bank.group_sets, bank.offsets)
         if gs.target == target
     ]
-    width = max(len(r) for _, r in rows)
+    width = max(len(r) for _, r, _ in rows)
     grid = np.full((len(rows), width), np.nan)
-    for i, (_, r) in enumerate(rows):
+    removed = np.zeros((len(rows), width), dtype=bool)
+    for i, (_, r, z) in enumerate(rows):
         grid[i, : len(r)] = r
+        removed[i, : len(z)] = z
     fig, ax = plt.subplots(figsize=(min(3 + 0.4 * width, 16), 2.2 + 0.35 * len(rows)))
     im = ax.imshow(np.log10(np.maximum(grid, 1e-12)), aspect="auto", cmap="viridis", interpolation="nearest")
-    dead = np.argwhere(grid < thr)
-    ax.scatter(dead[:, 1], dead[:, 0], marker="x", color="red", s=20, label=f"< {thr:g} (removed on export)")
+    dead = np.argwhere(removed)
+    ax.scatter(dead[:, 1], dead[:, 0], marker="x", color="red", s=20, label="zero (removed on export)")
     ax.set_xlabel("key/value group" if target == "heads" else target)
     ax.set_ylabel("layer")
-    ax.set_yticks(range(len(rows)), [name for name, _ in rows])
+    ax.set_yticks(range(len(rows)), [name for name, _, _ in rows])
     ax.set_title(f"log10 effective norm per {target[:-1] if target.endswith('s') else target}")
     fig.colorbar(im, ax=ax)
     if len(dead):

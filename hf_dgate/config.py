@@ -13,6 +13,7 @@ BUILTIN_TARGETS = ("heads", "neurons", "layers", "filters", "features")
 TRANSFORMER_TARGETS = ("heads", "neurons", "layers")
 HEAD_SIDES = ("auto", "value", "output")
 METHODS = ("dgate", "direct", "l0", "slimming")
+THRESHOLD_MODES = ("absolute", "relative")
 GROUP_KINDS = ("out", "in", "module")
 
 
@@ -65,6 +66,15 @@ class DGateConfig:
     lam: float = field(default=1e-4, metadata={"help": "Regularisation strength lambda >= 0 (multiplies the penalty)."})
     threshold: float = field(
         default=1e-3, metadata={"help": "A group counts as zero when its effective norm ||theta_g||_2 is below this."}
+    )
+    threshold_mode: str = field(
+        default="absolute",
+        metadata={
+            "help": "'absolute': zero when ||theta_g|| < threshold. 'relative': zero when ||theta_g|| < threshold "
+            "times the largest norm in its layer (groups alone in their layer, such as whole layers, compare "
+            "with each other). Use 'relative' for filters before BatchNorm: the next BN makes a layer's output "
+            "invariant to a common scale, so a whole layer can shrink below any absolute threshold and still matter."
+        },
     )
     target_modules: str | None = field(
         default=None,
@@ -133,6 +143,11 @@ class DGateConfig:
         )
         _check(_is_number(self.lam) and self.lam >= 0, "lam", self.lam, "a float >= 0")
         _check(_is_number(self.threshold) and self.threshold > 0, "threshold", self.threshold, "a float > 0")
+        _check(
+            self.threshold_mode in THRESHOLD_MODES, "threshold_mode", self.threshold_mode, f"one of {THRESHOLD_MODES}"
+        )
+        if self.threshold_mode == "relative":
+            _check(self.threshold < 1, "threshold", self.threshold, "a float in (0, 1) with threshold_mode='relative'")
         _check(self.method in METHODS, "method", self.method, f"one of {METHODS}")
         _check(self.head_side in HEAD_SIDES, "head_side", self.head_side, f"one of {HEAD_SIDES}")
         if self.target_modules is not None:

@@ -55,9 +55,10 @@ def export_pruned(model: nn.Module, threshold: float | None = None, inplace: boo
     input features or custom groups go to `hf_dgate.surgery.prune_torch_model`.
     """
     bank = get_bank(model)
-    thr = bank.config.threshold if threshold is None else threshold
-    if not isinstance(thr, (int, float)) or not thr > 0:
-        raise ExportError(f"threshold={thr!r} is invalid: pass a float > 0 (e.g. 1e-3).")
+    try:
+        thr = bank.check_threshold(threshold)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
     if hasattr(model, "peft_config") and hasattr(model, "merge_and_unload"):  # PEFT: merge adapters, then prune
         from .patch import merge_adapters
 
@@ -67,7 +68,7 @@ def export_pruned(model: nn.Module, threshold: float | None = None, inplace: boo
         from .surgery import prune_torch_model  # filters, input features, custom groups of plain torch models
 
         return prune_torch_model(model, thr)
-    dead = {t: (bank.effective_norms(t) < thr).cpu() for t in bank.targets}
+    dead = {t: bank.zero_groups(t, thr).cpu() for t in bank.targets}
     plan = [(gs, dead[gs.target][off : off + gs.n_groups]) for gs, off in zip(bank.group_sets, bank.offsets)]
     dconfig = bank.config
     base = _unwrap(model)
@@ -434,7 +435,8 @@ def _make_native(model: nn.Module, structure: dict[str, Any]) -> bool:
     """Rewrite the config so a plain `from_pretrained` builds exactly these shapes, when the config can say so.
 
     Candidate rewrites (equal head counts with an explicit head size; equal neuron counts) are verified by
-    building the model class from the rewritten config on the meta device and comparing every tensor shape.
+    validating the rewritten config and building the model class from it on the meta device, comparing every
+    tensor shape.
     """
     cfg = _text_cfg(model)
     if cfg is None or not structure.get("heads"):
@@ -458,7 +460,7 @@ def _make_native(model: nn.Module, structure: dict[str, Any]) -> bool:
     for edit in ({**head_edit, **neuron_edit}, neuron_edit, head_edit, {}):
         _set_cfg(cfg, originals)
         _set_cfg(cfg, edit)
-        if _shapes_match(model):
+        if _config_valid(model.config) and _shapes_match(model):
             return True
     _set_cfg(cfg, originals)
     return False
@@ -469,6 +471,17 @@ def _set_cfg(cfg: Any, values: dict[str, Any]) -> None:
         if v is None and not hasattr(cfg, k):
             continue
         setattr(cfg, k, v)
+
+
+def _config_valid(cfg: Any) -> bool:
+    """Would `save_pretrained`/`from_pretrained` accept the config? (strict configs validate, e.g. that
+    hidden_size is a multiple of num_attention_heads, even where head_dim is explicit)."""
+    try:
+        if hasattr(cfg, "validate"):
+            cfg.validate()
+    except Exception:
+        return False
+    return True
 
 
 def _shapes_match(model: nn.Module) -> bool:
@@ -614,7 +627,10 @@ def export_to_dir(
     if push_to_hub and not hub_model_id:
         raise ExportError("push_to_hub=True needs hub_model_id='user/name'.")
     bank = get_bank(model)
-    thr = bank.config.threshold if threshold is None else threshold
+    try:
+        thr = bank.check_threshold(threshold)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
     output_dir = os.path.abspath(os.fspath(output_dir))
     if os.path.exists(output_dir) and not overwrite:
         raise ExportError(f"{output_dir!r} exists; choose another directory or pass overwrite=True.")

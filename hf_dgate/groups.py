@@ -15,6 +15,7 @@ the per-group norms with one reduction per tensor (no Python loop over groups).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,6 +145,7 @@ class GateBank(nn.Module):
             t: [] for t in self.targets
         }
         self._sites: list[tuple[str, Site, str, bool]] = []
+        self._layer_segments = _layer_segments(group_sets, self.targets)
         for k, (gs, off) in enumerate(zip(group_sets, self.offsets)):
             for j, sl in enumerate(gs.primary):
                 self._add_norm_term(gs.target, f"p{k}_{j}", sl, off)
@@ -239,6 +241,30 @@ class GateBank(nn.Module):
     def effective_norms(self, target: str) -> torch.Tensor:
         """||theta_g||_2 = |s_g| ||w_g||_2 with the deterministic gate (what sparsity and export read)."""
         return self.scale(target).abs() * G.safe_sqrt(self.group_sq_norms(target))
+
+    def check_threshold(self, threshold: float | None = None) -> float:
+        """`threshold`, or the config's when None; a ValueError that says what is allowed otherwise."""
+        thr = self.config.threshold if threshold is None else threshold
+        relative = self.config.threshold_mode == "relative"
+        if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not 0 < thr < (1 if relative else math.inf):
+            allowed = "a float in (0, 1) (threshold_mode='relative')" if relative else "a float > 0 (e.g. 1e-3)"
+            raise ValueError(f"threshold={thr!r} is invalid: pass {allowed}.")
+        return float(thr)
+
+    def zero_groups(self, target: str, threshold: float | None = None) -> torch.Tensor:
+        """Which groups of `target` count as zero: what the report, export and lam controller all read.
+
+        `threshold` defaults to the config's; with `threshold_mode='relative'` it is a fraction of the largest
+        norm in the group's layer (groups alone in their layer are compared with each other instead).
+        """
+        thr = self.check_threshold(threshold)
+        norms = self.effective_norms(target)
+        if self.config.threshold_mode == "absolute":
+            return norms < thr
+        seg = self._layer_segments[target].to(norms.device)
+        ref = torch.zeros(int(seg.max()) + 1, device=norms.device, dtype=norms.dtype)
+        ref = ref.scatter_reduce(0, seg, norms, "amax", include_self=False)
+        return norms < thr * ref[seg]
 
     def scale(self, target: str) -> torch.Tensor:
         """The deterministic group scale s_g (L0: the test-time hard-concrete gate)."""
@@ -363,6 +389,15 @@ def _scale_along(x: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tenso
     shape = [1] * x.dim()
     shape[axis] = -1
     return x * scale.reshape(shape)
+
+
+def _layer_segments(group_sets: list[GroupSet], targets: list[str]) -> dict[str, torch.Tensor]:
+    """Per target, a segment id per group: its group set, or one shared id for all single-group sets."""
+    segs: dict[str, list[torch.Tensor]] = {t: [] for t in targets}
+    for gs in group_sets:
+        own = segs[gs.target]
+        segs[gs.target].append(torch.full((gs.n_groups,), 0 if gs.n_groups == 1 else len(own) + 1))
+    return {t: torch.cat(v) for t, v in segs.items()}
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ class SparsityReport:
     targets: dict[str, TargetSparsity]
     params_total: int
     params_kept: int
+    relative: bool = False  # threshold is a fraction of the largest norm in each layer
 
     @property
     def params_kept_fraction(self) -> float:
@@ -50,7 +51,8 @@ class SparsityReport:
         return json.dumps(self.to_dict(), indent=2)
 
     def __str__(self) -> str:
-        lines = [f"D-Gating sparsity (zero when ||theta_g|| < {self.threshold:g})"]
+        rule = f"{self.threshold:g} x its layer's largest" if self.relative else f"{self.threshold:g}"
+        lines = [f"D-Gating sparsity (zero when ||theta_g|| < {rule})"]
         for ts in self.targets.values():
             lines.append(f"  {ts.target}: {ts.zero}/{ts.groups} zero ({100 * ts.sparsity:.1f}% sparse)")
             width = max((len(k) for k in ts.per_layer), default=5)
@@ -68,17 +70,15 @@ class SparsityReport:
 def sparsity_report(model: nn.Module, threshold: float | None = None) -> SparsityReport:
     """Per target: groups, zero groups, sparsity, active groups per layer, and the parameters left after export."""
     bank = get_bank(model)
-    thr = bank.config.threshold if threshold is None else threshold
-    if thr <= 0:
-        raise ValueError(f"threshold={thr!r} is invalid: expected a float > 0.")
-    dead = {t: bank.effective_norms(t) < thr for t in bank.targets}
+    thr = bank.check_threshold(threshold)
+    dead = {t: bank.zero_groups(t, thr) for t in bank.targets}
     targets = {t: TargetSparsity(t, bank.sizes[t], int(dead[t].sum())) for t in bank.targets}
     for gs, off in zip(bank.group_sets, bank.offsets):
         d = dead[gs.target][off : off + gs.n_groups]
         label = str(gs.layer)
         targets[gs.target].per_layer[label] = [gs.n_groups - int(d.sum()), gs.n_groups]
     total, kept = _param_counts(bank, dead)
-    return SparsityReport(thr, targets, total, kept)
+    return SparsityReport(thr, targets, total, kept, bank.config.threshold_mode == "relative")
 
 
 def _param_counts(bank: GateBank, dead: dict[str, torch.Tensor]) -> tuple[int, int]:

@@ -27,10 +27,8 @@ def prune_torch_model(model: nn.Module, threshold: float | None = None, example_
 
     model = copy.deepcopy(model)
     bank = get_bank(model)
-    thr = bank.config.threshold if threshold is None else threshold
-    if thr <= 0:
-        raise ValueError(f"threshold={thr!r} is invalid: expected a float > 0.")
-    dead_by_target = {t: (bank.effective_norms(t) < thr).cpu() for t in bank.targets}
+    thr = bank.check_threshold(threshold)
+    dead_by_target = {t: bank.zero_groups(t, thr).cpu() for t in bank.targets}
     plan = [(gs, dead_by_target[gs.target][off : off + gs.n_groups]) for gs, off in zip(bank.group_sets, bank.offsets)]
     if example_inputs is None:
         example_inputs = example_inputs_for(bank.config.example_input_shape, model)

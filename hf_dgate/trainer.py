@@ -252,6 +252,6 @@ class _DGateCallback(TrainerCallback):
         if ctl.target_sparsity is not None and state.global_step % ctl.interval == 0:
             bank = tr.dgate_bank
             with torch.no_grad():
-                dead = bank.effective_norms(tr.sparsity_target) < bank.config.threshold
+                dead = bank.zero_groups(tr.sparsity_target)
             ctl.update(state.global_step, float(dead.float().mean()))
         return control  # bank.lam keeps the value this step used (what gets logged); compute_loss sets the next

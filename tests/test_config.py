@@ -20,6 +20,8 @@ from hf_dgate import DGateConfig, GroupRule
         ({"lam": float("nan")}, "lam"),
         ({"lam": "big"}, "lam"),
         ({"threshold": 0.0}, "threshold"),
+        ({"threshold_mode": "percent"}, "threshold_mode"),
+        ({"threshold_mode": "relative", "threshold": 1.0}, "threshold"),
         ({"threshold": -1e-3}, "threshold"),
         ({"head_side": "query"}, "head_side"),
         ({"method": "prune"}, "method"),

@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers as T
 from conftest import FAMILIES, POST_NORM, logits, make_inputs, make_model
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import hf_dgate
@@ -235,6 +235,8 @@ def cases(draw):
 @torch.no_grad()
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases())
+# 3 heads of 4 in a 16-wide Llama: the config cannot say it (hidden % heads != 0), so the export is not native
+@example(("llama", 1, 4, 4, 1, [[False, False, False, True]], [[False]], [False], "auto", 0))
 def test_property_export_is_exact(case):
     family, layers, heads, kv, inter, dead_heads, dead_neurons, dead_layers, side, seed = case
     model = _build(family, layers, heads, kv, inter, seed)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -129,3 +131,30 @@ def test_penalty_drops_into_a_plain_training_loop():
     norms = hf_dgate.effective_norms(model, "features").detach()
     assert norms[:5].min() > 10 * norms[5:].max()
     assert hf_dgate.sparsity_report(model).targets["features"].zero >= 10
+
+
+
+def test_relative_threshold_keeps_a_layer_that_shrank_as_a_whole():
+    """Before BatchNorm a whole layer can shrink together (the next BN rescales it): an absolute threshold calls
+    every filter of that layer zero; threshold_mode='relative' compares each filter with its layer's largest."""
+    torch.manual_seed(0)
+    base, x = VGG16(width=0.125, in_channels=1).eval(), torch.randn(2, 1, 28, 28)
+    reports = {}
+    for mode in ("absolute", "relative"):
+        model = copy.deepcopy(base)
+        cfg = hf_dgate.DGateConfig(target="filters", example_input_shape=[1, 1, 28, 28], threshold_mode=mode)
+        hf_dgate.apply_dgate(model, cfg)
+        bank = hf_dgate.get_bank(model)
+        first = bank.group_sets[0]  # the first conv's filters (their BN channels)
+        with torch.no_grad():
+            bank.gammas["filters"][:, : first.n_groups] = 1e-2  # D = 3: scale 1e-4 for the whole layer
+            bank.gammas["filters"][:, 1] = 0.0  # one filter truly zero
+            bank.gammas["filters"][:, first.n_groups + 3] = 0.0  # and one in the next layer
+        reports[mode] = hf_dgate.sparsity_report(model).targets["filters"]
+    layer, n = str(first.layer), first.n_groups
+    assert reports["absolute"].per_layer[layer] == [0, n] and reports["absolute"].zero == n + 1
+    assert reports["relative"].per_layer[layer] == [n - 1, n] and reports["relative"].zero == 2
+    assert "x its layer's largest" in str(hf_dgate.sparsity_report(model))
+    torch.testing.assert_close(prune_torch_model(model)(x), model(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="threshold"):
+        hf_dgate.sparsity_report(model, threshold=2.0)  # a fraction of the layer's largest: must be below 1
