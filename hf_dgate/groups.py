@@ -396,7 +396,7 @@ def _layer_segments(group_sets: list[GroupSet], targets: list[str]) -> dict[str,
     segs: dict[str, list[torch.Tensor]] = {t: [] for t in targets}
     for gs in group_sets:
         own = segs[gs.target]
-        segs[gs.target].append(torch.full((gs.n_groups,), 0 if gs.n_groups == 1 else len(own) + 1))
+        own.append(torch.full((gs.n_groups,), 0 if gs.n_groups == 1 else len(own) + 1))
     return {t: torch.cat(v) for t, v in segs.items()}
 
 

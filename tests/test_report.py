@@ -46,3 +46,19 @@ def test_threshold_reads_effective_norms():
         hf_dgate.get_bank(model).gammas["heads"][:, 0] = 1e-3  # ||theta|| = 1e-6 * ||w|| : tiny but not 0
     assert hf_dgate.sparsity_report(model).targets["heads"].zero == 1
     assert hf_dgate.sparsity_report(model, threshold=1e-12).targets["heads"].zero == 0
+
+
+def test_relative_threshold_compares_within_a_layer_and_single_groups_across_layers():
+    model = make_model("gpt2")  # 2 layers of 4 heads
+    cfg = hf_dgate.DGateConfig(target=["heads", "layers"], threshold=0.1, threshold_mode="relative")
+    hf_dgate.apply_dgate(model, cfg)
+    bank = hf_dgate.get_bank(model)
+    with torch.no_grad():
+        bank.gammas["heads"][:, 4:] = 1e-3  # layer 1 shrank as a whole: alive relative to itself
+        bank.gammas["heads"][:, 5] = 1e-5  # ... except one head, 1e-4 of its neighbours
+        bank.gammas["heads"][:, 0] = 0.2  # layer 0: one head at 0.04 of the others -> zero
+        bank.gammas["layers"][:, 1] = 0.05  # whole layers (one group each) compare with each other
+    assert bank.zero_groups("heads").tolist() == [True, False, False, False, False, True, False, False]
+    assert bank.zero_groups("layers").tolist() == [False, True]
+    absolute = bank.effective_norms("heads") < 0.1
+    assert absolute[4:].all()  # what the absolute rule would have said about layer 1
