@@ -222,6 +222,12 @@ def plot_norms(model, path: str, threshold: float | None = None) -> str:
     return path
 
 
+THRESHOLD_HELP = (
+    "Zero when ||theta_g|| < T (default: the config's); with threshold_mode='relative', T is a fraction of the "
+    "largest norm in the group's layer."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-dgate", description="D-Gating structured sparsity for HF models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -235,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="Remove zero groups of a gated model and write a smaller HF model.")
     p.add_argument("gated_dir", metavar="GATED_DIR", help="Directory written by hf_dgate.save_gated.")
     p.add_argument("--out", required=True, help="Output directory (written atomically).")
-    p.add_argument("--threshold", type=float, default=None, help="Zero when ||theta_g|| < T (default: config's).")
+    p.add_argument("--threshold", type=float, default=None, help=THRESHOLD_HELP)
     p.add_argument("--push-to-hub", metavar="REPO", default=None, help="Also upload to this Hub repo (user/name).")
     p.add_argument("--overwrite", action="store_true", help="Replace --out if it exists.")
     p.add_argument("--no-measure", action="store_true", help="Skip the latency measurement.")
@@ -246,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="Sparsity table (and heat-map) of a gated model dir, or an export's structure.")
     p.add_argument("dir", metavar="DIR", help="A gated model directory (hf_dgate.save_gated) or an export.")
     p.add_argument("--plot", metavar="FILE.png", default=None, help="Write a heat-map of effective norms.")
-    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--threshold", type=float, default=None, help=THRESHOLD_HELP)
     p.add_argument("--json", action="store_true", help="Machine-readable output.")
     p.set_defaults(func=report)
     return parser
