@@ -2,7 +2,9 @@
 
 from .config import DGateConfig, GroupRule
 from .controller import LamController
-from .export import AutoPrunedModel, export_pruned, export_to_dir, prune_heads
+from .export import export_pruned, prune_heads
+from .hub import export_to_dir
+from .loading import AutoPrunedModel
 from .patch import (
     apply_dgate,
     effective_norms,

@@ -90,7 +90,7 @@ def _load_gated(path: str):
 
 def export(args: argparse.Namespace) -> int:
     """Load a gated model, remove its zero groups and write a smaller model (+ card) to --out."""
-    from .export import export_to_dir
+    from .hub import export_to_dir
 
     if args.threshold is not None and not args.threshold > 0:
         raise CLIError(f"--threshold {args.threshold} is invalid: pass a float > 0 (e.g. 1e-3).")
@@ -153,8 +153,7 @@ def report(args: argparse.Namespace) -> int:
 
 
 def _report_export(args: argparse.Namespace) -> int:
-    from .export import SUMMARY_NAME
-    from .hub import structure_table
+    from .hub import SUMMARY_NAME, structure_table
 
     summary_path = os.path.join(args.dir, SUMMARY_NAME)
     if not os.path.isfile(summary_path):

@@ -230,7 +230,7 @@ class DGateTrainer(Trainer):
 
         Defaults to `<output_dir>/pruned`; see `hf_dgate.export_to_dir` for the keyword arguments.
         """
-        from .export import export_to_dir
+        from .hub import export_to_dir
 
         output_dir = os.path.join(self.args.output_dir, "pruned") if output_dir is None else output_dir
         if not self.args.should_save:

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import hf_dgate
-from hf_dgate.export import AutoPrunedModel, ExportError, export_pruned, export_to_dir, prune_heads, pruned_structure
+from hf_dgate import AutoPrunedModel, export_pruned, export_to_dir, prune_heads
+from hf_dgate.export import ExportError, pruned_structure
 
 DECODERS = ["gpt2", "llama", "qwen3", "qwen2", "mistral", "gpt_neox", "opt"]
 ATOL = 1e-5

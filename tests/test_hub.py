@@ -11,7 +11,7 @@ from conftest import make_model
 from huggingface_hub import HfApi, ModelCard, RepoUrl
 
 import hf_dgate
-from hf_dgate.export import export_to_dir
+from hf_dgate import export_to_dir
 
 
 @pytest.fixture
