@@ -232,6 +232,12 @@ class DGateTrainer(Trainer):
         """
         from .hub import export_to_dir
 
+        if getattr(self, "is_fsdp_enabled", False):  # the weights are shards: one process cannot prune them alone
+            raise ValueError(
+                "export_pruned needs the whole model, and under FSDP every process holds a shard. Save a full "
+                "state dict (fsdp_config={'state_dict_type': 'FULL_STATE_DICT'}; trainer.save_model(DIR)), then "
+                "export in one process: `hf-dgate export DIR --out OUT`."
+            )
         output_dir = os.path.join(self.args.output_dir, "pruned") if output_dir is None else output_dir
         if not self.args.should_save:
             return {}

@@ -318,3 +318,12 @@ def test_target_sparsity_controller_ends_near_the_target(tmp_path, one_thread):
     final = hf_dgate.sparsity_report(model).sparsity("features")
     assert abs(final - 0.5) <= 0.05, final
     assert tr.state.log_history[-2]["dgate/features_sparsity"] == final
+
+
+def test_export_under_fsdp_says_how_instead_of_hanging(tmp_path):
+    """Under FSDP each rank holds a shard: exporting from the main process alone would wait forever on a gather."""
+    tr = DGateTrainer(tiny_gpt2(), targs(tmp_path, max_steps=1), dgate_config=hf_dgate.DGateConfig())
+    tr.is_fsdp_enabled = True  # what the Trainer sets when accelerate's FSDP plugin is active (GPUs only)
+    with pytest.raises(ValueError, match="hf-dgate export"):
+        tr.export_pruned()
+    assert not (tmp_path / "pruned").exists()
