@@ -4,8 +4,8 @@
     python benchmarks/train_overhead.py --quick    # 2 layers, for a CPU smoke run
 
 Vanilla and gated steps (heads + neurons, D = 3, AdamW) alternate in ABBA order so noise and order effects hit
-both alike; the table
-prints medians and their ratios. Memory: on CUDA the peak allocated bytes; on CPU the bytes autograd saves for
+both alike; the table prints median step times and the median of the per-round ratios (gated step over the
+vanilla step beside it). Memory: on CUDA the peak allocated bytes; on CPU the bytes autograd saves for
 the backward pass (activations, distinct storages) plus parameters, gradients and AdamW state. A profile
 section counts the operators hf_dgate runs per penalty call for two group counts: the count does not grow with
 the number of groups (no per-group Python work).
@@ -124,7 +124,8 @@ def measure(kind: str, layers: int, batch: int, seq: int, steps: int, device, co
         "compiled": compiled,
         "t_vanilla": t_v,
         "t_gated": t_g,
-        "time_ratio": t_g / t_v,
+        # paired: each round's gated step over the vanilla step next to it, so slow drifts of a shared machine cancel
+        "time_ratio": statistics.median(g / v for g, v in zip(times["gated"], times["vanilla"])),
         "mem_vanilla": mem["vanilla"],
         "mem_gated": mem["gated"],
         "mem_ratio": mem["gated"] / mem["vanilla"],
