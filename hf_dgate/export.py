@@ -120,7 +120,7 @@ def prune_heads(model: nn.Module, heads_to_prune: dict[int, list[int]], dconfig:
                     "of them together (GQA)."
                 )
             dead[grp[0]] = True
-        _prune_head_group_set(base, gs, dead)
+        prune_head_group_set(base, gs, dead)
         kept_heads[layer] = [h for j, h in enumerate(kept_q) if not dead[j // n_rep]]
     structure = _structure(base, dconfig, kept_heads)
     for key in ("layers", "num_hidden_layers_original", "threshold", "not_removed"):
@@ -149,11 +149,11 @@ def _apply_plan(model: nn.Module, plan: list[tuple[GroupSet, torch.Tensor]], dco
         if gs.layer in dead_layers or not bool(dead.any()):
             continue
         if gs.target == "heads":
-            _prune_head_group_set(model, gs, dead)
+            prune_head_group_set(model, gs, dead)
             n_rep = gs.meta["n_heads"] // gs.meta["n_kv"]
             kept_heads[gs.layer] = [h for j, h in enumerate(kept_heads[gs.layer]) if not dead[j // n_rep]]
         elif gs.target == "neurons":
-            _prune_neuron_group_set(model, gs, dead)
+            prune_neuron_group_set(model, gs, dead)
     kept_layers = [i for i in range(n_layers_before) if i not in dead_layers]
     if dead_layers:
         _drop_layers(model, blocks, dead_layers)
@@ -207,12 +207,12 @@ def _sync_features(module: nn.Module) -> None:
         module.out_features, module.in_features = w.shape
     elif type(module).__name__.endswith("Conv1D"):
         module.nx, module.nf = w.shape
-        if module.nx == 0 and not isinstance(module, _ZeroInputConv1D):
+        if module.nx == 0 and not isinstance(module, ZeroInputConv1D):
             module.__class__ = _zero_input_conv1d(type(module))
 
 
 # ---- heads --------------------------------------------------------------------------------------------------
-def _prune_head_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -> None:
+def prune_head_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -> None:
     meta = gs.meta
     if not meta.get("v") and not meta.get("qkv"):
         raise ExportError(
@@ -235,7 +235,7 @@ def _prune_head_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) ->
     for attr in ("all_head_size", "split_size"):
         if isinstance(getattr(core, attr, None), int):
             setattr(core, attr, n_q * hd)
-    if n_kv == 0 and not isinstance(core, _ZeroHeadAttention):
+    if n_kv == 0 and not isinstance(core, ZeroHeadAttention):
         o_rel = meta["o"]
         inside = not core_rel or o_rel.startswith(core_rel + ".")
         core._dgate_out = (o_rel[len(core_rel) + 1 :] if core_rel else o_rel) if inside else None
@@ -256,7 +256,7 @@ def _block_name(gs: GroupSet) -> str:
     raise ExportError(f"Cannot locate the block of group set {gs.target}/{gs.layer}.")
 
 
-class _ZeroHeadAttention:
+class ZeroHeadAttention:
     """Marker base: an attention module with no head left. Its output is the output projection's bias."""
 
 
@@ -285,12 +285,12 @@ _ZERO_HEAD_CLASSES: dict[type, type] = {}
 def _zero_head_class(cls: type) -> type:
     if cls not in _ZERO_HEAD_CLASSES:
         _ZERO_HEAD_CLASSES[cls] = type(
-            f"NoHead{cls.__name__}", (cls, _ZeroHeadAttention), {"forward": _zero_head_forward, "__module__": __name__}
+            f"NoHead{cls.__name__}", (cls, ZeroHeadAttention), {"forward": _zero_head_forward, "__module__": __name__}
         )
     return _ZERO_HEAD_CLASSES[cls]
 
 
-class _ZeroInputConv1D:
+class ZeroInputConv1D:
     """Marker base: transformers' Conv1D with no input feature left (its forward cannot view a 0-width input)."""
 
 
@@ -304,13 +304,13 @@ _ZERO_INPUT_CLASSES: dict[type, type] = {}
 def _zero_input_conv1d(cls: type) -> type:
     if cls not in _ZERO_INPUT_CLASSES:
         _ZERO_INPUT_CLASSES[cls] = type(
-            f"NoInput{cls.__name__}", (cls, _ZeroInputConv1D), {"forward": _zero_input_forward, "__module__": __name__}
+            f"NoInput{cls.__name__}", (cls, ZeroInputConv1D), {"forward": _zero_input_forward, "__module__": __name__}
         )
     return _ZERO_INPUT_CLASSES[cls]
 
 
 # ---- neurons ------------------------------------------------------------------------------------------------
-def _prune_neuron_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -> None:
+def prune_neuron_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -> None:
     for sl in gs.removable:
         _keep_slice(model, sl, dead)
     block = _block_name(gs)
@@ -495,4 +495,4 @@ def _shapes_match(model: nn.Module) -> bool:
 
 
 def _has_patched_modules(model: nn.Module) -> bool:
-    return any(isinstance(m, (_ZeroHeadAttention, _ZeroInputConv1D)) for m in model.modules())
+    return any(isinstance(m, (ZeroHeadAttention, ZeroInputConv1D)) for m in model.modules())

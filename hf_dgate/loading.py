@@ -15,10 +15,10 @@ from .config import DGateConfig
 from .export import (
     PRUNING_KEY,
     ExportError,
-    _prune_head_group_set,
-    _prune_neuron_group_set,
-    _ZeroHeadAttention,
-    _ZeroInputConv1D,
+    ZeroHeadAttention,
+    ZeroInputConv1D,
+    prune_head_group_set,
+    prune_neuron_group_set,
 )
 
 
@@ -50,7 +50,7 @@ def rebuild_structure(model: nn.Module, structure: dict[str, Any]) -> nn.Module:
             continue
         dead = torch.arange(gs.n_groups, device="cpu") >= want
         # (a layer left with no head gets its bias-only forward here, as in the export)
-        (_prune_head_group_set if gs.target == "heads" else _prune_neuron_group_set)(model, gs, dead)
+        (prune_head_group_set if gs.target == "heads" else prune_neuron_group_set)(model, gs, dead)
     return model
 
 
@@ -216,8 +216,8 @@ def remote_code_spec(model: nn.Module) -> dict[str, Any]:
         }
         if diff:
             attrs[name] = diff
-    no_head = {n: m._dgate_out for n, m in model.named_modules() if isinstance(m, _ZeroHeadAttention)}
-    no_input = [n for n, m in model.named_modules() if isinstance(m, _ZeroInputConv1D)]
+    no_head = {n: m._dgate_out for n, m in model.named_modules() if isinstance(m, ZeroHeadAttention)}
+    no_input = [n for n, m in model.named_modules() if isinstance(m, ZeroInputConv1D)]
     return {"shapes": shapes, "attrs": attrs, "no_head": no_head, "no_input": no_input}
 
 

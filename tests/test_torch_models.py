@@ -133,7 +133,6 @@ def test_penalty_drops_into_a_plain_training_loop():
     assert hf_dgate.sparsity_report(model).targets["features"].zero >= 10
 
 
-
 def test_relative_threshold_keeps_a_layer_that_shrank_as_a_whole():
     """Before BatchNorm a whole layer can shrink together (the next BN rescales it): an absolute threshold calls
     every filter of that layer zero; threshold_mode='relative' compares each filter with its layer's largest."""
