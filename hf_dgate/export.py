@@ -23,6 +23,7 @@ from torch import nn
 
 from .architectures import find_blocks
 from .config import DGateConfig
+from .errors import ExportError
 from .groups import GroupSet, TensorSlice
 from .patch import _unwrap, get_bank, remove_dgate
 
@@ -33,10 +34,6 @@ PER_LAYER_CONFIG_LISTS = ("layer_types", "attention_layers", "no_rope_layers")
 NEURON_CONFIG_ATTRS = ("intermediate_size", "n_inner", "ffn_dim")
 
 __all__ = ["ExportError", "export_pruned", "prune_heads", "pruned_structure"]
-
-
-class ExportError(ValueError):
-    """The model cannot be exported as asked; the message says what to do instead."""
 
 
 # ---- public API -----------------------------------------------------------------------------------------------

@@ -26,9 +26,11 @@ def surrogate_penalty(w_sq_total: torch.Tensor, gammas: torch.Tensor, lam: float
 
 
 def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
-    """sqrt whose gradient at 0 is the subgradient 0 instead of NaN (the direct baseline hits exact zeros)."""
+    """sqrt whose gradient at 0 is the subgradient 0 instead of NaN (the direct baseline hits exact zeros).
+    NaN stays NaN, so a diverged group is never read as a zero one."""
     positive = x > 0
-    return torch.where(positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
+    rest = torch.where(torch.isnan(x), x, torch.zeros_like(x))
+    return torch.where(positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), rest)
 
 
 def effective_norms(w_sq: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from torch import nn
 
 from . import gates as G
 from .config import DGateConfig
+from .errors import NonFiniteError
 from .gated_linear import gated_linear
 
 UNGATED = -1
@@ -189,6 +190,22 @@ class GateBank(nn.Module):
         gid_buf = f"{key}_gid"
         self.register_buffer(gid_buf, idx + offset, persistent=False)
         self._norm_terms[target].append((module, sl.param, sl.axis, pos_buf, gid_buf))
+
+    def assert_finite(self, action: str, weights: bool = True) -> None:
+        """Refuse to `action` (report, export, ...) when a gate, or with `weights` a gated group's weights, is NaN
+        or infinite: every result built on it would be wrong. `weights=False` checks the (small) gates only."""
+        bad = {}
+        for t in self.targets:
+            vals = self.effective_norms(t) if weights else self.gates(t)
+            n = int((~torch.isfinite(vals)).reshape(-1, self.sizes[t]).any(0).sum())
+            if n:
+                bad[t] = n
+        if bad:
+            which = ", ".join(f"{n} of {self.sizes[t]} {t}" for t, n in bad.items())
+            raise NonFiniteError(
+                f"Cannot {action}: {which} have NaN or infinite gates or weights (training diverged). Reload a "
+                "checkpoint from before the divergence and lower the learning rate or lam."
+            )
 
     def gates(self, target: str) -> torch.Tensor:
         """The (D-1, G) gate tensor of `target`, whole even when FSDP2 holds it sharded outside forward."""
