@@ -76,6 +76,10 @@ POST_NORM_TYPES = {
     "deberta",
     "deberta-v2",
     "ernie",
+    "bart",
+    "plbart",
+    "marian",
+    "fsmt",
 }
 
 
@@ -89,7 +93,13 @@ def find_group_sets(model: nn.Module, config: DGateConfig, example_inputs: Any =
     transformer_targets = [t for t in config.targets if t in TRANSFORMER_TARGETS]
     if transformer_targets:
         blocks = find_blocks(model, config)
-        hf_config = _text_config(model)
+        if "layers" in transformer_targets and len(find_stacks(model)) > 1:
+            raise ValueError(
+                f"target='layers' on one stack of a model with several ({describe_stacks(find_stacks(model))}) is "
+                "not supported: its config counts layers per stack, so a reloaded export would not match. Gate "
+                "'heads' or 'neurons' instead."
+            )
+        hf_config = stack_config(model, blocks[0][0]) if blocks else _text_config(model)
         for target in transformer_targets:
             builder = {"heads": _head_set, "neurons": _neuron_set, "layers": _layer_set}[target]
             for layer, (name, block) in enumerate(blocks):
@@ -114,8 +124,36 @@ def find_group_sets(model: nn.Module, config: DGateConfig, example_inputs: Any =
 
 
 # ---- blocks ------------------------------------------------------------------------------------------------
+def find_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """Every top-level list of transformer blocks (a decoder; encoder and decoder; vision and text towers).
+
+    A stack is an `nn.ModuleList` whose entries are blocks with attention or MLP projections of their own and
+    that does not sit inside another stack (T5's per-block `layer` lists, MoE expert lists).
+    """
+    n_layers = getattr(_text_config(model), "num_hidden_layers", None)
+    stacks: list[tuple[str, nn.ModuleList]] = []
+    for n, m in model.named_modules():
+        if not isinstance(m, nn.ModuleList) or len(m) == 0 or any(n.startswith(p + ".") for p, _ in stacks):
+            continue
+        if all(_is_block(b, named=len(m) != n_layers) for b in m):
+            stacks.append((n, m))
+    return stacks
+
+
+def _is_block(block: nn.Module, named: bool) -> bool:
+    """A module with two or more weighted layers; with `named`, one of them must carry a known projection name
+    (lists as long as the config's num_hidden_layers count without it, for unknown families)."""
+    leaves = _leaves(block)
+    names = (*OUT_NAMES, *DOWN_NAMES, *FUSED_QKV, *VALUE_NAMES)
+    return len(leaves) >= 2 and (not named or _match(leaves, names, set()) is not None)
+
+
 def find_blocks(model: nn.Module, config: DGateConfig) -> list[tuple[str, nn.Module]]:
-    """The transformer blocks in order; shared (tied) blocks appear once, since gating them once gates every use."""
+    """The transformer blocks in order; shared (tied) blocks appear once, since gating them once gates every use.
+
+    A model with several stacks (encoder-decoder, two towers) is refused unless `module_names['layers']` picks
+    one: gating a silent subset would report sparsity and export a model that are not what the user meant.
+    """
     names = config.module_names or {}
     if "layers" in names:
         try:
@@ -126,18 +164,21 @@ def find_blocks(model: nn.Module, config: DGateConfig) -> list[tuple[str, nn.Mod
             ) from None
         prefix = names["layers"]
     else:
-        n_layers = getattr(_text_config(model), "num_hidden_layers", None)
-        candidates = [
-            (n, m)
-            for n, m in model.named_modules()
-            if isinstance(m, nn.ModuleList) and len(m) > 0 and (n_layers is None or len(m) == n_layers)
-        ]
-        if not candidates:
+        stacks = find_stacks(model)
+        if not stacks:
             raise StructureNotFoundError(
                 f"Could not find the list of transformer blocks in {type(model).__name__} (an nn.ModuleList of "
-                f"{n_layers} blocks). Name it explicitly: DGateConfig(module_names={{'layers': 'model.layers'}})."
+                "blocks with attention or MLP projections). Name it explicitly: "
+                "DGateConfig(module_names={'layers': 'model.layers'})."
             )
-        prefix, blocks = max(candidates, key=lambda c: sum(p.numel() for p in c[1].parameters()))
+        if len(stacks) > 1:
+            raise StructureNotFoundError(
+                f"{type(model).__name__} has {len(stacks)} block stacks: {describe_stacks(stacks)}. hf_dgate gates "
+                "one stack per model for now and will not pick one for you; choose it with "
+                f"DGateConfig(module_names={{'layers': {stacks[-1][0]!r}}}). The other stacks stay dense and the "
+                "sparsity report lists them as not gated."
+            )
+        prefix, blocks = stacks[0]
     seen: set[int] = set()
     out = []
     for i, block in enumerate(blocks):
@@ -145,6 +186,56 @@ def find_blocks(model: nn.Module, config: DGateConfig) -> list[tuple[str, nn.Mod
             seen.add(id(block))
             out.append((f"{prefix}.{i}", block))
     return out
+
+
+def describe_stacks(stacks: list[tuple[str, nn.ModuleList]]) -> str:
+    return ", ".join(f"'{n}' ({len(m)} x {type(m[0]).__name__})" for n, m in stacks)
+
+
+def stack_status(model: nn.Module, config: DGateConfig) -> dict[str, bool]:
+    """Every block stack of `model` and whether `config` gates it (empty for models gated only on filters,
+    features or custom groups); the sparsity report lists it so a dense stack is never a silent one."""
+    if not any(t in TRANSFORMER_TARGETS for t in config.targets):
+        return {}
+    chosen = (config.module_names or {}).get("layers")
+    stacks = [n for n, _ in find_stacks(model)]
+    if chosen is None:
+        return dict.fromkeys(stacks, True)
+    return {chosen: True, **{n: False for n in stacks if n != chosen}}
+
+
+class _StackConfig:
+    """The model config as one stack sees it: encoder-decoder configs keep per-stack head counts
+    (`decoder_attention_heads`), composite configs keep one sub-config per tower (`vision_config`)."""
+
+    def __init__(self, cfg: Any, overrides: dict[str, Any]):
+        self._cfg, self._overrides = cfg, overrides
+
+    def __getattr__(self, key: str) -> Any:
+        overrides = self.__dict__.get("_overrides", {})
+        return overrides[key] if key in overrides else getattr(self.__dict__["_cfg"], key)
+
+
+def stack_config(model: nn.Module, block_name: str) -> Any:
+    """The config that describes the blocks under `block_name` (a block or stack path)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    parts = block_name.split(".")
+    for key in getattr(cfg, "sub_configs", None) or {}:
+        stem = key.removesuffix("_config")
+        aliases = {stem, "language"} if stem == "text" else {stem}
+        sub = getattr(cfg, key, None)
+        if sub is not None and any(p.split("_")[0] in aliases for p in parts):
+            return sub
+    for side in ("encoder", "decoder"):
+        if side in parts and hasattr(cfg, f"{side}_attention_heads"):
+            overrides = {"num_attention_heads": getattr(cfg, f"{side}_attention_heads")}
+            for k in ("num_key_value_heads", "head_dim"):
+                if hasattr(cfg, f"{side}_{k}"):
+                    overrides[k] = getattr(cfg, f"{side}_{k}")
+            return _StackConfig(cfg, overrides)
+    return _text_config(model)
 
 
 def _text_config(model: nn.Module) -> Any:
@@ -346,6 +437,13 @@ def _layer_set(
             f"target='layers' needs pre-norm blocks (x + f(x)); '{model_type}' normalises after the residual "
             "add, so a zero branch does not remove the layer. Gate 'heads' or 'neurons' instead."
         )
+    attentions = _attention_modules(block)
+    if len(attentions) > 1:
+        raise ValueError(
+            f"target='layers' cannot make '{name}' exact: it has {len(attentions)} attention branches "
+            f"({', '.join(attentions)}; e.g. self- and cross-attention) and a zero layer gate scales one attention "
+            "output and the MLP, so the block would not become the identity. Gate 'heads' or 'neurons' instead."
+        )
     o_rel = _attention_parts(name, block, config)["o"]
     down_rel, _ = _mlp_parts(name, block, config)
     sites, primary = [], []
@@ -354,6 +452,15 @@ def _layer_set(
         sites.append(Site(f"{name}.{rel}", "output", -1, torch.zeros(_out_features(m), dtype=torch.long)))
         primary += whole_weight_slices(f"{name}.{rel}", m)
     return GroupSet("layers", layer, 1, sites, primary, whole_module_slices(name, block), {"block": name})
+
+
+def _attention_modules(block: nn.Module) -> list[str]:
+    """Outermost submodules whose class is an attention module: one per residual attention branch."""
+    found: list[str] = []
+    for n, m in block.named_modules():
+        if n and "Attention" in type(m).__name__ and not any(n.startswith(f + ".") for f in found):
+            found.append(n)
+    return found
 
 
 # ---- user-defined groups on any module ---------------------------------------------------------------------

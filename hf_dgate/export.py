@@ -383,7 +383,7 @@ def _block_geometry(
     model: nn.Module, name: str, block: nn.Module, dconfig: DGateConfig
 ) -> tuple[int, int, int, int] | None:
     """(query heads, key/value heads, head size, neurons) a block has now, read off its weights."""
-    from .architectures import _attention_parts, _mlp_parts
+    from .architectures import _attention_parts, _mlp_parts, stack_config
 
     try:
         parts = _attention_parts(name, block, dconfig)
@@ -392,7 +392,7 @@ def _block_geometry(
         return None
     o = block.get_submodule(parts["o"])
     in_o = o.weight.shape[0] if type(o).__name__.endswith("Conv1D") else o.weight.shape[1]
-    cfg = _text_cfg(model)
+    cfg = stack_config(model, name)
     rec = _record(model)
     hd = (rec or {}).get("head_dim") or getattr(cfg, "head_dim", None)
     if not hd:

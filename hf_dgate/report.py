@@ -9,6 +9,7 @@ from math import prod
 import torch
 from torch import nn
 
+from .architectures import stack_status
 from .groups import GateBank
 from .patch import get_bank
 
@@ -32,6 +33,11 @@ class SparsityReport:
     params_total: int
     params_kept: int
     relative: bool = False  # threshold is a fraction of the largest norm in each layer
+    stacks: dict[str, bool] = field(default_factory=dict)  # block stack -> gated (False: left dense)
+
+    @property
+    def ungated_stacks(self) -> list[str]:
+        return [name for name, gated in self.stacks.items() if not gated]
 
     @property
     def params_kept_fraction(self) -> float:
@@ -59,6 +65,8 @@ class SparsityReport:
             for layer, (active, total) in ts.per_layer.items():
                 bar = "#" * active + "." * (total - active) if total <= 64 else ""
                 lines.append(f"    {layer:>{width}}  {active:>5}/{total:<5} active  {bar}")
+        if len(self.stacks) > 1 or self.ungated_stacks:
+            lines.append("  stacks: " + ", ".join(f"{n} ({'gated' if g else 'dense'})" for n, g in self.stacks.items()))
         lines.append(
             f"  parameters: {self.params_kept:,} of {self.params_total:,} kept "
             f"({100 * self.params_kept_fraction:.1f}%) once zero groups are removed"
@@ -78,7 +86,8 @@ def sparsity_report(model: nn.Module, threshold: float | None = None) -> Sparsit
         label = str(gs.layer)
         targets[gs.target].per_layer[label] = [gs.n_groups - int(d.sum()), gs.n_groups]
     total, kept = _param_counts(bank, dead)
-    return SparsityReport(thr, targets, total, kept, bank.config.threshold_mode == "relative")
+    stacks = stack_status(bank._modules_by_name[""], bank.config)
+    return SparsityReport(thr, targets, total, kept, bank.config.threshold_mode == "relative", stacks)
 
 
 def _param_counts(bank: GateBank, dead: dict[str, torch.Tensor]) -> tuple[int, int]:

@@ -1,0 +1,132 @@
+"""Every block stack is gated or named: encoder-decoder and two-tower models are never gated in part silently."""
+
+import pytest
+import torch
+import transformers as T
+
+import hf_dgate
+from hf_dgate.architectures import StructureNotFoundError, find_stacks
+
+
+def bart():
+    return T.BartForConditionalGeneration(
+        T.BartConfig(
+            vocab_size=64,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=3,
+            encoder_attention_heads=4,
+            decoder_attention_heads=8,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=48,
+            max_position_embeddings=32,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+        )
+    )
+
+
+def whisper():
+    return T.WhisperForConditionalGeneration(
+        T.WhisperConfig(
+            vocab_size=64,
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            num_mel_bins=8,
+            max_source_positions=16,
+            max_target_positions=16,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=0,
+        )
+    )
+
+
+def t5():
+    return T.T5ForConditionalGeneration(
+        T.T5Config(vocab_size=64, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2, num_decoder_layers=2)
+    )
+
+
+def clip():
+    return T.CLIPModel(
+        T.CLIPConfig(
+            text_config=dict(
+                vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+            ),
+            vision_config=dict(
+                hidden_size=32,
+                num_hidden_layers=3,
+                num_attention_heads=2,
+                intermediate_size=64,
+                image_size=16,
+                patch_size=8,
+            ),
+        )
+    )
+
+
+@pytest.mark.parametrize("build", [bart, whisper, t5, clip])
+@pytest.mark.parametrize("target", ["heads", "neurons", "layers"])
+def test_several_stacks_are_refused_by_name(build, target):
+    model = build()
+    stacks = [name for name, _ in find_stacks(model)]
+    assert len(stacks) == 2
+    with pytest.raises(StructureNotFoundError) as err:
+        hf_dgate.apply_dgate(model, target=target)
+    msg = str(err.value)
+    assert all(f"'{s}'" in msg for s in stacks) and "module_names" in msg
+    assert not hf_dgate.is_gated(model)
+
+
+def test_chosen_decoder_stack_with_its_own_head_count_exports_exactly(tmp_path):
+    torch.manual_seed(0)
+    model = bart().eval()
+    ids = torch.randint(3, 64, (2, 7))
+    ref = model(input_ids=ids, decoder_input_ids=ids).logits
+    hf_dgate.apply_dgate(model, target=["heads", "neurons"], module_names={"layers": "model.decoder.layers"})
+    bank = hf_dgate.get_bank(model)
+    assert bank.sizes == {"heads": 3 * 8, "neurons": 3 * 48}  # decoder_attention_heads, not the encoder's 4
+    assert torch.equal(model(input_ids=ids, decoder_input_ids=ids).logits, ref)
+    with torch.no_grad():
+        bank.gammas["heads"][:, [0, 3, 9, 17]] = 0
+        bank.gammas["neurons"][:, :60] = 0
+    gated = model(input_ids=ids, decoder_input_ids=ids).logits
+    pruned = hf_dgate.export_pruned(model)
+    assert torch.allclose(pruned(input_ids=ids, decoder_input_ids=ids).logits, gated, atol=1e-5)
+    pruned.save_pretrained(tmp_path)
+    again = hf_dgate.AutoPrunedModel.from_pretrained(tmp_path)
+    assert torch.allclose(again(input_ids=ids, decoder_input_ids=ids).logits, gated, atol=1e-5)
+    report = hf_dgate.sparsity_report(model)
+    assert report.ungated_stacks == ["model.encoder.layers"]
+    assert "model.encoder.layers (dense)" in str(report)
+
+
+def test_chosen_vision_tower_uses_the_vision_config():
+    model = clip()
+    hf_dgate.apply_dgate(model, target="heads", module_names={"layers": "vision_model.encoder.layers"})
+    assert hf_dgate.get_bank(model).sizes["heads"] == 3 * 2  # vision_config: 3 layers x 2 heads
+
+
+def test_layers_refused_on_one_stack_of_several_and_with_cross_attention():
+    with pytest.raises(ValueError, match="several"):
+        hf_dgate.apply_dgate(whisper(), target="layers", module_names={"layers": "model.decoder.layers"})
+    gpt2 = T.GPT2LMHeadModel(T.GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=32, add_cross_attention=True))
+    with pytest.raises(ValueError, match="attention branches"):
+        hf_dgate.apply_dgate(gpt2, target="layers")
+    hf_dgate.apply_dgate(gpt2, target="heads")  # heads of the self-attention stay possible
+
+
+def test_post_norm_encoder_decoder_layers_refused():
+    decoder_only = T.BartForCausalLM(bart().config)
+    assert len(find_stacks(decoder_only)) == 1
+    with pytest.raises(ValueError, match="pre-norm"):
+        hf_dgate.apply_dgate(decoder_only, target="layers")
