@@ -28,6 +28,7 @@ from .groups import (
     whole_module_slices,
     whole_weight_slices,
 )
+from .registry import spec_for
 
 # Relative names inside a block, most specific first. A name matches a module whose relative name equals it
 # or ends with "." + it.
@@ -87,8 +88,11 @@ class StructureNotFoundError(ValueError):
     """A target's structure (value projection, MLP, block list) could not be located."""
 
 
-def find_group_sets(model: nn.Module, config: DGateConfig, example_inputs: Any = None) -> list[GroupSet]:
-    """All group sets `config` asks for, in a stable order (target, then layer)."""
+def find_group_sets(
+    model: nn.Module, config: DGateConfig, example_inputs: Any = None, refuse: bool = True
+) -> list[GroupSet]:
+    """All group sets `config` asks for, in a stable order (target, then layer). `refuse=False` skips the
+    registry's refusals (reloading an export only reshapes tensors; it gates nothing)."""
     sets: list[GroupSet] = []
     transformer_targets = [t for t in config.targets if t in TRANSFORMER_TARGETS]
     if transformer_targets:
@@ -100,7 +104,11 @@ def find_group_sets(model: nn.Module, config: DGateConfig, example_inputs: Any =
                 "'heads' or 'neurons' instead."
             )
         hf_config = stack_config(model, blocks[0][0]) if blocks else _text_config(model)
+        spec = spec_for(hf_config)
         for target in transformer_targets:
+            why = spec.refusal(target) if spec is not None and refuse else None
+            if why:
+                raise ValueError(f"target={target!r} is not available for '{hf_config.model_type}' models: {why}.")
             builder = {"heads": _head_set, "neurons": _neuron_set, "layers": _layer_set}[target]
             for layer, (name, block) in enumerate(blocks):
                 sets.append(builder(model, hf_config, config, layer, name, block))
@@ -230,10 +238,12 @@ def stack_config(model: nn.Module, block_name: str) -> Any:
             return sub
     for side in ("encoder", "decoder"):
         if side in parts and hasattr(cfg, f"{side}_attention_heads"):
-            overrides = {"num_attention_heads": getattr(cfg, f"{side}_attention_heads")}
-            for k in ("num_key_value_heads", "head_dim"):
-                if hasattr(cfg, f"{side}_{k}"):
-                    overrides[k] = getattr(cfg, f"{side}_{k}")
+            heads = getattr(cfg, f"{side}_attention_heads")
+            # the stack's own key/value head count, else plain multi-head attention (never the other stack's)
+            kv = getattr(cfg, f"{side}_num_key_value_heads", None) or getattr(cfg, f"{side}_key_value_heads", None)
+            overrides = {"num_attention_heads": heads, "num_key_value_heads": kv or heads}
+            if hasattr(cfg, f"{side}_head_dim"):
+                overrides["head_dim"] = getattr(cfg, f"{side}_head_dim")
             return _StackConfig(cfg, overrides)
     return _text_config(model)
 
@@ -285,8 +295,18 @@ def _in_features(m: nn.Module) -> int:
 
 
 # ---- attention heads -------------------------------------------------------------------------------------------
-def _attention_parts(name: str, block: nn.Module, config: DGateConfig) -> dict[str, Any]:
+ATTENTION_KEYS = ("qkv", "value", "query", "key", "out")
+
+
+def _attention_parts(name: str, block: nn.Module, config: DGateConfig, hf_config: Any = None) -> dict[str, Any]:
+    """Relative names of a block's attention projections: the user's `module_names`, else the family's registry
+    entry, else common names."""
     names = config.module_names or {}
+    spec = spec_for(hf_config)
+    if spec is not None and spec.attention is not None and not set(ATTENTION_KEYS) & set(names):
+        parts = spec.attention.parts(hf_config)
+        if all(_has(block, rel) for key, rel in parts.items() if isinstance(rel, str) and key != "layout"):
+            return parts
     leaves = _leaves(block)
     taken: set[str] = set()
     parts: dict[str, Any] = {}
@@ -311,13 +331,30 @@ def _attention_parts(name: str, block: nn.Module, config: DGateConfig) -> dict[s
     return parts
 
 
+def _has(block: nn.Module, rel: str) -> bool:
+    try:
+        block.get_submodule(rel)
+    except AttributeError:
+        return False
+    return True
+
+
+def kv_head_count(hf_config: Any) -> int | None:
+    """Key/value heads as the family's config counts them (None: the config has no head count)."""
+    n_heads = getattr(hf_config, "num_attention_heads", None)
+    spec = spec_for(hf_config)
+    if spec is not None and spec.kv_heads is not None and n_heads is not None:
+        return spec.kv_heads(hf_config)
+    return getattr(hf_config, "num_key_value_heads", None) or n_heads
+
+
 def _head_geometry(hf_config: Any, o: nn.Module, name: str) -> tuple[int, int, int]:
     n_heads = getattr(hf_config, "num_attention_heads", None)
     if n_heads is None:
         raise StructureNotFoundError(
             f"The config of '{name}' has no num_attention_heads; heads cannot be gated without it."
         )
-    n_kv = getattr(hf_config, "num_key_value_heads", None) or n_heads
+    n_kv = kv_head_count(hf_config)
     head_dim = getattr(hf_config, "head_dim", None) or _in_features(o) // n_heads
     if n_heads * head_dim != _in_features(o) or n_heads % n_kv:
         raise StructureNotFoundError(
@@ -330,7 +367,7 @@ def _head_geometry(hf_config: Any, o: nn.Module, name: str) -> tuple[int, int, i
 def _head_set(
     model: nn.Module, hf_config: Any, config: DGateConfig, layer: int, name: str, block: nn.Module
 ) -> GroupSet:
-    parts = _attention_parts(name, block, config)
+    parts = _attention_parts(name, block, config, hf_config)
     get = block.get_submodule
     o = get(parts["o"])
     n_heads, n_kv, hd = _head_geometry(hf_config, o, name)
@@ -351,6 +388,12 @@ def _head_set(
             pos = torch.arange(n)
             fused_idx = pos // (3 * hd)
             value_idx = torch.where(pos % (3 * hd) >= 2 * hd, fused_idx, UNGATED)
+        elif parts["layout"] == "grouped":  # per key/value group [q x n_rep | k | v] (Falcon's new layout)
+            if n != (n_heads + 2 * n_kv) * hd:
+                raise _not_found("grouped query/key/value layout", name, block, "qkv", parts["qkv"])
+            pos = torch.arange(n)
+            fused_idx = pos // ((n_rep + 2) * hd)
+            value_idx = torch.where(pos % ((n_rep + 2) * hd) >= (n_rep + 1) * hd, fused_idx, UNGATED)
         else:  # [q | k | v] blocks (GPT-2 c_attn, Phi-3 qkv_proj)
             if n != (n_heads + 2 * n_kv) * hd:
                 raise _not_found("blocked query/key/value layout", name, block, "qkv", parts["qkv"])
@@ -380,10 +423,16 @@ def _head_set(
 
 
 # ---- MLP neurons -------------------------------------------------------------------------------------------------
-def _mlp_parts(name: str, block: nn.Module, config: DGateConfig) -> tuple[str, list[str]]:
+def _mlp_parts(name: str, block: nn.Module, config: DGateConfig, hf_config: Any = None) -> tuple[str, list[str]]:
+    """(down, [up, ...]) relative names: the user's `module_names`, else the family's entry, else common names."""
     names = config.module_names or {}
+    spec = spec_for(hf_config)
+    if spec is not None and spec.mlp is not None and not {"up", "down"} & set(names):
+        ups = [spec.mlp.fused_up] if spec.mlp.fused_up else list(spec.mlp.up)
+        if all(_has(block, rel) for rel in (spec.mlp.down, *ups)):
+            return spec.mlp.down, ups
     leaves = _leaves(block)
-    taken = {p for p in (_attention_out_name(name, block, config),) if p}
+    taken = {p for p in (_attention_out_name(name, block, config, hf_config),) if p}
     down = names.get("down") or _match(leaves, DOWN_NAMES, taken)
     if down is None:
         raise _not_found("MLP down (second) projection", name, block, "down", "mlp.down_proj")
@@ -399,9 +448,9 @@ def _mlp_parts(name: str, block: nn.Module, config: DGateConfig) -> tuple[str, l
     return down, [ups] if isinstance(ups, str) else list(ups)
 
 
-def _attention_out_name(name: str, block: nn.Module, config: DGateConfig) -> str | None:
+def _attention_out_name(name: str, block: nn.Module, config: DGateConfig, hf_config: Any = None) -> str | None:
     try:
-        return _attention_parts(name, block, config)["o"]
+        return _attention_parts(name, block, config, hf_config)["o"]
     except StructureNotFoundError:
         return None
 
@@ -409,13 +458,18 @@ def _attention_out_name(name: str, block: nn.Module, config: DGateConfig) -> str
 def _neuron_set(
     model: nn.Module, hf_config: Any, config: DGateConfig, layer: int, name: str, block: nn.Module
 ) -> GroupSet:
-    down_rel, up_rels = _mlp_parts(name, block, config)
+    down_rel, up_rels = _mlp_parts(name, block, config, hf_config)
     down = block.get_submodule(down_rel)
     n = _in_features(down)
     idx = slice_index(n)
     removable = input_slices(f"{name}.{down_rel}", down, idx)
+    spec = spec_for(hf_config)
+    fused = spec.mlp.fused_up if spec is not None and spec.mlp is not None else None
     for rel in up_rels:
         up = block.get_submodule(rel)
+        if rel == fused and _out_features(up) == 2 * n:  # [gate | up] halves: unit j is rows j and n + j
+            removable += output_slices(f"{name}.{rel}", up, torch.arange(2 * n) % n)
+            continue
         if _out_features(up) != n:
             raise StructureNotFoundError(
                 f"MLP projections of '{name}' disagree: '{rel}' has {_out_features(up)} outputs, '{down_rel}' "
@@ -432,7 +486,9 @@ def _layer_set(
     model: nn.Module, hf_config: Any, config: DGateConfig, layer: int, name: str, block: nn.Module
 ) -> GroupSet:
     model_type = getattr(hf_config, "model_type", None)
-    if model_type in POST_NORM_TYPES or getattr(hf_config, "do_layer_norm_before", True) is False:
+    spec = spec_for(hf_config)
+    post_norm = not spec.is_pre_norm(hf_config) if spec is not None else model_type in POST_NORM_TYPES
+    if post_norm or getattr(hf_config, "do_layer_norm_before", True) is False:
         raise ValueError(
             f"target='layers' needs pre-norm blocks (x + f(x)); '{model_type}' normalises after the residual "
             "add, so a zero branch does not remove the layer. Gate 'heads' or 'neurons' instead."
@@ -444,10 +500,13 @@ def _layer_set(
             f"({', '.join(attentions)}; e.g. self- and cross-attention) and a zero layer gate scales one attention "
             "output and the MLP, so the block would not become the identity. Gate 'heads' or 'neurons' instead."
         )
-    o_rel = _attention_parts(name, block, config)["o"]
-    down_rel, _ = _mlp_parts(name, block, config)
+    if spec is not None and spec.branches:
+        branches = spec.branches
+    else:
+        o_rel = _attention_parts(name, block, config, hf_config)["o"]
+        branches = (o_rel, _mlp_parts(name, block, config, hf_config)[0])
     sites, primary = [], []
-    for rel in (o_rel, down_rel):
+    for rel in branches:
         m = block.get_submodule(rel)
         sites.append(Site(f"{name}.{rel}", "output", -1, torch.zeros(_out_features(m), dtype=torch.long)))
         primary += whole_weight_slices(f"{name}.{rel}", m)

@@ -227,8 +227,12 @@ def prune_head_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -> 
     for attr in HEAD_COUNT_ATTRS:
         if isinstance(getattr(core, attr, None), int):
             setattr(core, attr, n_q)
-    if isinstance(getattr(core, "num_key_value_heads", None), int):
-        core.num_key_value_heads = n_kv
+    for attr in ("num_key_value_heads", "num_kv_heads"):
+        if isinstance(getattr(core, attr, None), int):
+            setattr(core, attr, n_kv)
+    if meta.get("config_heads") and getattr(core, "config", None) is not None:
+        core.config = copy.copy(core.config)  # this layer's own head counts (the forward reads them there)
+        core.config.num_attention_heads, core.config.num_key_value_heads = n_q, n_kv
     for attr in ("all_head_size", "split_size"):
         if isinstance(getattr(core, attr, None), int):
             setattr(core, attr, n_q * hd)
@@ -339,9 +343,15 @@ def _drop_layers(model: nn.Module, blocks: list[tuple[str, nn.Module]], dead: se
             continue
         for key in PER_LAYER_CONFIG_LISTS:
             val = getattr(cfg, key, None)
-            if isinstance(val, (list, tuple)) and len(val) == n_old:
+            if isinstance(val, (list, tuple)) and len(val) == n_old and _settable(cfg, key):
                 setattr(cfg, key, [v for i, v in enumerate(val) if i not in dead])
         cfg.num_hidden_layers = len(kept)
+
+
+def _settable(cfg: Any, key: str) -> bool:
+    """False for config fields computed from others (Mamba's `layer_types` is a read-only property)."""
+    prop = getattr(type(cfg), key, None)
+    return not isinstance(prop, property) or prop.fset is not None
 
 
 def _configs(model: nn.Module) -> list[Any]:
@@ -381,26 +391,36 @@ def _structure(model: nn.Module, dconfig: DGateConfig, kept_heads: list[list[int
 
 def _block_geometry(
     model: nn.Module, name: str, block: nn.Module, dconfig: DGateConfig
-) -> tuple[int, int, int, int] | None:
-    """(query heads, key/value heads, head size, neurons) a block has now, read off its weights."""
-    from .architectures import _attention_parts, _mlp_parts, stack_config
+) -> tuple[int, int, int, int | None] | None:
+    """(query heads, key/value heads, head size, neurons) a block has now, read off its weights (neurons: None
+    without a dense MLP)."""
+    from .architectures import _attention_parts, _mlp_parts, kv_head_count, stack_config
+    from .registry import spec_for
 
+    cfg = stack_config(model, name)
+    spec = spec_for(cfg)
+    if getattr(cfg, "num_attention_heads", None) is None or (spec is not None and spec.attention is None):
+        return None  # no attention heads to describe (Mamba)
     try:
-        parts = _attention_parts(name, block, dconfig)
-        down_rel, _ = _mlp_parts(name, block, dconfig)
+        parts = _attention_parts(name, block, dconfig, cfg)
     except ValueError:
         return None
+    try:
+        down_rel: str | None = _mlp_parts(name, block, dconfig, cfg)[0]
+    except ValueError:  # no dense MLP (mixture of experts): heads only
+        down_rel = None
     o = block.get_submodule(parts["o"])
     in_o = o.weight.shape[0] if type(o).__name__.endswith("Conv1D") else o.weight.shape[1]
-    cfg = stack_config(model, name)
     rec = _record(model)
     hd = (rec or {}).get("head_dim") or getattr(cfg, "head_dim", None)
     if not hd:
         hd = cfg.hidden_size // cfg.num_attention_heads
     n_q = in_o // hd
     n_heads_cfg = cfg.num_attention_heads
-    n_kv_cfg = getattr(cfg, "num_key_value_heads", None) or n_heads_cfg
+    n_kv_cfg = kv_head_count(cfg) or n_heads_cfg
     n_rep = n_heads_cfg // n_kv_cfg
+    if down_rel is None:
+        return n_q, n_q // n_rep, hd, None
     down = block.get_submodule(down_rel)
     n_neur = down.weight.shape[0] if type(down).__name__.endswith("Conv1D") else down.weight.shape[1]
     return n_q, n_q // n_rep, hd, n_neur
@@ -445,7 +465,7 @@ def _make_native(model: nn.Module, structure: dict[str, Any]) -> bool:
         if hasattr(cfg, "num_key_value_heads"):
             head_edit["num_key_value_heads"] = kv[0]
     neuron_edit: dict[str, Any] = {}
-    if len(set(neurons)) == 1 and neurons[0] > 0:
+    if len(set(neurons)) == 1 and isinstance(neurons[0], int) and neurons[0] > 0:
         for k in NEURON_CONFIG_ATTRS:
             if hasattr(cfg, k):
                 neuron_edit[k] = neurons[0]
@@ -461,7 +481,7 @@ def _make_native(model: nn.Module, structure: dict[str, Any]) -> bool:
 
 def _set_cfg(cfg: Any, values: dict[str, Any]) -> None:
     for k, v in values.items():
-        if v is None and not hasattr(cfg, k):
+        if (v is None and not hasattr(cfg, k)) or not _settable(cfg, k):
             continue
         setattr(cfg, k, v)
 

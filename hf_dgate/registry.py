@@ -1,0 +1,201 @@
+"""What each Hugging Face family looks like inside one block, keyed by `model_type`.
+
+One entry says where a block's attention and MLP projections are (names relative to the block), how a fused
+query/key/value projection is laid out, whether a gate-and-up projection is fused, and whether the block is
+pre-norm (a zero residual branch makes it the identity, so whole layers can go). Detection and export read the
+same entry; families without one fall back to matching common module names (architectures.py), and
+`DGateConfig.module_names` overrides both. Adding a family is one entry here plus one tiny config in
+tests/families.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+# Fused query/key/value layouts along the output axis (h: query heads, g: key/value heads, r = h / g):
+#   blocked      [q_1..q_h | k_1..k_g | v_1..v_g]              GPT-2 c_attn, Phi-3 qkv_proj, ModernBERT Wqkv
+#   interleaved  [q_1 k_1 v_1 | q_2 k_2 v_2 | ...] (r = 1)      GPT-NeoX, Falcon-7B style
+#   grouped      [q x r, k, v] per key/value group              Falcon new_decoder_architecture
+QKV_LAYOUTS = ("blocked", "interleaved", "grouped")
+
+
+@dataclass(frozen=True)
+class Attention:
+    """An attention branch: separate q/k/v projections or one fused `qkv`, and the output projection `o`."""
+
+    o: str
+    q: str | None = None
+    k: str | None = None
+    v: str | None = None
+    qkv: str | None = None
+    layout: str | Callable[[Any], str] = "blocked"
+    # the forward reads head counts from `self.config` (Phi-3): a pruned layer gets its own config copy
+    config_heads: bool = False
+
+    def parts(self, config: Any) -> dict[str, Any]:
+        """The dict architectures.py works with: {'o', 'q', 'k', 'v'} or {'o', 'qkv', 'layout'} (+ extras)."""
+        if self.qkv:
+            layout = self.layout(config) if callable(self.layout) else self.layout
+            parts = {"o": self.o, "qkv": self.qkv, "layout": layout}
+        else:
+            parts = {"o": self.o, "q": self.q, "k": self.k, "v": self.v}
+        return {**parts, "config_heads": True} if self.config_heads else parts
+
+
+@dataclass(frozen=True)
+class Mlp:
+    """A dense MLP: `up` projections (gate and up) producing the intermediate units, `down` consuming them.
+    `fused_up` is one projection holding [gate | up] halves (Phi-3 gate_up_proj, ModernBERT Wi)."""
+
+    down: str
+    up: tuple[str, ...] = ()
+    fused_up: str | None = None
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    attention: Attention | None = None
+    mlp: Mlp | None = None
+    pre_norm: bool | Callable[[Any], bool] = True
+    # why a target cannot be gated in this family (the message the user gets), by target
+    refuse: tuple[tuple[str, str], ...] = ()
+    # residual branch outputs for target="layers" when the block has no attention/MLP pair (Mamba's mixer)
+    branches: tuple[str, ...] = ()
+    # key/value head count when the config does not call it num_key_value_heads (Falcon)
+    kv_heads: Callable[[Any], int] | None = None
+
+    def is_pre_norm(self, config: Any) -> bool:
+        return self.pre_norm(config) if callable(self.pre_norm) else self.pre_norm
+
+    def refusal(self, target: str) -> str | None:
+        return dict(self.refuse).get(target)
+
+
+def _llama_like(**kw: Any) -> ArchSpec:
+    return ArchSpec(
+        Attention(o="self_attn.o_proj", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj"),
+        Mlp(down="mlp.down_proj", up=("mlp.gate_proj", "mlp.up_proj")),
+        **kw,
+    )
+
+
+def _bert_like(prefix: str = "attention.self", q: str = "query", k: str = "key", v: str = "value") -> ArchSpec:
+    return ArchSpec(
+        Attention(o="attention.output.dense", q=f"{prefix}.{q}", k=f"{prefix}.{k}", v=f"{prefix}.{v}"),
+        Mlp(down="output.dense", up=("intermediate.dense",)),
+        pre_norm=False,
+    )
+
+
+def _bart_like(pre_norm: bool) -> ArchSpec:
+    return ArchSpec(
+        Attention(o="self_attn.out_proj", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj"),
+        Mlp(down="fc2", up=("fc1",)),
+        pre_norm=pre_norm,
+    )
+
+
+def _falcon_layout(config: Any) -> str:
+    if getattr(config, "new_decoder_architecture", False):
+        return "grouped"
+    return "blocked" if getattr(config, "multi_query", False) else "interleaved"
+
+
+def _falcon_kv_heads(config: Any) -> int:
+    if config.new_decoder_architecture:
+        return config.num_kv_heads
+    return 1 if config.multi_query else config.num_attention_heads
+
+
+_MOE = (
+    ("neurons", "its MLPs are routed experts; gate attention 'heads' (expert neurons are not supported yet)"),
+    ("layers", "its MLPs are routed experts; gate attention 'heads' (whole MoE layers are not supported yet)"),
+)
+
+SPECS: dict[str, ArchSpec] = {
+    "gpt2": ArchSpec(
+        Attention(o="attn.c_proj", qkv="attn.c_attn"), Mlp(down="mlp.c_proj", up=("mlp.c_fc",))
+    ),
+    "gptj": ArchSpec(
+        Attention(o="attn.out_proj", q="attn.q_proj", k="attn.k_proj", v="attn.v_proj"),
+        Mlp(down="mlp.fc_out", up=("mlp.fc_in",)),
+    ),
+    "gpt_neox": ArchSpec(
+        Attention(o="attention.dense", qkv="attention.query_key_value", layout="interleaved"),
+        Mlp(down="mlp.dense_4h_to_h", up=("mlp.dense_h_to_4h",)),
+    ),
+    "falcon": ArchSpec(
+        Attention(o="self_attention.dense", qkv="self_attention.query_key_value", layout=_falcon_layout),
+        Mlp(down="mlp.dense_4h_to_h", up=("mlp.dense_h_to_4h",)),
+        kv_heads=_falcon_kv_heads,
+    ),
+    "opt": ArchSpec(
+        Attention(o="self_attn.out_proj", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj"),
+        Mlp(down="fc2", up=("fc1",)),
+        pre_norm=lambda c: getattr(c, "do_layer_norm_before", True),
+    ),
+    "phi": ArchSpec(
+        Attention(o="self_attn.dense", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj"),
+        Mlp(down="mlp.fc2", up=("mlp.fc1",)),
+    ),
+    "phi3": ArchSpec(
+        Attention(o="self_attn.o_proj", qkv="self_attn.qkv_proj", config_heads=True),
+        Mlp(down="mlp.down_proj", fused_up="mlp.gate_up_proj"),
+    ),
+    "modernbert": ArchSpec(Attention(o="attn.Wo", qkv="attn.Wqkv"), Mlp(down="mlp.Wo", fused_up="mlp.Wi")),
+    "bert": _bert_like(),
+    "roberta": _bert_like(),
+    "xlm-roberta": _bert_like(),
+    "electra": _bert_like(),
+    "deberta-v2": _bert_like(q="query_proj", k="key_proj", v="value_proj"),
+    "distilbert": ArchSpec(
+        Attention(o="attention.out_lin", q="attention.q_lin", k="attention.k_lin", v="attention.v_lin"),
+        Mlp(down="ffn.lin2", up=("ffn.lin1",)),
+        pre_norm=False,
+    ),
+    "vit": ArchSpec(
+        Attention(
+            o="attention.output.dense",
+            q="attention.attention.query",
+            k="attention.attention.key",
+            v="attention.attention.value",
+        ),
+        Mlp(down="output.dense", up=("intermediate.dense",)),
+    ),
+    "bart": _bart_like(pre_norm=False),
+    "whisper": _bart_like(pre_norm=True),
+    "mamba": ArchSpec(
+        branches=("mixer.out_proj",),
+        refuse=(
+            ("heads", "Mamba blocks have no attention heads"),
+            ("neurons", "Mamba blocks have no MLP; gate whole 'layers'"),
+        ),
+    ),
+    "mixtral": _llama_like(refuse=_MOE),
+    "qwen3_moe": _llama_like(refuse=_MOE),
+    "qwen2_moe": _llama_like(refuse=_MOE),
+    "olmoe": _llama_like(refuse=_MOE),
+}
+for _t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite", "smollm3"):
+    SPECS[_t] = _llama_like()
+SPECS["olmo2"] = _llama_like(
+    refuse=(
+        (
+            "heads",
+            "its query/key RMSNorm spans all heads, so removing one head changes how the others are normalised "
+            "(no exact export); gate 'neurons' or 'layers'",
+        ),
+    )
+)
+SPECS["clip_text_model"] = ArchSpec(
+    Attention(o="self_attn.out_proj", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj"),
+    Mlp(down="mlp.fc2", up=("mlp.fc1",)),
+)
+SPECS["clip_vision_model"] = SPECS["clip_text_model"]
+
+
+def spec_for(config: Any) -> ArchSpec | None:
+    """The registered spec of a (stack) config's `model_type`, or None (name-based detection then)."""
+    return SPECS.get(getattr(config, "model_type", None) or "")

@@ -1,0 +1,218 @@
+"""The coverage matrix: one tiny random model per family, and what gating, export and reload do with it.
+
+`cell(family, target)` runs one cell and returns its outcome as a short string ("exact, native reload",
+"exact, AutoPrunedModel reload" or "refused: <why>"); tests/test_coverage.py checks every cell against the table
+in docs/coverage.md, which `python tests/families.py --write` regenerates.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import transformers as T
+
+import hf_dgate
+
+TARGETS = ("heads", "neurons", "layers")
+V = 64  # vocabulary of every tiny model
+C = dict(num_hidden_layers=3, hidden_size=32, intermediate_size=48, num_attention_heads=4)
+
+
+def _causal(cfg_cls: type, **kw: Any) -> torch.nn.Module:
+    return T.AutoModelForCausalLM.from_config(cfg_cls(vocab_size=V, **{**C, **kw}))
+
+
+def _enc_dec(cfg: Any) -> dict[str, Any]:
+    return dict(vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
+                decoder_attention_heads=2, encoder_ffn_dim=48, decoder_ffn_dim=40, pad_token_id=1, bos_token_id=0,
+                eos_token_id=2, decoder_start_token_id=2, **cfg)
+
+
+# family -> (builder, kind, extra DGateConfig fields); kind picks the inputs and whether generate is compared
+FAMILIES: dict[str, tuple[Callable[[], torch.nn.Module], str, dict[str, Any]]] = {
+    "gpt2": (lambda: T.GPT2LMHeadModel(T.GPT2Config(n_layer=3, n_head=4, n_embd=32, n_inner=48, vocab_size=V,
+                                                     n_positions=32, bos_token_id=0, eos_token_id=0)), "causal", {}),
+    "gptj": (lambda: T.GPTJForCausalLM(T.GPTJConfig(vocab_size=V, n_layer=3, n_embd=32, n_head=4, rotary_dim=4,
+                                                     n_inner=48, n_positions=32, bos_token_id=0, eos_token_id=0)),
+             "causal", {}),
+    "gpt_neox": (lambda: _causal(T.GPTNeoXConfig), "causal", {}),
+    "falcon": (lambda: _causal(T.FalconConfig, new_decoder_architecture=True, num_kv_heads=2, ffn_hidden_size=48),
+               "causal", {}),
+    "opt": (lambda: T.OPTForCausalLM(T.OPTConfig(vocab_size=V, num_hidden_layers=3, hidden_size=32, ffn_dim=48,
+                                                 num_attention_heads=4, word_embed_proj_dim=32)), "causal", {}),
+    "llama": (lambda: _causal(T.LlamaConfig, num_key_value_heads=2), "causal", {}),
+    "mistral": (lambda: _causal(T.MistralConfig, num_key_value_heads=2), "causal", {}),
+    "mixtral": (lambda: _causal(T.MixtralConfig, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+                "causal", {}),
+    "qwen2": (lambda: _causal(T.Qwen2Config, num_key_value_heads=1), "causal", {}),
+    "qwen3": (lambda: _causal(T.Qwen3Config, num_key_value_heads=2, head_dim=8), "causal", {}),
+    "qwen3_moe": (lambda: _causal(T.Qwen3MoeConfig, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                  moe_intermediate_size=24, head_dim=8), "causal", {}),
+    "gemma": (lambda: _causal(T.GemmaConfig, num_key_value_heads=2, head_dim=8), "causal", {}),
+    "gemma2": (lambda: _causal(T.Gemma2Config, num_key_value_heads=2, head_dim=8), "causal", {}),
+    "gemma3": (lambda: _causal(T.Gemma3TextConfig, num_key_value_heads=2, head_dim=8), "causal", {}),
+    "phi": (lambda: _causal(T.PhiConfig), "causal", {}),
+    "phi3": (lambda: _causal(T.Phi3Config, num_key_value_heads=2, pad_token_id=0), "causal", {}),
+    "olmo2": (lambda: _causal(T.Olmo2Config, num_key_value_heads=2, pad_token_id=0), "causal", {}),
+    "granite": (lambda: _causal(T.GraniteConfig, num_key_value_heads=2), "causal", {}),
+    "smollm3": (lambda: _causal(T.SmolLM3Config, num_key_value_heads=2, pad_token_id=0), "causal", {}),
+    "mamba": (lambda: T.MambaForCausalLM(T.MambaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=3,
+                                                       state_size=4)), "causal", {}),
+    "bert": (lambda: T.BertForMaskedLM(T.BertConfig(vocab_size=V, **C)), "encoder", {}),
+    "roberta": (lambda: T.RobertaForMaskedLM(T.RobertaConfig(vocab_size=V, pad_token_id=1, **C)), "encoder", {}),
+    "distilbert": (lambda: T.DistilBertForMaskedLM(T.DistilBertConfig(vocab_size=V, n_layers=3, dim=32, n_heads=4,
+                                                                      hidden_dim=48)), "encoder", {}),
+    "electra": (lambda: T.ElectraForMaskedLM(T.ElectraConfig(vocab_size=V, embedding_size=32, **C)), "encoder", {}),
+    "deberta_v2": (lambda: T.DebertaV2ForMaskedLM(T.DebertaV2Config(vocab_size=V, **C)), "encoder", {}),
+    "modernbert": (lambda: T.ModernBertForMaskedLM(T.ModernBertConfig(vocab_size=V, pad_token_id=0, **C)),
+                   "encoder", {}),
+    "vit": (lambda: T.ViTForImageClassification(T.ViTConfig(image_size=16, patch_size=4, num_labels=3, **C)),
+            "image", {}),
+    "clip": (lambda: T.CLIPModel(T.CLIPConfig(
+        text_config=dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=48),
+        vision_config=dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=40,
+                           image_size=16, patch_size=8))), "clip", {}),
+    "clip[vision]": ("clip", "clip", {"module_names": {"layers": "vision_model.encoder.layers"}}),
+    "t5": (lambda: T.T5ForConditionalGeneration(T.T5Config(
+        vocab_size=V, d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=2, num_decoder_layers=3,
+        decoder_start_token_id=0)), "seq2seq", {}),
+    "bart": (lambda: T.BartForConditionalGeneration(T.BartConfig(max_position_embeddings=32, **_enc_dec({}))),
+             "seq2seq", {}),
+    "bart[decoder]": ("bart", "seq2seq", {"module_names": {"layers": "model.decoder.layers"}}),
+    "whisper": (lambda: T.WhisperForConditionalGeneration(T.WhisperConfig(
+        num_mel_bins=8, max_source_positions=8, max_target_positions=32, **_enc_dec({}))), "speech", {}),
+    "whisper[decoder]": ("whisper", "speech", {"module_names": {"layers": "model.decoder.layers"}}),
+}
+
+
+def build(family: str, seed: int = 0) -> tuple[torch.nn.Module, str, dict[str, Any]]:
+    maker, kind, extra = FAMILIES[family]
+    if isinstance(maker, str):  # a variant of another family with a chosen stack
+        maker = FAMILIES[maker][0]
+    torch.manual_seed(seed)
+    return maker().eval(), kind, extra
+
+
+def inputs(kind: str, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, V, (2, 7), generator=g)
+    if kind == "image":
+        return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
+    if kind == "clip":
+        return {"input_ids": ids, "pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
+    if kind == "seq2seq":
+        return {"input_ids": ids, "decoder_input_ids": ids[:, :5]}
+    if kind == "speech":
+        return {"input_features": torch.randn(2, 8, 16, generator=g), "decoder_input_ids": ids[:, :5]}
+    return {"input_ids": ids}
+
+
+def output(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = model(**batch)
+    if hasattr(out, "logits_per_image"):
+        return torch.cat([out.text_embeds.flatten(), out.image_embeds.flatten()])
+    return out.logits
+
+
+def zero_pattern(bank: Any, target: str, seed: int = 2) -> None:
+    """Zero a whole first layer's groups and about half of the others (for layers: the first and one more)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        gates = bank.gammas[target]
+        first = bank.group_sets[0].n_groups
+        dead = torch.rand(gates.shape[1], generator=g) < 0.5
+        dead[:first] = True
+        gates[:, dead] = 0
+
+
+def cell(family: str, target: str) -> str:
+    """Gate, check outputs at init, zero a pattern, export, compare, reload, compare, generate."""
+    model, kind, extra = build(family)
+    batch = inputs(kind)
+    with torch.no_grad():
+        ref = output(model, batch)
+    try:
+        hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target=target, **extra))
+    except ValueError as e:
+        return "refused: " + _why(e)
+    bank = hf_dgate.get_bank(model)
+    with torch.no_grad():
+        assert torch.equal(output(model, batch), ref), "outputs changed at init"
+        zero_pattern(bank, target)
+        gated = output(model, batch)
+        pruned = hf_dgate.export_pruned(model)
+        diff = (output(pruned, batch) - gated).abs().max().item()
+    assert diff <= 1e-5, f"export differs by {diff:.2e}"
+    with tempfile.TemporaryDirectory() as d:
+        pruned.save_pretrained(d)
+        native = bool((hf_dgate.export.pruned_structure(pruned) or {}).get("native"))
+        again = (type(pruned) if native else hf_dgate.AutoPrunedModel).from_pretrained(d).eval()
+        with torch.no_grad():
+            diff = (output(again, batch) - gated).abs().max().item()
+        assert diff <= 1e-5, f"reloaded export differs by {diff:.2e}"
+    if kind in ("causal", "seq2seq"):
+        gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+        a, b = model.generate(batch["input_ids"], **gen), pruned.generate(batch["input_ids"], **gen)
+        assert torch.equal(a, b), "greedy generate differs"
+    return "exact, " + ("native reload" if native else "AutoPrunedModel reload")
+
+
+def _why(e: Exception) -> str:
+    msg = str(e)
+    for key, short in (
+        ("block stacks", "several block stacks; choose one with module_names['layers']"),
+        ("pre-norm", "post-norm blocks"),
+        ("attention branches", "self- and cross-attention branches"),
+        ("several", "one stack of several"),
+        ("routed experts", "MoE experts"),
+        ("RMSNorm spans", "query/key norm spans all heads (no exact removal)"),
+        ("no attention heads", "no attention"),
+        ("no MLP", "no MLP"),
+    ):
+        if key in msg:
+            return short
+    return msg.splitlines()[0][:80]
+
+
+TABLE_START, TABLE_END = "<!-- coverage:start -->", "<!-- coverage:end -->"
+DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "coverage.md")
+
+
+def table(rows: dict[str, dict[str, str]]) -> str:
+    lines = ["| family | " + " | ".join(TARGETS) + " |", "|---|" + "---|" * len(TARGETS)]
+    lines += [f"| {fam} | " + " | ".join(rows[fam][t] for t in TARGETS) + " |" for fam in rows]
+    return "\n".join(lines)
+
+
+def read_table(path: str = DOC) -> dict[str, dict[str, str]]:
+    text = open(path).read()
+    body = text[text.index(TABLE_START) + len(TABLE_START) : text.index(TABLE_END)].strip().splitlines()[2:]
+    rows = {}
+    for line in body:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        rows[cells[0]] = dict(zip(TARGETS, cells[1:]))
+    return rows
+
+
+if __name__ == "__main__":  # python tests/families.py --write: run every cell, rewrite the table in docs/coverage.md
+    T.logging.set_verbosity_error()
+    rows = {}
+    for fam in FAMILIES:
+        rows[fam] = {}
+        for target in TARGETS:
+            try:
+                rows[fam][target] = cell(fam, target)
+            except Exception as e:  # noqa: BLE001 - a failing cell is reported, not hidden
+                rows[fam][target] = f"FAILS: {type(e).__name__}: {str(e).splitlines()[0][:60]}"
+            print(f"{fam:18s} {target:8s} {rows[fam][target]}", flush=True)
+    if "--write" in sys.argv:
+        text = open(DOC).read()
+        head, tail = text[: text.index(TABLE_START) + len(TABLE_START)], text[text.index(TABLE_END) :]
+        with open(DOC, "w") as f:
+            f.write(f"{head}\n{table(rows)}\n{tail}")
