@@ -8,6 +8,7 @@ query_key_value, OPT, ...). Anything else can be named explicitly through `DGate
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -96,22 +97,8 @@ def find_group_sets(
     sets: list[GroupSet] = []
     transformer_targets = [t for t in config.targets if t in TRANSFORMER_TARGETS]
     if transformer_targets:
-        blocks = find_blocks(model, config)
-        if "layers" in transformer_targets and len(find_stacks(model)) > 1:
-            raise ValueError(
-                f"target='layers' on one stack of a model with several ({describe_stacks(find_stacks(model))}) is "
-                "not supported: its config counts layers per stack, so a reloaded export would not match. Gate "
-                "'heads' or 'neurons' instead."
-            )
-        hf_config = stack_config(model, blocks[0][0]) if blocks else _text_config(model)
-        spec = spec_for(hf_config)
-        for target in transformer_targets:
-            why = spec.refusal(target) if spec is not None and refuse else None
-            if why:
-                raise ValueError(f"target={target!r} is not available for '{hf_config.model_type}' models: {why}.")
-            builder = {"heads": _head_set, "neurons": _neuron_set, "layers": _layer_set}[target]
-            for layer, (name, block) in enumerate(blocks):
-                sets.append(builder(model, hf_config, config, layer, name, block))
+        for stack in block_stacks(model, config):
+            sets += _stack_group_sets(model, config, stack, transformer_targets, refuse)
     if "filters" in config.targets:
         if example_inputs is None:
             example_inputs = channels.example_inputs_for(config.example_input_shape, model)
@@ -128,6 +115,30 @@ def find_group_sets(
                 f"target_modules={config.target_modules!r} matches none of the modules that would be gated; "
                 "it is matched with re.search against names such as 'model.layers.0.self_attn.v_proj'."
             )
+    return sets
+
+
+def _stack_group_sets(
+    model: nn.Module, config: DGateConfig, stack: BlockStack, targets: list[str], refuse: bool
+) -> list[GroupSet]:
+    spec = spec_for(stack.config)
+    sets: list[GroupSet] = []
+    for target in targets:
+        why = spec.refusal(target) if spec is not None and refuse else None
+        if why:
+            raise ValueError(f"target={target!r} is not available for '{stack.config.model_type}' models: {why}.")
+        for layer, (name, block) in enumerate(stack.blocks):
+            if target == "heads":
+                new = _head_sets(model, stack.config, config, layer, name, block)
+            else:
+                new = [
+                    {"neurons": _neuron_set, "layers": _layer_set}[target](
+                        model, stack.config, config, layer, name, block
+                    )
+                ]
+            for gs in new:
+                gs.meta.update(stack=stack.path, stack_name=stack.name)
+            sets += new
     return sets
 
 
@@ -156,12 +167,22 @@ def _is_block(block: nn.Module, named: bool) -> bool:
     return len(leaves) >= 2 and (not named or _match(leaves, names, set()) is not None)
 
 
-def find_blocks(model: nn.Module, config: DGateConfig) -> list[tuple[str, nn.Module]]:
-    """The transformer blocks in order; shared (tied) blocks appear once, since gating them once gates every use.
+@dataclass
+class BlockStack:
+    """One list of blocks that gets gated, with the config that describes it."""
 
-    A model with several stacks (encoder-decoder, two towers) is refused unless `module_names['layers']` picks
-    one: gating a silent subset would report sparsity and export a model that are not what the user meant.
-    """
+    name: str  # short name ("decoder", "vision"); the path for single-stack and unknown models
+    path: str
+    blocks: list[tuple[str, nn.Module]]  # (qualified name, block); shared (tied) blocks once
+    config: Any  # head counts etc. of these blocks (a sub-config, or the model config seen by this stack)
+    layers_config: Any  # the config object whose `layers_field` counts these blocks
+    layers_field: str
+
+
+def block_stacks(model: nn.Module, config: DGateConfig) -> list[BlockStack]:
+    """The block stacks `config` gates: the one named in `module_names['layers']`, the ones chosen in
+    `DGateConfig.stacks`, or every stack of the model. A model with several stacks that the registry does not
+    describe is refused (its per-stack head counts would be guesses)."""
     names = config.module_names or {}
     if "layers" in names:
         try:
@@ -170,30 +191,78 @@ def find_blocks(model: nn.Module, config: DGateConfig) -> list[tuple[str, nn.Mod
             raise StructureNotFoundError(
                 f"module_names['layers']={names['layers']!r} is not a submodule of {type(model).__name__}."
             ) from None
-        prefix = names["layers"]
-    else:
-        stacks = find_stacks(model)
-        if not stacks:
-            raise StructureNotFoundError(
-                f"Could not find the list of transformer blocks in {type(model).__name__} (an nn.ModuleList of "
-                "blocks with attention or MLP projections). Name it explicitly: "
-                "DGateConfig(module_names={'layers': 'model.layers'})."
+        return [_stack(model, names["layers"], blocks)]
+    found = find_stacks(model)
+    if not found:
+        raise StructureNotFoundError(
+            f"Could not find the list of transformer blocks in {type(model).__name__} (an nn.ModuleList of "
+            "blocks with attention or MLP projections). Name it explicitly: "
+            "DGateConfig(module_names={'layers': 'model.layers'})."
+        )
+    stacks = [_stack(model, path, blocks) for path, blocks in found]
+    if len(stacks) > 1 and any(st.name == st.path for st in stacks):
+        raise StructureNotFoundError(
+            f"{type(model).__name__} has {len(found)} block stacks: {describe_stacks(found)}, and hf_dgate has no "
+            "registry entry that says how each is configured; it will not gate a subset silently. Choose one "
+            f"with DGateConfig(module_names={{'layers': {found[-1][0]!r}}}) (the others stay dense and the "
+            "sparsity report lists them)."
+        )
+    chosen = getattr(config, "stacks", None)
+    if chosen:
+        known = {st.name for st in stacks} | {st.path for st in stacks}
+        unknown = [c for c in chosen if c not in known]
+        if unknown:
+            raise ValueError(
+                f"DGateConfig.stacks={chosen!r}: {unknown} is not a stack of {type(model).__name__}; its stacks "
+                f"are {[st.name for st in stacks]}."
             )
-        if len(stacks) > 1:
-            raise StructureNotFoundError(
-                f"{type(model).__name__} has {len(stacks)} block stacks: {describe_stacks(stacks)}. hf_dgate gates "
-                "one stack per model for now and will not pick one for you; choose it with "
-                f"DGateConfig(module_names={{'layers': {stacks[-1][0]!r}}}). The other stacks stay dense and the "
-                "sparsity report lists them as not gated."
-            )
-        prefix, blocks = stacks[0]
-    seen: set[int] = set()
-    out = []
+        stacks = [st for st in stacks if st.name in chosen or st.path in chosen]
+    return stacks
+
+
+def _stack(model: nn.Module, path: str, blocks: nn.ModuleList) -> BlockStack:
+    cfg = getattr(model, "config", None)
+    spec = spec_for(cfg)
+    entry = next((st for st in (spec.stacks if spec else ()) if st.matches(path)), None)
+    unique, seen = [], set()
     for i, block in enumerate(blocks):
         if id(block) not in seen:
             seen.add(id(block))
-            out.append((f"{prefix}.{i}", block))
+            unique.append((f"{path}.{i}", block))
+    if entry is None:
+        text = _text_config(model)
+        return BlockStack(path, path, unique, stack_config(model, path), text, "num_hidden_layers")
+    if entry.config:
+        sub = getattr(cfg, entry.config)
+        return BlockStack(entry.name, path, unique, sub, sub, entry.layers_field)
+    stack_cfg = _StackConfig(cfg, _prefixed(cfg, entry.prefix)) if entry.prefix else cfg
+    return BlockStack(entry.name, path, unique, stack_cfg, cfg, entry.layers_field)
+
+
+def _prefixed(cfg: Any, side: str) -> dict[str, Any]:
+    """Head counts of one side of an encoder-decoder config, under the names the rest of hf_dgate reads."""
+    heads = getattr(cfg, f"{side}_attention_heads")
+    kv = getattr(cfg, f"{side}_num_key_value_heads", None) or getattr(cfg, f"{side}_key_value_heads", None)
+    out = {"num_attention_heads": heads, "num_key_value_heads": kv or heads}
+    if hasattr(cfg, f"{side}_head_dim"):
+        out["head_dim"] = getattr(cfg, f"{side}_head_dim")
     return out
+
+
+def find_blocks(model: nn.Module, config: DGateConfig, stack: str | None = None) -> list[tuple[str, nn.Module]]:
+    """The blocks of one stack in order (`stack`: its path; None: the model's only gated stack)."""
+    stacks = block_stacks(model, config)
+    if stack is not None:
+        for st in stacks:
+            if st.path == stack:
+                return st.blocks
+        raise StructureNotFoundError(f"{stack!r} is not a block stack of {type(model).__name__}.")
+    if len(stacks) != 1:
+        raise StructureNotFoundError(
+            f"{type(model).__name__} has several block stacks ({', '.join(st.path for st in stacks)}); this "
+            "operation works on one: choose it with DGateConfig(module_names={'layers': ...})."
+        )
+    return stacks[0].blocks
 
 
 def describe_stacks(stacks: list[tuple[str, nn.ModuleList]]) -> str:
@@ -205,16 +274,13 @@ def stack_status(model: nn.Module, config: DGateConfig) -> dict[str, bool]:
     features or custom groups); the sparsity report lists it so a dense stack is never a silent one."""
     if not any(t in TRANSFORMER_TARGETS for t in config.targets):
         return {}
-    chosen = (config.module_names or {}).get("layers")
-    stacks = [n for n, _ in find_stacks(model)]
-    if chosen is None:
-        return dict.fromkeys(stacks, True)
-    return {chosen: True, **{n: False for n in stacks if n != chosen}}
+    gated = {st.path for st in block_stacks(model, config)}
+    return {n: n in gated for n, _ in find_stacks(model)} | dict.fromkeys(gated, True)
 
 
 class _StackConfig:
     """The model config as one stack sees it: encoder-decoder configs keep per-stack head counts
-    (`decoder_attention_heads`), composite configs keep one sub-config per tower (`vision_config`)."""
+    (`decoder_attention_heads`)."""
 
     def __init__(self, cfg: Any, overrides: dict[str, Any]):
         self._cfg, self._overrides = cfg, overrides
@@ -229,6 +295,13 @@ def stack_config(model: nn.Module, block_name: str) -> Any:
     cfg = getattr(model, "config", None)
     if cfg is None:
         return None
+    spec = spec_for(cfg)
+    for entry in spec.stacks if spec else ():
+        path = block_name.rpartition(".")[0] if block_name.rpartition(".")[2].isdigit() else block_name
+        if entry.matches(path):
+            if entry.config:
+                return getattr(cfg, entry.config)
+            return _StackConfig(cfg, _prefixed(cfg, entry.prefix)) if entry.prefix else cfg
     parts = block_name.split(".")
     for key in getattr(cfg, "sub_configs", None) or {}:
         stem = key.removesuffix("_config")
@@ -238,13 +311,7 @@ def stack_config(model: nn.Module, block_name: str) -> Any:
             return sub
     for side in ("encoder", "decoder"):
         if side in parts and hasattr(cfg, f"{side}_attention_heads"):
-            heads = getattr(cfg, f"{side}_attention_heads")
-            # the stack's own key/value head count, else plain multi-head attention (never the other stack's)
-            kv = getattr(cfg, f"{side}_num_key_value_heads", None) or getattr(cfg, f"{side}_key_value_heads", None)
-            overrides = {"num_attention_heads": heads, "num_key_value_heads": kv or heads}
-            if hasattr(cfg, f"{side}_head_dim"):
-                overrides["head_dim"] = getattr(cfg, f"{side}_head_dim")
-            return _StackConfig(cfg, overrides)
+            return _StackConfig(cfg, _prefixed(cfg, side))
     return _text_config(model)
 
 
@@ -299,13 +366,13 @@ ATTENTION_KEYS = ("qkv", "value", "query", "key", "out")
 
 
 def _attention_parts(name: str, block: nn.Module, config: DGateConfig, hf_config: Any = None) -> dict[str, Any]:
-    """Relative names of a block's attention projections: the user's `module_names`, else the family's registry
-    entry, else common names."""
+    """Relative names of a block's (self-)attention projections: the user's `module_names`, else the family's
+    registry entry, else common names."""
     names = config.module_names or {}
     spec = spec_for(hf_config)
     if spec is not None and spec.attention is not None and not set(ATTENTION_KEYS) & set(names):
         parts = spec.attention.parts(hf_config)
-        if all(_has(block, rel) for key, rel in parts.items() if isinstance(rel, str) and key != "layout"):
+        if _present(block, parts):
             return parts
     leaves = _leaves(block)
     taken: set[str] = set()
@@ -329,6 +396,19 @@ def _attention_parts(name: str, block: nn.Module, config: DGateConfig, hf_config
     if parts["o"] is None:
         raise _not_found("attention output projection", name, block, "out", "attn.o_proj")
     return parts
+
+
+def _cross_attention_parts(block: nn.Module, hf_config: Any) -> dict[str, Any] | None:
+    """The registry's cross-attention projections when this block has them (decoder blocks of encoder-decoders)."""
+    spec = spec_for(hf_config)
+    if spec is None or spec.cross_attention is None:
+        return None
+    parts = spec.cross_attention.parts(hf_config)
+    return parts if _present(block, parts) else None
+
+
+def _present(block: nn.Module, parts: dict[str, Any]) -> bool:
+    return all(_has(block, rel) for key, rel in parts.items() if isinstance(rel, str) and key != "layout")
 
 
 def _has(block: nn.Module, rel: str) -> bool:
@@ -364,10 +444,30 @@ def _head_geometry(hf_config: Any, o: nn.Module, name: str) -> tuple[int, int, i
     return n_heads, n_kv, head_dim
 
 
-def _head_set(
+def _head_sets(
     model: nn.Module, hf_config: Any, config: DGateConfig, layer: int, name: str, block: nn.Module
+) -> list[GroupSet]:
+    """The self-attention heads of a block and, in decoder blocks of encoder-decoders, its cross-attention
+    heads (a group set of their own: removing one changes nothing in the self-attention)."""
+    sets = [_head_set(model, hf_config, config, layer, name, block)]
+    cross = _cross_attention_parts(block, hf_config)
+    if cross is not None:
+        sets.append(_head_set(model, hf_config, config, layer, name, block, cross))
+    return sets
+
+
+def _head_set(
+    model: nn.Module,
+    hf_config: Any,
+    config: DGateConfig,
+    layer: int,
+    name: str,
+    block: nn.Module,
+    parts: dict[str, Any] | None = None,
 ) -> GroupSet:
-    parts = _attention_parts(name, block, config, hf_config)
+    """One attention's heads (`parts`: its projections; default the self-attention's)."""
+    cross = parts is not None
+    parts = parts if cross else _attention_parts(name, block, config, hf_config)
     get = block.get_submodule
     o = get(parts["o"])
     n_heads, n_kv, hd = _head_geometry(hf_config, o, name)
@@ -418,7 +518,7 @@ def _head_set(
     else:
         sites = [Site(full(parts["o"]), "input", -1, q_group)]
         primary, used = input_slices(full(parts["o"]), o, q_group), "output"
-    meta = dict(parts, n_heads=n_heads, n_kv=n_kv, head_dim=hd, side=used)
+    meta = dict(parts, n_heads=n_heads, n_kv=n_kv, head_dim=hd, side=used, attention="cross" if cross else "self")
     return GroupSet("heads", layer, n_kv, sites, primary, removable, meta)
 
 
@@ -427,10 +527,10 @@ def _mlp_parts(name: str, block: nn.Module, config: DGateConfig, hf_config: Any 
     """(down, [up, ...]) relative names: the user's `module_names`, else the family's entry, else common names."""
     names = config.module_names or {}
     spec = spec_for(hf_config)
-    if spec is not None and spec.mlp is not None and not {"up", "down"} & set(names):
-        ups = [spec.mlp.fused_up] if spec.mlp.fused_up else list(spec.mlp.up)
-        if all(_has(block, rel) for rel in (spec.mlp.down, *ups)):
-            return spec.mlp.down, ups
+    for mlp in spec.mlps() if spec is not None and not {"up", "down"} & set(names) else ():
+        ups = [mlp.fused_up] if mlp.fused_up else list(mlp.up)
+        if all(_has(block, rel) for rel in (mlp.down, *ups)):
+            return mlp.down, ups
     leaves = _leaves(block)
     taken = {p for p in (_attention_out_name(name, block, config, hf_config),) if p}
     down = names.get("down") or _match(leaves, DOWN_NAMES, taken)
@@ -464,10 +564,10 @@ def _neuron_set(
     idx = slice_index(n)
     removable = input_slices(f"{name}.{down_rel}", down, idx)
     spec = spec_for(hf_config)
-    fused = spec.mlp.fused_up if spec is not None and spec.mlp is not None else None
+    fused = {m.fused_up for m in spec.mlps()} if spec is not None else set()
     for rel in up_rels:
         up = block.get_submodule(rel)
-        if rel == fused and _out_features(up) == 2 * n:  # [gate | up] halves: unit j is rows j and n + j
+        if rel in fused and _out_features(up) == 2 * n:  # [gate | up] halves: unit j is rows j and n + j
             removable += output_slices(f"{name}.{rel}", up, torch.arange(2 * n) % n)
             continue
         if _out_features(up) != n:
@@ -493,8 +593,9 @@ def _layer_set(
             f"target='layers' needs pre-norm blocks (x + f(x)); '{model_type}' normalises after the residual "
             "add, so a zero branch does not remove the layer. Gate 'heads' or 'neurons' instead."
         )
+    cross = _cross_attention_parts(block, hf_config)
     attentions = _attention_modules(block)
-    if len(attentions) > 1:
+    if len(attentions) > 1 + (cross is not None):
         raise ValueError(
             f"target='layers' cannot make '{name}' exact: it has {len(attentions)} attention branches "
             f"({', '.join(attentions)}; e.g. self- and cross-attention) and a zero layer gate scales one attention "
@@ -504,7 +605,8 @@ def _layer_set(
         branches = spec.branches
     else:
         o_rel = _attention_parts(name, block, config, hf_config)["o"]
-        branches = (o_rel, _mlp_parts(name, block, config, hf_config)[0])
+        cross_o = (cross["o"],) if cross is not None else ()
+        branches = (o_rel, *cross_o, _mlp_parts(name, block, config, hf_config)[0])
     sites, primary = [], []
     for rel in branches:
         m = block.get_submodule(rel)

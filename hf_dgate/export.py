@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import find_blocks
+from .architectures import BlockStack, block_stacks, find_blocks
 from .config import DGateConfig
 from .errors import ExportError
 from .groups import GroupSet, TensorSlice
@@ -91,6 +91,8 @@ def prune_heads(model: nn.Module, heads_to_prune: dict[int, list[int]], dconfig:
     dconfig = _with_targets(dconfig or DGateConfig(target="heads"), ["heads"])
     record = _record(base) or {}
     blocks = find_blocks(base, dconfig)
+    if "stacks" in record:
+        raise ExportError("prune_heads works on single-stack models; this one records several stacks.")
     kept_heads = _current_heads(base, blocks, dconfig, record)
     for layer, heads in heads_to_prune.items():
         if not 0 <= layer < len(blocks):
@@ -119,7 +121,8 @@ def prune_heads(model: nn.Module, heads_to_prune: dict[int, list[int]], dconfig:
             dead[grp[0]] = True
         prune_head_group_set(base, gs, dead)
         kept_heads[layer] = [h for j, h in enumerate(kept_q) if not dead[j // n_rep]]
-    structure = _structure(base, dconfig, kept_heads)
+    structure = {"version": 1, "module_names": dconfig.module_names}
+    structure.update(_structure(base, blocks, dconfig, {"self": kept_heads}))
     for key in ("layers", "num_hidden_layers_original", "threshold", "not_removed"):
         if key in record:
             structure[key] = record[key]
@@ -135,43 +138,65 @@ def pruned_structure(model: nn.Module) -> dict[str, Any] | None:
 
 # ---- the plan -------------------------------------------------------------------------------------------------
 def _apply_plan(model: nn.Module, plan: list[tuple[GroupSet, torch.Tensor]], dconfig: DGateConfig, thr: float) -> None:
-    transformer_targets = [t for t in dconfig.targets if t in TRANSFORMER_TARGETS]
-    blocks = find_blocks(model, dconfig) if transformer_targets else []
-    n_layers_before = len(blocks)
+    """Remove the dead groups of every gated stack and record what is left (per stack for multi-stack models)."""
     prev = _record(model) or {}
-    kept_heads = _current_heads(model, blocks, dconfig, prev)
-    dead_layers = {gs.layer for gs, d in plan if gs.target == "layers" and bool(d.all())}
     skipped = sorted({gs.target for gs, d in plan if gs.target not in TRANSFORMER_TARGETS and d.any()})
+    stacks = block_stacks(model, dconfig) if any(t in TRANSFORMER_TARGETS for t in dconfig.targets) else []
+    multi = len(stacks) > 1 or "stacks" in prev
+    records = {}
+    for st in stacks:
+        sub_plan = [(gs, d) for gs, d in plan if gs.meta.get("stack") == st.path]
+        before = prev.get("stacks", {}).get(st.path, {}) if multi else prev
+        records[st.path] = _prune_stack(model, st, sub_plan, dconfig, before)
+    structure: dict[str, Any] = {"version": 2 if multi else 1, "module_names": dconfig.module_names}
+    if multi:
+        structure["stacks"] = {**prev.get("stacks", {}), **records}
+    elif records:
+        structure.update(next(iter(records.values())))
+    structure.update(threshold=thr, not_removed=skipped)  # not_removed: custom GroupRule targets (zeros kept)
+    _write_record(model, structure)
+
+
+def _prune_stack(
+    model: nn.Module, st: BlockStack, plan: list[tuple[GroupSet, torch.Tensor]], dconfig: DGateConfig, prev: dict
+) -> dict[str, Any]:
+    n_before = len(st.blocks)
+    kept = {kind: _current_heads(model, st.blocks, dconfig, prev, kind) for kind in ("self", "cross")}
+    dead_layers = {gs.layer for gs, d in plan if gs.target == "layers" and bool(d.all())}
     for gs, dead in plan:
         if gs.layer in dead_layers or not bool(dead.any()):
             continue
         if gs.target == "heads":
             prune_head_group_set(model, gs, dead)
             n_rep = gs.meta["n_heads"] // gs.meta["n_kv"]
-            kept_heads[gs.layer] = [h for j, h in enumerate(kept_heads[gs.layer]) if not dead[j // n_rep]]
+            heads = kept[gs.meta.get("attention", "self")]
+            heads[gs.layer] = [h for j, h in enumerate(heads[gs.layer]) if not dead[j // n_rep]]
         elif gs.target == "neurons":
             prune_neuron_group_set(model, gs, dead)
-    kept_layers = [i for i in range(n_layers_before) if i not in dead_layers]
+    kept_layers = [i for i in range(n_before) if i not in dead_layers]
     if dead_layers:
-        _drop_layers(model, blocks, dead_layers)
-    orig_layers = prev.get("layers", list(range(n_layers_before)))
-    structure = _structure(model, dconfig, [kept_heads[i] for i in kept_layers] if kept_heads else None)
-    structure.update(
+        _drop_layers(model, st, dead_layers)
+    blocks = model.get_submodule(st.path)
+    now = [(f"{st.path}.{i}", b) for i, b in enumerate(blocks)]
+    record = _structure(model, now, dconfig, {k: [v[i] for i in kept_layers] for k, v in kept.items()})
+    orig_layers = prev.get("layers", list(range(n_before)))
+    record.update(
         layers=[orig_layers[i] for i in kept_layers],
-        num_hidden_layers_original=prev.get("num_hidden_layers_original", n_layers_before),
-        threshold=thr,
-        not_removed=skipped,  # custom GroupRule targets: folded (zeros kept), not removed
+        num_hidden_layers_original=prev.get("num_hidden_layers_original", n_before),
     )
-    _write_record(model, structure)
+    return record
 
 
-def _current_heads(model: nn.Module, blocks: list, dconfig: DGateConfig, prev: dict[str, Any]) -> list[list[int]]:
+def _current_heads(
+    model: nn.Module, blocks: list, dconfig: DGateConfig, prev: dict[str, Any], kind: str = "self"
+) -> list[list[int]]:
     """Kept query heads per layer in the original numbering (all of them for a model never pruned)."""
-    if prev.get("heads") and len(prev["heads"]) == len(blocks):
-        return [list(h) for h in prev["heads"]]
+    key = "heads" if kind == "self" else "cross_heads"
+    if prev.get(key) and len(prev[key]) == len(blocks):
+        return [list(h) for h in prev[key]]
     out = []
     for name, block in blocks:
-        geo = _block_geometry(model, name, block, dconfig)
+        geo = _block_geometry(model, name, block, dconfig, kind)
         out.append(list(range(geo[0])) if geo else [])
     return out
 
@@ -268,7 +293,8 @@ def _zero_head_forward(self, hidden_states: torch.Tensor | None = None, *args: A
     if cache is None:
         cache = next((a for a in args if hasattr(a, "update") and hasattr(a, "get_seq_length")), None)
     layer_idx = getattr(self, "layer_idx", None)
-    if cache is not None and layer_idx is not None and hasattr(cache, "update"):
+    cross = kwargs.get("key_value_states") is not None or getattr(self, "is_cross_attention", False)
+    if cache is not None and layer_idx is not None and hasattr(cache, "update") and not cross:
         cache = getattr(cache, "self_attention_cache", cache)
         # A cache layer reports its length from its keys, and an empty tensor reads as length 0, which would
         # shift positions during generation: keep one zero "head" of width 1 as a length marker.
@@ -324,12 +350,11 @@ def prune_neuron_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -
 
 
 # ---- layers -------------------------------------------------------------------------------------------------
-def _drop_layers(model: nn.Module, blocks: list[tuple[str, nn.Module]], dead: set[int]) -> None:
-    prefix = blocks[0][0].rpartition(".")[0]
-    parent_name, _, attr = prefix.rpartition(".")
+def _drop_layers(model: nn.Module, st: BlockStack, dead: set[int]) -> None:
+    parent_name, _, attr = st.path.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     old = getattr(parent, attr)
-    if len(old) != len(blocks):
+    if len(old) != len(st.blocks):
         raise ExportError("Cannot drop layers of a model whose blocks are shared (tied) between positions.")
     kept = [b for i, b in enumerate(old) if i not in dead]
     setattr(parent, attr, nn.ModuleList(kept))
@@ -337,15 +362,18 @@ def _drop_layers(model: nn.Module, blocks: list[tuple[str, nn.Module]], dead: se
         for m in block.modules():
             if isinstance(getattr(m, "layer_idx", None), int):
                 m.layer_idx = new_idx  # the KV cache is indexed by layer_idx
-    for cfg in _configs(model):
-        n_old = getattr(cfg, "num_hidden_layers", None)
+    configs = [st.layers_config]
+    if st.layers_field == "num_hidden_layers":  # a text config inside a composite one may count them too
+        configs += [c for c in _configs(model) if c is not st.layers_config]
+    for cfg in configs:
+        n_old = getattr(cfg, st.layers_field, None)
         if n_old != len(old):
             continue
         for key in PER_LAYER_CONFIG_LISTS:
             val = getattr(cfg, key, None)
             if isinstance(val, (list, tuple)) and len(val) == n_old and _settable(cfg, key):
                 setattr(cfg, key, [v for i, v in enumerate(val) if i not in dead])
-        cfg.num_hidden_layers = len(kept)
+        setattr(cfg, st.layers_field, len(kept))
 
 
 def _settable(cfg: Any, key: str) -> bool:
@@ -366,35 +394,44 @@ def _configs(model: nn.Module) -> list[Any]:
 
 
 # ---- the recorded structure ---------------------------------------------------------------------------------
-def _structure(model: nn.Module, dconfig: DGateConfig, kept_heads: list[list[int]] | None) -> dict[str, Any]:
-    """Per current layer: kept query heads (original numbering), kept key/value heads and kept neurons."""
-    out: dict[str, Any] = {"version": 1, "module_names": dconfig.module_names}
-    heads, kv, neurons, head_dims = [], [], [], []
-    try:
-        blocks = find_blocks(model, dconfig)
-    except ValueError:  # not a transformer, or no layer left
-        if getattr(_text_cfg(model), "num_hidden_layers", None) == 0:
-            out.update(heads=[], kv_heads=[], head_dim=None, neurons=[])
-        return out
+def _structure(
+    model: nn.Module, blocks: list[tuple[str, nn.Module]], dconfig: DGateConfig, kept: dict[str, list[list[int]]]
+) -> dict[str, Any]:
+    """Per current layer of one stack: kept query heads (original numbering), kept key/value heads and kept
+    neurons; decoder blocks of encoder-decoders add the same for their cross-attention."""
+    out: dict[str, Any] = {}
+    rows: dict[str, list] = {k: [] for k in ("heads", "kv_heads", "neurons", "cross_heads", "cross_kv_heads")}
+    head_dims = []
+    if not blocks:
+        return {"heads": [], "kv_heads": [], "head_dim": None, "neurons": []}
     for i, (name, block) in enumerate(blocks):
         geo = _block_geometry(model, name, block, dconfig)
         if geo is None:
             return out
         n_q, n_kv, hd, n_neur = geo
-        heads.append(kept_heads[i] if kept_heads is not None and len(kept_heads[i]) == n_q else list(range(n_q)))
-        kv.append(n_kv)
+        mine = kept.get("self")
+        rows["heads"].append(mine[i] if mine is not None and len(mine[i]) == n_q else list(range(n_q)))
+        rows["kv_heads"].append(n_kv)
+        rows["neurons"].append(n_neur)
         head_dims.append(hd)
-        neurons.append(n_neur)
-    out.update(heads=heads, kv_heads=kv, head_dim=head_dims[0] if head_dims else None, neurons=neurons)
+        cross = _block_geometry(model, name, block, dconfig, "cross")
+        if cross is not None:
+            theirs = kept.get("cross")
+            ok = theirs is not None and len(theirs[i]) == cross[0]
+            rows["cross_heads"].append(theirs[i] if ok else list(range(cross[0])))
+            rows["cross_kv_heads"].append(cross[1])
+    out.update(heads=rows["heads"], kv_heads=rows["kv_heads"], head_dim=head_dims[0], neurons=rows["neurons"])
+    if rows["cross_heads"]:
+        out.update(cross_heads=rows["cross_heads"], cross_kv_heads=rows["cross_kv_heads"])
     return out
 
 
 def _block_geometry(
-    model: nn.Module, name: str, block: nn.Module, dconfig: DGateConfig
+    model: nn.Module, name: str, block: nn.Module, dconfig: DGateConfig, kind: str = "self"
 ) -> tuple[int, int, int, int | None] | None:
     """(query heads, key/value heads, head size, neurons) a block has now, read off its weights (neurons: None
     without a dense MLP)."""
-    from .architectures import _attention_parts, _mlp_parts, kv_head_count, stack_config
+    from .architectures import _attention_parts, _cross_attention_parts, _mlp_parts, kv_head_count, stack_config
     from .registry import spec_for
 
     cfg = stack_config(model, name)
@@ -402,8 +439,10 @@ def _block_geometry(
     if getattr(cfg, "num_attention_heads", None) is None or (spec is not None and spec.attention is None):
         return None  # no attention heads to describe (Mamba)
     try:
-        parts = _attention_parts(name, block, dconfig, cfg)
+        parts = _attention_parts(name, block, dconfig, cfg) if kind == "self" else _cross_attention_parts(block, cfg)
     except ValueError:
+        return None
+    if parts is None:
         return None
     try:
         down_rel: str | None = _mlp_parts(name, block, dconfig, cfg)[0]
@@ -452,7 +491,7 @@ def _make_native(model: nn.Module, structure: dict[str, Any]) -> bool:
     tensor shape.
     """
     cfg = _text_cfg(model)
-    if cfg is None or not structure.get("heads"):
+    if cfg is None or not structure.get("heads") or "stacks" in structure or structure.get("cross_heads"):
         return _shapes_match(model)
     originals = {k: getattr(cfg, k, None) for k in ("num_attention_heads", "num_key_value_heads", "head_dim")}
     originals.update({k: getattr(cfg, k, None) for k in NEURON_CONFIG_ATTRS if hasattr(cfg, k)})

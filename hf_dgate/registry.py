@@ -55,10 +55,28 @@ class Mlp:
 
 
 @dataclass(frozen=True)
+class Stack:
+    """One list of blocks of a multi-stack model (encoder and decoder, text and vision towers)."""
+
+    path: str  # the block list's qualified name, or its tail ("decoder.layers" matches "model.decoder.layers")
+    name: str  # short name for DGateConfig.stacks and reports
+    config: str | None = None  # sub-config describing the stack ("vision_config")
+    prefix: str | None = None  # per-stack config fields "<prefix>_attention_heads", "<prefix>_layers"
+    layers_field: str = "num_hidden_layers"  # the field that counts this stack's blocks
+
+    def matches(self, path: str) -> bool:
+        return path == self.path or path.endswith("." + self.path)
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     attention: Attention | None = None
-    mlp: Mlp | None = None
+    mlp: Mlp | tuple[Mlp, ...] | None = None  # a tuple: alternatives, the first present in a block wins (T5)
     pre_norm: bool | Callable[[Any], bool] = True
+    # cross-attention of decoder blocks in encoder-decoder models (heads in their own group sets)
+    cross_attention: Attention | None = None
+    # the block stacks of a multi-stack model; each stack's blocks follow the spec of its own config
+    stacks: tuple[Stack, ...] = ()
     # why a target cannot be gated in this family (the message the user gets), by target
     refuse: tuple[tuple[str, str], ...] = ()
     # residual branch outputs for target="layers" when the block has no attention/MLP pair (Mamba's mixer)
@@ -71,6 +89,9 @@ class ArchSpec:
 
     def refusal(self, target: str) -> str | None:
         return dict(self.refuse).get(target)
+
+    def mlps(self) -> tuple[Mlp, ...]:
+        return self.mlp if isinstance(self.mlp, tuple) else (self.mlp,) if self.mlp is not None else ()
 
 
 def _llama_like(**kw: Any) -> ArchSpec:
@@ -89,11 +110,31 @@ def _bert_like(prefix: str = "attention.self", q: str = "query", k: str = "key",
     )
 
 
-def _bart_like(pre_norm: bool) -> ArchSpec:
+ENC_DEC = (
+    Stack("encoder.layers", "encoder", prefix="encoder", layers_field="encoder_layers"),
+    Stack("decoder.layers", "decoder", prefix="decoder", layers_field="decoder_layers"),
+)
+
+
+def _bart_like(pre_norm: bool, **kw: Any) -> ArchSpec:
     return ArchSpec(
         Attention(o="self_attn.out_proj", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj"),
         Mlp(down="fc2", up=("fc1",)),
         pre_norm=pre_norm,
+        cross_attention=Attention(
+            o="encoder_attn.out_proj", q="encoder_attn.q_proj", k="encoder_attn.k_proj", v="encoder_attn.v_proj"
+        ),
+        stacks=ENC_DEC,
+        **kw,
+    )
+
+
+def _t5_mlps() -> tuple[Mlp, ...]:
+    """T5's feed-forward sits at layer.1 (encoder) or layer.2 (decoder), with one or two (gated) input layers."""
+    return tuple(
+        Mlp(down=f"layer.{i}.DenseReluDense.wo", up=tuple(f"layer.{i}.DenseReluDense.{u}" for u in ups))
+        for i in (1, 2)
+        for ups in (("wi",), ("wi_0", "wi_1"))
     )
 
 
@@ -115,9 +156,7 @@ _MOE = (
 )
 
 SPECS: dict[str, ArchSpec] = {
-    "gpt2": ArchSpec(
-        Attention(o="attn.c_proj", qkv="attn.c_attn"), Mlp(down="mlp.c_proj", up=("mlp.c_fc",))
-    ),
+    "gpt2": ArchSpec(Attention(o="attn.c_proj", qkv="attn.c_attn"), Mlp(down="mlp.c_proj", up=("mlp.c_fc",))),
     "gptj": ArchSpec(
         Attention(o="attn.out_proj", q="attn.q_proj", k="attn.k_proj", v="attn.v_proj"),
         Mlp(down="mlp.fc_out", up=("mlp.fc_in",)),
@@ -166,6 +205,36 @@ SPECS: dict[str, ArchSpec] = {
     ),
     "bart": _bart_like(pre_norm=False),
     "whisper": _bart_like(pre_norm=True),
+    "t5": ArchSpec(
+        Attention(
+            o="layer.0.SelfAttention.o",
+            q="layer.0.SelfAttention.q",
+            k="layer.0.SelfAttention.k",
+            v="layer.0.SelfAttention.v",
+        ),
+        _t5_mlps(),
+        stacks=(
+            Stack("encoder.block", "encoder", layers_field="num_layers"),
+            Stack("decoder.block", "decoder", layers_field="num_decoder_layers"),
+        ),
+        refuse=(
+            (
+                "heads",
+                "the relative position bias of a stack's first layer is shared by all its layers, so one "
+                "layer cannot lose heads alone; gate 'neurons'",
+            ),
+            (
+                "layers",
+                "the first layer of each stack owns the relative position bias every layer uses; gate 'neurons'",
+            ),
+        ),
+    ),
+    "clip": ArchSpec(
+        stacks=(
+            Stack("text_model.encoder.layers", "text", config="text_config"),
+            Stack("vision_model.encoder.layers", "vision", config="vision_config"),
+        )
+    ),
     "mamba": ArchSpec(
         branches=("mixer.out_proj",),
         refuse=(

@@ -80,7 +80,7 @@ FAMILIES: dict[str, tuple[Callable[[], torch.nn.Module], str, dict[str, Any]]] =
                            image_size=16, patch_size=8))), "clip", {}),
     "clip[vision]": ("clip", "clip", {"module_names": {"layers": "vision_model.encoder.layers"}}),
     "t5": (lambda: T.T5ForConditionalGeneration(T.T5Config(
-        vocab_size=V, d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=2, num_decoder_layers=3,
+        vocab_size=V, d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=3, num_decoder_layers=3,
         decoder_start_token_id=0)), "seq2seq", {}),
     "bart": (lambda: T.BartForConditionalGeneration(T.BartConfig(max_position_embeddings=32, **_enc_dec({}))),
              "seq2seq", {}),
@@ -170,6 +170,7 @@ def _why(e: Exception) -> str:
         ("pre-norm", "post-norm blocks"),
         ("attention branches", "self- and cross-attention branches"),
         ("several", "one stack of several"),
+        ("relative position bias", "shared relative position bias (T5)"),
         ("routed experts", "MoE experts"),
         ("RMSNorm spans", "query/key norm spans all heads (no exact removal)"),
         ("no attention heads", "no attention"),

@@ -75,16 +75,43 @@ def clip():
 
 
 @pytest.mark.parametrize("build", [bart, whisper, t5, clip])
-@pytest.mark.parametrize("target", ["heads", "neurons", "layers"])
-def test_several_stacks_are_refused_by_name(build, target):
+def test_every_stack_of_a_known_family_is_gated(build):
     model = build()
     stacks = [name for name, _ in find_stacks(model)]
     assert len(stacks) == 2
+    hf_dgate.apply_dgate(model, target="neurons")
+    gated = {gs.meta["stack"] for gs in hf_dgate.get_bank(model).group_sets}
+    assert gated == set(stacks)
+    report = hf_dgate.sparsity_report(model)
+    assert report.stacks == dict.fromkeys(stacks, True) and not report.ungated_stacks
+
+
+def test_decoder_blocks_get_cross_attention_heads_of_their_own():
+    model = bart()
+    hf_dgate.apply_dgate(model, target="heads")
+    kinds = [(gs.meta["stack_name"], gs.meta["attention"], gs.n_groups) for gs in hf_dgate.get_bank(model).group_sets]
+    assert kinds.count(("encoder", "self", 4)) == 2
+    assert kinds.count(("decoder", "self", 8)) == 3 and kinds.count(("decoder", "cross", 8)) == 3
+
+
+class TwoTowers(torch.nn.Module):
+    """Two stacks and no registry entry that says how each is configured."""
+
+    def __init__(self):
+        super().__init__()
+        cfg = T.GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=32)
+        self.config = cfg
+        self.left, self.right = T.GPT2Model(cfg), T.GPT2Model(cfg)
+
+
+def test_unknown_multi_stack_model_is_refused_by_name():
+    model = TwoTowers()
     with pytest.raises(StructureNotFoundError) as err:
-        hf_dgate.apply_dgate(model, target=target)
-    msg = str(err.value)
-    assert all(f"'{s}'" in msg for s in stacks) and "module_names" in msg
+        hf_dgate.apply_dgate(model, target="heads")
+    assert "'left.h'" in str(err.value) and "'right.h'" in str(err.value) and "module_names" in str(err.value)
     assert not hf_dgate.is_gated(model)
+    hf_dgate.apply_dgate(model, target="heads", module_names={"layers": "right.h"})
+    assert hf_dgate.sparsity_report(model).ungated_stacks == ["left.h"]
 
 
 def test_chosen_decoder_stack_with_its_own_head_count_exports_exactly(tmp_path):
@@ -94,7 +121,8 @@ def test_chosen_decoder_stack_with_its_own_head_count_exports_exactly(tmp_path):
     ref = model(input_ids=ids, decoder_input_ids=ids).logits
     hf_dgate.apply_dgate(model, target=["heads", "neurons"], module_names={"layers": "model.decoder.layers"})
     bank = hf_dgate.get_bank(model)
-    assert bank.sizes == {"heads": 3 * 8, "neurons": 3 * 48}  # decoder_attention_heads, not the encoder's 4
+    # decoder_attention_heads (8, not the encoder's 4), self- and cross-attention
+    assert bank.sizes == {"heads": 2 * 3 * 8, "neurons": 3 * 48}
     assert torch.equal(model(input_ids=ids, decoder_input_ids=ids).logits, ref)
     with torch.no_grad():
         bank.gammas["heads"][:, [0, 3, 9, 17]] = 0
@@ -116,9 +144,7 @@ def test_chosen_vision_tower_uses_the_vision_config():
     assert hf_dgate.get_bank(model).sizes["heads"] == 3 * 2  # vision_config: 3 layers x 2 heads
 
 
-def test_layers_refused_on_one_stack_of_several_and_with_cross_attention():
-    with pytest.raises(ValueError, match="several"):
-        hf_dgate.apply_dgate(whisper(), target="layers", module_names={"layers": "model.decoder.layers"})
+def test_layers_refused_with_an_ungated_cross_attention_branch():
     gpt2 = T.GPT2LMHeadModel(T.GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=32, add_cross_attention=True))
     with pytest.raises(ValueError, match="attention branches"):
         hf_dgate.apply_dgate(gpt2, target="layers")
