@@ -127,15 +127,9 @@ def _stack_group_sets(
         why = spec.refusal(target) if spec is not None and refuse else None
         if why:
             raise ValueError(f"target={target!r} is not available for '{stack.config.model_type}' models: {why}.")
+        builder = {"heads": _head_sets, "neurons": _neuron_sets, "layers": _layer_sets, "experts": _expert_sets}
         for layer, (name, block) in enumerate(stack.blocks):
-            if target == "heads":
-                new = _head_sets(model, stack.config, config, layer, name, block)
-            else:
-                new = [
-                    {"neurons": _neuron_set, "layers": _layer_set}[target](
-                        model, stack.config, config, layer, name, block
-                    )
-                ]
+            new = builder[target](model, stack.config, config, layer, name, block)
             for gs in new:
                 gs.meta.update(stack=stack.path, stack_name=stack.name)
             sets += new
@@ -555,10 +549,87 @@ def _attention_out_name(name: str, block: nn.Module, config: DGateConfig, hf_con
         return None
 
 
-def _neuron_set(
+def _neuron_sets(
     model: nn.Module, hf_config: Any, config: DGateConfig, layer: int, name: str, block: nn.Module
+) -> list[GroupSet]:
+    """The MLP's intermediate units; in a mixture of experts every expert's units (and a shared expert's)."""
+    spec = spec_for(hf_config)
+    moe = spec.experts if spec is not None and not {"up", "down"} & set(config.module_names or {}) else None
+    if moe is None:
+        return [_neuron_set(model, hf_config, config, layer, name, block)]
+    sets = [_expert_unit_set(layer, name, block, moe)]
+    if moe.shared is not None and all(_has(block, r) for r in (moe.shared.down, *moe.shared.up)):
+        dense = _neuron_set(model, hf_config, config, layer, name, block, (moe.shared.down, list(moe.shared.up)))
+        dense.meta["shared_expert"] = True
+        sets.append(dense)
+    return sets
+
+
+def _experts(name: str, block: nn.Module, moe: Any) -> tuple[str, nn.Module, int, int]:
+    """The stacked expert tensors of a block: (qualified name, module, experts, units per expert)."""
+    if not _has(block, moe.experts):
+        raise _not_found("routed experts", name, block, "experts", moe.experts)
+    experts = block.get_submodule(moe.experts)
+    down, gate_up = getattr(experts, moe.down, None), getattr(experts, moe.gate_up, None)
+    flags_ok = not getattr(experts, "is_transposed", False) and getattr(experts, "is_concatenated", True)
+    if down is None or gate_up is None or down.dim() != 3 or not flags_ok:
+        raise StructureNotFoundError(
+            f"The experts of '{name}' are not stored as [gate | up] (E, 2I, H) and (E, H, I) tensors; hf_dgate gates "
+            "that layout only."
+        )
+    n_exp, units = down.shape[0], down.shape[2]
+    if tuple(gate_up.shape[:2]) != (n_exp, 2 * units):
+        raise StructureNotFoundError(
+            f"The expert tensors of '{name}' disagree: {tuple(gate_up.shape)} vs {tuple(down.shape)}."
+        )
+    return f"{name}.{moe.experts}", experts, n_exp, units
+
+
+def _expert_unit_set(layer: int, name: str, block: nn.Module, moe: Any) -> GroupSet:
+    """Group (e, j): unit j of expert e, i.e. column j of down_proj[e] and rows j, I + j of gate_up_proj[e]."""
+    full, _, n_exp, units = _experts(name, block, moe)
+    idx = torch.arange(n_exp * units).reshape(n_exp, units)
+    gate_up_idx = idx[:, torch.arange(2 * units) % units]
+    site = Site(full, "param", (0, 2), idx, param=moe.down)
+    primary = [TensorSlice(full, moe.down, (0, 2), idx)]
+    removable = [*primary, TensorSlice(full, moe.gate_up, (0, 1), gate_up_idx)]
+    meta = {"experts": moe.experts, "n_experts": n_exp, "units": units, "gate_up": moe.gate_up, "down": moe.down}
+    return GroupSet("neurons", layer, n_exp * units, [site], primary, removable, meta)
+
+
+def _expert_sets(
+    model: nn.Module, hf_config: Any, config: DGateConfig, layer: int, name: str, block: nn.Module
+) -> list[GroupSet]:
+    """Whole routed experts: the gate scales an expert's down projection; removal also drops its router row."""
+    spec = spec_for(hf_config)
+    if spec is None or spec.experts is None:
+        raise ValueError(
+            f"target='experts' needs a mixture-of-experts model; '{getattr(hf_config, 'model_type', None)}' has "
+            "no routed experts (gate 'neurons' or 'layers')."
+        )
+    moe = spec.experts
+    full, experts, n_exp, _ = _experts(name, block, moe)
+    idx = torch.arange(n_exp)
+    router_name = f"{name}.{moe.router}"
+    router = block.get_submodule(moe.router)
+    site = Site(full, "param", 0, idx, param=moe.down)
+    primary = [TensorSlice(full, moe.down, 0, idx)]
+    removable = [*primary, TensorSlice(full, moe.gate_up, 0, idx)]
+    removable += [TensorSlice(router_name, pn, 0, idx) for pn, _ in router.named_parameters(recurse=False)]
+    meta = {"experts": moe.experts, "router": moe.router, "n_experts": n_exp}
+    return [GroupSet("experts", layer, n_exp, [site], primary, removable, meta)]
+
+
+def _neuron_set(
+    model: nn.Module,
+    hf_config: Any,
+    config: DGateConfig,
+    layer: int,
+    name: str,
+    block: nn.Module,
+    parts: tuple[str, list[str]] | None = None,
 ) -> GroupSet:
-    down_rel, up_rels = _mlp_parts(name, block, config, hf_config)
+    down_rel, up_rels = parts or _mlp_parts(name, block, config, hf_config)
     down = block.get_submodule(down_rel)
     n = _in_features(down)
     idx = slice_index(n)
@@ -582,6 +653,12 @@ def _neuron_set(
 
 
 # ---- whole layers ----------------------------------------------------------------------------------------------
+def _layer_sets(
+    model: nn.Module, hf_config: Any, config: DGateConfig, layer: int, name: str, block: nn.Module
+) -> list[GroupSet]:
+    return [_layer_set(model, hf_config, config, layer, name, block)]
+
+
 def _layer_set(
     model: nn.Module, hf_config: Any, config: DGateConfig, layer: int, name: str, block: nn.Module
 ) -> GroupSet:
@@ -601,6 +678,8 @@ def _layer_set(
             f"({', '.join(attentions)}; e.g. self- and cross-attention) and a zero layer gate scales one attention "
             "output and the MLP, so the block would not become the identity. Gate 'heads' or 'neurons' instead."
         )
+    if spec is not None and spec.experts is not None:  # attention output + the whole MoE block's output
+        return _moe_layer_set(layer, name, block, config, hf_config, spec.experts)
     if spec is not None and spec.branches:
         branches = spec.branches
     else:
@@ -612,6 +691,21 @@ def _layer_set(
         m = block.get_submodule(rel)
         sites.append(Site(f"{name}.{rel}", "output", -1, torch.zeros(_out_features(m), dtype=torch.long)))
         primary += whole_weight_slices(f"{name}.{rel}", m)
+    return GroupSet("layers", layer, 1, sites, primary, whole_module_slices(name, block), {"block": name})
+
+
+def _moe_layer_set(layer: int, name: str, block: nn.Module, config: DGateConfig, hf_config: Any, moe: Any) -> GroupSet:
+    o_rel = _attention_parts(name, block, config, hf_config)["o"]
+    o = block.get_submodule(o_rel)
+    full = _experts(name, block, moe)[0]
+    hidden = _out_features(o)
+    sites = [
+        Site(f"{name}.{o_rel}", "output", -1, torch.zeros(hidden, dtype=torch.long)),
+        Site(f"{name}.{moe.block}", "output", -1, torch.zeros(hidden, dtype=torch.long)),
+    ]
+    primary = whole_weight_slices(f"{name}.{o_rel}", o) + [TensorSlice(full, moe.down, None, torch.tensor([0]))]
+    if moe.shared is not None and _has(block, moe.shared.down):
+        primary += whole_weight_slices(f"{name}.{moe.shared.down}", block.get_submodule(moe.shared.down))
     return GroupSet("layers", layer, 1, sites, primary, whole_module_slices(name, block), {"block": name})
 
 

@@ -84,11 +84,42 @@ def feature_set(model: nn.Module) -> GroupSet:
     if first is None:
         raise ValueError(f"target='features' needs an nn.Linear input layer; {type(model).__name__} has none.")
     name, lin = first
+    tied = _tied_to(model, name, lin)
+    if tied:
+        raise ValueError(
+            f"target='features' gates the input columns of the first nn.Linear, {name!r}, but its weights are shared "
+            f"with {tied[0]!r} (tied weights, as in a language model's lm_head): the gate would change that module "
+            "too and export would cut its columns. Gate the module that reads your features instead: "
+            "DGateConfig(target=[], groups=[GroupRule('features', r'^<module name>$', kind='in')])."
+        )
     index = slice_index(lin.in_features)
     slices = input_slices(name, lin, index)
     return GroupSet(
         "features", name, lin.in_features, [Site(name, "input", -1, index)], slices, list(slices), {"module": name}
     )
+
+
+def _tied_to(model: nn.Module, name: str, module: nn.Module) -> list[str]:
+    """Names of the other modules holding `module`'s parameters (the same tensor, or one at the same address)."""
+    own = list(module.parameters(recurse=False))
+    ptrs = {_storage(p) for p in own} - {None}
+    tied = []
+    for other_name, other in model.named_modules(remove_duplicate=False):
+        if other is module:
+            continue
+        for p in other.parameters(recurse=False):
+            if any(p is q for q in own) or _storage(p) in ptrs:
+                tied.append(other_name)
+                break
+    return tied
+
+
+def _storage(p: torch.Tensor) -> tuple | None:
+    """Where a tensor's data starts (None for meta and empty tensors). Not the storage's start: weights loaded
+    from one memory-mapped file share a storage without being tied."""
+    if p.device.type == "meta" or p.numel() == 0:
+        return None
+    return (p.device.type, p.device.index, p.data_ptr())
 
 
 def _axis_size(module: nn.Module, out: bool) -> int:

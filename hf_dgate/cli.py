@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -71,10 +72,19 @@ def _gated_dir(path: str) -> str:
 
 
 def _load_gated(path: str):
+    from safetensors import SafetensorError
+
+    from .errors import NonFiniteError
     from .saving import load_gated
 
     try:
         return load_gated(path)
+    except NonFiniteError:
+        raise
+    except SafetensorError as e:
+        raise CLIError(
+            f"a weight file in {path!r} is corrupt or truncated ({_one_line(e)}); re-save or re-download the model."
+        ) from None
     except (RuntimeError, ValueError, OSError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "mismatch" in str(e).lower():
@@ -90,27 +100,45 @@ def _load_gated(path: str):
 
 def export(args: argparse.Namespace) -> int:
     """Load a gated model, remove its zero groups and write a smaller model (+ card) to --out."""
-    from .hub import export_to_dir
+    import warnings
+
+    from .errors import ExportError
+    from .hub import check_repo_id, export_to_dir
+    from .outdir import OutputDir
+    from .verify import ExportNotVerifiedWarning, Verification
 
     if args.threshold is not None and not args.threshold > 0:
         raise CLIError(f"--threshold {args.threshold} is invalid: pass a float > 0 (e.g. 1e-3).")
     src = _gated_dir(args.gated_dir)
-    if os.path.abspath(args.out) == os.path.abspath(src):
-        raise CLIError("--out must differ from GATED_DIR (the gated model would be overwritten).")
-    if os.path.exists(args.out) and not args.overwrite:
-        raise CLIError(f"--out {args.out!r} exists; pass --overwrite to replace it or choose another directory.")
+    try:  # before the model is loaded: a refused --out or repo id costs nothing
+        if args.push_to_hub:
+            check_repo_id(args.push_to_hub)
+        OutputDir.plan(args.out, sources=[src], overwrite=args.overwrite, force=args.force)
+    except ExportError as e:
+        msg = str(e).replace("overwrite=True (CLI: --overwrite)", "--overwrite")
+        raise CLIError(msg.replace("force=True (CLI: --force)", "--force")) from None
     model = _load_gated(src)
-    summary = export_to_dir(
-        model,
-        args.out,
-        push_to_hub=bool(args.push_to_hub),
-        hub_model_id=args.push_to_hub,
-        threshold=args.threshold,
-        measure=not args.no_measure,
-        seq_len=args.seq_len,
-        base_model=args.base_model,
-        progress=True,
-    )
+    try:
+        with warnings.catch_warnings():  # the outcome is printed below as one plain line
+            warnings.simplefilter("ignore", ExportNotVerifiedWarning)
+            summary = export_to_dir(
+                model,
+                args.out,
+                push_to_hub=bool(args.push_to_hub),
+                hub_model_id=args.push_to_hub,
+                threshold=args.threshold,
+                measure=not args.no_measure,
+                seq_len=args.seq_len,
+                base_model=args.base_model,
+                progress=True,
+                overwrite=args.overwrite,
+                force=args.force,
+                source_dirs=[src],
+                allow_inexact=args.allow_inexact,
+            )
+    except ExportError as e:  # the library's keyword arguments, as this command spells them
+        msg = str(e).replace("allow_inexact=True", "--allow-inexact").replace("the threshold (", "--threshold (")
+        raise CLIError(msg.replace("overwrite=True (CLI: --overwrite)", "--overwrite")) from None
     print(f"wrote {summary['path']}")
     print(
         f"  parameters {summary['params_before']:,} -> {summary['params_after']:,}; forward FLOPs "
@@ -118,12 +146,8 @@ def export(args: argparse.Namespace) -> int:
     )
     if "speedup" in summary:
         print(f"  measured speed-up {summary['speedup']:.2f}x on {summary['device']}")
-    print(f"  max |output difference| to the gated model: {summary['max_abs_diff']:.2e}")
-    if summary["max_abs_diff"] > 1e-3:
-        print(
-            "  warning: some removed groups were not numerically zero (training has not converged to exact zeros "
-            "at this threshold); lower --threshold or train longer if the outputs must match."
-        )
+    check = Verification(**summary["verification"])
+    print(f"  {'' if check.exact else 'WARNING: '}the export {check.describe()}")
     loader = "transformers.AutoModel*" if summary["native"] else "hf_dgate.AutoPrunedModel"
     print(f"  load with {loader}.from_pretrained({summary['path']!r})")
     if summary.get("hub_repo"):
@@ -143,13 +167,37 @@ def report(args: argparse.Namespace) -> int:
         return _report_export(args)
     from .report import sparsity_report
 
+    plot = _plot_path(args.plot) if args.plot else None  # refuse a bad path before the (slow) load
     model = _load_gated(args.dir)
     rep = sparsity_report(model, args.threshold)
     print(rep.to_json() if args.json else rep)
-    if args.plot:
-        path = plot_norms(model, args.plot, args.threshold)
-        print(f"heat-map written to {path}")
+    if plot:
+        path = plot_norms(model, plot, args.threshold)
+        print(f"heat-map written to {path}", file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+PLOT_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
+def _plot_path(path: str) -> str:
+    """The file `--plot` writes: PATH itself for an image file name, PATH/norms.png for a directory; else refuse.
+
+    (matplotlib would append '.png' to a name without a suffix, writing a file the user did not name.)
+    """
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
+        if not os.path.isdir(path):
+            raise CLIError(f"--plot {path!r}: no such directory; create it or pass a file name such as norms.png.")
+        return os.path.join(path, "norms.png")
+    if os.path.splitext(path)[1].lower() not in PLOT_FORMATS:
+        raise CLIError(
+            f"--plot {path!r} has no image suffix; pass a file name ending in one of {', '.join(PLOT_FORMATS)} "
+            "or an existing directory (the heat-map is then written to DIR/norms.png)."
+        )
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise CLIError(f"--plot {path!r}: the directory {parent!r} does not exist; create it first.")
+    return path
 
 
 def _report_export(args: argparse.Namespace) -> int:
@@ -163,20 +211,46 @@ def _report_export(args: argparse.Namespace) -> int:
         )
     if args.plot:
         raise CLIError("--plot needs the gates: run it on the gated model directory, not on the export.")
-    with open(summary_path) as f:
-        summary = json.load(f)
+    try:
+        with open(summary_path) as f:
+            summary = json.load(f, parse_constant=_no_constant)
+    except ValueError as e:
+        raise CLIError(f"{summary_path!r} is not valid JSON ({_one_line(e)}); re-run `hf-dgate export`.") from None
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2, allow_nan=False))
         return 0
-    print(f"hf-dgate export {args.dir} (threshold {summary['threshold']:g})")
-    print(f"  parameters {summary['params_before']:,} -> {summary['params_after']:,}")
-    print(f"  forward FLOPs {summary['flops_before']:,} -> {summary['flops_after']:,}")
-    print(structure_table(summary.get("structure") or {}))
+    try:
+        lines = [
+            f"hf-dgate export {args.dir} (threshold {summary['threshold']:g})",
+            f"  parameters {summary['params_before']:,} -> {summary['params_after']:,}",
+            f"  forward FLOPs {summary['flops_before']:,} -> {summary['flops_after']:,}",
+            structure_table(summary.get("structure") or {}),
+        ]
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CLIError(
+            f"{summary_path!r} is incomplete or malformed ({type(e).__name__}: {_one_line(e)}); re-run `hf-dgate "
+            "export`."
+        ) from None
+    print("\n".join(lines))
     return 0
 
 
+def _no_constant(name: str) -> float:
+    """json.load hook: NaN/Infinity are not JSON, and a summary holding them records a broken export."""
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception's message as one line (whitespace collapsed, at most 300 characters)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def plot_norms(model, path: str, threshold: float | None = None) -> str:
-    """Heat-map of per-head (else per-neuron) effective norms ||theta_g||, one row per layer, zeros marked."""
+    """Heat-map of per-head (else per-neuron) effective norms ||theta_g||, one row per layer, zeros marked.
+
+    Returns the file written: `path`, or `path`/norms.png for a directory."""
+    path = _plot_path(path)
     try:
         import matplotlib
     except ImportError:
@@ -227,48 +301,107 @@ THRESHOLD_HELP = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported as one line (argparse prints the usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; pass an int >= {low}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r} is invalid; pass an int >= {low}")
+        return value
+
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+def _float_above(low: float, strict: bool):
+    sign = ">" if strict else ">="
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number; pass a finite float {sign} {low:g}") from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"{text!r} is invalid; pass a finite float {sign} {low:g} (e.g. 1e-3)")
+        return value
+
+    parse.__name__ = f"float {sign} {low:g}"
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-dgate", description="D-Gating structured sparsity for HF models.")
+    parser = _Parser(prog="hf-dgate", description="D-Gating structured sparsity for HF models.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="Gate a tiny GPT-2, train on synthetic data, print the head-sparsity report.")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--depth", type=int, default=3)
-    p.add_argument("--lam", type=float, default=1e-2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=_int_at_least(1), default=300)
+    p.add_argument("--depth", type=_int_at_least(2), default=3)
+    p.add_argument("--lam", type=_float_above(0.0, strict=False), default=1e-2)
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.set_defaults(func=demo)
 
     p = sub.add_parser("export", help="Remove zero groups of a gated model and write a smaller HF model.")
     p.add_argument("gated_dir", metavar="GATED_DIR", help="Directory written by hf_dgate.save_gated.")
     p.add_argument("--out", required=True, help="Output directory (written atomically).")
-    p.add_argument("--threshold", type=float, default=None, help=THRESHOLD_HELP)
+    p.add_argument("--threshold", type=_float_above(0.0, strict=True), default=None, help=THRESHOLD_HELP)
     p.add_argument("--push-to-hub", metavar="REPO", default=None, help="Also upload to this Hub repo (user/name).")
-    p.add_argument("--overwrite", action="store_true", help="Replace --out if it exists.")
+    p.add_argument("--overwrite", action="store_true", help="Replace --out if it holds a previous export.")
+    p.add_argument(
+        "--force", action="store_true", help="Replace --out whatever it holds (never GATED_DIR or the current dir)."
+    )
     p.add_argument("--no-measure", action="store_true", help="Skip the latency measurement.")
-    p.add_argument("--seq-len", type=int, default=128, help="Sequence length of the FLOPs/latency batch.")
+    p.add_argument("--seq-len", type=_int_at_least(1), default=128, help="Sequence length of the FLOPs/latency batch.")
     p.add_argument("--base-model", default=None, help="Base model id for the model card.")
+    p.add_argument(
+        "--allow-inexact",
+        action="store_true",
+        help="Write the export even when its outputs differ from the gated model's beyond the tolerance (removed "
+        "groups not zero); the card and dgate_export.json then say so.",
+    )
     p.set_defaults(func=export)
 
     p = sub.add_parser("report", help="Sparsity table (and heat-map) of a gated model dir, or an export's structure.")
     p.add_argument("dir", metavar="DIR", help="A gated model directory (hf_dgate.save_gated) or an export.")
-    p.add_argument("--plot", metavar="FILE.png", default=None, help="Write a heat-map of effective norms.")
-    p.add_argument("--threshold", type=float, default=None, help=THRESHOLD_HELP)
+    p.add_argument(
+        "--plot",
+        metavar="FILE.png|DIR",
+        default=None,
+        help="Write a heat-map of effective norms to FILE.png (.pdf, .svg) or to DIR/norms.png.",
+    )
+    p.add_argument("--threshold", type=_float_above(0.0, strict=True), default=None, help=THRESHOLD_HELP)
     p.add_argument("--json", action="store_true", help="Machine-readable output.")
     p.set_defaults(func=report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command. An expected failure (bad input, unreadable or corrupt files, NaN/inf gates, a model that
+    cannot be exported) is one line on stderr and exit code 2, no traceback (HF_DGATE_DEBUG=1 shows it)."""
+    from safetensors import SafetensorError
+
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error (already printed as one line)
+        return e.code if isinstance(e.code, int) else 0
     try:
         return args.func(args)
     except CLIError as e:
-        print(f"hf-dgate {args.command}: error: {e}", file=sys.stderr)
+        print(f"hf-dgate {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, OSError, SafetensorError) as e:  # ValueError covers NonFiniteError and ExportError
         if os.environ.get("HF_DGATE_DEBUG"):
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"hf-dgate {args.command}: error: {first} (set HF_DGATE_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(
+            f"hf-dgate {args.command}: error: {_one_line(e)} (set HF_DGATE_DEBUG=1 for the traceback)", file=sys.stderr
+        )
         return 2
 
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 CONFIG_NAME = "dgate_config.json"
-BUILTIN_TARGETS = ("heads", "neurons", "layers", "filters", "features")
-TRANSFORMER_TARGETS = ("heads", "neurons", "layers")
+BUILTIN_TARGETS = ("heads", "neurons", "layers", "experts", "filters", "features")
+TRANSFORMER_TARGETS = ("heads", "neurons", "layers", "experts")
 HEAD_SIDES = ("auto", "value", "output")
 METHODS = ("dgate", "direct", "l0", "slimming")
 THRESHOLD_MODES = ("absolute", "relative")
@@ -39,8 +42,10 @@ class GroupRule:
             isinstance(self.name, str) and self.name.isidentifier(), "groups[].name", self.name, "a Python identifier"
         )
         _check(isinstance(self.modules, str) and self.modules != "", "groups[].modules", self.modules, "a regex")
-        _check(self.kind in GROUP_KINDS, "groups[].kind", self.kind, f"one of {GROUP_KINDS}")
-        _check(isinstance(self.size, int) and self.size >= 1, "groups[].size", self.size, "an int >= 1")
+        _check_regex("groups[].modules", self.modules)
+        _check(_is_choice(self.kind, GROUP_KINDS), "groups[].kind", self.kind, f"one of {GROUP_KINDS}")
+        _check(_is_int(self.size) and self.size >= 1, "groups[].size", self.size, "an int >= 1")
+        self.size = int(self.size)
 
 
 @dataclass
@@ -119,6 +124,14 @@ class DGateConfig:
         default_factory=list,
         metadata={"help": "User-defined group types on any nn.Module (see GroupRule)."},
     )
+    stacks: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Which block stacks of a multi-stack model to gate, by short name or path: e.g. ['decoder'] "
+            "of an encoder-decoder, ['vision'] of CLIP. None gates every stack; the sparsity report lists the "
+            "stacks left dense."
+        },
+    )
     module_names: dict[str, Any] | None = field(
         default=None,
         metadata={
@@ -129,34 +142,45 @@ class DGateConfig:
     )
 
     def __post_init__(self) -> None:
-        targets = [self.target] if isinstance(self.target, str) else list(self.target)
-        for t in targets:
-            _check(t in BUILTIN_TARGETS, "target", self.target, f"one of {BUILTIN_TARGETS} or a list of them")
-        _check(len(set(targets)) == len(targets), "target", self.target, "a list without repeats")
-        self.groups = [g if isinstance(g, GroupRule) else GroupRule(**g) for g in self.groups]
-        _check(targets or self.groups, "target", self.target, "at least one target or one entry in `groups`")
+        # Every field is checked for its type as well as its value: a wrong type (a string for a bool, a dict for
+        # a list) would otherwise be read in some unintended way far from here. Numbers written as strings (YAML
+        # 1.1 reads `1e-3` as a string) are converted; bools and ints must be the real thing.
+        target = self.target
         _check(
-            isinstance(self.depth, int) and not isinstance(self.depth, bool) and self.depth >= 2,
-            "depth",
-            self.depth,
-            "an int >= 2",
+            isinstance(target, str) or (isinstance(target, (list, tuple)) and all(isinstance(t, str) for t in target)),
+            "target",
+            target,
+            f"one of {BUILTIN_TARGETS} or a list of them",
         )
-        _check(_is_number(self.lam) and self.lam >= 0, "lam", self.lam, "a float >= 0")
-        _check(_is_number(self.threshold) and self.threshold > 0, "threshold", self.threshold, "a float > 0")
+        targets = [target] if isinstance(target, str) else list(target)
+        for t in targets:
+            _check(t in BUILTIN_TARGETS, "target", target, f"one of {BUILTIN_TARGETS} or a list of them")
+        _check(len(set(targets)) == len(targets), "target", target, "a list without repeats")
+        if isinstance(target, tuple):
+            self.target = targets
+        _check(isinstance(self.groups, (list, tuple)), "groups", self.groups, "a list of GroupRule (or dicts)")
+        self.groups = [_group_rule(g) for g in self.groups]
+        _check(targets or self.groups, "target", target, "at least one target or one entry in `groups`")
+        _check(_is_int(self.depth) and self.depth >= 2, "depth", self.depth, "an int >= 2")
+        self.depth = int(self.depth)
+        self.lam = _float("lam", self.lam)
+        _check(self.lam >= 0, "lam", self.lam, "a finite float >= 0")
+        self.threshold = _float("threshold", self.threshold)
+        _check(self.threshold > 0, "threshold", self.threshold, "a finite float > 0")
         _check(
-            self.threshold_mode in THRESHOLD_MODES, "threshold_mode", self.threshold_mode, f"one of {THRESHOLD_MODES}"
+            _is_choice(self.threshold_mode, THRESHOLD_MODES),
+            "threshold_mode",
+            self.threshold_mode,
+            f"one of {THRESHOLD_MODES}",
         )
         if self.threshold_mode == "relative":
             _check(self.threshold < 1, "threshold", self.threshold, "a float in (0, 1) with threshold_mode='relative'")
-        _check(self.method in METHODS, "method", self.method, f"one of {METHODS}")
-        _check(self.head_side in HEAD_SIDES, "head_side", self.head_side, f"one of {HEAD_SIDES}")
+        _check(_is_choice(self.method, METHODS), "method", self.method, f"one of {METHODS}")
+        _check(_is_choice(self.head_side, HEAD_SIDES), "head_side", self.head_side, f"one of {HEAD_SIDES}")
         if self.target_modules is not None:
-            import re
-
-            try:
-                re.compile(self.target_modules)
-            except (re.error, TypeError) as e:
-                raise ValueError(f"target_modules={self.target_modules!r} is not a valid regex ({e}).") from None
+            _check(isinstance(self.target_modules, str), "target_modules", self.target_modules, "a regex or None")
+            _check_regex("target_modules", self.target_modules)
+        _check(isinstance(self.weight_side, bool), "weight_side", self.weight_side, "True or False")
         names = [g.name for g in self.groups]
         _check(
             len(set(names)) == len(names) and not set(names) & set(targets),
@@ -166,11 +190,16 @@ class DGateConfig:
         )
         if self.example_input_shape is not None:
             shape = self.example_input_shape
-            ok = isinstance(shape, (list, tuple)) and shape and all(isinstance(d, int) and d > 0 for d in shape)
+            ok = isinstance(shape, (list, tuple)) and shape and all(_is_int(d) and d > 0 for d in shape)
             _check(ok, "example_input_shape", shape, "a list of positive ints such as [1, 3, 32, 32]")
-            self.example_input_shape = list(shape)
-        self.lam = float(self.lam)
-        self.threshold = float(self.threshold)
+            self.example_input_shape = [int(d) for d in shape]
+        if self.module_names is not None:
+            self.module_names = _module_names(self.module_names)
+        if self.stacks is not None:
+            stacks = self.stacks
+            ok = isinstance(stacks, (list, tuple)) and stacks and all(isinstance(x, str) and x for x in stacks)
+            _check(ok, "stacks", self.stacks, "a non-empty list of stack names or paths, e.g. ['decoder']")
+            self.stacks = list(self.stacks)
 
     @property
     def targets(self) -> list[str]:
@@ -183,8 +212,12 @@ class DGateConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DGateConfig:
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"A DGateConfig must be a mapping of field names to values, got {type(data).__name__} {data!r}."
+            )
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)
         if unknown:
             raise ValueError(f"Unknown DGateConfig field(s) {unknown}; allowed fields are {sorted(known)}.")
         return cls(**data)
@@ -193,7 +226,7 @@ class DGateConfig:
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, CONFIG_NAME)
         with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
+            json.dump(self.to_dict(), f, indent=2, allow_nan=False)
         return path
 
     @classmethod
@@ -201,24 +234,110 @@ class DGateConfig:
         path = os.path.join(directory, CONFIG_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"No {CONFIG_NAME} in {directory!r}: was the model saved from a gated model?")
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{path!r} is not valid JSON ({e}); fix it or re-save the gated model.") from None
+        return _from_file(cls, data, path)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> DGateConfig:
         import yaml
 
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        if "dgate" in data and isinstance(data["dgate"], dict):  # allow a section of a larger config file
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f)
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ValueError(f"{str(path)!r} is not valid YAML ({' '.join(str(e).split())}).") from None
+        data = {} if data is None else data
+        if isinstance(data, dict) and isinstance(data.get("dgate"), dict):  # a section of a larger config file
             data = data["dgate"]
+        return _from_file(cls, data, path)
+
+
+def _from_file(cls: type[DGateConfig], data: Any, path: str | os.PathLike) -> DGateConfig:
+    """`from_dict`, with the file named in the error (a config file holding a list or a scalar is refused)."""
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{str(path)!r} holds a {type(data).__name__} ({data!r:.60}), not a mapping of DGateConfig fields; "
+            "write it as `field: value` lines (optionally under a `dgate:` section)."
+        )
+    try:
         return cls.from_dict(data)
+    except ValueError as e:
+        raise ValueError(f"{str(path)!r}: {e}") from None
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf")
+MODULE_NAME_KEYS = ("layers", "qkv", "qkv_layout", "value", "query", "key", "out", "up", "down")
+QKV_LAYOUTS = ("blocked", "interleaved", "grouped")
+
+
+def _module_names(names: Any) -> dict[str, Any]:
+    """`module_names` checked: known keys; a module path per key, a list of paths for 'up', a layout name."""
+    _check(isinstance(names, dict), "module_names", names, f"a dict with keys from {MODULE_NAME_KEYS}")
+    unknown = [k for k in names if k not in MODULE_NAME_KEYS]
+    _check(not unknown, "module_names", names, f"keys from {MODULE_NAME_KEYS} (unknown: {unknown})")
+    out = dict(names)
+    for key, value in names.items():
+        if key == "qkv_layout":
+            _check(_is_choice(value, QKV_LAYOUTS), f"module_names['{key}']", value, f"one of {QKV_LAYOUTS}")
+        elif key == "up" and isinstance(value, (list, tuple)):
+            _check(
+                value and all(isinstance(v, str) and v for v in value),
+                "module_names['up']",
+                value,
+                "a module name or a non-empty list of module names",
+            )
+            out[key] = list(value)
+        else:
+            _check(isinstance(value, str) and value, f"module_names['{key}']", value, "a module name (a string)")
+    return out
+
+
+def _group_rule(rule: Any) -> GroupRule:
+    if isinstance(rule, GroupRule):
+        return rule
+    _check(isinstance(rule, dict), "groups[]", rule, "a GroupRule or a dict of its fields (name, modules, kind, size)")
+    fields = {f.name for f in dataclasses.fields(GroupRule)}
+    unknown = sorted(set(rule) - fields, key=str)
+    missing = sorted({"name", "modules"} - set(rule))
+    _check(not unknown and not missing, "groups[]", rule, f"the fields {sorted(fields)} (name and modules required)")
+    return GroupRule(**rule)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_choice(x: Any, choices: tuple[str, ...]) -> bool:
+    return isinstance(x, str) and x in choices
+
+
+def _float(name: str, x: Any) -> float:
+    """A finite float from a real number or a numeric string ('1e-3'); anything else is a ValueError naming `name`."""
+    value = None
+    if isinstance(x, str):
+        try:
+            value = float(x.strip())
+        except ValueError:
+            pass
+    elif isinstance(x, numbers.Real) and not isinstance(x, bool):
+        try:
+            value = float(x)
+        except OverflowError:  # an int such as 10**400
+            pass
+    _check(value is not None and math.isfinite(value), name, x, "a finite number")
+    return value
+
+
+def _check_regex(name: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise ValueError(f"DGateConfig.{name}={pattern!r} is not a valid regex ({e}).") from None
 
 
 def _check(ok: Any, name: str, value: Any, allowed: str) -> None:
     if not ok:
-        raise ValueError(f"DGateConfig.{name}={value!r} is invalid: expected {allowed}.")
+        raise ValueError(f"DGateConfig.{name}={value!r:.200} is invalid: expected {allowed}.")

@@ -7,7 +7,7 @@ call `lam_at(step)` before each optimizer step and `update(step, sparsity)` afte
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 
@@ -35,17 +35,25 @@ class LamController:
     last_sparsity: float = 0.0
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.lam, (int, float)) and self.lam >= 0):
-            raise ValueError(f"lam={self.lam!r} is invalid: expected a float >= 0.")
-        if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):
+        if not (_finite(self.lam) and self.lam >= 0):
+            raise ValueError(f"lam={self.lam!r} is invalid: expected a finite float >= 0.")
+        if not (_int(self.warmup_steps) and self.warmup_steps >= 0):
             raise ValueError(f"lam_warmup_steps={self.warmup_steps!r} is invalid: expected an int >= 0.")
         if self.target_sparsity is not None:
-            if not 0.0 <= self.target_sparsity < 1.0:
+            if not (_finite(self.target_sparsity) and 0.0 <= self.target_sparsity < 1.0):
                 raise ValueError(f"target_sparsity={self.target_sparsity!r} is invalid: expected a float in [0, 1).")
             if self.lam <= 0:
                 raise ValueError("target_sparsity needs a starting lam > 0 (the controller scales lam geometrically).")
-        if not (isinstance(self.interval, int) and self.interval >= 1):
+        if not (_int(self.interval) and self.interval >= 1):
             raise ValueError(f"interval={self.interval!r} is invalid: expected an int >= 1.")
+        for name in ("gain", "tolerance", "max_error", "min_lam", "max_lam"):
+            value = getattr(self, name)
+            if not (_finite(value) and value >= 0):
+                raise ValueError(f"{name}={value!r} is invalid: expected a finite float >= 0.")
+        if self.min_lam > self.max_lam:
+            raise ValueError(f"min_lam={self.min_lam!r} is above max_lam={self.max_lam!r}: expected min_lam <= max_lam")
+        if not (_finite(self.last_sparsity) and 0.0 <= self.last_sparsity <= 1.0):
+            raise ValueError(f"last_sparsity={self.last_sparsity!r} is invalid: expected a float in [0, 1].")
         self.lam = float(self.lam)
 
     def warmup_factor(self, step: int) -> float:
@@ -74,6 +82,22 @@ class LamController:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k, v in state.items():
-            if hasattr(self, k):
-                setattr(self, k, v)
+        """Restore a saved state, validated like a fresh controller: a ValueError names the bad field, and the
+        controller is left unchanged."""
+        if not isinstance(state, dict):
+            raise ValueError(f"the lam controller state must be a JSON object, not {type(state).__name__}.")
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(state) - known)
+        if unknown:
+            raise ValueError(f"unknown lam controller field(s) {unknown}; allowed fields are {sorted(known)}.")
+        restored = LamController(**{**self.state_dict(), **state})  # runs __post_init__'s checks
+        for k in known:
+            setattr(self, k, getattr(restored, k))
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)

@@ -22,13 +22,13 @@ import torch
 from torch import nn
 
 from .architectures import BlockStack, block_stacks, find_blocks
-from .config import DGateConfig
+from .config import TRANSFORMER_TARGETS, DGateConfig
 from .errors import ExportError
 from .groups import GroupSet, TensorSlice
 from .patch import _unwrap, get_bank, remove_dgate
+from .pruned_modules import ZeroHeadAttention, ZeroInputConv1D, make_no_head, make_no_input, own_head_config
 
 PRUNING_KEY = "dgate_pruning"
-TRANSFORMER_TARGETS = ("heads", "neurons", "layers")
 HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
 PER_LAYER_CONFIG_LISTS = ("layer_types", "attention_layers", "no_rope_layers")
 NEURON_CONFIG_ATTRS = ("intermediate_size", "n_inner", "ffn_dim")
@@ -38,38 +38,78 @@ __all__ = ["ExportError", "export_pruned", "prune_heads", "pruned_structure"]
 
 # ---- public API -----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def export_pruned(model: nn.Module, threshold: float | None = None, inplace: bool = False) -> nn.Module:
-    """A physically smaller copy of a gated model that computes what the gated model computes.
+def export_pruned(
+    model: nn.Module,
+    threshold: float | None = None,
+    inplace: bool = False,
+    *,
+    allow_inexact: bool = False,
+    verify: bool = True,
+    example_inputs: Any = None,
+) -> nn.Module:
+    """A physically smaller copy of a gated model that computes what the gated model computes, checked.
 
     Gates are folded into the weights, then every group whose effective norm ||theta_g|| is below `threshold`
     (default: the DGateConfig's) is removed with everything that only fed it: heads (whole key/value groups
     under GQA), MLP neurons and whole layers. The caller's model is left untouched unless `inplace=True`
     (saves the memory of a copy; the model is then folded, ungated and pruned). Models gated only on filters,
     input features or custom groups go to `hf_dgate.surgery.prune_torch_model`.
+
+    The export is verified (`hf_dgate.verify`): gated and exported model run on a probe batch
+    (`example_inputs`, else one built from the config or `DGateConfig.example_input_shape`) and their outputs
+    must agree within `max|diff| <= atol + rtol * max|gated|` (1e-4, 1e-4 in float32). Otherwise ExportError
+    names the removed groups that were not zero, unless `allow_inexact=True`. NaN/inf gates or weights raise
+    NonFiniteError. The outcome is `pruned.dgate_verification` (`verified`, `exact`, `max_abs_diff`, ...).
     """
+    pruned, result = _export(
+        model, threshold, inplace, allow_inexact=allow_inexact, verify=verify, inputs=example_inputs
+    )
+    pruned.dgate_verification = result
+    return pruned
+
+
+def _export(
+    model: nn.Module,
+    threshold: float | None,
+    inplace: bool,
+    *,
+    allow_inexact: bool = False,
+    verify: bool = True,
+    inputs: Any = None,
+) -> tuple[nn.Module, Any]:
+    """export_pruned's work: the pruned model and its `hf_dgate.verify.Verification` (export_to_dir passes its
+    own batch as `inputs` so the outputs are measured once)."""
+    from .verify import ExportCheck
+
     bank = get_bank(model)
+    bank.assert_finite("export")
     try:
         thr = bank.check_threshold(threshold)
     except ValueError as e:
         raise ExportError(str(e)) from None
+    transformer = any(t in TRANSFORMER_TARGETS for t in bank.targets)
+    removed = tuple(t for t in bank.targets if t in TRANSFORMER_TARGETS) if transformer else None
+    # the reference outputs come from the gated model before anything (PEFT merge, in-place pruning) changes it
+    check = ExportCheck(model, bank, thr, inputs=inputs, verify=verify, targets=removed)
     if hasattr(model, "peft_config") and hasattr(model, "merge_and_unload"):  # PEFT: merge adapters, then prune
         from .patch import merge_adapters
 
         model, inplace = merge_adapters(model if inplace else copy.deepcopy(model)), True
         bank = get_bank(model)
-    if not any(t in TRANSFORMER_TARGETS for t in bank.targets) and not inplace:
+    if not transformer:
         from .surgery import prune_torch_model  # filters, input features, custom groups of plain torch models
 
-        return prune_torch_model(model, thr)
-    dead = {t: bank.zero_groups(t, thr).cpu() for t in bank.targets}
-    plan = [(gs, dead[gs.target][off : off + gs.n_groups]) for gs, off in zip(bank.group_sets, bank.offsets)]
-    dconfig = bank.config
-    base = _unwrap(model)
-    pruned = base if inplace else copy.deepcopy(base)
-    remove_dgate(pruned, merge=True)
-    _apply_plan(pruned, plan, dconfig, float(thr))
-    pruned.eval()
-    return pruned
+        pruned = prune_torch_model(model, thr, inplace=inplace)
+    else:
+        dead = {t: bank.zero_groups(t, thr).cpu() for t in bank.targets}
+        plan = [(gs, dead[gs.target][off : off + gs.n_groups]) for gs, off in zip(bank.group_sets, bank.offsets)]
+        dconfig = bank.config
+        base = _unwrap(model)
+        pruned = base if inplace else copy.deepcopy(base)
+        remove_dgate(pruned, merge=True)
+        _apply_plan(pruned, plan, dconfig, float(thr))
+        pruned.eval()
+    return pruned, check.finish(pruned, allow_inexact)
 
 
 @torch.no_grad()
@@ -142,7 +182,8 @@ def _apply_plan(model: nn.Module, plan: list[tuple[GroupSet, torch.Tensor]], dco
     prev = _record(model) or {}
     skipped = sorted({gs.target for gs, d in plan if gs.target not in TRANSFORMER_TARGETS and d.any()})
     stacks = block_stacks(model, dconfig) if any(t in TRANSFORMER_TARGETS for t in dconfig.targets) else []
-    multi = len(stacks) > 1 or "stacks" in prev
+    # one record per stack wherever the model has several (even when one is gated): reloading must know which
+    multi = len(stacks) > 1 or "stacks" in prev or any(st.name != st.path for st in stacks)
     records = {}
     for st in stacks:
         sub_plan = [(gs, d) for gs, d in plan if gs.meta.get("stack") == st.path]
@@ -163,7 +204,8 @@ def _prune_stack(
     n_before = len(st.blocks)
     kept = {kind: _current_heads(model, st.blocks, dconfig, prev, kind) for kind in ("self", "cross")}
     dead_layers = {gs.layer for gs, d in plan if gs.target == "layers" and bool(d.all())}
-    for gs, dead in plan:
+    order = {"heads": 0, "neurons": 1, "experts": 2}  # expert units index the experts as they were
+    for gs, dead in sorted(plan, key=lambda p: order.get(p[0].target, 3)):
         if gs.layer in dead_layers or not bool(dead.any()):
             continue
         if gs.target == "heads":
@@ -171,8 +213,12 @@ def _prune_stack(
             n_rep = gs.meta["n_heads"] // gs.meta["n_kv"]
             heads = kept[gs.meta.get("attention", "self")]
             heads[gs.layer] = [h for j, h in enumerate(heads[gs.layer]) if not dead[j // n_rep]]
+        elif gs.target == "neurons" and "n_experts" in gs.meta:
+            prune_expert_unit_group_set(model, gs, dead)
         elif gs.target == "neurons":
             prune_neuron_group_set(model, gs, dead)
+        elif gs.target == "experts":
+            prune_expert_group_set(model, gs, dead)
     kept_layers = [i for i in range(n_before) if i not in dead_layers]
     if dead_layers:
         _drop_layers(model, st, dead_layers)
@@ -224,13 +270,15 @@ def _keep_slice(model: nn.Module, sl: TensorSlice, dead: torch.Tensor) -> None:
 
 def _sync_features(module: nn.Module) -> None:
     """Keep a module's size attributes true to its weight (they feed `extra_repr` and some forwards)."""
-    w = module.weight
+    w = getattr(module, "weight", None)
+    if w is None:
+        return
     if isinstance(module, nn.Linear):
         module.out_features, module.in_features = w.shape
     elif type(module).__name__.endswith("Conv1D"):
         module.nx, module.nf = w.shape
-        if module.nx == 0 and not isinstance(module, ZeroInputConv1D):
-            module.__class__ = _zero_input_conv1d(type(module))
+        if module.nx == 0:
+            make_no_input(module)
 
 
 # ---- heads --------------------------------------------------------------------------------------------------
@@ -256,16 +304,14 @@ def prune_head_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -> 
         if isinstance(getattr(core, attr, None), int):
             setattr(core, attr, n_kv)
     if meta.get("config_heads") and getattr(core, "config", None) is not None:
-        core.config = copy.copy(core.config)  # this layer's own head counts (the forward reads them there)
-        core.config.num_attention_heads, core.config.num_key_value_heads = n_q, n_kv
+        own_head_config(core, n_q, n_kv)  # this layer's own head counts (the forward reads them there)
     for attr in ("all_head_size", "split_size"):
         if isinstance(getattr(core, attr, None), int):
             setattr(core, attr, n_q * hd)
     if n_kv == 0 and not isinstance(core, ZeroHeadAttention):
         o_rel = meta["o"]
         inside = not core_rel or o_rel.startswith(core_rel + ".")
-        core._dgate_out = (o_rel[len(core_rel) + 1 :] if core_rel else o_rel) if inside else None
-        core.__class__ = _zero_head_class(type(core))
+        make_no_head(core, (o_rel[len(core_rel) + 1 :] if core_rel else o_rel) if inside else None)
 
 
 def _block_name(gs: GroupSet) -> str:
@@ -282,60 +328,6 @@ def _block_name(gs: GroupSet) -> str:
     raise ExportError(f"Cannot locate the block of group set {gs.target}/{gs.layer}.")
 
 
-class ZeroHeadAttention:
-    """Marker base: an attention module with no head left. Its output is the output projection's bias."""
-
-
-def _zero_head_forward(self, hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any):
-    if hidden_states is None:
-        hidden_states = kwargs.pop("hidden_states")
-    cache = kwargs.get("past_key_values", kwargs.get("layer_past"))
-    if cache is None:
-        cache = next((a for a in args if hasattr(a, "update") and hasattr(a, "get_seq_length")), None)
-    layer_idx = getattr(self, "layer_idx", None)
-    cross = kwargs.get("key_value_states") is not None or getattr(self, "is_cross_attention", False)
-    if cache is not None and layer_idx is not None and hasattr(cache, "update") and not cross:
-        cache = getattr(cache, "self_attention_cache", cache)
-        # A cache layer reports its length from its keys, and an empty tensor reads as length 0, which would
-        # shift positions during generation: keep one zero "head" of width 1 as a length marker.
-        b, t = hidden_states.shape[0], hidden_states.shape[1]
-        marker = hidden_states.new_zeros(b, 1, t, 1)
-        cache.update(marker, marker, layer_idx)
-    context = hidden_states.new_zeros(*hidden_states.shape[:-1], 0)
-    out = self.get_submodule(self._dgate_out)(context) if self._dgate_out else context
-    return out, None
-
-
-_ZERO_HEAD_CLASSES: dict[type, type] = {}
-
-
-def _zero_head_class(cls: type) -> type:
-    if cls not in _ZERO_HEAD_CLASSES:
-        _ZERO_HEAD_CLASSES[cls] = type(
-            f"NoHead{cls.__name__}", (cls, ZeroHeadAttention), {"forward": _zero_head_forward, "__module__": __name__}
-        )
-    return _ZERO_HEAD_CLASSES[cls]
-
-
-class ZeroInputConv1D:
-    """Marker base: transformers' Conv1D with no input feature left (its forward cannot view a 0-width input)."""
-
-
-def _zero_input_forward(self, x: torch.Tensor) -> torch.Tensor:
-    return x.new_zeros(*x.shape[:-1], self.nf) + self.bias.to(x.dtype)
-
-
-_ZERO_INPUT_CLASSES: dict[type, type] = {}
-
-
-def _zero_input_conv1d(cls: type) -> type:
-    if cls not in _ZERO_INPUT_CLASSES:
-        _ZERO_INPUT_CLASSES[cls] = type(
-            f"NoInput{cls.__name__}", (cls, ZeroInputConv1D), {"forward": _zero_input_forward, "__module__": __name__}
-        )
-    return _ZERO_INPUT_CLASSES[cls]
-
-
 # ---- neurons ------------------------------------------------------------------------------------------------
 def prune_neuron_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -> None:
     for sl in gs.removable:
@@ -347,6 +339,56 @@ def prune_neuron_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -
     for attr in ("intermediate_size", "ffn_dim"):
         if isinstance(getattr(parent, attr, None), int):
             setattr(parent, attr, n)
+
+
+# ---- mixtures of experts ---------------------------------------------------------------------------------------
+def prune_expert_unit_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -> None:
+    """Remove expert units. Experts are stacked in one tensor, so every expert keeps as many units as the
+    fullest one (rounded up to a multiple of 8); the others are padded with units whose weights are all zero,
+    which add exactly nothing (act(0) * 0 = 0, times a zero column). Units within an expert are
+    interchangeable, so each expert's kept units move to the front."""
+    meta = gs.meta
+    experts = model.get_submodule(gs.sites[0].module)
+    n_exp, units = meta["n_experts"], meta["units"]
+    alive = ~dead.reshape(n_exp, units).cpu()
+    # grouped expert matmuls (torch._grouped_mm) need rows of a non-zero multiple of 16 bytes: round up with
+    # zero units (a layer whose every unit is zero keeps 8 of them)
+    keep = min(units, max(8, -(-int(alive.sum(1).max()) // 8) * 8))
+    down, gate_up = getattr(experts, meta["down"]), getattr(experts, meta["gate_up"])
+    new_down = down.data.new_zeros(n_exp, down.shape[1], keep)
+    new_gate_up = gate_up.data.new_zeros(n_exp, 2 * keep, gate_up.shape[2])
+    for e in range(n_exp):
+        idx = torch.nonzero(alive[e]).flatten().to(down.device)
+        k = len(idx)
+        new_down[e, :, :k] = down.data[e].index_select(1, idx)
+        new_gate_up[e, :k] = gate_up.data[e].index_select(0, idx)
+        new_gate_up[e, keep : keep + k] = gate_up.data[e].index_select(0, idx + units)
+    setattr(experts, meta["down"], nn.Parameter(new_down, requires_grad=down.requires_grad))
+    setattr(experts, meta["gate_up"], nn.Parameter(new_gate_up, requires_grad=gate_up.requires_grad))
+    if isinstance(getattr(experts, "intermediate_dim", None), int):
+        experts.intermediate_dim = keep
+
+
+def prune_expert_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -> None:
+    """Remove whole routed experts with their router rows. The router then chooses among fewer experts, which
+    changes routing wherever a removed expert was among a token's top-k: the export's verification measures it."""
+    n_left = int((~dead).sum())
+    if n_left == 0:
+        raise ExportError(
+            f"Every expert of layer {gs.layer} is zero; removing all of them leaves no MLP to route to. Gate "
+            "target='layers' to remove whole layers, or export with a lower threshold."
+        )
+    for sl in gs.removable:
+        _keep_slice(model, sl, dead)
+    experts = model.get_submodule(gs.sites[0].module)
+    router = model.get_submodule(gs.removable[-1].module)
+    moe_block = model.get_submodule(gs.sites[0].module.rpartition(".")[0])
+    for m in (experts, router, moe_block):
+        for attr in ("num_experts", "num_local_experts"):
+            if isinstance(getattr(m, attr, None), int):
+                setattr(m, attr, n_left)
+        if isinstance(getattr(m, "top_k", None), int):
+            m.top_k = min(m.top_k, n_left)
 
 
 # ---- layers -------------------------------------------------------------------------------------------------
@@ -414,6 +456,10 @@ def _structure(
         rows["kv_heads"].append(n_kv)
         rows["neurons"].append(n_neur)
         head_dims.append(hd)
+        moe = _moe_geometry(model, name, block)
+        if moe is not None:
+            rows.setdefault("experts", []).append(moe[0])
+            rows.setdefault("expert_units", []).append(moe[1])
         cross = _block_geometry(model, name, block, dconfig, "cross")
         if cross is not None:
             theirs = kept.get("cross")
@@ -423,7 +469,24 @@ def _structure(
     out.update(heads=rows["heads"], kv_heads=rows["kv_heads"], head_dim=head_dims[0], neurons=rows["neurons"])
     if rows["cross_heads"]:
         out.update(cross_heads=rows["cross_heads"], cross_kv_heads=rows["cross_kv_heads"])
+    if rows.get("experts"):
+        out.update(experts=rows["experts"], expert_units=rows["expert_units"])
     return out
+
+
+def _moe_geometry(model: nn.Module, name: str, block: nn.Module) -> tuple[int, int] | None:
+    """(experts, units per expert) of a mixture-of-experts block, None for a dense one."""
+    from .architectures import _experts, stack_config
+    from .registry import spec_for
+
+    spec = spec_for(stack_config(model, name))
+    if spec is None or spec.experts is None:
+        return None
+    try:
+        _, _, n_exp, units = _experts(name, block, spec.experts)
+    except ValueError:
+        return None
+    return n_exp, units
 
 
 def _block_geometry(
@@ -431,7 +494,14 @@ def _block_geometry(
 ) -> tuple[int, int, int, int | None] | None:
     """(query heads, key/value heads, head size, neurons) a block has now, read off its weights (neurons: None
     without a dense MLP)."""
-    from .architectures import _attention_parts, _cross_attention_parts, _mlp_parts, kv_head_count, stack_config
+    from .architectures import (
+        _attention_parts,
+        _cross_attention_parts,
+        _has,
+        _mlp_parts,
+        kv_head_count,
+        stack_config,
+    )
     from .registry import spec_for
 
     cfg = stack_config(model, name)
@@ -444,10 +514,14 @@ def _block_geometry(
         return None
     if parts is None:
         return None
-    try:
-        down_rel: str | None = _mlp_parts(name, block, dconfig, cfg)[0]
-    except ValueError:  # no dense MLP (mixture of experts): heads only
-        down_rel = None
+    if spec is not None and spec.experts is not None:  # a mixture of experts: its dense MLP is the shared expert
+        shared = spec.experts.shared
+        down_rel = shared.down if shared is not None and _has(block, shared.down) else None
+    else:
+        try:
+            down_rel = _mlp_parts(name, block, dconfig, cfg)[0]
+        except ValueError:  # no MLP found
+            down_rel = None
     o = block.get_submodule(parts["o"])
     in_o = o.weight.shape[0] if type(o).__name__.endswith("Conv1D") else o.weight.shape[1]
     rec = _record(model)
@@ -493,6 +567,8 @@ def _make_native(model: nn.Module, structure: dict[str, Any]) -> bool:
     cfg = _text_cfg(model)
     if cfg is None or not structure.get("heads") or "stacks" in structure or structure.get("cross_heads"):
         return _shapes_match(model)
+    if structure.get("experts"):
+        return _native_experts(model, cfg, structure)
     originals = {k: getattr(cfg, k, None) for k in ("num_attention_heads", "num_key_value_heads", "head_dim")}
     originals.update({k: getattr(cfg, k, None) for k in NEURON_CONFIG_ATTRS if hasattr(cfg, k)})
     heads = [len(h) for h in structure["heads"]]
@@ -516,6 +592,26 @@ def _make_native(model: nn.Module, structure: dict[str, Any]) -> bool:
             return True
     _set_cfg(cfg, originals)
     return False
+
+
+def _native_experts(model: nn.Module, cfg: Any, structure: dict[str, Any]) -> bool:
+    """Mixture of experts: the config can say "E experts of I units" when every layer agrees (heads as well)."""
+    from .registry import spec_for
+
+    spec = spec_for(cfg)
+    counts, units = set(structure["experts"]), set(structure["expert_units"])
+    heads = {len(h) for h in structure["heads"]}
+    if spec is None or spec.experts is None or len(counts) != 1 or len(units) != 1 or len(heads) != 1:
+        return _shapes_match(model)
+    edit = {spec.experts.count_field: counts.pop(), spec.experts.units_field: units.pop()}
+    if heads.pop() != cfg.num_attention_heads:
+        return _shapes_match(model)
+    originals = {k: getattr(cfg, k) for k in edit}
+    _set_cfg(cfg, edit)
+    if _config_valid(model.config) and _shapes_match(model):
+        return True
+    _set_cfg(cfg, originals)
+    return _shapes_match(model)
 
 
 def _set_cfg(cfg: Any, values: dict[str, Any]) -> None:

@@ -32,12 +32,14 @@ UNGATED = -1
 
 @dataclass
 class TensorSlice:
-    """Positions of `module.<param>` along `axis` and the group each belongs to (axis None: whole tensor)."""
+    """Positions of `module.<param>` along `axis` and the group each belongs to (axis None: whole tensor).
+    Two axes (expert, unit) index groups inside a stacked tensor such as a mixture of experts' (E, H, I) down
+    projection; `index` then has the shape of those two axes."""
 
     module: str
     param: str
-    axis: int | None
-    index: torch.Tensor  # int64, (size along axis,) or (1,) when axis is None
+    axis: int | tuple[int, int] | None
+    index: torch.Tensor  # int64, (size along axis,), (1,) when axis is None, or 2D for two axes
 
 
 @dataclass
@@ -45,9 +47,10 @@ class Site:
     """An activation scaled per group: the module's `input` (pre-hook) or `output`, along `axis`."""
 
     module: str
-    where: str  # "input" | "output"
-    axis: int  # feature axis of the activation (-1 for Linear, 1 for Conv2d / BatchNorm2d)
-    index: torch.Tensor  # int64, (features,)
+    where: str  # "input" | "output" | "param" (the parameter `param` itself, scaled inside the forward)
+    axis: int | tuple[int, int]  # feature axis of the activation (-1 for Linear, 1 for Conv2d); of `param`
+    index: torch.Tensor  # int64, (features,); for "param" the shape of `param` along `axis`
+    param: str | None = None
 
 
 @dataclass
@@ -137,6 +140,9 @@ class GateBank(nn.Module):
         self._modules_by_name = dict(model.named_modules())
         self._adapters: dict[int, nn.Module] = {}
         self._adapters_of: int | None = None
+        # CPU copies of the index buffers: they are not in the state dict, so a bank built on the meta device and
+        # materialised with `to_empty()` gets them back from here (see `_apply`)
+        self._index_cpu: dict[str, torch.Tensor] = {}
         if self.method == "slimming" and not self._slimming_norms():
             raise ValueError(
                 "method='slimming' penalises BatchNorm scales: use target='filters' on a model with "
@@ -155,7 +161,7 @@ class GateBank(nn.Module):
                 ungated = bool((idx < 0).any())
                 idx = torch.where(idx < 0, torch.full_like(idx, sizes[gs.target]), idx + off)
                 buf = f"s{k}_{j}"
-                self.register_buffer(buf, idx, persistent=False)
+                self._index_buffer(buf, idx)
                 self._sites.append((gs.target, site, buf, ungated))
 
     def _init_gates(self, n: int) -> torch.Tensor:
@@ -163,13 +169,49 @@ class GateBank(nn.Module):
             return torch.full((1, n), G.L0_INIT_LOG_ALPHA)
         return G.init_gates(n, self.depth)
 
+    def _index_buffer(self, name: str, index: torch.Tensor) -> None:
+        """Register a (non-persistent) index buffer and keep a CPU copy for re-materialising it from meta."""
+        if index.is_meta:
+            raise ValueError(
+                "apply_dgate found the model's structure on the meta device (torch.device('meta') as default "
+                "device); call apply_dgate outside that context."
+            )
+        self._index_cpu[name] = index.detach().to("cpu", copy=True)
+        self.register_buffer(name, index, persistent=False)
+
     def _apply(self, fn: Any, recurse: bool = True) -> GateBank:
-        """Move with the model but keep gates in fp32 when the model is cast to half precision."""
+        """Move with the model but keep gates in fp32 when the model is cast to half precision.
+
+        When the bank leaves the meta device (`model.to_empty(device=...)`), its tensors hold garbage: the index
+        buffers are restored from their CPU copies and the gates re-initialised (1, or the L0 init), which is what
+        a freshly gated model holds; load a gated state dict afterwards to restore trained gates.
+        """
+        was_meta = {n for n, b in self._buffers.items() if b is not None and b.is_meta}
+        gates_meta = {t for t, p in self.gammas.items() if p.is_meta}
         super()._apply(fn, recurse)
+        for name in was_meta:
+            buf = self._buffers[name]
+            if buf is not None and not buf.is_meta and name in self._index_cpu:
+                self._buffers[name] = self._index_cpu[name].to(buf.device, copy=True)
+        with torch.no_grad():
+            for t in gates_meta:
+                p = self.gammas[t]
+                if not p.is_meta:
+                    p.copy_(self._init_gates(self.sizes[t]).to(device=p.device, dtype=p.dtype))
         for p in self.gammas.values():
             if p.dtype in (torch.float16, torch.bfloat16):
                 p.data = p.data.float()
         return self
+
+    def check_materialised(self, action: str) -> None:
+        """Refuse to `action` (report, export, ...) while gates or gated weights are on the meta device: they hold
+        no values, so every number read off them would be made up."""
+        weights = (getattr(m, param) for terms in self._norm_terms.values() for m, param, *_ in terms)
+        if any(p.is_meta for p in self.gammas.values()) or any(w.is_meta for w in weights):
+            raise ValueError(
+                f"Cannot {action}: the model is on the meta device, so its weights and gates hold no values. "
+                "Materialise it first: model.to_empty(device='cpu'), then load its weights (model.load_state_dict)."
+            )
 
     def forward(self, x: Any) -> Any:
         """Identity: containers that call every child (nn.Sequential) pass straight through the bank."""
@@ -178,22 +220,23 @@ class GateBank(nn.Module):
     # ---- norms ----------------------------------------------------------------------------------------------
     def _add_norm_term(self, target: str, key: str, sl: TensorSlice, offset: int) -> None:
         module = self._modules_by_name[sl.module]
-        idx = sl.index
+        idx = sl.index.reshape(-1) if isinstance(sl.axis, tuple) else sl.index
         if sl.axis is None:
             pos_buf = None
         elif bool((idx < 0).any()):
             pos_buf = f"{key}_pos"
-            self.register_buffer(pos_buf, torch.nonzero(idx >= 0).flatten(), persistent=False)
+            self._index_buffer(pos_buf, torch.nonzero(idx >= 0).flatten())
             idx = idx[idx >= 0]
         else:
             pos_buf = None
         gid_buf = f"{key}_gid"
-        self.register_buffer(gid_buf, idx + offset, persistent=False)
+        self._index_buffer(gid_buf, idx + offset)
         self._norm_terms[target].append((module, sl.param, sl.axis, pos_buf, gid_buf))
 
     def assert_finite(self, action: str, weights: bool = True) -> None:
         """Refuse to `action` (report, export, ...) when a gate, or with `weights` a gated group's weights, is NaN
         or infinite: every result built on it would be wrong. `weights=False` checks the (small) gates only."""
+        self.check_materialised(action)
         bad = {}
         for t in self.targets:
             vals = self.effective_norms(t) if weights else self.gates(t)
@@ -223,12 +266,15 @@ class GateBank(nn.Module):
         return self._adapters.get(id(module))
 
     def _weight(self, module: nn.Module, param: str) -> torch.Tensor:
-        """The effective tensor: a LoRA-wrapped weight counts with its active adapters' delta (W + BA)."""
+        """The effective tensor: a LoRA-wrapped weight counts with its active adapters' delta (W + BA), as the
+        forward computes it (not when the adapters are disabled, nor twice for an adapter already merged into W).
+        Only plain LoRA gets here: apply_dgate refuses adapters whose delta this would get wrong (DoRA, ...)."""
         w = getattr(module, param)
         adapter = self._adapter(module)
-        if adapter is not None and param == "weight":
+        if adapter is not None and param == "weight" and not getattr(adapter, "disable_adapters", False):
+            merged = set(getattr(adapter, "merged_adapters", ()))
             for name in adapter.active_adapters:
-                if name in adapter.lora_A:
+                if name in adapter.lora_A and name not in merged:
                     w = w + adapter.get_delta_weight(name)
         return w
 
@@ -238,8 +284,10 @@ class GateBank(nn.Module):
             w = w.float()  # half-precision weights: accumulate norms in fp32
         if axis is None:
             return _full(w.pow(2).sum()).reshape(1)
-        dims = [d for d in range(w.dim()) if d != axis]
+        axes = axis if isinstance(axis, tuple) else (axis,)
+        dims = [d for d in range(w.dim()) if d not in axes]
         r = _full(w.pow(2).sum(dim=dims) if dims else w.pow(2))  # FSDP2: reduce the shard, then gather (n,)
+        r = r.reshape(-1)
         return r if pos_buf is None else r[getattr(self, pos_buf)]
 
     def group_sq_norms(self, target: str) -> torch.Tensor:
@@ -349,6 +397,11 @@ class GateBank(nn.Module):
             by_module.setdefault(entry[1].module, []).append(entry)
         for name, entries in by_module.items():
             module = self._modules_by_name[name]
+            if any(site.where == "param" for _, site, _, _ in entries):
+                if "forward" in module.__dict__ or len({site.where for _, site, _, _ in entries}) > 1:
+                    raise ValueError(f"Cannot gate the parameters of '{name}': its forward is already replaced.")
+                module.forward = _GatedParamForward(self, module, entries)
+                continue
             if self.config.weight_side and _weight_side_ok(module, entries):
                 module.forward = _GatedLinearForward(self, module, entries)
                 continue
@@ -361,7 +414,8 @@ class GateBank(nn.Module):
     def detach(self) -> None:
         """Remove everything `attach` installed (found by identity, so it also works on a deep copy)."""
         for module in self._modules_by_name.values():
-            if isinstance(module.__dict__.get("forward"), _GatedLinearForward) and module.forward.bank is self:
+            replaced = module.__dict__.get("forward")
+            if isinstance(replaced, (_GatedLinearForward, _GatedParamForward)) and replaced.bank is self:
                 del module.forward
             for hooks in (module._forward_hooks, module._forward_pre_hooks):
                 ours = (_OutputHook, _InputHook, _DrawSamples)
@@ -378,9 +432,7 @@ class GateBank(nn.Module):
                 idx = torch.where(sl.index < 0, self.sizes[gs.target], sl.index + off)
                 factor = s_ext[idx.to(s_ext.device)].to(device=w.device, dtype=w.dtype)
                 if sl.axis is not None:
-                    shape = [1] * w.dim()
-                    shape[sl.axis] = -1
-                    factor = factor.reshape(shape)
+                    factor = _broadcast(factor, sl.axis, w.dim())
                 w.mul_(factor)
                 adapter = self._adapter(self._modules_by_name[sl.module])
                 if adapter is not None and sl.param == "weight":
@@ -406,6 +458,15 @@ def _scale_along(x: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tenso
     shape = [1] * x.dim()
     shape[axis] = -1
     return x * scale.reshape(shape)
+
+
+def _broadcast(factor: torch.Tensor, axis: int | tuple[int, int], ndim: int) -> torch.Tensor:
+    """`factor` laid along `axis` (one axis, or two in order) of an `ndim`-dimensional tensor."""
+    axes = axis if isinstance(axis, tuple) else (axis,)
+    shape = [1] * ndim
+    for a, n in zip(axes, factor.shape if len(axes) > 1 else (-1,)):
+        shape[a] = n
+    return factor.reshape(shape)
 
 
 def _layer_segments(group_sets: list[GroupSet], targets: list[str]) -> dict[str, torch.Tensor]:
@@ -452,6 +513,31 @@ class _GatedLinearForward:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
         return gated_linear(x, m.weight, m.bias, self._scale(self.outputs), self._scale(self.inputs), self.transposed)
+
+
+class _GatedParamForward:
+    """Replacement forward of a module whose groups live inside its parameters (a mixture of experts' stacked
+    expert tensors, where no module boundary separates one expert's units): the module's own forward runs on
+    theta = w * s (through `torch.func.functional_call`), so names, state dict and activations stay untouched."""
+
+    def __init__(self, bank: GateBank, module: nn.Module, entries: list[tuple[str, Site, str, bool]]):
+        self.bank, self.module = bank, module
+        self.entries = [(t, site.param, site.axis, buf, ung) for t, site, buf, ung in entries]
+        self.inside = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.inside:  # functional_call re-enters the module: run its own forward on the gated tensors
+            return type(self.module).forward(self.module, *args, **kwargs)
+        gated: dict[str, torch.Tensor] = {}
+        for target, param, axis, buf, ungated in self.entries:
+            w = gated.get(param, getattr(self.module, param))
+            s = self.bank._site_scale(target, buf, ungated).to(w.dtype)
+            gated[param] = w * _broadcast(s, axis, w.dim())
+        self.inside = True
+        try:
+            return torch.func.functional_call(self.module, gated, args, kwargs, strict=False)
+        finally:
+            self.inside = False
 
 
 class _DrawSamples:

@@ -6,16 +6,15 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
-import time
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from .export import ExportError, export_pruned, pruned_structure
+from .export import ExportError, _export, pruned_structure
 from .loading import write_remote_code
+from .outdir import OutputDir, local_source, resolve
 from .patch import _unwrap, get_bank, remove_dgate
 
 CARD_TEMPLATE = """---
@@ -24,10 +23,10 @@ CARD_TEMPLATE = """---
 
 # {title}
 
-This model was pruned with hf_dgate (D-Gating, Kolb et al., NeurIPS 2025): groups
-(attention heads, MLP neurons, layers) trained to exact zeros under a structured `L_{{2,2/D}}` penalty were
-removed, which leaves the model's outputs unchanged up to float rounding (max |logit difference| to the gated
-model on a test batch: {max_diff}).
+This model was pruned with hf_dgate (D-Gating, Kolb et al., NeurIPS 2025): groups (attention heads, MLP
+neurons, layers) that training under a structured `L_{{2,2/D}}` penalty drove below the threshold were removed.
+
+{outputs}
 
 - Base model: {base_model}
 - Loading: {loading}
@@ -58,10 +57,10 @@ def build_model_card(summary: dict[str, Any]) -> Any:
 
     from huggingface_hub import ModelCard, ModelCardData
 
-    base = summary.get("base_model") or None
+    base = hub_model_name(summary.get("base_model"))
     data = ModelCardData(
         library_name="transformers",
-        base_model=base if base and not os.path.isdir(base) else None,
+        base_model=base,
         tags=["hf-dgate", "d-gating", "pruned", "structured-sparsity"],
     )
     loading = (
@@ -76,8 +75,8 @@ def build_model_card(summary: dict[str, Any]) -> Any:
     text = CARD_TEMPLATE.format(
         card_data=data.to_yaml(),
         title=summary.get("title") or f"Pruned {base or 'model'} (D-Gating)",
-        max_diff=_fmt(summary.get("max_abs_diff")),
-        base_model=base or "unknown",
+        outputs=outputs_statement(summary),
+        base_model=base or LOCAL_MODEL,
         loading=loading,
         params_before=summary["params_before"],
         params_after=summary["params_after"],
@@ -94,6 +93,35 @@ def build_model_card(summary: dict[str, Any]) -> Any:
         dgate_config=json.dumps(summary.get("dgate_config", {}), indent=2),
     )
     return ModelCard(text)
+
+
+def outputs_statement(summary: dict[str, Any]) -> str:
+    """The card's sentence on how the export's outputs relate to the gated model's, from the shared check's result
+    (hf_dgate.verify): the same within the tolerance, a prominent NOT-exact notice, or not verified."""
+    v = summary.get("verification")
+    if not isinstance(v, dict):  # a summary from before the shared check: a number, no claim
+        return f"Max |output difference| to the gated model on a test batch: {_fmt(summary.get('max_abs_diff'))}."
+    if not v.get("verified"):
+        return (
+            "> **Not verified:** this export was not compared with the gated model "
+            f"({v.get('reason') or 'no probe batch'}), so it is not known to compute the same outputs."
+        )
+    probe = f" on a probe batch ({v['probe']})" if v.get("probe") else ""
+    if v.get("exact"):
+        return (
+            f"It computes the same outputs as the gated model: max |output difference| {_fmt(v['max_abs_diff'])}"
+            f"{probe}, tolerance {_fmt(v['tolerance'])}."
+        )
+    removed = [
+        f"{r['not_zero']} {t} (norms {_fmt(r['norm_min'])} to {_fmt(r['norm_max'])})"
+        for t, r in (v.get("removed") or {}).items()
+        if r.get("not_zero")
+    ]
+    return (
+        f"> **This export is NOT exact:** its outputs differ from the gated model's by up to "
+        f"{_fmt(v['max_abs_diff'])}{probe}, above the tolerance {_fmt(v['tolerance'])}; removed groups that were not "
+        f"zero: {', '.join(removed) if removed else 'none'}. It was written with `allow_inexact=True`."
+    )
 
 
 def structure_table(structure: dict[str, Any]) -> str:
@@ -119,14 +147,89 @@ def push_folder(
     token: str | None = None,
     commit_message: str = "Upload model pruned with hf_dgate",
 ) -> str:
-    """Create the Hub repo if needed and upload every file of `folder`; returns the repo id."""
+    """Create the Hub repo if needed and upload every file of `folder`; returns the repo id.
+
+    The repo id is validated and the folder's text files are checked for absolute local paths (this machine's
+    folder names must not be published) before anything is sent."""
     from huggingface_hub import HfApi
 
+    check_repo_id(repo_id)
+    check_no_local_paths(folder)
     api = HfApi(token=token)
     repo = api.create_repo(repo_id, private=private, exist_ok=True)
     repo_id = getattr(repo, "repo_id", repo_id)
     api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
     return repo_id
+
+
+LOCAL_MODEL = "a local model"  # what the card says when the base model has no Hub id (its folder is not published)
+_TEXT_FILES = (".json", ".md", ".txt", ".py", ".yaml", ".yml", ".jinja")
+
+
+def check_repo_id(repo_id: str) -> None:
+    """ExportError unless `repo_id` is a valid Hub repo id (huggingface_hub's own rules), before any work."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ExportError(f"{repo_id!r} is not a valid Hub repo id ({e}); pass 'user/name'.") from None
+
+
+def hub_model_name(name: Any) -> str | None:
+    """`name` when it can be a Hub model id, None when it is a local path (absolute, relative to an existing folder
+    or file, or not a valid repo id): a model loaded from a folder must not publish where that folder is."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or name.startswith(("~", ".")):
+        return None
+    if os.path.exists(name):
+        return None
+    try:
+        check_repo_id(name)
+    except ExportError:
+        return None
+    return name
+
+
+def _local_roots(extra: Iterable[str | os.PathLike] = ()) -> list[str]:
+    """Absolute folder names of this machine that must not appear in anything uploaded (longest first)."""
+    roots = {resolve(p) for p in (os.getcwd(), "~", *extra)} | {os.path.abspath(os.fspath(p)) for p in extra}
+    return sorted((r for r in roots if len(r.strip(os.sep)) > 1), key=len, reverse=True)
+
+
+def scrub_paths(obj: Any, roots: Iterable[str] = ()) -> Any:
+    """A copy of a JSON-like `obj` in which absolute local paths are replaced by '<local path>'."""
+    roots = list(roots)
+    if isinstance(obj, dict):
+        return {k: scrub_paths(v, roots) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [scrub_paths(v, roots) for v in obj]
+    if isinstance(obj, str):
+        if os.path.isabs(obj) or obj.startswith("~"):
+            return "<local path>"
+        for r in roots:
+            obj = obj.replace(r, "<local path>")
+    return obj
+
+
+def check_no_local_paths(folder: str | os.PathLike) -> None:
+    """ExportError when a text file in `folder` names an absolute local folder (the current one, the home folder
+    or `folder` and its parent): it would be published with the upload."""
+    folder = os.fspath(folder)
+    roots = _local_roots([folder, os.path.dirname(resolve(folder))])
+    for dirpath, _, names in os.walk(folder):
+        for n in names:
+            path = os.path.join(dirpath, n)
+            if not n.endswith(_TEXT_FILES) or os.path.getsize(path) > 50_000_000:
+                continue
+            with open(path, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+            hit = next((r for r in roots if r in text), None)
+            if hit is not None:
+                raise ExportError(
+                    f"{os.path.relpath(path, folder)!r} in {folder!r} contains the local path {hit!r}, which would be "
+                    "published; remove it from that file, then upload again."
+                )
 
 
 def _fmt(x: Any) -> str:
@@ -145,21 +248,34 @@ def export_to_dir(
     *,
     measure: bool = True,
     seq_len: int = 128,
-    overwrite: bool = True,
+    overwrite: bool = False,
+    force: bool = False,
+    source_dirs: Iterable[str | os.PathLike] = (),
+    protected_dirs: Iterable[str | os.PathLike] = (),
     base_model: str | None = None,
     private: bool | None = None,
     token: str | None = None,
     progress: bool = False,
     remote_code: bool = True,
+    allow_inexact: bool = False,
 ) -> dict[str, Any]:
     """Export a gated model to `output_dir`: weights, config, `dgate_export.json` and a model card.
 
     The card gives the base model, the DGateConfig, the kept heads/neurons per layer, parameters and FLOPs
     before and after, the measured speed-up, and the largest output difference to the gated model. Files are
     written to a temporary directory beside `output_dir` and renamed into place, so a failure never leaves a
-    half-written export. Where the config cannot express the pruned shape, `remote_code` adds a generated
-    modeling file so that `AutoModel*.from_pretrained(dir, trust_remote_code=True)` loads it without hf_dgate.
+    half-written export. An existing `output_dir` is kept unless it is empty, or a previous export and
+    `overwrite=True`, or `force=True`; the model's source folder (a local `config._name_or_path`, `source_dirs`),
+    `protected_dirs`, the current and home folders are never replaced (see `hf_dgate.outdir`). The base model is
+    named by its Hub id only (`base_model`, else the config's name when it is not a local path). Where the config
+    cannot express the pruned shape, `remote_code` adds a generated modeling file so that
+    `AutoModel*.from_pretrained(dir, trust_remote_code=True)` loads it without hf_dgate.
     With `push_to_hub` the directory is uploaded to `hub_model_id`. Returns the summary.
+
+    The export is checked like `export_pruned` (`hf_dgate.verify`), on the FLOPs batch: outputs beyond the
+    tolerance raise ExportError before anything is written, unless `allow_inexact=True`; the summary's
+    `verification` (`verified`, `exact`, `max_abs_diff`, `tolerance`, removed-group norms) and the card say plainly
+    what was found. NaN/inf gates or weights raise NonFiniteError.
     """
     from tqdm.auto import tqdm
 
@@ -167,21 +283,40 @@ def export_to_dir(
 
     if push_to_hub and not hub_model_id:
         raise ExportError("push_to_hub=True needs hub_model_id='user/name'.")
+    if hub_model_id:
+        check_repo_id(hub_model_id)
+    if base_model is not None:
+        if os.path.isabs(base_model) or base_model.startswith(("~", ".")):
+            raise ExportError(
+                f"base_model={base_model!r} is a local path, which would be published; pass the Hub id of the model "
+                "it was trained from (e.g. 'meta-llama/Llama-3.2-1B') or leave it out."
+            )
+        check_repo_id(base_model)
     bank = get_bank(model)
+    bank.assert_finite("export")
     try:
         thr = bank.check_threshold(threshold)
     except ValueError as e:
         raise ExportError(str(e)) from None
-    output_dir = os.path.abspath(os.fspath(output_dir))
-    if os.path.exists(output_dir) and not overwrite:
-        raise ExportError(f"{output_dir!r} exists; choose another directory or pass overwrite=True.")
-    steps = tqdm(total=5, desc="hf-dgate export", disable=not progress, unit="step")
     base = _unwrap(model)
+    target = OutputDir.plan(
+        output_dir,
+        sources=[*source_dirs, local_source(base)],
+        protected=protected_dirs,
+        overwrite=overwrite,
+        force=force,
+    )
+    steps = tqdm(total=5, desc="hf-dgate export", disable=not progress, unit="step")
     steps.set_postfix_str("pruning")
-    pruned = export_pruned(model, thr)
+    inputs = F.example_inputs(base, seq_len=seq_len)  # the probe of the shared check and the FLOPs batch
+    try:
+        pruned, verification = _export(model, thr, False, allow_inexact=allow_inexact, inputs=inputs)
+    except BaseException:
+        steps.close()  # before the error is printed: a refusal is the last line the user sees
+        raise
     steps.update()
     summary: dict[str, Any] = {
-        "base_model": base_model or getattr(getattr(base, "config", None), "_name_or_path", None) or None,
+        "base_model": base_model or hub_model_name(getattr(getattr(base, "config", None), "_name_or_path", None)),
         "dgate_config": bank.config.to_dict(),
         "threshold": float(thr),
         "structure": pruned_structure(pruned),
@@ -193,15 +328,13 @@ def export_to_dir(
     with torch.no_grad():
         # the dense reference for timing is the folded model without hooks (a second copy, only when measuring)
         dense = _folded_copy(base) if measure else None
-        inputs = F.example_inputs(pruned, seq_len=seq_len)
         summary["flops_input"] = ", ".join(f"{k} {tuple(v.shape)}" for k, v in inputs.items())
         summary["flops_before"] = F.count_flops(dense if dense is not None else model, inputs)
         summary["flops_after"] = F.count_flops(pruned, inputs)
-        was_training = base.training
-        base.eval()
-        ref, out = _first_output(model(**inputs)), _first_output(pruned(**inputs))
-        base.train(was_training)
-        summary["max_abs_diff"] = float((ref.float() - out.float()).abs().max()) if ref.numel() else 0.0
+        # measured once, by export's shared check (hf_dgate.verify) on this batch; None when not verified
+        summary["max_abs_diff"] = verification.max_abs_diff
+        summary["exact"] = verification.exact
+        summary["verification"] = verification.to_dict()
         steps.update()
         if dense is not None:
             summary["device"] = str(next(pruned.parameters()).device)
@@ -212,25 +345,19 @@ def export_to_dir(
     summary["flops_ratio"] = summary["flops_before"] / max(summary["flops_after"], 1)
     steps.update()
     steps.set_postfix_str("writing")
-    parent = os.path.dirname(output_dir) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".hf-dgate-export-", dir=parent)
-    try:
+    with target.writing() as tmp:
         if not summary["native"] and remote_code:
             summary["remote_code"] = write_remote_code(pruned, tmp)
         pruned.save_pretrained(tmp)
+        summary = scrub_paths(summary, _local_roots([target.path, *target.sources]))  # it is published as is
         with open(os.path.join(tmp, SUMMARY_NAME), "w") as f:
             json.dump(summary, f, indent=2)
         build_model_card(summary).save(os.path.join(tmp, "README.md"))
-        _atomic_replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     steps.update()
-    summary["path"] = output_dir
+    summary["path"] = target.path
     if push_to_hub:
         steps.set_postfix_str("uploading")
-        summary["hub_repo"] = push_folder(output_dir, hub_model_id, private=private, token=token)
+        summary["hub_repo"] = push_folder(target.path, hub_model_id, private=private, token=token)
     steps.update()
     steps.close()
     return summary
@@ -241,25 +368,3 @@ def _folded_copy(base: nn.Module) -> nn.Module:
     remove_dgate(dense, merge=True)
     return dense.eval()
 
-
-def _first_output(out: Any) -> torch.Tensor:
-    for key in ("logits", "last_hidden_state"):
-        val = getattr(out, key, None)
-        if isinstance(val, torch.Tensor):
-            return val
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _atomic_replace(src: str, dst: str) -> None:
-    """Move the finished directory `src` to `dst`; an existing `dst` is swapped out, then deleted."""
-    if not os.path.exists(dst):
-        os.replace(src, dst)
-        return
-    old = f"{dst}.old-{os.getpid()}-{int(time.time())}"
-    os.replace(dst, old)
-    try:
-        os.replace(src, dst)
-    except BaseException:
-        os.replace(old, dst)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -15,43 +15,72 @@ from .config import DGateConfig
 from .export import (
     PRUNING_KEY,
     ExportError,
-    ZeroHeadAttention,
-    ZeroInputConv1D,
+    prune_expert_group_set,
+    prune_expert_unit_group_set,
     prune_head_group_set,
     prune_neuron_group_set,
 )
+from .pruned_modules import ZeroHeadAttention, ZeroInputConv1D
 
 
 # ---- reload ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def rebuild_structure(model: nn.Module, structure: dict[str, Any]) -> nn.Module:
     """Shrink a freshly built model to a recorded pruned structure (which positions stay is irrelevant here:
-    the weights are loaded afterwards)."""
-    if not structure.get("heads") and not structure.get("neurons"):
+    the weights are loaded afterwards). Multi-stack records ("stacks") hold one such record per block stack."""
+    if "stacks" in structure:
+        for path, record in structure["stacks"].items():
+            _rebuild_stack(model, record, {**(structure.get("module_names") or {}), "layers": path})
         return model
-    dconfig = DGateConfig(target=["heads", "neurons"], module_names=structure.get("module_names"))
+    return _rebuild_stack(model, structure, structure.get("module_names"))
+
+
+def _rebuild_stack(model: nn.Module, record: dict[str, Any], module_names: dict[str, Any] | None) -> nn.Module:
+    dense = any(isinstance(n, int) for n in record.get("neurons") or [])
+    present = {"heads": record.get("heads"), "neurons": dense or record.get("expert_units")}
+    targets = [t for t, on in {**present, "experts": record.get("experts")}.items() if on]
+    if not targets:
+        return model
+    dconfig = DGateConfig(target=targets, module_names=module_names)
     with torch.device("cpu"):  # index vectors stay on the CPU even while transformers builds on "meta"
-        sets = find_group_sets(model, dconfig)
-    n_kv, neurons = structure.get("kv_heads", []), structure.get("neurons", [])
+        sets = find_group_sets(model, dconfig, refuse=False)
     for gs in sets:
+        counts = record.get(_record_key(gs)) or []
         layer = int(gs.layer)
-        if gs.target == "heads" and layer < len(n_kv):
-            want = n_kv[layer]
-        elif gs.target == "neurons" and layer < len(neurons):
-            want = neurons[layer]
-        else:
+        if layer >= len(counts) or not isinstance(counts[layer], int):
             continue
-        if want > gs.n_groups:
+        want = counts[layer]
+        per = gs.meta.get("units", gs.n_groups) if _record_key(gs) == "expert_units" else gs.n_groups
+        if want > per:
             raise ExportError(
                 f"The recorded structure keeps {want} {gs.target} in layer {layer} but the config builds only "
-                f"{gs.n_groups}: the config does not match the weights."
+                f"{per}: the config does not match the weights."
             )
-        if want == gs.n_groups:
+        if want == per:
             continue
-        dead = torch.arange(gs.n_groups, device="cpu") >= want
+        dead = torch.arange(per, device="cpu") >= want
+        if _record_key(gs) == "expert_units":  # every expert keeps `want` units (the export pads to the fullest)
+            dead = dead.repeat(gs.meta["n_experts"])
         # (a layer left with no head gets its bias-only forward here, as in the export)
-        (prune_head_group_set if gs.target == "heads" else prune_neuron_group_set)(model, gs, dead)
+        _PRUNE[_record_key(gs) if gs.target == "neurons" else gs.target](model, gs, dead)
     return model
+
+
+def _record_key(gs: Any) -> str:
+    """The list of the pruned-structure record that counts what `gs` keeps per layer."""
+    if gs.target == "heads":
+        return "kv_heads" if gs.meta.get("attention", "self") == "self" else "cross_kv_heads"
+    if gs.target == "neurons":
+        return "expert_units" if "n_experts" in gs.meta else "neurons"
+    return gs.target
+
+
+_PRUNE = {
+    "heads": prune_head_group_set,
+    "neurons": prune_neuron_group_set,
+    "expert_units": prune_expert_unit_group_set,
+    "experts": prune_expert_group_set,
+}
 
 
 class AutoPrunedModel:
@@ -99,10 +128,7 @@ def _shrinking_init(model_class: type, structure: dict[str, Any]):
 
 
 def _architecture_class(config: Any, path: str) -> type:
-    import transformers
-
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    model_class = getattr(transformers, arch, None) if arch else None
+    model_class = transformers_model_class(config)
     if model_class is None:
         raise ExportError(
             f"Cannot tell the model class of {path!r}; pass AutoPrunedModel.from_pretrained(dir, model_class=...)."
@@ -110,8 +136,23 @@ def _architecture_class(config: Any, path: str) -> type:
     return model_class
 
 
+def transformers_model_class(config: Any) -> type | None:
+    """The transformers model class named by `config.architectures[0]`, or None: only a real `PreTrainedModel`
+    subclass exported by transformers counts (the name comes from a file, so anything else is refused)."""
+    import transformers
+
+    archs = getattr(config, "architectures", None)
+    arch = archs[0] if isinstance(archs, (list, tuple)) and archs else None
+    if not isinstance(arch, str) or not arch.isidentifier() or arch.startswith("_"):
+        return None
+    model_class = getattr(transformers, arch, None)
+    ok = isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)
+    return model_class if ok else None
+
+
 # ---- trust_remote_code loader for people without hf_dgate ------------------------------------------------------
 REMOTE_CODE_FILE = "modeling_dgate_pruned.py"
+HEAD_FIELDS = ("num_attention_heads", "num_key_value_heads")
 AUTO_CLASSES = {
     "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES": "AutoModelForCausalLM",
     "MODEL_FOR_MASKED_LM_MAPPING_NAMES": "AutoModelForMaskedLM",
@@ -122,74 +163,50 @@ AUTO_CLASSES = {
     "MODEL_MAPPING_NAMES": "AutoModel",
 }
 
-REMOTE_CODE_TEMPLATE = '''"""Generated by hf_dgate: loads this pruned {base} without hf_dgate (trust_remote_code=True).
+REMOTE_CODE_HEADER = '''"""Generated by hf_dgate: loads this pruned model without hf_dgate (trust_remote_code=True).
 
-The model is built from config.json as usual, then every tensor, attribute and attention layer listed in
-`config.dgate_pruning["remote"]` is shrunk to its pruned shape before the weights are loaded.
+The model is built from config.json as usual, then shrunk to the pruned shapes recorded in
+`config.dgate_pruning["remote"]` before the weights are loaded. Below: hf_dgate's own pruned_modules.py, copied
+verbatim, then the model class.
 """
+'''
 
-import torch
-from torch import nn
-from transformers import {base} as _Base
+REMOTE_CODE_FOOTER = '''
 
+# ---- the model class ----------------------------------------------------------------------------------------
+import transformers as _transformers  # noqa: E402
 
-def _no_head_forward(self, hidden_states=None, *args, **kwargs):
-    # an attention layer with no head left: its output is the output projection's bias
-    if hidden_states is None:
-        hidden_states = kwargs.pop("hidden_states")
-    cache = kwargs.get("past_key_values", kwargs.get("layer_past"))
-    layer_idx = getattr(self, "layer_idx", None)
-    if cache is not None and layer_idx is not None and hasattr(cache, "update"):
-        cache = getattr(cache, "self_attention_cache", cache)
-        marker = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
-        cache.update(marker, marker, layer_idx)  # keeps the cache length right
-    context = hidden_states.new_zeros(*hidden_states.shape[:-1], 0)
-    out = self.get_submodule(self._dgate_out)(context) if self._dgate_out else context
-    return out, None
-
-
-def _no_input_forward(self, x):
-    return x.new_zeros(*x.shape[:-1], self.nf) + self.bias.to(x.dtype)
-
-
-def _shrink(model, spec):
-    for name, shape in spec["shapes"].items():
-        module_name, _, param = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        old = getattr(module, param)
-        new = torch.empty(shape, dtype=old.dtype, device=old.device)
-        setattr(module, param, nn.Parameter(new, requires_grad=old.requires_grad))
-    for module_name, attrs in spec["attrs"].items():
-        module = model.get_submodule(module_name)
-        for key, value in attrs.items():
-            setattr(module, key, value)
-    for module_name, out in spec["no_head"].items():
-        module = model.get_submodule(module_name)
-        module._dgate_out = out
-        cls = type(module)
-        module.__class__ = type("NoHead" + cls.__name__, (cls,), {{"forward": _no_head_forward}})
-    for module_name in spec["no_input"]:
-        module = model.get_submodule(module_name)
-        cls = type(module)
-        module.__class__ = type("NoInput" + cls.__name__, (cls,), {{"forward": _no_input_forward}})
+_Base = getattr(_transformers, {base_literal})
 
 
 class {cls}(_Base):
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
-        _shrink(self, config.dgate_pruning["remote"])
+        shrink(self, config.dgate_pruning["remote"])
 
 
 try:  # transformers >= 5 renames legacy checkpoint keys only for its own classes unless a mapping is registered
     from transformers import conversion_mapping as _cm
 
-    _conversions = _cm.get_checkpoint_conversion_mapping("{base}")
-    _conversions = _conversions or _cm.get_checkpoint_conversion_mapping("{model_type}")
+    _conversions = _cm.get_checkpoint_conversion_mapping({base_literal})
+    _conversions = _conversions or _cm.get_checkpoint_conversion_mapping({model_type_literal})
     if _conversions:
-        _cm.register_checkpoint_conversion_mapping("{cls}", _conversions, overwrite=True)
+        _cm.register_checkpoint_conversion_mapping({cls_literal}, _conversions, overwrite=True)
 except ImportError:
     pass
 '''
+
+
+def remote_code_source(base: str, cls: str, model_type: str) -> str:
+    """The generated file: header, pruned_modules.py as shipped, and a class whose names are string literals."""
+    from . import pruned_modules
+
+    with open(pruned_modules.__file__) as f:
+        shared = f.read()
+    footer = REMOTE_CODE_FOOTER.format(
+        cls=cls, base_literal=repr(base), model_type_literal=repr(model_type), cls_literal=repr(cls)
+    )
+    return REMOTE_CODE_HEADER + shared + footer
 
 
 def remote_code_spec(model: nn.Module) -> dict[str, Any]:
@@ -218,28 +235,50 @@ def remote_code_spec(model: nn.Module) -> dict[str, Any]:
             attrs[name] = diff
     no_head = {n: m._dgate_out for n, m in model.named_modules() if isinstance(m, ZeroHeadAttention)}
     no_input = [n for n, m in model.named_modules() if isinstance(m, ZeroInputConv1D)]
-    return {"shapes": shapes, "attrs": attrs, "no_head": no_head, "no_input": no_input}
+    head_configs = {}  # per-module config copies with their own head counts (Phi-3)
+    for name, m in model.named_modules():
+        f = fresh_modules.get(name)
+        heads = [getattr(getattr(x, "config", None), k, None) for x in (m, f) for k in HEAD_FIELDS]
+        if name and f is not None and all(isinstance(h, int) for h in heads) and heads[:2] != heads[2:]:
+            head_configs[name] = heads[:2]
+    spec = {"shapes": shapes, "attrs": attrs, "no_head": no_head, "no_input": no_input}
+    return {**spec, "head_configs": head_configs} if head_configs else spec
 
 
 def write_remote_code(model: nn.Module, directory: str | os.PathLike) -> str | None:
     """Add a generated `modeling_dgate_pruned.py` and the config's `auto_map` so that
     `AutoModel*.from_pretrained(dir, trust_remote_code=True)` loads a pruned structure without hf_dgate.
-    Call it before `save_pretrained` (it edits the config); returns the Auto class name or None when unsupported."""
+    Call it before `save_pretrained` (it edits the config); returns the Auto class name or None when unsupported.
+
+    Whoever loads the export runs this file, so nothing from the config reaches it as code: the class name must be
+    a transformers class, the model type is the class's own (checked against transformers' registry) and both are
+    written as string literals; the pruned shapes stay data in config.json, checked by the template when read.
+    Any other `auto_map` entry is dropped: the export's only remote code is this file."""
+    import transformers
     import transformers.models.auto.modeling_auto as auto
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     base = type(model).__name__
     auto_class = next((cls for table, cls in AUTO_CLASSES.items() if base in getattr(auto, table, {}).values()), None)
-    if auto_class is None or getattr(__import__("transformers"), base, None) is not type(model):
+    if auto_class is None or not base.isidentifier() or getattr(transformers, base, None) is not type(model):
         return None
     structure = getattr(model.config, PRUNING_KEY, None)
     if not isinstance(structure, dict):
         return None
+    # the class's model type, not the instance's: a config.json loaded with an explicit class may carry any string
+    model_type = getattr(getattr(type(model), "config_class", None), "model_type", None)
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING_NAMES:
+        raise ExportError(
+            f"{base} has no model type transformers knows ({model_type!r}), so no loader can be generated for it; "
+            "export with remote_code=False and load with hf_dgate.AutoPrunedModel."
+        )
     structure["remote"] = remote_code_spec(model)
     cls = f"DGatePruned{base}"
-    auto_map = dict(getattr(model.config, "auto_map", None) or {})
-    auto_map[auto_class] = f"{REMOTE_CODE_FILE[:-3]}.{cls}"
-    model.config.auto_map = auto_map
+    model.config.auto_map = {auto_class: f"{REMOTE_CODE_FILE[:-3]}.{cls}"}
+    if not cls.isidentifier():
+        return None
+    source = remote_code_source(base, cls, model_type)
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, REMOTE_CODE_FILE), "w") as f:
-        f.write(REMOTE_CODE_TEMPLATE.format(base=base, cls=cls, model_type=model.config.model_type))
+        f.write(source)
     return auto_class

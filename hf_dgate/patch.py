@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 from typing import Any
 
 import torch
@@ -9,6 +11,7 @@ from torch import nn
 
 from .architectures import find_group_sets
 from .config import DGateConfig
+from .errors import NonFiniteError
 from .groups import GateBank
 
 BANK_NAME = "dgate"
@@ -30,8 +33,12 @@ def apply_dgate(model: nn.Module, config: DGateConfig | None = None, example_inp
     if get_bank(model, required=False) is not None:
         raise ValueError("The model is already gated; call hf_dgate.remove_dgate(model) first to re-gate it.")
     base = _unwrap(model)
-    sets = find_group_sets(base, config, example_inputs)
-    bank = GateBank(base, sets, config)
+    # under `with torch.device("meta")` the index vectors would hold no values: build them on the CPU
+    cpu = torch.device("cpu") if torch.get_default_device().type == "meta" else contextlib.nullcontext()
+    with cpu:
+        sets = find_group_sets(base, config, example_inputs)
+        check_adapters(base, sets)
+        bank = GateBank(base, sets, config)
     ref = next((p for p in base.parameters()), None)
     if ref is not None:  # gates in fp32 (fp64 for fp64 models), on the model's device
         bank.to(device=ref.device, dtype=torch.float64 if ref.dtype == torch.float64 else torch.float32)
@@ -57,9 +64,78 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     are), so the result is ready for `export_pruned`."""
     if not hasattr(model, "merge_and_unload"):
         raise ValueError("merge_adapters expects a PEFT model (with merge_and_unload); this model has no adapters.")
-    config = get_bank(model).config
+    bank = get_bank(model)
+    known = {id(m) for m in bank._modules_by_name.values()}
+    added = [n for n, m in _unwrap(model).named_modules() if _is_tuner_layer(m) and id(m) not in known]
+    if added:
+        raise ValueError(
+            f"The adapters on {added[:3]} were added after apply_dgate, so the gates do not scale them and folding "
+            "would be wrong. Gate the PEFT model itself: apply_dgate(get_peft_model(model, ...), config)."
+        )
+    check_adapters(_unwrap(model), bank.group_sets)
+    config = bank.config
     remove_dgate(model, merge=True)
     return apply_dgate(model.merge_and_unload(), config)
+
+
+def _is_tuner_layer(module: nn.Module) -> bool:
+    """A PEFT adapter layer or a PEFT wrapper (modules_to_save), recognised without importing PEFT."""
+    names = {c.__name__ for c in type(module).__mro__}
+    return bool(names & {"BaseTunerLayer", "AuxiliaryTrainingWrapper"})
+
+
+def check_adapters(model: nn.Module, group_sets: list) -> None:
+    """Accept only the PEFT adapters whose gate fold is implemented and tested: plain LoRA on Linear/Conv1D.
+
+    A gate scales a group's activation; folding it into the weights must give the same function. For LoRA that is
+    W + BA with the rows of W and B (or the columns of W and A) scaled. DoRA renormalises every row by its norm,
+    which cancels a row scale (a fold would silently undo the gate); LoRA with a trained bias, other variants and
+    other adapter types (IA3, LoHa, LoKr, AdaLoRA, ...) are not folded either, so they are refused where a gate
+    touches them. Adapters on modules no gate touches (say LoRA or DoRA on q_proj) are merged exactly on export.
+    """
+    gated = {site.module for gs in group_sets for site in gs.sites}
+    gated |= {sl.module for gs in group_sets for sl in gs.primary}
+    for name, module in model.named_modules():
+        if not _is_tuner_layer(module):
+            continue
+        inside = any(g == name or g.startswith(name + ".") for g in gated)  # the adapter wraps a gated layer
+        around = any(name.startswith(g + ".") for g in gated)  # the adapter sits inside a gated whole module
+        if not inside and not around:
+            continue
+        kind = _adapter_kind(module)
+        if around or kind != "LoRA":
+            where = "inside a module gated as a whole" if around else "on a gated layer"
+            raise ValueError(
+                f"apply_dgate supports plain LoRA adapters only, but {name!r} {where} is {kind}, whose gates "
+                "cannot be folded exactly. Merge that adapter first (peft_model.merge_and_unload()) and gate the "
+                "merged model, or use plain LoRA (use_dora=False, lora_bias=False) on the gated modules."
+            )
+    modules = dict(model.named_modules())
+    for gs in group_sets:  # a gate on an adapter layer must fold into its base weight (and so into the adapter)
+        folded = {sl.module for sl in gs.primary}
+        for site in gs.sites:
+            if _is_tuner_layer(modules.get(site.module, model)) and f"{site.module}.base_layer" not in folded:
+                raise ValueError(
+                    f"The {gs.target!r} gate on adapter layer {site.module!r} scales no slice of its base weight, "
+                    "so folding it would skip the adapter (a GroupRule with kind='module' on a PEFT layer?). Use "
+                    "kind='out' or 'in' there, or merge the adapter first (peft_model.merge_and_unload())."
+                )
+
+
+def _adapter_kind(module: nn.Module) -> str:
+    """'LoRA' for a plain LoRA Linear (the one kind the fold supports), else a short name of what it is."""
+    cls = type(module)
+    if not (cls.__name__ == "Linear" and cls.__module__.startswith("peft.tuners.lora.")):
+        family = cls.__module__.split(".")[2] if cls.__module__.startswith("peft.tuners.") else "PEFT"
+        return f"a PEFT {family}.{cls.__name__} layer"
+    if any(getattr(module, "use_dora", {}).values()) or len(getattr(module, "lora_magnitude_vector", {})):
+        return "DoRA (use_dora=True)"
+    variants = getattr(module, "lora_variant", {})
+    if variants:
+        return f"a LoRA variant ({', '.join(sorted({type(v).__name__ for v in variants.values()}))})"
+    if any(getattr(module, "lora_bias", {}).values()):
+        return "LoRA with lora_bias=True"
+    return "LoRA"
 
 
 def get_bank(model: nn.Module, required: bool = True) -> GateBank | None:
@@ -81,8 +157,25 @@ def is_gated(model: nn.Module) -> bool:
 
 
 def penalty(model: nn.Module, lam: float | None = None) -> torch.Tensor:
-    """The smooth surrogate R = (lam/D) sum_g (||w_g||^2 + sum_d gamma_{g,d}^2), lam included; add it to the loss."""
-    return get_bank(model).penalty(lam)
+    """The smooth surrogate R = (lam/D) sum_g (||w_g||^2 + sum_d gamma_{g,d}^2), lam included; add it to the loss.
+
+    Raises NonFiniteError when a gate or the penalty is NaN/inf (training diverged): one fused check per call, no
+    per-group work. Skipped while torch.compile traces, so a compiled train step stays one graph.
+    """
+    bank = get_bank(model)
+    pen = bank.penalty(lam)
+    if not torch.compiler.is_compiling():
+        probe = pen.detach()
+        for t in bank.targets:  # 0 * NaN and 0 * inf are NaN, 0 * any finite gate is 0: no overflow, one sync
+            probe = probe + (bank.gates(t).detach() * 0).sum()
+        if not math.isfinite(float(probe)):
+            bank.assert_finite("compute the D-Gating penalty", weights=True)
+            raise NonFiniteError(
+                f"The D-Gating penalty is {float(pen)} although every gate and weight is finite (lam="
+                f"{bank.lam if lam is None else lam:g} "
+                "times the group norms overflows); lower lam or rescale the weights."
+            )
+    return pen
 
 
 def induced_penalty(model: nn.Module, lam: float | None = None) -> torch.Tensor:

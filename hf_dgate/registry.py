@@ -55,6 +55,22 @@ class Mlp:
 
 
 @dataclass(frozen=True)
+class Experts:
+    """A sparse mixture-of-experts MLP whose routed experts are stored as 3D tensors (transformers 5):
+    `gate_up` (E, 2I, H) holding [gate | up] halves per expert, `down` (E, H, I), and a router with one row per
+    expert. A shared expert (Qwen2-MoE) is a dense MLP next to them; its units count as neurons."""
+
+    block: str = "mlp"  # the MoE module; its output is the residual branch
+    experts: str = "mlp.experts"
+    router: str = "mlp.gate"
+    gate_up: str = "gate_up_proj"
+    down: str = "down_proj"
+    shared: Mlp | None = None
+    count_field: str = "num_experts"  # config fields holding the expert count and the units per expert
+    units_field: str = "moe_intermediate_size"
+
+
+@dataclass(frozen=True)
 class Stack:
     """One list of blocks of a multi-stack model (encoder and decoder, text and vision towers)."""
 
@@ -77,6 +93,8 @@ class ArchSpec:
     cross_attention: Attention | None = None
     # the block stacks of a multi-stack model; each stack's blocks follow the spec of its own config
     stacks: tuple[Stack, ...] = ()
+    # routed experts in place of a dense MLP (target 'experts'; 'neurons' are the experts' units)
+    experts: Experts | None = None
     # why a target cannot be gated in this family (the message the user gets), by target
     refuse: tuple[tuple[str, str], ...] = ()
     # residual branch outputs for target="layers" when the block has no attention/MLP pair (Mamba's mixer)
@@ -138,6 +156,16 @@ def _t5_mlps() -> tuple[Mlp, ...]:
     )
 
 
+def _moe(refuse: tuple[tuple[str, str], ...] = (), **kw: Any) -> ArchSpec:
+    return ArchSpec(_llama_like().attention, None, experts=Experts(**kw), refuse=refuse)
+
+
+QK_NORM_SPANS_HEADS = (
+    "its query/key RMSNorm spans all heads, so removing one head changes how the others are normalised (no exact "
+    "export); gate 'neurons' or 'layers'"
+)
+
+
 def _falcon_layout(config: Any) -> str:
     if getattr(config, "new_decoder_architecture", False):
         return "grouped"
@@ -149,11 +177,6 @@ def _falcon_kv_heads(config: Any) -> int:
         return config.num_kv_heads
     return 1 if config.multi_query else config.num_attention_heads
 
-
-_MOE = (
-    ("neurons", "its MLPs are routed experts; gate attention 'heads' (expert neurons are not supported yet)"),
-    ("layers", "its MLPs are routed experts; gate attention 'heads' (whole MoE layers are not supported yet)"),
-)
 
 SPECS: dict[str, ArchSpec] = {
     "gpt2": ArchSpec(Attention(o="attn.c_proj", qkv="attn.c_attn"), Mlp(down="mlp.c_proj", up=("mlp.c_fc",))),
@@ -242,22 +265,18 @@ SPECS: dict[str, ArchSpec] = {
             ("neurons", "Mamba blocks have no MLP; gate whole 'layers'"),
         ),
     ),
-    "mixtral": _llama_like(refuse=_MOE),
-    "qwen3_moe": _llama_like(refuse=_MOE),
-    "qwen2_moe": _llama_like(refuse=_MOE),
-    "olmoe": _llama_like(refuse=_MOE),
+    "mixtral": _moe(count_field="num_local_experts", units_field="intermediate_size"),
+    "qwen3_moe": _moe(),
+    "qwen2_moe": _moe(
+        shared=Mlp(
+            down="mlp.shared_expert.down_proj", up=("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj")
+        )
+    ),
 }
 for _t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite", "smollm3"):
     SPECS[_t] = _llama_like()
-SPECS["olmo2"] = _llama_like(
-    refuse=(
-        (
-            "heads",
-            "its query/key RMSNorm spans all heads, so removing one head changes how the others are normalised "
-            "(no exact export); gate 'neurons' or 'layers'",
-        ),
-    )
-)
+SPECS["olmo2"] = _llama_like(refuse=(("heads", QK_NORM_SPANS_HEADS),))
+SPECS["olmoe"] = _moe(units_field="intermediate_size", refuse=(("heads", QK_NORM_SPANS_HEADS),))
 SPECS["clip_text_model"] = ArchSpec(
     Attention(o="self_attn.out_proj", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj"),
     Mlp(down="mlp.fc2", up=("mlp.fc1",)),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from math import prod
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,7 +55,7 @@ class SparsityReport:
         return d
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False)
 
     def __str__(self) -> str:
         rule = f"{self.threshold:g} x its layer's largest" if self.relative else f"{self.threshold:g}"
@@ -79,15 +80,23 @@ def sparsity_report(model: nn.Module, threshold: float | None = None) -> Sparsit
     """Per target: groups, zero groups, sparsity, active groups per layer, and the parameters left after export."""
     bank = get_bank(model)
     thr = bank.check_threshold(threshold)
+    bank.assert_finite("report sparsity")  # a NaN norm compares as "not below threshold": it would count as active
     dead = {t: bank.zero_groups(t, thr) for t in bank.targets}
+    stacks = stack_status(bank._modules_by_name[""], bank.config)
     targets = {t: TargetSparsity(t, bank.sizes[t], int(dead[t].sum())) for t in bank.targets}
     for gs, off in zip(bank.group_sets, bank.offsets):
         d = dead[gs.target][off : off + gs.n_groups]
-        label = str(gs.layer)
+        label = group_set_label(gs, multi_stack=len(stacks) > 1)
         targets[gs.target].per_layer[label] = [gs.n_groups - int(d.sum()), gs.n_groups]
     total, kept = _param_counts(bank, dead)
-    stacks = stack_status(bank._modules_by_name[""], bank.config)
     return SparsityReport(thr, targets, total, kept, bank.config.threshold_mode == "relative", stacks)
+
+
+def group_set_label(gs: Any, multi_stack: bool = False) -> str:
+    """How reports name a group set: its layer, prefixed by its stack in multi-stack models ("decoder.3"), with
+    ".cross" for cross-attention heads."""
+    label = f"{gs.meta.get('stack_name')}.{gs.layer}" if multi_stack and gs.meta.get("stack_name") else str(gs.layer)
+    return label + ".cross" if gs.meta.get("attention") == "cross" else label
 
 
 def _param_counts(bank: GateBank, dead: dict[str, torch.Tensor]) -> tuple[int, int]:

@@ -1,9 +1,12 @@
-"""Save and restore gated models: the model's own files plus `dgate_config.json`; gates ride in the weights."""
+"""Save and restore gated models: the model's own files, `dgate_config.json`, and `dgate_manifest.json`, which
+names the weight files the save wrote and records how the gates in them were made (method, depth, targets and
+shapes). Loading reads exactly those files and refuses a config that would read the gates differently."""
 
 from __future__ import annotations
 
-import glob
+import json
 import os
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,40 +15,223 @@ from .config import DGateConfig
 from .patch import BANK_NAME, _unwrap, apply_dgate, get_bank
 
 GATE_PREFIX = BANK_NAME + "."
+MANIFEST_NAME = "dgate_manifest.json"
+MANIFEST_FORMAT = 1
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
 
 
 def save_gated(model: nn.Module, save_directory: str | os.PathLike, **save_kwargs) -> None:
-    """`model.save_pretrained(dir)` (gates included as `dgate.*` tensors) and the DGateConfig beside it."""
+    """`model.save_pretrained(dir)` (gates included as `dgate.*` tensors), the DGateConfig and the manifest."""
     bank = get_bank(model)
+    before = weight_files_state(save_directory)
     _unwrap(model).save_pretrained(save_directory, **save_kwargs)
     bank.config.save_pretrained(save_directory)
+    write_manifest(bank, save_directory, written_weight_files(save_directory, before))
+
+
+# ---- the manifest ---------------------------------------------------------------------------------------------
+def gate_record(bank: Any) -> dict[str, Any]:
+    """How the gates were made: what reading them back needs to agree with."""
+    return {
+        "method": bank.method,
+        "depth": bank.depth,
+        "targets": list(bank.gammas.keys()),
+        "gates": {t: list(p.shape) for t, p in bank.gammas.items()},  # DTensor shapes are global shapes
+    }
+
+
+def weight_files_state(directory: str | os.PathLike) -> dict[str, tuple[int, int, int] | None]:
+    """Identity and modification time of the weight file and the shard index, taken before a save."""
+    state: dict[str, tuple[int, int, int] | None] = {}
+    for name in (WEIGHTS_NAME, INDEX_NAME):
+        try:
+            st = os.stat(os.path.join(directory, name))
+            state[name] = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            state[name] = None
+    return state
+
+
+def written_weight_files(directory: str | os.PathLike, before: dict[str, tuple[int, int, int] | None]) -> list[str]:
+    """The safetensors files a save just wrote (transformers leaves older ones of another layout in place)."""
+    after = weight_files_state(directory)
+    if after[INDEX_NAME] is not None and after[INDEX_NAME] != before.get(INDEX_NAME):
+        return _index_files(directory)
+    if after[WEIGHTS_NAME] is not None and after[WEIGHTS_NAME] != before.get(WEIGHTS_NAME):
+        return [WEIGHTS_NAME]
+    return _loaded_weight_files(directory)  # a rewrite within the clock's resolution: what transformers loads
+
+
+def _loaded_weight_files(directory: str | os.PathLike) -> list[str]:
+    """The files transformers itself loads from a folder: `model.safetensors`, else the shards of the index."""
+    if os.path.isfile(os.path.join(directory, WEIGHTS_NAME)):
+        return [WEIGHTS_NAME]
+    if os.path.isfile(os.path.join(directory, INDEX_NAME)):
+        return _index_files(directory)
+    return []
+
+
+def write_manifest(bank: Any, directory: str | os.PathLike, weight_files: list[str]) -> str:
+    """Write `dgate_manifest.json`: the weight files holding this save's gates and how the gates were made."""
+    path = os.path.join(directory, MANIFEST_NAME)
+    data = {"format": MANIFEST_FORMAT, "weights": list(weight_files), **gate_record(bank)}
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2, allow_nan=False)
+    return path
+
+
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The validated manifest of a save, or None for folders saved before manifests existed."""
+    path = os.path.join(directory, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path!r} is not valid JSON ({e}); re-save the model with hf_dgate.save_gated.") from None
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{path!r} is not a manifest hf_dgate wrote (format {MANIFEST_FORMAT}); re-save the model.")
+    files = data.get("weights")
+    if not isinstance(files, list) or not all(_plain_safetensors_name(f) for f in files):
+        raise ValueError(f"{path!r}: field 'weights' must list safetensors files in the folder; re-save the model.")
+    gates = data.get("gates")
+    ok = isinstance(gates, dict) and all(
+        isinstance(s, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in s) for s in gates.values()
+    )
+    if not ok:
+        raise ValueError(f"{path!r}: field 'gates' must map each target to its gate shape; re-save the model.")
+    return data
+
+
+def _plain_safetensors_name(name: Any) -> bool:
+    """A file directly in the folder: no directories, no '..', no hidden files."""
+    return (
+        isinstance(name, str)
+        and name.endswith(".safetensors")
+        and os.path.basename(name) == name
+        and not name.startswith(".")
+    )
+
+
+def _index_files(directory: str | os.PathLike) -> list[str]:
+    path = os.path.join(directory, INDEX_NAME)
+    try:
+        with open(path) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path!r} is not a valid shard index ({e}); re-save the model.") from None
+    if not all(_plain_safetensors_name(f) for f in files):
+        raise ValueError(f"{path!r} names files outside the folder; re-save the model with hf_dgate.save_gated.")
+    return files
+
+
+def gate_weight_files(directory: str | os.PathLike) -> list[str]:
+    """The files that hold the gates: those the manifest names; for older folders the file transformers itself
+    loads (`model.safetensors`, else the shard index). Never every `*.safetensors`: a stray copy would count."""
+    manifest = read_manifest(directory)
+    if manifest is not None:
+        files = manifest["weights"]
+        if WEIGHTS_NAME not in files and os.path.isfile(os.path.join(directory, WEIGHTS_NAME)):
+            raise ValueError(
+                f"{directory!r} holds a {WEIGHTS_NAME} that the last save did not write (it wrote {files}); "
+                "transformers would load that stale file instead. Move it away, or re-save into an empty folder."
+            )
+    else:
+        files = _loaded_weight_files(directory)
+    missing = [f for f in files if not os.path.isfile(os.path.join(directory, f))]
+    if missing:
+        raise ValueError(f"{directory!r} lacks the weight file(s) {missing} its save wrote; copy the whole folder.")
+    return files
 
 
 def load_gates(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The `dgate.*` tensors of a saved gated model, without the `dgate.` prefix."""
+    """The `dgate.*` tensors of a saved gated model, without the `dgate.` prefix, read from the saved files only."""
     from safetensors import safe_open
 
     gates: dict[str, torch.Tensor] = {}
-    for path in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
-        with safe_open(path, framework="pt") as f:
+    for name in gate_weight_files(directory):
+        with safe_open(os.path.join(directory, name), framework="pt") as f:
             for key in f.keys():
                 if key.startswith(GATE_PREFIX):
                     gates[key[len(GATE_PREFIX) :]] = f.get_tensor(key)
     return gates
 
 
+def check_gates_match(
+    directory: str | os.PathLike, dconfig: DGateConfig, gates: dict[str, torch.Tensor], expected: dict[str, Any]
+) -> None:
+    """Refuse a `dgate_config.json` that would read the saved gates differently from how they were trained.
+
+    `expected` is `gate_record` of the bank the config builds on this model. The manifest (when there is one)
+    says how the gates were made; without one the saved shapes still tell depth and targets apart, and gates
+    that moved away from 1 tell that a gate-free method ('direct', 'slimming') would ignore them.
+    """
+    where = os.path.join(directory, "dgate_config.json")
+    saved = {k[len("gammas.") :]: v for k, v in gates.items() if k.startswith("gammas.")}
+    manifest = read_manifest(directory)
+    if manifest is not None:
+        conflict = record_conflict(manifest, expected)
+        if conflict is not None:
+            key, was, now = conflict
+            raise ValueError(
+                f"{where!r} says {key}={now!r}, but the saved gates were trained with {key}={was!r} (per "
+                f"{MANIFEST_NAME}); restore {key} in dgate_config.json, or gate the model afresh with apply_dgate."
+            )
+    if sorted(saved) != sorted(expected["targets"]):
+        raise ValueError(
+            f"{where!r} gates the targets {sorted(expected['targets'])} but the saved gates are for {sorted(saved)}; "
+            "set the target in dgate_config.json back to what was trained."
+        )
+    for t, shape in expected["gates"].items():
+        if list(saved[t].shape) != shape:
+            rows, want = saved[t].shape[0], shape[0]
+            hint = (
+                f"the saved gates have {rows} row(s), i.e. depth={rows + 1} for method='dgate' (1 for 'l0')"
+                if rows != want
+                else f"the saved gates cover {saved[t].shape[1]} groups, the model has {shape[1]}"
+            )
+            raise ValueError(
+                f"The gates for {t!r} in {directory!r} have shape {tuple(saved[t].shape)} but {where!r} (depth="
+                f"{dconfig.depth}, method={dconfig.method!r}) needs {tuple(shape)}: {hint}. Fix dgate_config.json."
+            )
+    if manifest is None and expected["method"] in ("direct", "slimming"):
+        moved = [t for t, g in saved.items() if not torch.all(g == 1)]
+        if moved:
+            raise ValueError(
+                f"{where!r} says method={expected['method']!r}, which uses no gates, but the saved gates for {moved} "
+                "were trained (not all 1) and would be ignored; set method back to 'dgate' or 'l0'."
+            )
+
+
+def record_conflict(saved: dict[str, Any], current: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """The first of method, targets and (for D-Gating) depth on which a saved gate record and the current bank
+    differ, as (field, saved value, current value); None when the saved gates can be read as they were made."""
+    keys = ("method", "targets", "depth") if current["method"] == "dgate" else ("method", "targets")
+    for key in keys:  # (l0 and the gate-free methods do not read the depth off the gates)
+        was, now = saved.get(key), current[key]
+        if (sorted(was) if isinstance(was, list) else was) != (sorted(now) if isinstance(now, list) else now):
+            return key, was, now
+    return None
+
+
 def load_gated(directory: str | os.PathLike, model_class: type | None = None, **from_pretrained_kwargs) -> nn.Module:
     """Rebuild a model saved by `save_gated` / `DGateTrainer.save_model`, gates included, ready to train or export."""
     import transformers
 
+    from .loading import transformers_model_class
+
     dconfig = DGateConfig.from_pretrained(directory)
     gates = load_gates(directory)
     if not gates:
-        raise ValueError(f"{directory!r} has a dgate_config.json but no 'dgate.*' gate tensors in its safetensors.")
+        raise ValueError(
+            f"{directory!r} has a dgate_config.json but its weight files {gate_weight_files(directory)} hold no "
+            "'dgate.*' gate tensors; save the gated model with hf_dgate.save_gated."
+        )
     if model_class is None:
-        hf_config = transformers.AutoConfig.from_pretrained(directory)
-        arch = (getattr(hf_config, "architectures", None) or [None])[0]
-        model_class = getattr(transformers, arch, None) if arch else None
+        model_class = transformers_model_class(transformers.AutoConfig.from_pretrained(directory))
         if model_class is None:
             raise ValueError(f"Cannot tell the model class of {directory!r}; pass load_gated(dir, model_class=...).")
     verbosity = transformers.logging.get_verbosity()
@@ -56,10 +242,11 @@ def load_gated(directory: str | os.PathLike, model_class: type | None = None, **
         transformers.logging.set_verbosity(verbosity)
     apply_dgate(model, dconfig)
     bank = get_bank(model)
+    check_gates_match(directory, dconfig, gates, gate_record(bank))
     missing, unexpected = bank.load_state_dict(gates, strict=False)
     if missing or unexpected:
         raise ValueError(
-            f"The gates in {directory!r} do not match the model gated with its dgate_config.json "
-            f"(missing {missing}, unexpected {unexpected})."
+            f"The gates in {directory!r} do not fit the model gated with its dgate_config.json "
+            f"(missing {missing}, unexpected {unexpected}); re-save the model with hf_dgate.save_gated."
         )
     return model

@@ -22,10 +22,15 @@ from .patch import BANK_NAME, get_bank
 
 
 @torch.no_grad()
-def prune_torch_model(model: nn.Module, threshold: float | None = None, example_inputs: Any = None) -> nn.Module:
-    """A smaller copy of a gated torch model without its zero groups (the gated model is left as it is)."""
+def prune_torch_model(
+    model: nn.Module, threshold: float | None = None, example_inputs: Any = None, inplace: bool = False
+) -> nn.Module:
+    """A smaller copy of a gated torch model without its zero groups (the gated model is left as it is unless
+    `inplace=True`, which saves the copy: the model itself is then folded, ungated and pruned). This is the bare
+    surgery; `hf_dgate.export_pruned` calls it and checks the result against the gated model."""
 
-    model = copy.deepcopy(model)
+    if not inplace:
+        model = copy.deepcopy(model)
     bank = get_bank(model)
     thr = bank.check_threshold(threshold)
     dead_by_target = {t: bank.zero_groups(t, thr).cpu() for t in bank.targets}

@@ -15,6 +15,7 @@ before the penalty is added, so it does not touch it.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -25,9 +26,18 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .config import DGateConfig
 from .controller import LamController
+from .errors import NonFiniteError
 from .groups import GateBank
 from .patch import apply_dgate, get_bank
 from .report import SparsityReport, sparsity_report
+from .saving import (
+    gate_record,
+    read_manifest,
+    record_conflict,
+    weight_files_state,
+    write_manifest,
+    written_weight_files,
+)
 
 TRAINER_STATE_NAME = "dgate_trainer_state.json"
 SPARSITY_NAME = "dgate_sparsity.json"
@@ -112,7 +122,11 @@ class DGateTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        """The model's loss plus this micro-batch's share of the penalty (training only; evaluation is unchanged)."""
+        """The model's loss plus this micro-batch's share of the penalty (training only; evaluation is unchanged).
+
+        A NaN/inf loss or penalty stops training here, before backward, with a NonFiniteError naming the step: one
+        NaN gradient would make every gate NaN while the Trainer's `logging_nan_inf_filter` hides it from the log.
+        """
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         if not (model.training and torch.is_grad_enabled()):
             return out
@@ -123,8 +137,22 @@ class DGateTrainer(Trainer):
         pen = bank.penalty()
         added = pen / k if self._loss_scaled_for_ga(num_items_in_batch) else pen
         self._dgate_pen_in_loss = pen.detach() / k  # what this micro-batch's returned loss holds after scaling
-        loss = loss + added.to(device=loss.device, dtype=loss.dtype)
-        return (loss, outputs) if return_outputs else loss
+        total = loss + added.to(device=loss.device, dtype=loss.dtype)
+        if not bool(torch.isfinite(total.detach()).all()):  # one scalar check per micro-batch
+            self._stop_non_finite(loss.detach().float().mean(), pen.detach().float())
+        return (total, outputs) if return_outputs else total
+
+    def _stop_non_finite(self, loss: torch.Tensor, pen: torch.Tensor) -> None:
+        """Raise NonFiniteError naming the optimizer step and what is NaN/inf (data loss, gates, penalty)."""
+        step = self.state.global_step + 1
+        if not bool(torch.isfinite(pen)):
+            self.dgate_bank.assert_finite(f"train optimizer step {step}")  # names the target with bad gates/weights
+        what = "data loss" if not bool(torch.isfinite(loss)) else "total loss"
+        raise NonFiniteError(
+            f"Training stopped at optimizer step {step}: the {what} is {float(loss + pen)} (data loss {float(loss)}, "
+            f"D-Gating penalty {float(pen)}), so this update was not applied. Check the batch (a batch whose labels "
+            "are all ignored gives a NaN loss), lower the learning rate, or resume from the last checkpoint."
+        )
 
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
@@ -153,12 +181,17 @@ class DGateTrainer(Trainer):
     def dgate_metrics(self) -> dict[str, float]:
         """Penalty, misalignment, lam, sparsity of each gated target and the parameters left after export."""
         bank = self.dgate_bank
-        rep = sparsity_report(self.model)
+        rep = self._checked_report("log D-Gating metrics")
         metrics = {
             "dgate/penalty": float(bank.penalty()),
             "dgate/misalignment": 0.0 if bank.direct else float(bank.misalignment()),
             "dgate/lam": float(bank.lam),
         }
+        if not all(math.isfinite(v) for v in metrics.values()):
+            raise NonFiniteError(
+                f"Training stopped at step {self.state.global_step}: the logged D-Gating metrics {metrics} are not "
+                "finite although every gate and weight is; lower lam or resume from the last checkpoint."
+            )
         for t, ts in rep.targets.items():
             metrics[f"dgate/{sparsity_metric_name(t)}"] = ts.sparsity
         metrics["dgate/params_kept"] = float(rep.params_kept)
@@ -182,10 +215,7 @@ class DGateTrainer(Trainer):
         if ckpt is True or (isinstance(ckpt, str) and ckpt == ""):
             ckpt = get_last_checkpoint(self.args.output_dir)
         if isinstance(ckpt, str):
-            path = os.path.join(ckpt, TRAINER_STATE_NAME)
-            if os.path.isfile(path):
-                with open(path) as f:
-                    self.lam_controller.load_state_dict(json.load(f)["lam_controller"])
+            self._restore_dgate_state(ckpt)
         result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         self.dgate_bank.lam = self.lam_controller.lam_at(self.state.global_step)
         report = self.write_sparsity_report(self.args.output_dir)  # every rank: FSDP norms are collectives
@@ -196,9 +226,10 @@ class DGateTrainer(Trainer):
     def write_sparsity_report(self, output_dir: str) -> SparsityReport:
         """The per-layer table of active groups, saved as `dgate_sparsity.json` in `output_dir`.
 
-        Call it on every process (FSDP gathers the group norms); only the main process writes.
+        Call it on every process (FSDP gathers the group norms); only the main process writes. Refuses (and
+        writes nothing) when a gate or gated weight is NaN/inf.
         """
-        report = sparsity_report(self.model)
+        report = self._checked_report("write the sparsity report")
         if not self.is_world_process_zero():
             return report
         os.makedirs(output_dir, exist_ok=True)
@@ -206,17 +237,56 @@ class DGateTrainer(Trainer):
         data["global_step"] = self.state.global_step
         data["lam"] = self.dgate_bank.lam
         with open(os.path.join(output_dir, SPARSITY_NAME), "w") as f:
-            json.dump(data, f, indent=2)
+            json.dump(data, f, indent=2, allow_nan=False)
         return report
 
+    def _checked_report(self, action: str) -> SparsityReport:
+        """`sparsity_report`, refusing NaN/inf gates or weights with a message that names the global step."""
+        self.dgate_bank.assert_finite(f"{action} at global step {self.state.global_step}")
+        return sparsity_report(self.model)
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """The model with its gates (`dgate.*` tensors), `dgate_config.json` and the lam controller's state."""
+        """The model with its gates (`dgate.*` tensors), `dgate_config.json`, the manifest naming the weight files
+        this save wrote (what `load_gated` reads) and the lam controller's state."""
+        target = self.args.output_dir if output_dir is None else output_dir
+        before = weight_files_state(target)
         super().save_model(output_dir, _internal_call=_internal_call)
-        output_dir = self.args.output_dir if output_dir is None else output_dir
+        output_dir = target
         if self.args.should_save:
             self.dgate_bank.config.save_pretrained(output_dir)
+            write_manifest(self.dgate_bank, output_dir, written_weight_files(output_dir, before))
+            state = {"lam_controller": self.lam_controller.state_dict(), "lam": self.dgate_bank.lam}
             with open(os.path.join(output_dir, TRAINER_STATE_NAME), "w") as f:
-                json.dump({"lam_controller": self.lam_controller.state_dict(), "lam": self.dgate_bank.lam}, f, indent=2)
+                json.dump(state, f, indent=2, allow_nan=False)
+
+    def _restore_dgate_state(self, checkpoint: str) -> None:
+        """Resume: check the checkpoint's gates were made like this model's, and restore the lam controller from
+        `dgate_trainer_state.json`, validated like a fresh one (a bad file is a ValueError naming file and field)."""
+        manifest = read_manifest(checkpoint)
+        conflict = None if manifest is None else record_conflict(manifest, gate_record(self.dgate_bank))
+        if conflict is not None:
+            key, was, now = conflict
+            raise ValueError(
+                f"Cannot resume from {checkpoint!r}: its gates were trained with {key}={was!r}, this model is gated "
+                f"with {key}={now!r}. Gate the model with the checkpoint's dgate_config.json."
+            )
+        path = os.path.join(checkpoint, TRAINER_STATE_NAME)
+        if not os.path.isfile(path):
+            return
+        try:
+            with open(path) as f:
+                state = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path!r} is not valid JSON ({e}); fix it or delete it to resume without it.") from None
+        if not isinstance(state, dict) or not isinstance(state.get("lam_controller"), dict):
+            raise ValueError(f"{path!r} has no 'lam_controller' object; fix the file, or delete it to resume without.")
+        lam = state.get("lam", 0.0)
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+            raise ValueError(f"{path!r}: field 'lam'={lam!r} is invalid (expected a finite float >= 0); fix the file.")
+        try:
+            self.lam_controller.load_state_dict(state["lam_controller"])
+        except ValueError as e:
+            raise ValueError(f"{path!r}: field 'lam_controller': {e} Fix the file or delete it.") from None
 
     def export_pruned(
         self,
@@ -224,13 +294,18 @@ class DGateTrainer(Trainer):
         push_to_hub: bool = False,
         hub_model_id: str | None = None,
         threshold: float | None = None,
+        *,
+        allow_inexact: bool = False,
         **kwargs: Any,
     ) -> dict[str, Any]:
         """Write the physically pruned model (weights, config, model card) and optionally push it to the Hub.
 
-        Defaults to `<output_dir>/pruned`; see `hf_dgate.export_to_dir` for the keyword arguments.
+        Defaults to `<output_dir>/pruned`; see `hf_dgate.export_to_dir` for the keyword arguments. The export is
+        checked against the gated model (`hf_dgate.verify`): removed groups that were not zero raise ExportError
+        unless `allow_inexact=True`, and the summary's `verification` says what was measured.
         """
         from .hub import export_to_dir
+        from .outdir import checkpoint_dirs
 
         if getattr(self, "is_fsdp_enabled", False):  # the weights are shards: one process cannot prune them alone
             raise ValueError(
@@ -241,9 +316,12 @@ class DGateTrainer(Trainer):
         output_dir = os.path.join(self.args.output_dir, "pruned") if output_dir is None else output_dir
         if not self.args.should_save:
             return {}
+        # the run's output folder and its checkpoints are never replaced (`<output_dir>/pruned` inside it is fine)
+        keep = [self.args.output_dir, *checkpoint_dirs(self.args.output_dir), *kwargs.pop("protected_dirs", ())]
         return export_to_dir(
-            self.model, output_dir, push_to_hub=push_to_hub, hub_model_id=hub_model_id, threshold=threshold, **kwargs
-        )
+            self.model, output_dir, push_to_hub=push_to_hub, hub_model_id=hub_model_id, threshold=threshold,
+            protected_dirs=keep, allow_inexact=allow_inexact, **kwargs,
+        )  # fmt: skip
 
 
 class _DGateCallback(TrainerCallback):

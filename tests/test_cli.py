@@ -114,11 +114,30 @@ def test_config_that_does_not_match_the_weights(gated_dir, tmp_path, capsys):
 
 def test_existing_output_needs_overwrite(gated_dir, tmp_path, capsys):
     src, _ = gated_dir
+    out = ["export", src, "--out", tmp_path / "o", "--no-measure", "--seq-len", "8"]
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "keep.txt").write_text("x")
-    rc, _, err = run(["export", src, "--out", tmp_path / "o", "--no-measure"], capsys)
-    _assert_one_line_error(rc, err, "--overwrite")
-    assert os.listdir(tmp_path / "o") == ["keep.txt"]
-    rc, _, err = run(["export", src, "--out", tmp_path / "o", "--no-measure", "--overwrite"], capsys)
+    for extra in ([], ["--overwrite"]):  # not a previous export: kept even with --overwrite
+        rc, _, err = run(out + extra, capsys)
+        _assert_one_line_error(rc, err, "--force", "not a previous hf_dgate export")
+        assert os.listdir(tmp_path / "o") == ["keep.txt"]
+    rc, _, err = run(out + ["--force"], capsys)
     assert rc == 0, err
     assert "keep.txt" not in os.listdir(tmp_path / "o") and sorted(os.listdir(tmp_path)) == ["o"]
+    rc, _, err = run(out, capsys)  # now a previous export: replaced with --overwrite only
+    _assert_one_line_error(rc, err, "--overwrite", "previous export")
+    rc, _, err = run(out + ["--overwrite"], capsys)
+    assert rc == 0, err
+    assert sorted(os.listdir(tmp_path)) == ["o"] and "dgate_export.json" in os.listdir(tmp_path / "o")
+
+
+def test_out_never_replaces_the_gated_dir_or_the_current_dir(gated_dir, tmp_path, capsys, monkeypatch):
+    src, _ = gated_dir
+    before = sorted(os.listdir(src))
+    parent = os.path.dirname(src)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("x")
+    for out, needle in [(src, "source"), (parent, "source"), (os.path.join(src, "sub"), "source"), (".", "current")]:
+        rc, _, err = run(["export", src, "--out", out, "--no-measure", "--force", "--overwrite"], capsys)
+        _assert_one_line_error(rc, err, needle)
+    assert sorted(os.listdir(src)) == before and os.listdir(tmp_path) == ["notes.txt"]

@@ -116,3 +116,58 @@ def test_lora_example_runs(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["max_logit_diff"] < 1e-3 and summary["params_after"] <= summary["params_before"]
     assert (tmp_path / "config.json").is_file()
+
+
+def _peft_llama(config):
+    return peft.get_peft_model(make_model("llama"), config)
+
+
+@pytest.mark.parametrize(
+    "config,kind",
+    [
+        (peft.LoraConfig(r=4, target_modules=["v_proj"], use_dora=True), "DoRA"),
+        (peft.LoraConfig(r=4, target_modules=["down_proj"], use_dora=True), "DoRA"),
+        (peft.LoraConfig(r=4, target_modules=["v_proj"], lora_bias=True), "lora_bias=True"),
+        (peft.IA3Config(target_modules=["v_proj"], feedforward_modules=[]), "ia3"),
+        (peft.LoHaConfig(r=4, target_modules=["v_proj"]), "loha"),
+        (peft.AdaLoraConfig(init_r=4, target_modules=["v_proj"], total_step=10), "adalora"),
+    ],
+)
+def test_adapters_whose_fold_is_not_exact_are_refused_on_gated_layers(config, kind):
+    model = _peft_llama(config)
+    with pytest.raises(ValueError, match=f"supports plain LoRA adapters only.*{kind}"):
+        hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target=["heads", "neurons"]))
+    assert not hf_dgate.is_gated(model)
+
+
+@torch.no_grad()
+def test_dora_on_a_layer_no_gate_touches_exports_exactly():
+    """DoRA on q/k (removable, never scaled by a gate) is merged before pruning: the export stays exact."""
+    model = _peft_llama(peft.LoraConfig(r=4, target_modules=["q_proj", "k_proj"], use_dora=True))
+    inputs = make_inputs("llama")
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.normal_(0, 0.1)  # a non-zero adapter, so the DoRA rescaling matters
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target=["heads", "neurons"]))
+    bank = hf_dgate.get_bank(model)
+    bank.gammas["heads"][:, [0, 3]] = 0.0
+    bank.gammas["neurons"].uniform_(0.5, 1.5)
+    gated = model(**inputs).logits
+    small = hf_dgate.export_pruned(model)
+    assert small.model.layers[0].self_attn.v_proj.out_features == 8
+    torch.testing.assert_close(small(**inputs).logits, gated, rtol=1e-5, atol=1e-5)
+
+
+def test_a_whole_module_group_on_a_lora_layer_is_refused():
+    model = _peft_llama(peft.LoraConfig(r=4, target_modules=["v_proj"], init_lora_weights=False))
+    rule = hf_dgate.GroupRule("vproj", r"v_proj$", "module")
+    with pytest.raises(ValueError, match="folding it would skip the adapter"):
+        hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target=[], groups=[rule]))
+
+
+def test_adapters_added_after_gating_are_refused_on_merge():
+    base = make_model("llama")
+    hf_dgate.apply_dgate(base, hf_dgate.DGateConfig(target="heads"))
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["v_proj"], init_lora_weights=False))
+    with pytest.raises(ValueError, match="added after apply_dgate"):
+        hf_dgate.export_pruned(model)

@@ -1,0 +1,112 @@
+"""What a pruned model needs beyond smaller tensors: forwards for modules left with nothing to compute, and the
+reshaping of a freshly built model to a recorded pruned structure.
+
+This file is self-contained on purpose (it imports torch only): hf_dgate uses it, and the export copies it
+verbatim into `modeling_dgate_pruned.py`, so people who load an export with `trust_remote_code=True` run this
+same code, not a second copy of it. Every name and size it reads from a config is checked as data.
+"""
+
+import copy
+
+import torch
+from torch import nn
+
+
+class ZeroHeadAttention:
+    """Marker base: an attention module with no head left. Its output is the output projection's bias."""
+
+
+class ZeroInputConv1D:
+    """Marker base: transformers' Conv1D with no input feature left (its forward cannot view a 0-width input)."""
+
+
+def no_head_forward(self, hidden_states=None, *args, **kwargs):
+    """Forward of an attention layer without heads: the output projection applied to an empty context."""
+    if hidden_states is None:
+        hidden_states = kwargs.pop("hidden_states")
+    cache = kwargs.get("past_key_values", kwargs.get("layer_past"))
+    if cache is None:
+        cache = next((a for a in args if hasattr(a, "update") and hasattr(a, "get_seq_length")), None)
+    layer_idx = getattr(self, "layer_idx", None)
+    cross = kwargs.get("key_value_states") is not None or getattr(self, "is_cross_attention", False)
+    if cache is not None and layer_idx is not None and hasattr(cache, "update") and not cross:
+        cache = getattr(cache, "self_attention_cache", cache)
+        # A cache layer reports its length from its keys, and an empty tensor reads as length 0, which would
+        # shift positions during generation: keep one zero "head" of width 1 as a length marker.
+        b, t = hidden_states.shape[0], hidden_states.shape[1]
+        marker = hidden_states.new_zeros(b, 1, t, 1)
+        cache.update(marker, marker, layer_idx)
+    context = hidden_states.new_zeros(*hidden_states.shape[:-1], 0)
+    out = self.get_submodule(self._dgate_out)(context) if self._dgate_out else context
+    return out, None
+
+
+def no_input_forward(self, x):
+    """Forward of a GPT-2 Conv1D without inputs: its bias."""
+    return x.new_zeros(*x.shape[:-1], self.nf) + self.bias.to(x.dtype)
+
+
+_CLASSES = {}
+
+
+def _subclass(cls, marker, forward):
+    key = (cls, marker)
+    if key not in _CLASSES:
+        prefix = "NoHead" if marker is ZeroHeadAttention else "NoInput"
+        _CLASSES[key] = type(prefix + cls.__name__, (cls, marker), {"forward": forward, "__module__": __name__})
+    return _CLASSES[key]
+
+
+def make_no_head(module, out):
+    """Turn an attention module into one without heads whose output is its `out` submodule's bias."""
+    module._dgate_out = out
+    if not isinstance(module, ZeroHeadAttention):
+        module.__class__ = _subclass(type(module), ZeroHeadAttention, no_head_forward)
+
+
+def make_no_input(module):
+    if not isinstance(module, ZeroInputConv1D):
+        module.__class__ = _subclass(type(module), ZeroInputConv1D, no_input_forward)
+
+
+def own_head_config(module, n_heads, n_kv):
+    """Give an attention module a config copy with its own head counts (Phi-3 reads them from its config)."""
+    module.config = copy.copy(module.config)
+    module.config.num_attention_heads, module.config.num_key_value_heads = n_heads, n_kv
+
+
+# ---- rebuilding a recorded structure (the "remote" spec in config.dgate_pruning) --------------------------------
+def _name(value, attribute=False):
+    """Names come from config.json (data, never code): dotted identifiers only; attributes set must be public."""
+    ok = isinstance(value, str) and (value == "" or all(p.isidentifier() or p.isdigit() for p in value.split(".")))
+    if not ok or (attribute and (value == "" or value.startswith("_"))):
+        raise ValueError(f"config.dgate_pruning holds an invalid name {value!r}; re-export the model with hf_dgate.")
+    return value
+
+
+def _int(value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"config.dgate_pruning holds {value!r} where a size (an int >= 0) belongs; re-export it.")
+    return value
+
+
+def shrink(model, spec):
+    """Reshape a freshly built model to `spec` (tensor shapes, int attributes, per-module head configs, modules
+    left without heads or inputs) before its weights are loaded."""
+    for name, shape in spec["shapes"].items():
+        module_name, _, param = _name(name).rpartition(".")
+        module = model.get_submodule(module_name)
+        _name(param, attribute=True)
+        old = getattr(module, param)
+        new = torch.empty([_int(d) for d in shape], dtype=old.dtype, device=old.device)
+        setattr(module, param, nn.Parameter(new, requires_grad=old.requires_grad))
+    for module_name, attrs in spec["attrs"].items():
+        module = model.get_submodule(_name(module_name))
+        for key, value in attrs.items():
+            setattr(module, _name(key, attribute=True), _int(value))
+    for module_name, heads in spec.get("head_configs", {}).items():
+        own_head_config(model.get_submodule(_name(module_name)), _int(heads[0]), _int(heads[1]))
+    for module_name, out in spec["no_head"].items():
+        make_no_head(model.get_submodule(_name(module_name)), _name(out) if out else None)
+    for module_name in spec["no_input"]:
+        make_no_input(model.get_submodule(_name(module_name)))
