@@ -25,19 +25,33 @@ def count_params(model: nn.Module) -> int:
 
 
 def example_inputs(model: nn.Module, seq_len: int = 64, batch_size: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A deterministic batch the model accepts: pixels for vision configs, token ids otherwise."""
+    """A deterministic batch the model accepts: pixels for vision configs, token ids otherwise; both for text and
+    vision towers (CLIP), audio features for speech encoders (Whisper), decoder ids for encoder-decoders."""
     cfg = getattr(model, "config", None)
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
-    if cfg is not None and hasattr(cfg, "image_size") and hasattr(cfg, "num_channels"):
-        size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
-        x = torch.randn(batch_size, cfg.num_channels, size, size, generator=gen)
-        return {"pixel_values": x.to(device)}
+    batch: dict[str, torch.Tensor] = {}
+    vision = getattr(cfg, "vision_config", None) if cfg is not None else None
+    pixels = vision if vision is not None and getattr(cfg, "text_config", None) is not None else cfg
+    if pixels is not None and hasattr(pixels, "image_size"):
+        size = pixels.image_size if isinstance(pixels.image_size, int) else pixels.image_size[0]
+        channels = getattr(pixels, "num_channels", 3)
+        batch["pixel_values"] = torch.randn(batch_size, channels, size, size, generator=gen)
+        if pixels is cfg:  # a vision-only model
+            return {k: v.to(device) for k, v in batch.items()}
     text = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
     vocab = getattr(text, "vocab_size", 100) or 100
     max_pos = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None) or seq_len
     ids = torch.randint(0, vocab, (batch_size, min(seq_len, max_pos)), generator=gen)
-    return {"input_ids": ids.to(device)}
+    if cfg is not None and hasattr(cfg, "num_mel_bins") and hasattr(cfg, "max_source_positions"):
+        frames = 2 * cfg.max_source_positions  # Whisper's encoder takes exactly this many frames
+        batch["input_features"] = torch.randn(batch_size, cfg.num_mel_bins, frames, generator=gen)
+    else:
+        batch["input_ids"] = ids
+    if getattr(cfg, "is_encoder_decoder", False):
+        target_pos = getattr(cfg, "max_target_positions", None) or max_pos
+        batch["decoder_input_ids"] = ids[:, : min(ids.shape[1], target_pos, 16)]
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 @contextlib.contextmanager

@@ -90,7 +90,7 @@ def build_model_card(summary: dict[str, Any]) -> Any:
         lat_after=f"{1e3 * lat_a:.2f} ms" if lat_a else "not measured",
         speedup=f"{lat_b / lat_a:.2f}x measured" if lat_b and lat_a else "-",
         structure_table=structure_table(summary.get("structure") or {}),
-        dgate_config=json.dumps(summary.get("dgate_config", {}), indent=2),
+        dgate_config=json.dumps(summary.get("dgate_config", {}), indent=2, allow_nan=False),
     )
     return ModelCard(text)
 
@@ -351,7 +351,7 @@ def export_to_dir(
         pruned.save_pretrained(tmp)
         summary = scrub_paths(summary, _local_roots([target.path, *target.sources]))  # it is published as is
         with open(os.path.join(tmp, SUMMARY_NAME), "w") as f:
-            json.dump(summary, f, indent=2)
+            json.dump(summary, f, indent=2, allow_nan=False)
         build_model_card(summary).save(os.path.join(tmp, "README.md"))
     steps.update()
     summary["path"] = target.path
