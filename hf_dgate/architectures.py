@@ -1,33 +1,22 @@
-"""Where heads, neurons and layers live in a model, turned into `GroupSet`s.
+"""Where things are in a model: its block stacks (and the config each one follows), and inside a block the
+attention projections, the MLP projections and the routed experts.
 
-Detection is by module names inside each transformer block, which covers the Hugging Face families (GPT-2's
-fused `Conv1D` c_attn, Llama/Qwen/Mistral with GQA, BERT/RoBERTa, ViT, GPT-NeoX's per-head interleaved
-query_key_value, OPT, ...). Anything else can be named explicitly through `DGateConfig.module_names`.
+Three sources, in order: the user's `DGateConfig.module_names`, the family's entry in registry.py (keyed by
+`model_type`), and for families without one, common module names (`q_proj`/`v_proj`/`o_proj`, `c_attn`,
+`fc1`/`fc2`, ...). The targets (targets/) turn what is found here into group sets; export reads the same lookups.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
-from . import channels
-from .config import TRANSFORMER_TARGETS, DGateConfig, GroupRule
+from .config import TRANSFORMER_TARGETS, DGateConfig
 from .groups import (
-    UNGATED,
-    GroupSet,
-    Site,
-    TensorSlice,
     in_axis,
-    input_slices,
     out_axis,
-    output_slices,
-    slice_index,
-    whole_module_slices,
-    whole_weight_slices,
 )
 from .registry import spec_for
 
@@ -89,51 +78,8 @@ class StructureNotFoundError(ValueError):
     """A target's structure (value projection, MLP, block list) could not be located."""
 
 
-def find_group_sets(
-    model: nn.Module, config: DGateConfig, example_inputs: Any = None, refuse: bool = True
-) -> list[GroupSet]:
-    """All group sets `config` asks for, in a stable order (target, then layer). `refuse=False` skips the
-    registry's refusals (reloading an export only reshapes tensors; it gates nothing)."""
-    sets: list[GroupSet] = []
-    transformer_targets = [t for t in config.targets if t in TRANSFORMER_TARGETS]
-    if transformer_targets:
-        for stack in block_stacks(model, config):
-            sets += _stack_group_sets(model, config, stack, transformer_targets, refuse)
-    if "filters" in config.targets:
-        if example_inputs is None:
-            example_inputs = channels.example_inputs_for(config.example_input_shape, model)
-        sets.extend(channels.filter_sets(model, example_inputs))
-    if "features" in config.targets:
-        sets.append(channels.feature_set(model))
-    for rule in config.groups:
-        sets.extend(_rule_sets(model, rule))
-    if config.target_modules is not None:
-        pattern = re.compile(config.target_modules)
-        sets = [gs for gs in sets if any(pattern.search(s.module) for s in gs.sites)]
-        if not sets:
-            raise ValueError(
-                f"target_modules={config.target_modules!r} matches none of the modules that would be gated; "
-                "it is matched with re.search against names such as 'model.layers.0.self_attn.v_proj'."
-            )
-    return sets
 
 
-def _stack_group_sets(
-    model: nn.Module, config: DGateConfig, stack: BlockStack, targets: list[str], refuse: bool
-) -> list[GroupSet]:
-    spec = spec_for(stack.config)
-    sets: list[GroupSet] = []
-    for target in targets:
-        why = spec.refusal(target) if spec is not None and refuse else None
-        if why:
-            raise ValueError(f"target={target!r} is not available for '{stack.config.model_type}' models: {why}.")
-        builder = {"heads": _head_sets, "neurons": _neuron_sets, "layers": _layer_sets, "experts": _expert_sets}
-        for layer, (name, block) in enumerate(stack.blocks):
-            new = builder[target](model, stack.config, config, layer, name, block)
-            for gs in new:
-                gs.meta.update(stack=stack.path, stack_name=stack.name)
-            sets += new
-    return sets
 
 
 # ---- blocks ------------------------------------------------------------------------------------------------
@@ -422,7 +368,7 @@ def kv_head_count(hf_config: Any) -> int | None:
     return getattr(hf_config, "num_key_value_heads", None) or n_heads
 
 
-def _head_geometry(hf_config: Any, o: nn.Module, name: str) -> tuple[int, int, int]:
+def head_geometry(hf_config: Any, o: nn.Module, name: str) -> tuple[int, int, int]:
     n_heads = getattr(hf_config, "num_attention_heads", None)
     if n_heads is None:
         raise StructureNotFoundError(
@@ -438,82 +384,8 @@ def _head_geometry(hf_config: Any, o: nn.Module, name: str) -> tuple[int, int, i
     return n_heads, n_kv, head_dim
 
 
-def _head_sets(
-    model: nn.Module, hf_config: Any, config: DGateConfig, layer: int, name: str, block: nn.Module
-) -> list[GroupSet]:
-    """The self-attention heads of a block and, in decoder blocks of encoder-decoders, its cross-attention
-    heads (a group set of their own: removing one changes nothing in the self-attention)."""
-    sets = [_head_set(model, hf_config, config, layer, name, block)]
-    cross = _cross_attention_parts(block, hf_config)
-    if cross is not None:
-        sets.append(_head_set(model, hf_config, config, layer, name, block, cross))
-    return sets
 
 
-def _head_set(
-    model: nn.Module,
-    hf_config: Any,
-    config: DGateConfig,
-    layer: int,
-    name: str,
-    block: nn.Module,
-    parts: dict[str, Any] | None = None,
-) -> GroupSet:
-    """One attention's heads (`parts`: its projections; default the self-attention's)."""
-    cross = parts is not None
-    parts = parts if cross else _attention_parts(name, block, config, hf_config)
-    get = block.get_submodule
-    o = get(parts["o"])
-    n_heads, n_kv, hd = _head_geometry(hf_config, o, name)
-    n_rep = n_heads // n_kv
-    q_group = slice_index(n_heads * hd, hd * n_rep)  # query head -> its key/value group
-    kv_group = slice_index(n_kv * hd, hd)
-    full = lambda rel: f"{name}.{rel}"  # noqa: E731
-    removable = input_slices(full(parts["o"]), o, q_group)
-    side = config.head_side
-    value_site: Site | None = None
-    value_primary: list[TensorSlice] = []
-    if parts.get("qkv"):
-        qkv = get(parts["qkv"])
-        n = _out_features(qkv)
-        if parts["layout"] == "interleaved":  # per head [q_h | k_h | v_h] (GPT-NeoX); MHA only
-            if n != 3 * n_heads * hd or n_rep != 1:
-                raise _not_found("interleaved query/key/value layout", name, block, "qkv", parts["qkv"])
-            pos = torch.arange(n)
-            fused_idx = pos // (3 * hd)
-            value_idx = torch.where(pos % (3 * hd) >= 2 * hd, fused_idx, UNGATED)
-        elif parts["layout"] == "grouped":  # per key/value group [q x n_rep | k | v] (Falcon's new layout)
-            if n != (n_heads + 2 * n_kv) * hd:
-                raise _not_found("grouped query/key/value layout", name, block, "qkv", parts["qkv"])
-            pos = torch.arange(n)
-            fused_idx = pos // ((n_rep + 2) * hd)
-            value_idx = torch.where(pos % ((n_rep + 2) * hd) >= (n_rep + 1) * hd, fused_idx, UNGATED)
-        else:  # [q | k | v] blocks (GPT-2 c_attn, Phi-3 qkv_proj)
-            if n != (n_heads + 2 * n_kv) * hd:
-                raise _not_found("blocked query/key/value layout", name, block, "qkv", parts["qkv"])
-            fused_idx = torch.cat([q_group, kv_group, kv_group])
-            value_idx = torch.cat([torch.full((n - n_kv * hd,), UNGATED), kv_group])
-        removable += output_slices(full(parts["qkv"]), qkv, fused_idx)
-        value_site = Site(full(parts["qkv"]), "output", -1, value_idx)
-        value_primary = output_slices(full(parts["qkv"]), qkv, value_idx)
-    elif parts.get("v"):
-        v = get(parts["v"])
-        if _out_features(v) != n_kv * hd:
-            raise StructureNotFoundError(f"Value projection '{name}.{parts['v']}' does not have {n_kv}x{hd} outputs.")
-        for key, idx in (("q", q_group), ("k", kv_group), ("v", kv_group)):
-            if parts.get(key):
-                removable += output_slices(full(parts[key]), get(parts[key]), idx)
-        value_site = Site(full(parts["v"]), "output", -1, kv_group)
-        value_primary = output_slices(full(parts["v"]), v, kv_group)
-    if side == "value" and value_site is None:
-        raise _not_found("value projection (head_side='value')", name, block, "value", "attn.v_proj")
-    if side in ("value", "auto") and value_site is not None:
-        sites, primary, used = [value_site], value_primary, "value"
-    else:
-        sites = [Site(full(parts["o"]), "input", -1, q_group)]
-        primary, used = input_slices(full(parts["o"]), o, q_group), "output"
-    meta = dict(parts, n_heads=n_heads, n_kv=n_kv, head_dim=hd, side=used, attention="cross" if cross else "self")
-    return GroupSet("heads", layer, n_kv, sites, primary, removable, meta)
 
 
 # ---- MLP neurons -------------------------------------------------------------------------------------------------
@@ -549,20 +421,6 @@ def _attention_out_name(name: str, block: nn.Module, config: DGateConfig, hf_con
         return None
 
 
-def _neuron_sets(
-    model: nn.Module, hf_config: Any, config: DGateConfig, layer: int, name: str, block: nn.Module
-) -> list[GroupSet]:
-    """The MLP's intermediate units; in a mixture of experts every expert's units (and a shared expert's)."""
-    spec = spec_for(hf_config)
-    moe = spec.experts if spec is not None and not {"up", "down"} & set(config.module_names or {}) else None
-    if moe is None:
-        return [_neuron_set(model, hf_config, config, layer, name, block)]
-    sets = [_expert_unit_set(layer, name, block, moe)]
-    if moe.shared is not None and all(_has(block, r) for r in (moe.shared.down, *moe.shared.up)):
-        dense = _neuron_set(model, hf_config, config, layer, name, block, (moe.shared.down, list(moe.shared.up)))
-        dense.meta["shared_expert"] = True
-        sets.append(dense)
-    return sets
 
 
 def _experts(name: str, block: nn.Module, moe: Any) -> tuple[str, nn.Module, int, int]:
@@ -585,166 +443,21 @@ def _experts(name: str, block: nn.Module, moe: Any) -> tuple[str, nn.Module, int
     return f"{name}.{moe.experts}", experts, n_exp, units
 
 
-def _expert_unit_set(layer: int, name: str, block: nn.Module, moe: Any) -> GroupSet:
-    """Group (e, j): unit j of expert e, i.e. column j of down_proj[e] and rows j, I + j of gate_up_proj[e]."""
-    full, _, n_exp, units = _experts(name, block, moe)
-    idx = torch.arange(n_exp * units).reshape(n_exp, units)
-    gate_up_idx = idx[:, torch.arange(2 * units) % units]
-    site = Site(full, "param", (0, 2), idx, param=moe.down)
-    primary = [TensorSlice(full, moe.down, (0, 2), idx)]
-    removable = [*primary, TensorSlice(full, moe.gate_up, (0, 1), gate_up_idx)]
-    meta = {"experts": moe.experts, "n_experts": n_exp, "units": units, "gate_up": moe.gate_up, "down": moe.down}
-    return GroupSet("neurons", layer, n_exp * units, [site], primary, removable, meta)
 
 
-def _expert_sets(
-    model: nn.Module, hf_config: Any, config: DGateConfig, layer: int, name: str, block: nn.Module
-) -> list[GroupSet]:
-    """Whole routed experts: the gate scales an expert's down projection; removal also drops its router row."""
-    spec = spec_for(hf_config)
-    if spec is None or spec.experts is None:
-        raise ValueError(
-            f"target='experts' needs a mixture-of-experts model; '{getattr(hf_config, 'model_type', None)}' has "
-            "no routed experts (gate 'neurons' or 'layers')."
-        )
-    moe = spec.experts
-    full, experts, n_exp, _ = _experts(name, block, moe)
-    idx = torch.arange(n_exp)
-    router_name = f"{name}.{moe.router}"
-    router = block.get_submodule(moe.router)
-    site = Site(full, "param", 0, idx, param=moe.down)
-    primary = [TensorSlice(full, moe.down, 0, idx)]
-    removable = [*primary, TensorSlice(full, moe.gate_up, 0, idx)]
-    removable += [TensorSlice(router_name, pn, 0, idx) for pn, _ in router.named_parameters(recurse=False)]
-    meta = {"experts": moe.experts, "router": moe.router, "n_experts": n_exp}
-    return [GroupSet("experts", layer, n_exp, [site], primary, removable, meta)]
 
 
-def _neuron_set(
-    model: nn.Module,
-    hf_config: Any,
-    config: DGateConfig,
-    layer: int,
-    name: str,
-    block: nn.Module,
-    parts: tuple[str, list[str]] | None = None,
-) -> GroupSet:
-    down_rel, up_rels = parts or _mlp_parts(name, block, config, hf_config)
-    down = block.get_submodule(down_rel)
-    n = _in_features(down)
-    idx = slice_index(n)
-    removable = input_slices(f"{name}.{down_rel}", down, idx)
-    spec = spec_for(hf_config)
-    fused = {m.fused_up for m in spec.mlps()} if spec is not None else set()
-    for rel in up_rels:
-        up = block.get_submodule(rel)
-        if rel in fused and _out_features(up) == 2 * n:  # [gate | up] halves: unit j is rows j and n + j
-            removable += output_slices(f"{name}.{rel}", up, torch.arange(2 * n) % n)
-            continue
-        if _out_features(up) != n:
-            raise StructureNotFoundError(
-                f"MLP projections of '{name}' disagree: '{rel}' has {_out_features(up)} outputs, '{down_rel}' "
-                f"takes {n} inputs. Name them with DGateConfig(module_names={{'up': [...], 'down': ...}})."
-            )
-        removable += output_slices(f"{name}.{rel}", up, idx)
-    site = Site(f"{name}.{down_rel}", "input", -1, idx)
-    primary = input_slices(f"{name}.{down_rel}", down, idx)
-    return GroupSet("neurons", layer, n, [site], primary, removable, {"down": down_rel, "up": up_rels})
 
 
 # ---- whole layers ----------------------------------------------------------------------------------------------
-def _layer_sets(
-    model: nn.Module, hf_config: Any, config: DGateConfig, layer: int, name: str, block: nn.Module
-) -> list[GroupSet]:
-    return [_layer_set(model, hf_config, config, layer, name, block)]
 
 
-def _layer_set(
-    model: nn.Module, hf_config: Any, config: DGateConfig, layer: int, name: str, block: nn.Module
-) -> GroupSet:
-    model_type = getattr(hf_config, "model_type", None)
-    spec = spec_for(hf_config)
-    post_norm = not spec.is_pre_norm(hf_config) if spec is not None else model_type in POST_NORM_TYPES
-    if post_norm or getattr(hf_config, "do_layer_norm_before", True) is False:
-        raise ValueError(
-            f"target='layers' needs pre-norm blocks (x + f(x)); '{model_type}' normalises after the residual "
-            "add, so a zero branch does not remove the layer. Gate 'heads' or 'neurons' instead."
-        )
-    cross = _cross_attention_parts(block, hf_config)
-    attentions = _attention_modules(block)
-    if len(attentions) > 1 + (cross is not None):
-        raise ValueError(
-            f"target='layers' cannot make '{name}' exact: it has {len(attentions)} attention branches "
-            f"({', '.join(attentions)}; e.g. self- and cross-attention) and a zero layer gate scales one attention "
-            "output and the MLP, so the block would not become the identity. Gate 'heads' or 'neurons' instead."
-        )
-    if spec is not None and spec.experts is not None:  # attention output + the whole MoE block's output
-        return _moe_layer_set(layer, name, block, config, hf_config, spec.experts)
-    if spec is not None and spec.branches:
-        branches = spec.branches
-    else:
-        o_rel = _attention_parts(name, block, config, hf_config)["o"]
-        cross_o = (cross["o"],) if cross is not None else ()
-        branches = (o_rel, *cross_o, _mlp_parts(name, block, config, hf_config)[0])
-    sites, primary = [], []
-    for rel in branches:
-        m = block.get_submodule(rel)
-        sites.append(Site(f"{name}.{rel}", "output", -1, torch.zeros(_out_features(m), dtype=torch.long)))
-        primary += whole_weight_slices(f"{name}.{rel}", m)
-    return GroupSet("layers", layer, 1, sites, primary, whole_module_slices(name, block), {"block": name})
 
 
-def _moe_layer_set(layer: int, name: str, block: nn.Module, config: DGateConfig, hf_config: Any, moe: Any) -> GroupSet:
-    o_rel = _attention_parts(name, block, config, hf_config)["o"]
-    o = block.get_submodule(o_rel)
-    full = _experts(name, block, moe)[0]
-    hidden = _out_features(o)
-    sites = [
-        Site(f"{name}.{o_rel}", "output", -1, torch.zeros(hidden, dtype=torch.long)),
-        Site(f"{name}.{moe.block}", "output", -1, torch.zeros(hidden, dtype=torch.long)),
-    ]
-    primary = whole_weight_slices(f"{name}.{o_rel}", o) + [TensorSlice(full, moe.down, None, torch.tensor([0]))]
-    if moe.shared is not None and _has(block, moe.shared.down):
-        primary += whole_weight_slices(f"{name}.{moe.shared.down}", block.get_submodule(moe.shared.down))
-    return GroupSet("layers", layer, 1, sites, primary, whole_module_slices(name, block), {"block": name})
 
 
-def _attention_modules(block: nn.Module) -> list[str]:
-    """Outermost submodules whose class is an attention module: one per residual attention branch."""
-    found: list[str] = []
-    for n, m in block.named_modules():
-        if n and "Attention" in type(m).__name__ and not any(n.startswith(f + ".") for f in found):
-            found.append(n)
-    return found
 
 
 # ---- user-defined groups on any module ---------------------------------------------------------------------
-def _feature_axis(m: nn.Module) -> int:
-    return 1 if isinstance(m, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)) else -1
 
 
-def _rule_sets(model: nn.Module, rule: GroupRule) -> list[GroupSet]:
-    pattern = re.compile(rule.modules)
-    sets = []
-    for name, m in model.named_modules():
-        if not pattern.search(name) or getattr(m, "weight", None) is None or not isinstance(m.weight, torch.Tensor):
-            continue
-        axis = _feature_axis(m)
-        if rule.kind == "out":
-            idx = slice_index(_out_features(m), rule.size)
-            site, primary = Site(name, "output", axis, idx), output_slices(name, m, idx)
-        elif rule.kind == "in":
-            idx = slice_index(_in_features(m), rule.size)
-            site, primary = Site(name, "input", axis, idx), input_slices(name, m, idx)
-        else:
-            idx = torch.zeros(_out_features(m), dtype=torch.long)
-            site = Site(name, "output", axis, idx)
-            primary = [TensorSlice(name, pn, None, torch.tensor([0])) for pn, _ in m.named_parameters(recurse=False)]
-        n_groups = int(idx.max()) + 1
-        sets.append(GroupSet(rule.name, name, n_groups, [site], primary, list(primary), {"kind": rule.kind}))
-    if not sets:
-        raise StructureNotFoundError(
-            f"Group rule '{rule.name}': modules={rule.modules!r} matches no module with a weight; qualified "
-            f"names look like {[n for n, _ in list(model.named_modules())[1:4]]}."
-        )
-    return sets

@@ -339,7 +339,14 @@ def _float_above(low: float, strict: bool):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="hf-dgate", description="D-Gating structured sparsity for HF models.")
+    from .targets import describe_targets
+
+    parser = _Parser(
+        prog="hf-dgate",
+        description="D-Gating structured sparsity for HF models.",
+        epilog="targets (DGateConfig.target):\n" + describe_targets(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="Gate a tiny GPT-2, train on synthetic data, print the head-sparsity report.")
     p.add_argument("--steps", type=_int_at_least(1), default=300)

@@ -1,10 +1,9 @@
 """Physical export: fold the gates, remove every zero group and what only fed it, and keep the model reloadable.
 
-The group sets of the gate bank already say, per head / neuron / layer, which tensor slices belong to a group
-and nothing else (`GroupSet.removable`), so removal is one generic operation: `index_select` the kept positions
-of every removable slice. What is family-specific is small and lives here: the attention attributes that
-count heads (`num_heads`, `split_size`, `all_head_size`, ...), attention layers left with no head at all, and
-the config fields that can express the new shape.
+The group sets of the gate bank already say, per head / neuron / layer / expert, which tensor slices belong to
+a group and nothing else (`GroupSet.removable`); each target (targets/) removes its dead groups from the folded
+model. This module runs that plan stack by stack, checks the result against the gated model (verify.py),
+records the pruned structure and rewrites the config where it can express the new shape.
 
 The pruned structure is recorded in `config.dgate_pruning`; `AutoPrunedModel.from_pretrained` (loading.py)
 rebuilds it. Where the config alone can express the shape (layers dropped, equal head or neuron counts in every
@@ -24,14 +23,15 @@ from torch import nn
 from .architectures import BlockStack, block_stacks, find_blocks
 from .config import TRANSFORMER_TARGETS, DGateConfig
 from .errors import ExportError
-from .groups import GroupSet, TensorSlice
+from .groups import GroupSet
 from .patch import _unwrap, get_bank, remove_dgate
-from .pruned_modules import ZeroHeadAttention, ZeroInputConv1D, make_no_head, make_no_input, own_head_config
+from .pruned_modules import ZeroHeadAttention, ZeroInputConv1D
+from .targets import BUILTIN, get_target
+from .targets.base import settable
+from .targets.heads import head_set, prune_head_group_set
+from .targets.layers import drop_layers
 
 PRUNING_KEY = "dgate_pruning"
-HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
-PER_LAYER_CONFIG_LISTS = ("layer_types", "attention_layers", "no_rope_layers")
-NEURON_CONFIG_ATTRS = ("intermediate_size", "n_inner", "ffn_dim")
 
 __all__ = ["ExportError", "export_pruned", "prune_heads", "pruned_structure"]
 
@@ -126,8 +126,6 @@ def prune_heads(model: nn.Module, heads_to_prune: dict[int, list[int]], dconfig:
         return
     from types import SimpleNamespace
 
-    from .architectures import _head_set
-
     dconfig = _with_targets(dconfig or DGateConfig(target="heads"), ["heads"])
     record = _record(base) or {}
     blocks = find_blocks(base, dconfig)
@@ -143,7 +141,7 @@ def prune_heads(model: nn.Module, heads_to_prune: dict[int, list[int]], dconfig:
             continue  # nothing left to prune
         # the layer's own (possibly already pruned) geometry, not the config's
         geometry = SimpleNamespace(num_attention_heads=n_q, num_key_value_heads=n_kv, head_dim=hd)
-        gs = _head_set(base, geometry, dconfig, layer, name, block)
+        gs = head_set(base, geometry, dconfig, layer, name, block)
         kept_q = kept_heads[layer]
         n_rep = gs.meta["n_heads"] // gs.meta["n_kv"]
         current = [kept_q[i] for i in range(0, len(kept_q), n_rep)]  # original query head opening each group
@@ -204,24 +202,17 @@ def _prune_stack(
     n_before = len(st.blocks)
     kept = {kind: _current_heads(model, st.blocks, dconfig, prev, kind) for kind in ("self", "cross")}
     dead_layers = {gs.layer for gs, d in plan if gs.target == "layers" and bool(d.all())}
-    order = {"heads": 0, "neurons": 1, "experts": 2}  # expert units index the experts as they were
-    for gs, dead in sorted(plan, key=lambda p: order.get(p[0].target, 3)):
+    for gs, dead in sorted(plan, key=lambda p: get_target(p[0].target).order):
         if gs.layer in dead_layers or not bool(dead.any()):
             continue
-        if gs.target == "heads":
-            prune_head_group_set(model, gs, dead)
+        get_target(gs.target).remove(model, gs, dead)
+        if gs.target == "heads":  # which original heads are left, for the record
             n_rep = gs.meta["n_heads"] // gs.meta["n_kv"]
             heads = kept[gs.meta.get("attention", "self")]
             heads[gs.layer] = [h for j, h in enumerate(heads[gs.layer]) if not dead[j // n_rep]]
-        elif gs.target == "neurons" and "n_experts" in gs.meta:
-            prune_expert_unit_group_set(model, gs, dead)
-        elif gs.target == "neurons":
-            prune_neuron_group_set(model, gs, dead)
-        elif gs.target == "experts":
-            prune_expert_group_set(model, gs, dead)
     kept_layers = [i for i in range(n_before) if i not in dead_layers]
     if dead_layers:
-        _drop_layers(model, st, dead_layers)
+        drop_layers(model, st, dead_layers)
     blocks = model.get_submodule(st.path)
     now = [(f"{st.path}.{i}", b) for i, b in enumerate(blocks)]
     record = _structure(model, now, dconfig, {k: [v[i] for i in kept_layers] for k, v in kept.items()})
@@ -251,188 +242,30 @@ def _with_targets(dconfig: DGateConfig, targets: list[str]) -> DGateConfig:
     return DGateConfig(target=targets, module_names=dconfig.module_names, head_side="auto")
 
 
-def _keep_mask(sl: TensorSlice, dead: torch.Tensor) -> torch.Tensor:
-    idx = sl.index
-    return (idx < 0) | ~dead[idx.clamp(min=0)]
 
 
-def _keep_slice(model: nn.Module, sl: TensorSlice, dead: torch.Tensor) -> None:
-    """Replace `module.param` by its kept positions along `sl.axis`."""
-    module = model.get_submodule(sl.module)
-    p = getattr(module, sl.param)
-    if sl.axis is None:
-        return
-    keep = torch.nonzero(_keep_mask(sl, dead).cpu()).flatten().to(p.device)
-    new = p.data.index_select(sl.axis, keep).contiguous()
-    setattr(module, sl.param, nn.Parameter(new, requires_grad=p.requires_grad))
-    _sync_features(module)
 
 
-def _sync_features(module: nn.Module) -> None:
-    """Keep a module's size attributes true to its weight (they feed `extra_repr` and some forwards)."""
-    w = getattr(module, "weight", None)
-    if w is None:
-        return
-    if isinstance(module, nn.Linear):
-        module.out_features, module.in_features = w.shape
-    elif type(module).__name__.endswith("Conv1D"):
-        module.nx, module.nf = w.shape
-        if module.nx == 0:
-            make_no_input(module)
 
 
 # ---- heads --------------------------------------------------------------------------------------------------
-def prune_head_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -> None:
-    meta = gs.meta
-    if not meta.get("v") and not meta.get("qkv"):
-        raise ExportError(
-            f"Cannot remove heads of layer {gs.layer}: its query/key/value projections were not found. Name them "
-            "with DGateConfig(module_names={'value': ..., 'query': ..., 'key': ...}) when gating."
-        )
-    for sl in gs.removable:
-        _keep_slice(model, sl, dead)
-    block = _block_name(gs)
-    core_rel = (meta.get("v") or meta["qkv"]).rpartition(".")[0]
-    core = model.get_submodule(f"{block}.{core_rel}" if core_rel else block)
-    n_rep = meta["n_heads"] // meta["n_kv"]
-    n_kv = int((~dead).sum())
-    n_q, hd = n_kv * n_rep, meta["head_dim"]
-    for attr in HEAD_COUNT_ATTRS:
-        if isinstance(getattr(core, attr, None), int):
-            setattr(core, attr, n_q)
-    for attr in ("num_key_value_heads", "num_kv_heads"):
-        if isinstance(getattr(core, attr, None), int):
-            setattr(core, attr, n_kv)
-    if meta.get("config_heads") and getattr(core, "config", None) is not None:
-        own_head_config(core, n_q, n_kv)  # this layer's own head counts (the forward reads them there)
-    for attr in ("all_head_size", "split_size"):
-        if isinstance(getattr(core, attr, None), int):
-            setattr(core, attr, n_q * hd)
-    if n_kv == 0 and not isinstance(core, ZeroHeadAttention):
-        o_rel = meta["o"]
-        inside = not core_rel or o_rel.startswith(core_rel + ".")
-        make_no_head(core, (o_rel[len(core_rel) + 1 :] if core_rel else o_rel) if inside else None)
 
 
-def _block_name(gs: GroupSet) -> str:
-    """The block a head/neuron group set lives in (its site names are `<block>.<relative name>`)."""
-    rel = gs.meta.get("down") or gs.meta.get("o")
-    name = gs.sites[0].module if gs.sites else gs.removable[0].module
-    if rel and name.endswith("." + rel):
-        return name[: -len(rel) - 1]
-    for sl in gs.removable:
-        for key in ("o", "down", "v", "qkv"):
-            r = gs.meta.get(key)
-            if isinstance(r, str) and sl.module.endswith("." + r):
-                return sl.module[: -len(r) - 1]
-    raise ExportError(f"Cannot locate the block of group set {gs.target}/{gs.layer}.")
 
 
 # ---- neurons ------------------------------------------------------------------------------------------------
-def prune_neuron_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -> None:
-    for sl in gs.removable:
-        _keep_slice(model, sl, dead)
-    block = _block_name(gs)
-    parent_rel = gs.meta["down"].rpartition(".")[0]
-    parent = model.get_submodule(f"{block}.{parent_rel}" if parent_rel else block)
-    n = int((~dead).sum())
-    for attr in ("intermediate_size", "ffn_dim"):
-        if isinstance(getattr(parent, attr, None), int):
-            setattr(parent, attr, n)
 
 
 # ---- mixtures of experts ---------------------------------------------------------------------------------------
-def prune_expert_unit_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -> None:
-    """Remove expert units. Experts are stacked in one tensor, so every expert keeps as many units as the
-    fullest one (rounded up to a multiple of 8); the others are padded with units whose weights are all zero,
-    which add exactly nothing (act(0) * 0 = 0, times a zero column). Units within an expert are
-    interchangeable, so each expert's kept units move to the front."""
-    meta = gs.meta
-    experts = model.get_submodule(gs.sites[0].module)
-    n_exp, units = meta["n_experts"], meta["units"]
-    alive = ~dead.reshape(n_exp, units).cpu()
-    # grouped expert matmuls (torch._grouped_mm) need rows of a non-zero multiple of 16 bytes: round up with
-    # zero units (a layer whose every unit is zero keeps 8 of them)
-    keep = min(units, max(8, -(-int(alive.sum(1).max()) // 8) * 8))
-    down, gate_up = getattr(experts, meta["down"]), getattr(experts, meta["gate_up"])
-    new_down = down.data.new_zeros(n_exp, down.shape[1], keep)
-    new_gate_up = gate_up.data.new_zeros(n_exp, 2 * keep, gate_up.shape[2])
-    for e in range(n_exp):
-        idx = torch.nonzero(alive[e]).flatten().to(down.device)
-        k = len(idx)
-        new_down[e, :, :k] = down.data[e].index_select(1, idx)
-        new_gate_up[e, :k] = gate_up.data[e].index_select(0, idx)
-        new_gate_up[e, keep : keep + k] = gate_up.data[e].index_select(0, idx + units)
-    setattr(experts, meta["down"], nn.Parameter(new_down, requires_grad=down.requires_grad))
-    setattr(experts, meta["gate_up"], nn.Parameter(new_gate_up, requires_grad=gate_up.requires_grad))
-    if isinstance(getattr(experts, "intermediate_dim", None), int):
-        experts.intermediate_dim = keep
 
 
-def prune_expert_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -> None:
-    """Remove whole routed experts with their router rows. The router then chooses among fewer experts, which
-    changes routing wherever a removed expert was among a token's top-k: the export's verification measures it."""
-    n_left = int((~dead).sum())
-    if n_left == 0:
-        raise ExportError(
-            f"Every expert of layer {gs.layer} is zero; removing all of them leaves no MLP to route to. Gate "
-            "target='layers' to remove whole layers, or export with a lower threshold."
-        )
-    for sl in gs.removable:
-        _keep_slice(model, sl, dead)
-    experts = model.get_submodule(gs.sites[0].module)
-    router = model.get_submodule(gs.removable[-1].module)
-    moe_block = model.get_submodule(gs.sites[0].module.rpartition(".")[0])
-    for m in (experts, router, moe_block):
-        for attr in ("num_experts", "num_local_experts"):
-            if isinstance(getattr(m, attr, None), int):
-                setattr(m, attr, n_left)
-        if isinstance(getattr(m, "top_k", None), int):
-            m.top_k = min(m.top_k, n_left)
 
 
 # ---- layers -------------------------------------------------------------------------------------------------
-def _drop_layers(model: nn.Module, st: BlockStack, dead: set[int]) -> None:
-    parent_name, _, attr = st.path.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    old = getattr(parent, attr)
-    if len(old) != len(st.blocks):
-        raise ExportError("Cannot drop layers of a model whose blocks are shared (tied) between positions.")
-    kept = [b for i, b in enumerate(old) if i not in dead]
-    setattr(parent, attr, nn.ModuleList(kept))
-    for new_idx, block in enumerate(kept):
-        for m in block.modules():
-            if isinstance(getattr(m, "layer_idx", None), int):
-                m.layer_idx = new_idx  # the KV cache is indexed by layer_idx
-    configs = [st.layers_config]
-    if st.layers_field == "num_hidden_layers":  # a text config inside a composite one may count them too
-        configs += [c for c in _configs(model) if c is not st.layers_config]
-    for cfg in configs:
-        n_old = getattr(cfg, st.layers_field, None)
-        if n_old != len(old):
-            continue
-        for key in PER_LAYER_CONFIG_LISTS:
-            val = getattr(cfg, key, None)
-            if isinstance(val, (list, tuple)) and len(val) == n_old and _settable(cfg, key):
-                setattr(cfg, key, [v for i, v in enumerate(val) if i not in dead])
-        setattr(cfg, st.layers_field, len(kept))
 
 
-def _settable(cfg: Any, key: str) -> bool:
-    """False for config fields computed from others (Mamba's `layer_types` is a read-only property)."""
-    prop = getattr(type(cfg), key, None)
-    return not isinstance(prop, property) or prop.fset is not None
 
 
-def _configs(model: nn.Module) -> list[Any]:
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        return []
-    out = [cfg]
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    if text is not cfg:
-        out.append(text)
-    return out
 
 
 # ---- the recorded structure ---------------------------------------------------------------------------------
@@ -560,32 +393,18 @@ def _write_record(model: nn.Module, structure: dict[str, Any]) -> None:
 def _make_native(model: nn.Module, structure: dict[str, Any]) -> bool:
     """Rewrite the config so a plain `from_pretrained` builds exactly these shapes, when the config can say so.
 
-    Candidate rewrites (equal head counts with an explicit head size; equal neuron counts) are verified by
-    validating the rewritten config and building the model class from it on the meta device, comparing every
-    tensor shape.
+    Each target proposes the config fields that would express what is left of it (equal head counts with an
+    explicit head size, equal neuron counts, equal expert counts); every combination, largest first, is verified
+    by validating the rewritten config and building the model class from it on the meta device, comparing every
+    tensor shape. Multi-stack records are only checked as they are (their layer counts were set on removal).
     """
     cfg = _text_cfg(model)
-    if cfg is None or not structure.get("heads") or "stacks" in structure or structure.get("cross_heads"):
+    if cfg is None or "stacks" in structure or not structure.get("heads"):
         return _shapes_match(model)
-    if structure.get("experts"):
-        return _native_experts(model, cfg, structure)
-    originals = {k: getattr(cfg, k, None) for k in ("num_attention_heads", "num_key_value_heads", "head_dim")}
-    originals.update({k: getattr(cfg, k, None) for k in NEURON_CONFIG_ATTRS if hasattr(cfg, k)})
-    heads = [len(h) for h in structure["heads"]]
-    kv = structure["kv_heads"]
-    neurons = structure["neurons"]
-    head_edit: dict[str, Any] = {}
-    if len(set(heads)) == 1 and heads[0] > 0 and heads[0] != cfg.num_attention_heads:
-        head_edit = {"num_attention_heads": heads[0], "head_dim": structure["head_dim"]}
-        if hasattr(cfg, "num_key_value_heads"):
-            head_edit["num_key_value_heads"] = kv[0]
-    neuron_edit: dict[str, Any] = {}
-    if len(set(neurons)) == 1 and isinstance(neurons[0], int) and neurons[0] > 0:
-        for k in NEURON_CONFIG_ATTRS:
-            if hasattr(cfg, k):
-                neuron_edit[k] = neurons[0]
-                break
-    for edit in ({**head_edit, **neuron_edit}, neuron_edit, head_edit, {}):
+    edits = [e for e in (t.native_edit(cfg, structure) for t in BUILTIN.values() if t.per_block) if e]
+    originals = {k: getattr(cfg, k, None) for e in edits for k in e}
+    candidates = [{k: v for e in edits for k, v in e.items()}, *edits, {}]
+    for edit in candidates:
         _set_cfg(cfg, originals)
         _set_cfg(cfg, edit)
         if _config_valid(model.config) and _shapes_match(model):
@@ -594,29 +413,9 @@ def _make_native(model: nn.Module, structure: dict[str, Any]) -> bool:
     return False
 
 
-def _native_experts(model: nn.Module, cfg: Any, structure: dict[str, Any]) -> bool:
-    """Mixture of experts: the config can say "E experts of I units" when every layer agrees (heads as well)."""
-    from .registry import spec_for
-
-    spec = spec_for(cfg)
-    counts, units = set(structure["experts"]), set(structure["expert_units"])
-    heads = {len(h) for h in structure["heads"]}
-    if spec is None or spec.experts is None or len(counts) != 1 or len(units) != 1 or len(heads) != 1:
-        return _shapes_match(model)
-    edit = {spec.experts.count_field: counts.pop(), spec.experts.units_field: units.pop()}
-    if heads.pop() != cfg.num_attention_heads:
-        return _shapes_match(model)
-    originals = {k: getattr(cfg, k) for k in edit}
-    _set_cfg(cfg, edit)
-    if _config_valid(model.config) and _shapes_match(model):
-        return True
-    _set_cfg(cfg, originals)
-    return _shapes_match(model)
-
-
 def _set_cfg(cfg: Any, values: dict[str, Any]) -> None:
     for k, v in values.items():
-        if (v is None and not hasattr(cfg, k)) or not _settable(cfg, k):
+        if (v is None and not hasattr(cfg, k)) or not settable(cfg, k):
             continue
         setattr(cfg, k, v)
 

@@ -125,16 +125,33 @@ def outputs_statement(summary: dict[str, Any]) -> str:
 
 
 def structure_table(structure: dict[str, Any]) -> str:
-    """Markdown table: per kept layer, its original index and the heads / key-value heads / neurons it keeps."""
-    heads, kv, neurons = structure.get("heads"), structure.get("kv_heads"), structure.get("neurons")
-    if not heads:
+    """Markdown: per kept layer, its original index and the heads / key-value heads / neurons (and cross-attention
+    heads, experts) it keeps; one table per block stack for multi-stack models."""
+    if "stacks" in structure:
+        parts = [f"### {path}\n\n{_stack_table(record)}" for path, record in structure["stacks"].items()]
+        return "\n\n".join(parts) if parts else "(no per-layer structure recorded)"
+    return _stack_table(structure)
+
+
+def _stack_table(record: dict[str, Any]) -> str:
+    heads, kv, neurons = record.get("heads"), record.get("kv_heads"), record.get("neurons")
+    if heads is None:
         return "(no per-layer structure recorded)"
-    layers = structure.get("layers") or list(range(len(heads)))
-    n_orig = structure.get("num_hidden_layers_original", len(layers))
+    layers = record.get("layers") or list(range(len(heads)))
+    n_orig = record.get("num_hidden_layers_original", len(layers))
     dropped = sorted(set(range(n_orig)) - set(layers))
-    rows = ["| layer (original) | heads kept | key/value heads kept | neurons kept |", "|---:|---|---:|---:|"]
-    for i, h in enumerate(heads):
-        rows.append(f"| {i} ({layers[i] if i < len(layers) else '?'}) | {len(h)}: {h} | {kv[i]} | {neurons[i]} |")
+    columns = [("heads kept", lambda i: f"{len(heads[i])}: {heads[i]}"), ("key/value heads kept", lambda i: kv[i])]
+    if record.get("cross_heads"):
+        columns.append(("cross-attention heads kept", lambda i: len(record["cross_heads"][i])))
+    if any(n is not None for n in neurons or []):
+        columns.append(("neurons kept", lambda i: neurons[i] if neurons[i] is not None else "-"))
+    if record.get("experts"):
+        columns.append(("experts kept", lambda i: record["experts"][i]))
+        columns.append(("units per expert", lambda i: record["expert_units"][i]))
+    rows = ["| layer (original) | " + " | ".join(c for c, _ in columns) + " |", "|---:|" + "---|" * len(columns)]
+    for i in range(len(heads)):
+        cells = " | ".join(str(f(i)) for _, f in columns)
+        rows.append(f"| {i} ({layers[i] if i < len(layers) else '?'}) | {cells} |")
     rows.append("")
     rows.append(f"Layers removed entirely: {dropped if dropped else 'none'}.")
     return "\n".join(rows)

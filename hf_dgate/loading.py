@@ -10,17 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import find_group_sets
 from .config import DGateConfig
-from .export import (
-    PRUNING_KEY,
-    ExportError,
-    prune_expert_group_set,
-    prune_expert_unit_group_set,
-    prune_head_group_set,
-    prune_neuron_group_set,
-)
+from .export import PRUNING_KEY, ExportError
 from .pruned_modules import ZeroHeadAttention, ZeroInputConv1D
+from .targets import find_group_sets, get_target
 
 
 # ---- reload ---------------------------------------------------------------------------------------------------
@@ -62,7 +55,7 @@ def _rebuild_stack(model: nn.Module, record: dict[str, Any], module_names: dict[
         if _record_key(gs) == "expert_units":  # every expert keeps `want` units (the export pads to the fullest)
             dead = dead.repeat(gs.meta["n_experts"])
         # (a layer left with no head gets its bias-only forward here, as in the export)
-        _PRUNE[_record_key(gs) if gs.target == "neurons" else gs.target](model, gs, dead)
+        get_target(gs.target).remove(model, gs, dead)
     return model
 
 
@@ -73,14 +66,6 @@ def _record_key(gs: Any) -> str:
     if gs.target == "neurons":
         return "expert_units" if "n_experts" in gs.meta else "neurons"
     return gs.target
-
-
-_PRUNE = {
-    "heads": prune_head_group_set,
-    "neurons": prune_neuron_group_set,
-    "expert_units": prune_expert_unit_group_set,
-    "experts": prune_expert_group_set,
-}
 
 
 class AutoPrunedModel:
@@ -160,6 +145,8 @@ AUTO_CLASSES = {
     "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES": "AutoModelForTokenClassification",
     "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES": "AutoModelForQuestionAnswering",
     "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES": "AutoModelForImageClassification",
+    "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES": "AutoModelForSeq2SeqLM",
+    "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES": "AutoModelForSpeechSeq2Seq",
     "MODEL_MAPPING_NAMES": "AutoModel",
 }
 

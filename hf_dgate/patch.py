@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import find_group_sets
 from .config import DGateConfig
 from .errors import NonFiniteError
 from .groups import GateBank
+from .targets import find_group_sets
 
 BANK_NAME = "dgate"
 

@@ -13,6 +13,8 @@ from torch import nn
 from .architectures import stack_status
 from .groups import GateBank
 from .patch import get_bank
+from .targets import BUILTIN
+from .targets.modules import Rule
 
 
 @dataclass
@@ -21,6 +23,7 @@ class TargetSparsity:
     groups: int
     zero: int
     per_layer: dict[str, list[int]] = field(default_factory=dict)  # layer -> [active, total]
+    description: str = ""  # what a group is, from the target itself
 
     @property
     def sparsity(self) -> float:
@@ -61,7 +64,8 @@ class SparsityReport:
         rule = f"{self.threshold:g} x its layer's largest" if self.relative else f"{self.threshold:g}"
         lines = [f"D-Gating sparsity (zero when ||theta_g|| < {rule})"]
         for ts in self.targets.values():
-            lines.append(f"  {ts.target}: {ts.zero}/{ts.groups} zero ({100 * ts.sparsity:.1f}% sparse)")
+            about = f"  [{ts.description}]" if ts.description else ""
+            lines.append(f"  {ts.target}: {ts.zero}/{ts.groups} zero ({100 * ts.sparsity:.1f}% sparse){about}")
             width = max((len(k) for k in ts.per_layer), default=5)
             for layer, (active, total) in ts.per_layer.items():
                 bar = "#" * active + "." * (total - active) if total <= 64 else ""
@@ -83,7 +87,12 @@ def sparsity_report(model: nn.Module, threshold: float | None = None) -> Sparsit
     bank.assert_finite("report sparsity")  # a NaN norm compares as "not below threshold": it would count as active
     dead = {t: bank.zero_groups(t, thr) for t in bank.targets}
     stacks = stack_status(bank._modules_by_name[""], bank.config)
-    targets = {t: TargetSparsity(t, bank.sizes[t], int(dead[t].sum())) for t in bank.targets}
+    about = {t.name: t.description for t in BUILTIN.values()} | {
+        r.name: Rule(r).description for r in bank.config.groups
+    }
+    targets = {
+        t: TargetSparsity(t, bank.sizes[t], int(dead[t].sum()), description=about.get(t, "")) for t in bank.targets
+    }
     for gs, off in zip(bank.group_sets, bank.offsets):
         d = dead[gs.target][off : off + gs.n_groups]
         label = group_set_label(gs, multi_stack=len(stacks) > 1)

@@ -185,6 +185,12 @@ class ExportCheck:
             f"Export not exact: outputs differ from the gated model's by {result.max_abs_diff:.2e} "
             f"(tolerance {result.tolerance:.1e})"
         )
+        if self.removed.get("experts", {}).get("removed"):
+            return (
+                f"{head}: removing routed experts changes which experts the router picks for tokens that had a "
+                "removed one in their top-k, so such an export cannot be exact; pass allow_inexact=True to export "
+                "it with the difference stated, or gate 'neurons' (expert units go exactly)."
+            )
         if not any(r["not_zero"] for r in self.removed.values()):
             return (
                 f"{head} although every removed group was numerically zero: a bug in hf_dgate's surgery for this "

@@ -18,6 +18,7 @@ import torch
 import transformers as T
 
 import hf_dgate
+from hf_dgate.loading import write_remote_code
 
 TARGETS = ("heads", "neurons", "layers", "experts")
 V = 64  # vocabulary of every tiny model
@@ -68,6 +69,9 @@ FAMILIES: dict[str, tuple[Callable[[], torch.nn.Module], str, dict[str, Any]]] =
     "smollm3": (lambda: _causal(T.SmolLM3Config, num_key_value_heads=2, pad_token_id=0), "causal", {}),
     "mamba": (lambda: T.MambaForCausalLM(T.MambaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=3,
                                                        state_size=4)), "causal", {}),
+    # no registry entry: found by common module names (the fallback for unknown families)
+    "gpt_bigcode": (lambda: T.GPTBigCodeForCausalLM(T.GPTBigCodeConfig(
+        vocab_size=V, n_layer=3, n_embd=32, n_head=4, n_inner=48, n_positions=32, multi_query=True)), "causal", {}),
     "bert": (lambda: T.BertForMaskedLM(T.BertConfig(vocab_size=V, **C)), "encoder", {}),
     "roberta": (lambda: T.RobertaForMaskedLM(T.RobertaConfig(vocab_size=V, pad_token_id=1, **C)), "encoder", {}),
     "distilbert": (lambda: T.DistilBertForMaskedLM(T.DistilBertConfig(vocab_size=V, n_layers=3, dim=32, n_heads=4,
@@ -165,19 +169,26 @@ def cell(family: str, target: str) -> str:
         diff = (output(pruned, batch) - gated).abs().max().item()
         exported = output(pruned, batch)
     assert routed or diff <= 1e-5, f"export differs by {diff:.2e}"
+    native = bool((hf_dgate.export.pruned_structure(pruned) or {}).get("native"))
+    remote = None
     with tempfile.TemporaryDirectory() as d:
+        if not native:  # the generated loader for people without hf_dgate
+            remote = write_remote_code(pruned, d)
         pruned.save_pretrained(d)
-        native = bool((hf_dgate.export.pruned_structure(pruned) or {}).get("native"))
-        again = (type(pruned) if native else hf_dgate.AutoPrunedModel).from_pretrained(d).eval()
-        with torch.no_grad():
-            again_diff = (output(again, batch) - exported).abs().max().item()
-        assert again_diff <= 1e-5, f"reloaded export differs by {again_diff:.2e}"
+        loaders = [type(pruned).from_pretrained if native else hf_dgate.AutoPrunedModel.from_pretrained]
+        if remote:
+            loaders.append(lambda path: getattr(T, remote).from_pretrained(path, trust_remote_code=True))
+        for load in loaders:
+            again = load(d).eval()
+            with torch.no_grad():
+                again_diff = (output(again, batch) - exported).abs().max().item()
+            assert again_diff <= 1e-5, f"reloaded export differs by {again_diff:.2e}"
     if kind in ("causal", "seq2seq"):
         gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
         reference = again if routed else model  # routed: the reloaded export must generate like the export
         a, b = reference.generate(batch["input_ids"], **gen), pruned.generate(batch["input_ids"], **gen)
         assert torch.equal(a, b), "greedy generate differs"
-    reload = "native reload" if native else "AutoPrunedModel reload"
+    reload = "native reload" if native else "AutoPrunedModel" + (" + remote code" if remote else "") + " reload"
     return (f"routing changes (max diff {diff:.0e}), " if routed and diff > 1e-5 else "exact, ") + reload
 
 

@@ -1,0 +1,79 @@
+"""Whole routed experts of a mixture of experts. Removing one also removes its router row, so tokens that had it
+among their top-k are routed elsewhere: exports of this target are measured and stated, never exact by design."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..architectures import _experts
+from ..config import DGateConfig
+from ..errors import ExportError
+from ..groups import GroupSet, Site, TensorSlice
+from ..registry import spec_for
+from .base import Target, keep_slice
+
+
+def _expert_sets(
+    model: nn.Module, hf_config: Any, config: DGateConfig, layer: int, name: str, block: nn.Module
+) -> list[GroupSet]:
+    """Whole routed experts: the gate scales an expert's down projection; removal also drops its router row."""
+    spec = spec_for(hf_config)
+    if spec is None or spec.experts is None:
+        raise ValueError(
+            f"target='experts' needs a mixture-of-experts model; '{getattr(hf_config, 'model_type', None)}' has "
+            "no routed experts (gate 'neurons' or 'layers')."
+        )
+    moe = spec.experts
+    full, experts, n_exp, _ = _experts(name, block, moe)
+    idx = torch.arange(n_exp)
+    router_name = f"{name}.{moe.router}"
+    router = block.get_submodule(moe.router)
+    site = Site(full, "param", 0, idx, param=moe.down)
+    primary = [TensorSlice(full, moe.down, 0, idx)]
+    removable = [*primary, TensorSlice(full, moe.gate_up, 0, idx)]
+    removable += [TensorSlice(router_name, pn, 0, idx) for pn, _ in router.named_parameters(recurse=False)]
+    meta = {"experts": moe.experts, "router": moe.router, "n_experts": n_exp}
+    return [GroupSet("experts", layer, n_exp, [site], primary, removable, meta)]
+
+
+def prune_expert_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -> None:
+    """Remove whole routed experts with their router rows. The router then chooses among fewer experts, which
+    changes routing wherever a removed expert was among a token's top-k: the export's verification measures it."""
+    n_left = int((~dead).sum())
+    if n_left == 0:
+        raise ExportError(
+            f"Every expert of layer {gs.layer} is zero; removing all of them leaves no MLP to route to. Gate "
+            "target='layers' to remove whole layers, or export with a lower threshold."
+        )
+    for sl in gs.removable:
+        keep_slice(model, sl, dead)
+    experts = model.get_submodule(gs.sites[0].module)
+    router = model.get_submodule(gs.removable[-1].module)
+    moe_block = model.get_submodule(gs.sites[0].module.rpartition(".")[0])
+    for m in (experts, router, moe_block):
+        for attr in ("num_experts", "num_local_experts"):
+            if isinstance(getattr(m, attr, None), int):
+                setattr(m, attr, n_left)
+        if isinstance(getattr(m, "top_k", None), int):
+            m.top_k = min(m.top_k, n_left)
+
+
+class Experts(Target):
+    name = "experts"
+    description = "routed experts of a mixture of experts (removal changes routing: measured and stated)"
+    order = 2
+
+    def find_in_block(self, model, hf_config, dconfig, layer, name, block):
+        return _expert_sets(model, hf_config, dconfig, layer, name, block)
+
+    def remove(self, model, gs, dead):
+        prune_expert_group_set(model, gs, dead)
+
+    def native_edit(self, cfg, record):
+        counts, spec = set(record.get("experts") or []), spec_for(cfg)
+        if len(counts) != 1 or spec is None or spec.experts is None:
+            return {}
+        return {spec.experts.count_field: counts.pop()}

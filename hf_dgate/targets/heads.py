@@ -1,0 +1,157 @@
+"""Attention heads: one group per key/value head (with the query heads that share it under GQA), in self- and
+cross-attention. Removal drops the query/key/value rows and output-projection columns of dead groups and updates
+the attention module's head counts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..architectures import (
+    StructureNotFoundError,
+    _attention_parts,
+    _cross_attention_parts,
+    _not_found,
+    _out_features,
+    head_geometry,
+)
+from ..config import DGateConfig
+from ..errors import ExportError
+from ..groups import UNGATED, GroupSet, Site, TensorSlice, input_slices, output_slices, slice_index
+from ..pruned_modules import ZeroHeadAttention, make_no_head, own_head_config
+from .base import Target, block_name, keep_slice
+
+HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
+
+
+def _head_sets(
+    model: nn.Module, hf_config: Any, config: DGateConfig, layer: int, name: str, block: nn.Module
+) -> list[GroupSet]:
+    """The self-attention heads of a block and, in decoder blocks of encoder-decoders, its cross-attention
+    heads (a group set of their own: removing one changes nothing in the self-attention)."""
+    sets = [head_set(model, hf_config, config, layer, name, block)]
+    cross = _cross_attention_parts(block, hf_config)
+    if cross is not None:
+        sets.append(head_set(model, hf_config, config, layer, name, block, cross))
+    return sets
+
+
+def head_set(
+    model: nn.Module,
+    hf_config: Any,
+    config: DGateConfig,
+    layer: int,
+    name: str,
+    block: nn.Module,
+    parts: dict[str, Any] | None = None,
+) -> GroupSet:
+    """One attention's heads (`parts`: its projections; default the self-attention's)."""
+    cross = parts is not None
+    parts = parts if cross else _attention_parts(name, block, config, hf_config)
+    get = block.get_submodule
+    o = get(parts["o"])
+    n_heads, n_kv, hd = head_geometry(hf_config, o, name)
+    n_rep = n_heads // n_kv
+    q_group = slice_index(n_heads * hd, hd * n_rep)  # query head -> its key/value group
+    kv_group = slice_index(n_kv * hd, hd)
+    full = lambda rel: f"{name}.{rel}"  # noqa: E731
+    removable = input_slices(full(parts["o"]), o, q_group)
+    side = config.head_side
+    value_site: Site | None = None
+    value_primary: list[TensorSlice] = []
+    if parts.get("qkv"):
+        qkv = get(parts["qkv"])
+        n = _out_features(qkv)
+        if parts["layout"] == "interleaved":  # per head [q_h | k_h | v_h] (GPT-NeoX); MHA only
+            if n != 3 * n_heads * hd or n_rep != 1:
+                raise _not_found("interleaved query/key/value layout", name, block, "qkv", parts["qkv"])
+            pos = torch.arange(n)
+            fused_idx = pos // (3 * hd)
+            value_idx = torch.where(pos % (3 * hd) >= 2 * hd, fused_idx, UNGATED)
+        elif parts["layout"] == "grouped":  # per key/value group [q x n_rep | k | v] (Falcon's new layout)
+            if n != (n_heads + 2 * n_kv) * hd:
+                raise _not_found("grouped query/key/value layout", name, block, "qkv", parts["qkv"])
+            pos = torch.arange(n)
+            fused_idx = pos // ((n_rep + 2) * hd)
+            value_idx = torch.where(pos % ((n_rep + 2) * hd) >= (n_rep + 1) * hd, fused_idx, UNGATED)
+        else:  # [q | k | v] blocks (GPT-2 c_attn, Phi-3 qkv_proj)
+            if n != (n_heads + 2 * n_kv) * hd:
+                raise _not_found("blocked query/key/value layout", name, block, "qkv", parts["qkv"])
+            fused_idx = torch.cat([q_group, kv_group, kv_group])
+            value_idx = torch.cat([torch.full((n - n_kv * hd,), UNGATED), kv_group])
+        removable += output_slices(full(parts["qkv"]), qkv, fused_idx)
+        value_site = Site(full(parts["qkv"]), "output", -1, value_idx)
+        value_primary = output_slices(full(parts["qkv"]), qkv, value_idx)
+    elif parts.get("v"):
+        v = get(parts["v"])
+        if _out_features(v) != n_kv * hd:
+            raise StructureNotFoundError(f"Value projection '{name}.{parts['v']}' does not have {n_kv}x{hd} outputs.")
+        for key, idx in (("q", q_group), ("k", kv_group), ("v", kv_group)):
+            if parts.get(key):
+                removable += output_slices(full(parts[key]), get(parts[key]), idx)
+        value_site = Site(full(parts["v"]), "output", -1, kv_group)
+        value_primary = output_slices(full(parts["v"]), v, kv_group)
+    if side == "value" and value_site is None:
+        raise _not_found("value projection (head_side='value')", name, block, "value", "attn.v_proj")
+    if side in ("value", "auto") and value_site is not None:
+        sites, primary, used = [value_site], value_primary, "value"
+    else:
+        sites = [Site(full(parts["o"]), "input", -1, q_group)]
+        primary, used = input_slices(full(parts["o"]), o, q_group), "output"
+    meta = dict(parts, n_heads=n_heads, n_kv=n_kv, head_dim=hd, side=used, attention="cross" if cross else "self")
+    return GroupSet("heads", layer, n_kv, sites, primary, removable, meta)
+
+
+def prune_head_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -> None:
+    meta = gs.meta
+    if not meta.get("v") and not meta.get("qkv"):
+        raise ExportError(
+            f"Cannot remove heads of layer {gs.layer}: its query/key/value projections were not found. Name them "
+            "with DGateConfig(module_names={'value': ..., 'query': ..., 'key': ...}) when gating."
+        )
+    for sl in gs.removable:
+        keep_slice(model, sl, dead)
+    block = block_name(gs)
+    core_rel = (meta.get("v") or meta["qkv"]).rpartition(".")[0]
+    core = model.get_submodule(f"{block}.{core_rel}" if core_rel else block)
+    n_rep = meta["n_heads"] // meta["n_kv"]
+    n_kv = int((~dead).sum())
+    n_q, hd = n_kv * n_rep, meta["head_dim"]
+    for attr in HEAD_COUNT_ATTRS:
+        if isinstance(getattr(core, attr, None), int):
+            setattr(core, attr, n_q)
+    for attr in ("num_key_value_heads", "num_kv_heads"):
+        if isinstance(getattr(core, attr, None), int):
+            setattr(core, attr, n_kv)
+    if meta.get("config_heads") and getattr(core, "config", None) is not None:
+        own_head_config(core, n_q, n_kv)  # this layer's own head counts (the forward reads them there)
+    for attr in ("all_head_size", "split_size"):
+        if isinstance(getattr(core, attr, None), int):
+            setattr(core, attr, n_q * hd)
+    if n_kv == 0 and not isinstance(core, ZeroHeadAttention):
+        o_rel = meta["o"]
+        inside = not core_rel or o_rel.startswith(core_rel + ".")
+        make_no_head(core, (o_rel[len(core_rel) + 1 :] if core_rel else o_rel) if inside else None)
+
+
+class Heads(Target):
+    name = "heads"
+    description = "attention heads (key/value groups under GQA; cross-attention heads on their own)"
+    order = 0
+
+    def find_in_block(self, model, hf_config, dconfig, layer, name, block):
+        return _head_sets(model, hf_config, dconfig, layer, name, block)
+
+    def remove(self, model, gs, dead):
+        prune_head_group_set(model, gs, dead)
+
+    def native_edit(self, cfg, record):
+        heads = [len(h) for h in record.get("heads") or []]
+        if record.get("cross_heads") or len(set(heads)) != 1 or heads[0] in (0, cfg.num_attention_heads):
+            return {}
+        edit = {"num_attention_heads": heads[0], "head_dim": record["head_dim"]}
+        if hasattr(cfg, "num_key_value_heads"):
+            edit["num_key_value_heads"] = record["kv_heads"][0]
+        return edit

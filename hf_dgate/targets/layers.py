@@ -1,0 +1,142 @@
+"""Whole blocks: one group per block, gating every residual branch (attention, cross-attention, MLP or MoE
+output). Needs pre-norm blocks, where zero branches make the block the identity. Dead blocks are dropped from
+their stack together, and the stack's layer count in the config follows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..architectures import (
+    POST_NORM_TYPES,
+    BlockStack,
+    _attention_parts,
+    _cross_attention_parts,
+    _experts,
+    _has,
+    _mlp_parts,
+    _out_features,
+)
+from ..config import DGateConfig
+from ..errors import ExportError
+from ..groups import GroupSet, Site, TensorSlice, whole_module_slices, whole_weight_slices
+from ..registry import spec_for
+from .base import Target, settable
+
+PER_LAYER_CONFIG_LISTS = ("layer_types", "attention_layers", "no_rope_layers")
+
+
+def _layer_sets(
+    model: nn.Module, hf_config: Any, config: DGateConfig, layer: int, name: str, block: nn.Module
+) -> list[GroupSet]:
+    return [_layer_set(model, hf_config, config, layer, name, block)]
+
+
+def _layer_set(
+    model: nn.Module, hf_config: Any, config: DGateConfig, layer: int, name: str, block: nn.Module
+) -> GroupSet:
+    model_type = getattr(hf_config, "model_type", None)
+    spec = spec_for(hf_config)
+    post_norm = not spec.is_pre_norm(hf_config) if spec is not None else model_type in POST_NORM_TYPES
+    if post_norm or getattr(hf_config, "do_layer_norm_before", True) is False:
+        raise ValueError(
+            f"target='layers' needs pre-norm blocks (x + f(x)); '{model_type}' normalises after the residual "
+            "add, so a zero branch does not remove the layer. Gate 'heads' or 'neurons' instead."
+        )
+    cross = _cross_attention_parts(block, hf_config)
+    attentions = _attention_modules(block)
+    if len(attentions) > 1 + (cross is not None):
+        raise ValueError(
+            f"target='layers' cannot make '{name}' exact: it has {len(attentions)} attention branches "
+            f"({', '.join(attentions)}; e.g. self- and cross-attention) and a zero layer gate scales one attention "
+            "output and the MLP, so the block would not become the identity. Gate 'heads' or 'neurons' instead."
+        )
+    if spec is not None and spec.experts is not None:  # attention output + the whole MoE block's output
+        return _moe_layer_set(layer, name, block, config, hf_config, spec.experts)
+    if spec is not None and spec.branches:
+        branches = spec.branches
+    else:
+        o_rel = _attention_parts(name, block, config, hf_config)["o"]
+        cross_o = (cross["o"],) if cross is not None else ()
+        branches = (o_rel, *cross_o, _mlp_parts(name, block, config, hf_config)[0])
+    sites, primary = [], []
+    for rel in branches:
+        m = block.get_submodule(rel)
+        sites.append(Site(f"{name}.{rel}", "output", -1, torch.zeros(_out_features(m), dtype=torch.long)))
+        primary += whole_weight_slices(f"{name}.{rel}", m)
+    return GroupSet("layers", layer, 1, sites, primary, whole_module_slices(name, block), {"block": name})
+
+
+def _moe_layer_set(layer: int, name: str, block: nn.Module, config: DGateConfig, hf_config: Any, moe: Any) -> GroupSet:
+    o_rel = _attention_parts(name, block, config, hf_config)["o"]
+    o = block.get_submodule(o_rel)
+    full = _experts(name, block, moe)[0]
+    hidden = _out_features(o)
+    sites = [
+        Site(f"{name}.{o_rel}", "output", -1, torch.zeros(hidden, dtype=torch.long)),
+        Site(f"{name}.{moe.block}", "output", -1, torch.zeros(hidden, dtype=torch.long)),
+    ]
+    primary = whole_weight_slices(f"{name}.{o_rel}", o) + [TensorSlice(full, moe.down, None, torch.tensor([0]))]
+    if moe.shared is not None and _has(block, moe.shared.down):
+        primary += whole_weight_slices(f"{name}.{moe.shared.down}", block.get_submodule(moe.shared.down))
+    return GroupSet("layers", layer, 1, sites, primary, whole_module_slices(name, block), {"block": name})
+
+
+def _attention_modules(block: nn.Module) -> list[str]:
+    """Outermost submodules whose class is an attention module: one per residual attention branch."""
+    found: list[str] = []
+    for n, m in block.named_modules():
+        if n and "Attention" in type(m).__name__ and not any(n.startswith(f + ".") for f in found):
+            found.append(n)
+    return found
+
+
+def drop_layers(model: nn.Module, st: BlockStack, dead: set[int]) -> None:
+    parent_name, _, attr = st.path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, attr)
+    if len(old) != len(st.blocks):
+        raise ExportError("Cannot drop layers of a model whose blocks are shared (tied) between positions.")
+    kept = [b for i, b in enumerate(old) if i not in dead]
+    setattr(parent, attr, nn.ModuleList(kept))
+    for new_idx, block in enumerate(kept):
+        for m in block.modules():
+            if isinstance(getattr(m, "layer_idx", None), int):
+                m.layer_idx = new_idx  # the KV cache is indexed by layer_idx
+    configs = [st.layers_config]
+    if st.layers_field == "num_hidden_layers":  # a text config inside a composite one may count them too
+        configs += [c for c in _configs(model) if c is not st.layers_config]
+    for cfg in configs:
+        n_old = getattr(cfg, st.layers_field, None)
+        if n_old != len(old):
+            continue
+        for key in PER_LAYER_CONFIG_LISTS:
+            val = getattr(cfg, key, None)
+            if isinstance(val, (list, tuple)) and len(val) == n_old and settable(cfg, key):
+                setattr(cfg, key, [v for i, v in enumerate(val) if i not in dead])
+        setattr(cfg, st.layers_field, len(kept))
+
+
+def _configs(model: nn.Module) -> list[Any]:
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return []
+    out = [cfg]
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    if text is not cfg:
+        out.append(text)
+    return out
+
+
+class Layers(Target):
+    name = "layers"
+    description = "whole blocks (pre-norm only: every residual branch gated together)"
+    order = 9
+
+    def find_in_block(self, model, hf_config, dconfig, layer, name, block):
+        return _layer_sets(model, hf_config, dconfig, layer, name, block)
+
+    def remove(self, model, gs, dead):
+        """Nothing per group set: dead blocks leave their stack together (`drop_layers`)."""

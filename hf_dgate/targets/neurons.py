@@ -1,0 +1,141 @@
+"""MLP neurons: one group per intermediate unit (input column of the down projection, rows of the up/gate
+projections); in a mixture of experts, every unit of every expert, and a shared expert's units."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..architectures import StructureNotFoundError, _experts, _has, _in_features, _mlp_parts, _out_features
+from ..config import DGateConfig
+from ..groups import GroupSet, Site, TensorSlice, input_slices, output_slices, slice_index
+from ..registry import spec_for
+from .base import Target, block_name, keep_slice
+
+NEURON_CONFIG_ATTRS = ("intermediate_size", "n_inner", "ffn_dim")
+
+
+def _neuron_sets(
+    model: nn.Module, hf_config: Any, config: DGateConfig, layer: int, name: str, block: nn.Module
+) -> list[GroupSet]:
+    """The MLP's intermediate units; in a mixture of experts every expert's units (and a shared expert's)."""
+    spec = spec_for(hf_config)
+    moe = spec.experts if spec is not None and not {"up", "down"} & set(config.module_names or {}) else None
+    if moe is None:
+        return [_neuron_set(model, hf_config, config, layer, name, block)]
+    sets = [_expert_unit_set(layer, name, block, moe)]
+    if moe.shared is not None and all(_has(block, r) for r in (moe.shared.down, *moe.shared.up)):
+        dense = _neuron_set(model, hf_config, config, layer, name, block, (moe.shared.down, list(moe.shared.up)))
+        dense.meta["shared_expert"] = True
+        sets.append(dense)
+    return sets
+
+
+def _expert_unit_set(layer: int, name: str, block: nn.Module, moe: Any) -> GroupSet:
+    """Group (e, j): unit j of expert e, i.e. column j of down_proj[e] and rows j, I + j of gate_up_proj[e]."""
+    full, _, n_exp, units = _experts(name, block, moe)
+    idx = torch.arange(n_exp * units).reshape(n_exp, units)
+    gate_up_idx = idx[:, torch.arange(2 * units) % units]
+    site = Site(full, "param", (0, 2), idx, param=moe.down)
+    primary = [TensorSlice(full, moe.down, (0, 2), idx)]
+    removable = [*primary, TensorSlice(full, moe.gate_up, (0, 1), gate_up_idx)]
+    meta = {"experts": moe.experts, "n_experts": n_exp, "units": units, "gate_up": moe.gate_up, "down": moe.down}
+    return GroupSet("neurons", layer, n_exp * units, [site], primary, removable, meta)
+
+
+def _neuron_set(
+    model: nn.Module,
+    hf_config: Any,
+    config: DGateConfig,
+    layer: int,
+    name: str,
+    block: nn.Module,
+    parts: tuple[str, list[str]] | None = None,
+) -> GroupSet:
+    down_rel, up_rels = parts or _mlp_parts(name, block, config, hf_config)
+    down = block.get_submodule(down_rel)
+    n = _in_features(down)
+    idx = slice_index(n)
+    removable = input_slices(f"{name}.{down_rel}", down, idx)
+    spec = spec_for(hf_config)
+    fused = {m.fused_up for m in spec.mlps()} if spec is not None else set()
+    for rel in up_rels:
+        up = block.get_submodule(rel)
+        if rel in fused and _out_features(up) == 2 * n:  # [gate | up] halves: unit j is rows j and n + j
+            removable += output_slices(f"{name}.{rel}", up, torch.arange(2 * n) % n)
+            continue
+        if _out_features(up) != n:
+            raise StructureNotFoundError(
+                f"MLP projections of '{name}' disagree: '{rel}' has {_out_features(up)} outputs, '{down_rel}' "
+                f"takes {n} inputs. Name them with DGateConfig(module_names={{'up': [...], 'down': ...}})."
+            )
+        removable += output_slices(f"{name}.{rel}", up, idx)
+    site = Site(f"{name}.{down_rel}", "input", -1, idx)
+    primary = input_slices(f"{name}.{down_rel}", down, idx)
+    return GroupSet("neurons", layer, n, [site], primary, removable, {"down": down_rel, "up": up_rels})
+
+
+def prune_neuron_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -> None:
+    for sl in gs.removable:
+        keep_slice(model, sl, dead)
+    block = block_name(gs)
+    parent_rel = gs.meta["down"].rpartition(".")[0]
+    parent = model.get_submodule(f"{block}.{parent_rel}" if parent_rel else block)
+    n = int((~dead).sum())
+    for attr in ("intermediate_size", "ffn_dim"):
+        if isinstance(getattr(parent, attr, None), int):
+            setattr(parent, attr, n)
+
+
+def prune_expert_unit_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -> None:
+    """Remove expert units. Experts are stacked in one tensor, so every expert keeps as many units as the
+    fullest one (rounded up to a multiple of 8); the others are padded with units whose weights are all zero,
+    which add exactly nothing (act(0) * 0 = 0, times a zero column). Units within an expert are
+    interchangeable, so each expert's kept units move to the front."""
+    meta = gs.meta
+    experts = model.get_submodule(gs.sites[0].module)
+    n_exp, units = meta["n_experts"], meta["units"]
+    alive = ~dead.reshape(n_exp, units).cpu()
+    # grouped expert matmuls (torch._grouped_mm) need rows of a non-zero multiple of 16 bytes: round up with
+    # zero units (a layer whose every unit is zero keeps 8 of them)
+    keep = min(units, max(8, -(-int(alive.sum(1).max()) // 8) * 8))
+    down, gate_up = getattr(experts, meta["down"]), getattr(experts, meta["gate_up"])
+    new_down = down.data.new_zeros(n_exp, down.shape[1], keep)
+    new_gate_up = gate_up.data.new_zeros(n_exp, 2 * keep, gate_up.shape[2])
+    for e in range(n_exp):
+        idx = torch.nonzero(alive[e]).flatten().to(down.device)
+        k = len(idx)
+        new_down[e, :, :k] = down.data[e].index_select(1, idx)
+        new_gate_up[e, :k] = gate_up.data[e].index_select(0, idx)
+        new_gate_up[e, keep : keep + k] = gate_up.data[e].index_select(0, idx + units)
+    setattr(experts, meta["down"], nn.Parameter(new_down, requires_grad=down.requires_grad))
+    setattr(experts, meta["gate_up"], nn.Parameter(new_gate_up, requires_grad=gate_up.requires_grad))
+    if isinstance(getattr(experts, "intermediate_dim", None), int):
+        experts.intermediate_dim = keep
+
+
+class Neurons(Target):
+    name = "neurons"
+    description = "MLP intermediate units (per expert in a mixture of experts)"
+    order = 1
+
+    def find_in_block(self, model, hf_config, dconfig, layer, name, block):
+        return _neuron_sets(model, hf_config, dconfig, layer, name, block)
+
+    def remove(self, model, gs, dead):
+        (prune_expert_unit_group_set if "n_experts" in gs.meta else prune_neuron_group_set)(model, gs, dead)
+
+    def native_edit(self, cfg, record):
+        edit: dict[str, Any] = {}
+        neurons = record.get("neurons") or []
+        if len(set(neurons)) == 1 and isinstance(neurons[0], int) and neurons[0] > 0 and not record.get("experts"):
+            key = next((k for k in NEURON_CONFIG_ATTRS if hasattr(cfg, k)), None)
+            if key:
+                edit[key] = neurons[0]
+        units = set(record.get("expert_units") or [])
+        spec = spec_for(cfg)
+        if len(units) == 1 and spec is not None and spec.experts is not None:
+            edit[spec.experts.units_field] = units.pop()
+        return edit
