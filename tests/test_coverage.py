@@ -34,3 +34,14 @@ def test_unknown_family_with_common_names_uses_the_fallback():
     assert "my_llama_fork" not in SPECS
     hf_dgate.apply_dgate(model, target=["heads", "neurons", "layers"])
     assert hf_dgate.get_bank(model).sizes == {"heads": 4, "neurons": 96, "layers": 2}
+
+
+def test_target_registry_and_config_names_agree():
+    """A new built-in target is one module in hf_dgate/targets plus its registration; config validation lists the
+    same names (config.py stays free of torch imports, so the names are written there too)."""
+    from hf_dgate.config import BUILTIN_TARGETS, TRANSFORMER_TARGETS
+    from hf_dgate.targets import BUILTIN
+
+    assert tuple(BUILTIN) == BUILTIN_TARGETS
+    assert tuple(name for name, t in BUILTIN.items() if t.per_block) == TRANSFORMER_TARGETS
+    assert all(t.description for t in BUILTIN.values())
