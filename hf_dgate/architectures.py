@@ -117,6 +117,7 @@ class BlockStack:
     config: Any  # head counts etc. of these blocks (a sub-config, or the model config seen by this stack)
     layers_config: Any  # the config object whose `layers_field` counts these blocks
     layers_field: str
+    refuse: tuple[tuple[str, str], ...] = ()  # targets this stack cannot have (registry), with the reason
 
 
 def block_stacks(model: nn.Module, config: DGateConfig) -> list[BlockStack]:
@@ -174,9 +175,9 @@ def _stack(model: nn.Module, path: str, blocks: nn.ModuleList) -> BlockStack:
         return BlockStack(path, path, unique, stack_config(model, path), text, "num_hidden_layers")
     if entry.config:
         sub = getattr(cfg, entry.config)
-        return BlockStack(entry.name, path, unique, sub, sub, entry.layers_field)
+        return BlockStack(entry.name, path, unique, sub, sub, entry.layers_field, entry.refuse)
     stack_cfg = _StackConfig(cfg, _prefixed(cfg, entry.prefix)) if entry.prefix else cfg
-    return BlockStack(entry.name, path, unique, stack_cfg, cfg, entry.layers_field)
+    return BlockStack(entry.name, path, unique, stack_cfg, cfg, entry.layers_field, entry.refuse)
 
 
 def _prefixed(cfg: Any, side: str) -> dict[str, Any]:

@@ -41,6 +41,8 @@ neurons, layers) that training under a structured `L_{{2,2/D}}` penalty drove be
 
 ## Kept structure
 
+Gated: {targets}.
+
 {structure_table}
 
 ## D-Gating configuration
@@ -90,6 +92,7 @@ def build_model_card(summary: dict[str, Any]) -> Any:
         lat_after=f"{1e3 * lat_a:.2f} ms" if lat_a else "not measured",
         speedup=f"{lat_b / lat_a:.2f}x measured" if lat_b and lat_a else "-",
         structure_table=structure_table(summary.get("structure") or {}),
+        targets=_describe_targets(summary.get("dgate_config") or {}),
         dgate_config=json.dumps(summary.get("dgate_config", {}), indent=2, allow_nan=False),
     )
     return ModelCard(text)
@@ -122,6 +125,17 @@ def outputs_statement(summary: dict[str, Any]) -> str:
         f"{_fmt(v['max_abs_diff'])}{probe}, above the tolerance {_fmt(v['tolerance'])}; removed groups that were not "
         f"zero: {', '.join(removed) if removed else 'none'}. It was written with `allow_inexact=True`."
     )
+
+
+def _describe_targets(dgate_config: dict[str, Any]) -> str:
+    """The gated targets as they describe themselves (targets/), e.g. "heads (attention heads ...)"."""
+    from .targets import BUILTIN
+
+    names = dgate_config.get("target") or []
+    names = [names] if isinstance(names, str) else list(names)
+    parts = [f"{n} ({BUILTIN[n].description})" if n in BUILTIN else n for n in names]
+    parts += [f"{g.get('name')} (user rule)" for g in dgate_config.get("groups") or []]
+    return "; ".join(parts) or "nothing"
 
 
 def structure_table(structure: dict[str, Any]) -> str:

@@ -79,6 +79,7 @@ class Stack:
     config: str | None = None  # sub-config describing the stack ("vision_config")
     prefix: str | None = None  # per-stack config fields "<prefix>_attention_heads", "<prefix>_layers"
     layers_field: str = "num_hidden_layers"  # the field that counts this stack's blocks
+    refuse: tuple[tuple[str, str], ...] = ()  # targets this stack cannot have, with the reason
 
     def matches(self, path: str) -> bool:
         return path == self.path or path.endswith("." + self.path)
@@ -252,6 +253,23 @@ SPECS: dict[str, ArchSpec] = {
             ),
         ),
     ),
+    "llava": ArchSpec(  # a vision tower feeding a language model: each stack follows its own sub-config
+        stacks=(
+            Stack(
+                "vision_tower.encoder.layers",
+                "vision",
+                config="vision_config",
+                refuse=(
+                    (
+                        "layers",
+                        "the language model reads the vision tower's hidden states by layer index "
+                        "(vision_feature_layer), which dropping layers would shift; gate 'heads' or 'neurons' there",
+                    ),
+                ),
+            ),
+            Stack("language_model.layers", "text", config="text_config"),
+        )
+    ),
     "clip": ArchSpec(
         stacks=(
             Stack("text_model.encoder.layers", "text", config="text_config"),
@@ -268,9 +286,7 @@ SPECS: dict[str, ArchSpec] = {
     "mixtral": _moe(count_field="num_local_experts", units_field="intermediate_size"),
     "qwen3_moe": _moe(),
     "qwen2_moe": _moe(
-        shared=Mlp(
-            down="mlp.shared_expert.down_proj", up=("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj")
-        )
+        shared=Mlp(down="mlp.shared_expert.down_proj", up=("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"))
     ),
 }
 for _t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite", "smollm3"):

@@ -88,6 +88,13 @@ FAMILIES: dict[str, tuple[Callable[[], torch.nn.Module], str, dict[str, Any]]] =
         vision_config=dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=40,
                            image_size=16, patch_size=8))), "clip", {}),
     "clip[vision]": ("clip", "clip", {"stacks": ["vision"]}),
+    "llava": (lambda: T.LlavaForConditionalGeneration(T.LlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=40, image_size=16, patch_size=8),
+        text_config=dict(model_type="llama", vocab_size=V, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=48),
+        image_token_index=V - 1, vision_feature_layer=-1)), "vlm", {}),
+    "llava[text]": ("llava", "vlm", {"stacks": ["text"]}),
     "t5": (lambda: T.T5ForConditionalGeneration(T.T5Config(
         vocab_size=V, d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=3, num_decoder_layers=3,
         decoder_start_token_id=0)), "seq2seq", {}),
@@ -115,6 +122,10 @@ def inputs(kind: str, seed: int = 1) -> dict[str, torch.Tensor]:
         return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
     if kind == "clip":
         return {"input_ids": ids, "pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
+    if kind == "vlm":  # four image tokens (16x16 pixels in 8x8 patches), then text
+        image = torch.full((2, 4), V - 1)
+        pixels = torch.randn(2, 3, 16, 16, generator=g)
+        return {"input_ids": torch.cat([image, ids[:, :5] % (V - 1)], 1), "pixel_values": pixels}
     if kind == "seq2seq":
         return {"input_ids": ids, "decoder_input_ids": ids[:, :5]}
     if kind == "speech":
@@ -183,10 +194,11 @@ def cell(family: str, target: str) -> str:
             with torch.no_grad():
                 again_diff = (output(again, batch) - exported).abs().max().item()
             assert again_diff <= 1e-5, f"reloaded export differs by {again_diff:.2e}"
-    if kind in ("causal", "seq2seq"):
+    if kind in ("causal", "seq2seq", "speech"):
         gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+        prompt = {k: v for k, v in batch.items() if k in ("input_ids", "input_features")}
         reference = again if routed else model  # routed: the reloaded export must generate like the export
-        a, b = reference.generate(batch["input_ids"], **gen), pruned.generate(batch["input_ids"], **gen)
+        a, b = reference.generate(**prompt, **gen), pruned.generate(**prompt, **gen)
         assert torch.equal(a, b), "greedy generate differs"
     reload = "native reload" if native else "AutoPrunedModel" + (" + remote code" if remote else "") + " reload"
     return (f"routing changes (max diff {diff:.0e}), " if routed and diff > 1e-5 else "exact, ") + reload
@@ -201,6 +213,7 @@ def _why(e: Exception) -> str:
         ("several", "one stack of several"),
         ("relative position bias", "shared relative position bias (T5)"),
         ("no routed experts", "n/a (no routed experts)"),
+        ("vision_feature_layer", "the language model reads vision hidden states by layer index"),
         ("RMSNorm spans", "query/key norm spans all heads (no exact removal)"),
         ("no attention heads", "no attention"),
         ("no MLP", "no MLP"),

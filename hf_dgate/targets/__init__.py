@@ -62,11 +62,11 @@ def _stack_group_sets(
     spec = spec_for(stack.config)
     sets: list[GroupSet] = []
     for target in targets:
-        why = spec.refusal(target.name) if spec is not None and refuse else None
-        if why:
-            raise ValueError(
-                f"target={target.name!r} is not available for '{stack.config.model_type}' models: {why}."
-            )
+        stack_why = dict(stack.refuse).get(target.name)
+        why = stack_why or (spec.refusal(target.name) if spec is not None else None)
+        if why and refuse:
+            where = f"the stack {stack.path!r}" if stack_why else f"'{stack.config.model_type}' models"
+            raise ValueError(f"target={target.name!r} is not available for {where}: {why}.")
         for layer, (name, block) in enumerate(stack.blocks):
             new = target.find_in_block(model, stack.config, config, layer, name, block)
             for gs in new:

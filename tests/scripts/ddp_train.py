@@ -5,6 +5,7 @@ with gloo) or `--use_fsdp --fsdp_version 2 ...`: the results must agree (tests/t
 """
 
 import json
+import os
 import sys
 
 import torch
@@ -48,3 +49,10 @@ if accelerator.is_main_process:
         json.dump({"losses": losses, "norms": norms, "processes": accelerator.num_processes}, f)
 accelerator.wait_for_everyone()
 accelerator.end_training()
+# Skip interpreter teardown: with FSDP2 on gloo, a rank exiting normally sometimes aborts in a C++ thread
+# destructor ("terminate called without an active exception", seen in 1 of ~10 loaded CI runs) after all work
+# and the process group are finished. The results are written and compared above; the exit code should not
+# depend on that race.
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
