@@ -28,6 +28,7 @@ from .errors import NonFiniteError
 from .gated_linear import gated_linear
 
 UNGATED = -1
+GREY_DECADES = 2  # a zero group within this many decades below its threshold is "grey": not settled at zero
 
 
 @dataclass
@@ -316,20 +317,28 @@ class GateBank(nn.Module):
             raise ValueError(f"threshold={thr!r} is invalid: pass {allowed}.")
         return float(thr)
 
-    def zero_groups(self, target: str, threshold: float | None = None) -> torch.Tensor:
-        """Which groups of `target` count as zero: what the report, export and lam controller all read.
-
-        `threshold` defaults to the config's; with `threshold_mode='relative'` it is a fraction of the largest
-        norm in the group's layer (groups alone in their layer are compared with each other instead).
-        """
+    def group_thresholds(self, target: str, threshold: float | None = None) -> torch.Tensor:
+        """Per group of `target`, the norm below which it counts as zero: `threshold` (default the config's), or
+        with `threshold_mode='relative'` that fraction of the largest norm in the group's layer (groups alone in
+        their layer are compared with each other instead)."""
         thr = self.check_threshold(threshold)
         norms = self.effective_norms(target)
         if self.config.threshold_mode == "absolute":
-            return norms < thr
+            return torch.full_like(norms, thr)
         seg = self._layer_segments[target].to(norms.device)
         ref = torch.zeros(int(seg.max()) + 1, device=norms.device, dtype=norms.dtype)
         ref = ref.scatter_reduce(0, seg, norms, "amax", include_self=False)
-        return norms < thr * ref[seg]
+        return thr * ref[seg]
+
+    def zero_groups(self, target: str, threshold: float | None = None) -> torch.Tensor:
+        """Which groups of `target` count as zero: what the report, export and lam controller all read."""
+        return self.effective_norms(target) < self.group_thresholds(target, threshold)
+
+    def grey_groups(self, target: str, threshold: float | None = None) -> torch.Tensor:
+        """Groups that count as zero but have not settled there: within GREY_DECADES below their threshold.
+        Many of them mean training has not converged (export then verifies whether removing them matters)."""
+        norms, thr = self.effective_norms(target), self.group_thresholds(target, threshold)
+        return (norms < thr) & (norms >= thr / 10**GREY_DECADES)
 
     def scale(self, target: str) -> torch.Tensor:
         """The deterministic group scale s_g (L0: the test-time hard-concrete gate)."""

@@ -24,6 +24,7 @@ class TargetSparsity:
     zero: int
     per_layer: dict[str, list[int]] = field(default_factory=dict)  # layer -> [active, total]
     description: str = ""  # what a group is, from the target itself
+    grey: int = 0  # zero groups not settled at zero yet: within two decades below their threshold
 
     @property
     def sparsity(self) -> float:
@@ -65,7 +66,8 @@ class SparsityReport:
         lines = [f"D-Gating sparsity (zero when ||theta_g|| < {rule})"]
         for ts in self.targets.values():
             about = f"  [{ts.description}]" if ts.description else ""
-            lines.append(f"  {ts.target}: {ts.zero}/{ts.groups} zero ({100 * ts.sparsity:.1f}% sparse){about}")
+            grey = f", {ts.grey} of them grey (not settled: train longer)" if ts.grey else ""
+            lines.append(f"  {ts.target}: {ts.zero}/{ts.groups} zero ({100 * ts.sparsity:.1f}% sparse{grey}){about}")
             width = max((len(k) for k in ts.per_layer), default=5)
             for layer, (active, total) in ts.per_layer.items():
                 bar = "#" * active + "." * (total - active) if total <= 64 else ""
@@ -91,7 +93,10 @@ def sparsity_report(model: nn.Module, threshold: float | None = None) -> Sparsit
         r.name: Rule(r).description for r in bank.config.groups
     }
     targets = {
-        t: TargetSparsity(t, bank.sizes[t], int(dead[t].sum()), description=about.get(t, "")) for t in bank.targets
+        t: TargetSparsity(
+            t, bank.sizes[t], int(dead[t].sum()), {}, about.get(t, ""), int(bank.grey_groups(t, thr).sum())
+        )
+        for t in bank.targets
     }
     for gs, off in zip(bank.group_sets, bank.offsets):
         d = dead[gs.target][off : off + gs.n_groups]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -40,6 +41,7 @@ from .saving import (
 )
 
 TRAINER_STATE_NAME = "dgate_trainer_state.json"
+GREY_WARN_FRACTION = 0.25  # warn at the end of training when more than this share of the zero groups is grey
 SPARSITY_NAME = "dgate_sparsity.json"
 _METRIC_NAMES = {"heads": "head_sparsity", "neurons": "neuron_sparsity", "layers": "layer_sparsity"}
 
@@ -194,6 +196,7 @@ class DGateTrainer(Trainer):
             )
         for t, ts in rep.targets.items():
             metrics[f"dgate/{sparsity_metric_name(t)}"] = ts.sparsity
+            metrics[f"dgate/{t}_grey"] = float(ts.grey)
         metrics["dgate/params_kept"] = float(rep.params_kept)
         metrics["dgate/params_kept_fraction"] = rep.params_kept_fraction
         return metrics
@@ -221,6 +224,15 @@ class DGateTrainer(Trainer):
         report = self.write_sparsity_report(self.args.output_dir)  # every rank: FSDP norms are collectives
         if self.is_world_process_zero():
             print(report)
+            grey = {t: ts for t, ts in report.targets.items() if ts.grey > max(1, GREY_WARN_FRACTION * ts.zero)}
+            if grey:
+                which = ", ".join(f"{ts.grey} of {ts.zero} zero {t}" for t, ts in grey.items())
+                warnings.warn(
+                    f"D-Gating has not converged: {which} are grey (within two decades below the threshold, not "
+                    "numerically zero). Train longer or raise lam; export_pruned verifies whether removing them "
+                    "changes the outputs.",
+                    stacklevel=2,
+                )
         return result
 
     def write_sparsity_report(self, output_dir: str) -> SparsityReport:

@@ -33,7 +33,6 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.bfloat16: (1e-2, 5e-2),
 }
 ZERO_RTOL = 1e-6  # a removed group is "numerically zero" when its norm is <= this fraction of its target's largest
-GREY_DECADES = 2  # removed groups within this many decades below the threshold are "grey": not settled at zero
 PROBE_SEQ_LEN, PROBE_BATCH = 32, 2
 
 __all__ = ["ExportCheck", "ExportNotVerifiedWarning", "TOLERANCES", "Verification", "first_output"]
@@ -214,18 +213,13 @@ def removed_groups(bank: Any, threshold: float, targets: tuple[str, ...] | None 
             continue
         norms = bank.effective_norms(t).detach().float().cpu()
         dead = bank.zero_groups(t, threshold).cpu()
-        if bank.config.threshold_mode == "relative":
-            seg = bank._layer_segments[t].cpu()
-            ref = torch.zeros(int(seg.max()) + 1).scatter_reduce(0, seg, norms, "amax", include_self=False)
-            group_thr = threshold * ref[seg]
-        else:
-            group_thr = torch.full_like(norms, threshold)
+        grey = bank.grey_groups(t, threshold).cpu()
         gone = norms[dead]
         largest = float(norms.max()) if norms.numel() else 0.0
         out[t] = {
             "removed": int(dead.sum()),
             "not_zero": int((gone > ZERO_RTOL * largest).sum()),
-            "grey": int((gone >= group_thr[dead] / 10**GREY_DECADES).sum()),
+            "grey": int(grey.sum()),
             "norm_min": float(gone.min()) if gone.numel() else None,
             "norm_max": float(gone.max()) if gone.numel() else None,
         }

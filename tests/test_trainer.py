@@ -327,3 +327,20 @@ def test_export_under_fsdp_says_how_instead_of_hanging(tmp_path):
     with pytest.raises(ValueError, match="hf-dgate export"):
         tr.export_pruned()
     assert not (tmp_path / "pruned").exists()
+
+
+def test_grey_groups_are_logged_and_warned_about(tmp_path):
+    """Groups under the threshold but not settled at zero ("grey") are counted in the log and, when they are many,
+    the end of training says that training has not converged."""
+    model = tiny_gpt2()
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="neurons", lam=0.0))
+    bank = hf_dgate.get_bank(model)
+    with torch.no_grad():
+        bank.gammas["neurons"][:, :8] = 0.0  # settled zeros
+        bank.gammas["neurons"][:, 8:40] = 0.02  # norms ~1e-4: below the 1e-3 threshold, not zero
+    trainer = DGateTrainer(model, targs(tmp_path, max_steps=1, learning_rate=1e-6), train_dataset=token_data(4))
+    with pytest.warns(UserWarning, match="has not converged: .* grey"):
+        trainer.train()
+    logged = [h for h in trainer.state.log_history if "dgate/neurons_grey" in h]
+    assert logged and logged[-1]["dgate/neurons_grey"] > 20
+    assert hf_dgate.sparsity_report(model).targets["neurons"].grey > 20
