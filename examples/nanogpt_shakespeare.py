@@ -76,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="per process and micro-batch")
     p.add_argument("--grad-accum", type=int)
     p.add_argument("--learning-rate", type=float)
+    p.add_argument("--gated-lr", type=float, help="SGD rate of gates and gated weights (hf_dgate.optim); 0: off")
+    p.add_argument("--gates-only", action="store_true", help="with --gated-lr: only the gates take SGD steps")
     p.add_argument("--min-lr-ratio", type=float)
     p.add_argument("--warmup-steps", type=int)
     p.add_argument("--weight-decay", type=float)
@@ -238,6 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
         dgate_config=dgate_config,
         lam_warmup_steps=args.lam_warmup_steps,
         target_sparsity=args.target_sparsity,
+        gated_lr=args.gated_lr or None,
+        gated_weights=not args.gates_only,
         train_dataset=train_ds,
         eval_dataset=val_ds,
         compute_metrics=char_accuracy,

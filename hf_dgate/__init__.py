@@ -1,5 +1,6 @@
 """hf_dgate: D-Gating structured sparsity (Kolb et al., NeurIPS 2025) for Hugging Face and PyTorch models."""
 
+from . import optim  # noqa: F401  (hf_dgate.optim.dgate_optimizer)
 from .config import DGateConfig, GroupRule
 from .controller import LamController
 from .export import export_pruned, prune_heads

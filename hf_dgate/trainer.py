@@ -61,6 +61,12 @@ class DGateTrainer(Trainer):
         target_sparsity: if set, lam is steered (see `LamController`) toward this sparsity of `sparsity_target`.
         sparsity_target: the gated target the controller steers (default: the first gated target).
         controller_interval, controller_gain: optimizer steps between controller updates, and its gain.
+        gated_lr: learning rate (SGD units) of the gates and gated weights, which then take momentum-SGD steps in
+            a parameter group of their own inside the Trainer's optimizer (`hf_dgate.optim.dgate_optimizer`):
+            Adam-family optimizers alone do not reach D-Gating's exact zeros (docs/optimizers.md). None: the
+            Trainer's optimizer updates them like everything else (the default: no setting was better on every
+            target measured, see docs/optimizers.md).
+        gated_weights: with `gated_lr`, False moves only the gates (the gated weights keep the Trainer's optimizer).
 
     The logged `loss` is the data loss alone (comparable with `eval_loss`); the penalty is logged as
     `dgate/penalty`. Gates and gated primary weights get no optimizer weight decay: the penalty already is an L2
@@ -78,6 +84,8 @@ class DGateTrainer(Trainer):
         sparsity_target: str | None = None,
         controller_interval: int = 10,
         controller_gain: float = 1.0,
+        gated_lr: float | None = None,
+        gated_weights: bool = True,
         **trainer_kwargs: Any,
     ) -> None:
         if model is None:
@@ -97,6 +105,12 @@ class DGateTrainer(Trainer):
         if sparsity_target not in targets:
             raise ValueError(f"sparsity_target={sparsity_target!r} is not gated; gated targets are {targets}.")
         self.sparsity_target = sparsity_target
+        if gated_lr is not None and (
+            isinstance(gated_lr, bool) or not isinstance(gated_lr, (int, float)) or gated_lr <= 0
+        ):
+            raise ValueError(f"gated_lr={gated_lr!r} is invalid: pass a float > 0 (SGD units, e.g. 0.05) or None.")
+        self.dgate_gated_lr = gated_lr
+        self.dgate_gated_weights = gated_weights
         self.lam_controller = LamController(
             lam=self.dgate_bank.config.lam,
             warmup_steps=lam_warmup_steps,
@@ -111,8 +125,9 @@ class DGateTrainer(Trainer):
     # ---- the loss -------------------------------------------------------------------------------------------
     def _loss_scaled_for_ga(self, num_items_in_batch: Any) -> bool:
         """The same decision `Trainer.training_step` makes on whether it divides the loss by the micro-batch count."""
-        if self.loss_is_scaled_for_ga is not None:
-            return bool(self.loss_is_scaled_for_ga)
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)  # transformers >= 5.2x decides it once; older: below
+        if scaled is not None:
+            return bool(scaled)
         return bool(
             (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
         )
@@ -167,6 +182,17 @@ class DGateTrainer(Trainer):
         return loss
 
     # ---- optimizer ------------------------------------------------------------------------------------------
+    def create_optimizer(self, *args: Any, **kwargs: Any):
+        """The Trainer's optimizer; with `gated_lr`, gates and gated weights move to their own momentum-SGD group
+        (a user-supplied optimizer is left alone). The scheduler is built afterwards, so it scales that group too."""
+        built = self.optimizer is None
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if built and self.dgate_gated_lr is not None and self.dgate_bank.method == "dgate":
+            from .optim import dgate_optimizer
+
+            dgate_optimizer(optimizer, self.model, lr=self.dgate_gated_lr, include_weights=self.dgate_gated_weights)
+        return optimizer
+
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """Trainer's decay list minus the gates and every tensor holding gated primary weights."""
         names = super().get_decay_parameter_names(model)

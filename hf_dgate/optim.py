@@ -1,0 +1,153 @@
+"""D-Gating under any optimizer: gates and gated weights take a gradient-descent step, everything else the user's.
+
+Why: D-Gating's exact zeros come from gradient descent on `w_g * gamma_1 * ... * gamma_{D-1}` plus the L2 surrogate
+(Kolb et al., Lemma 2 and Theorem 1 are for gradient descent/flow). Near zero the data gradient of a group shrinks
+with the product of its other factors while the L2 pull stays proportional to the factor itself, so a balanced
+group that is not needed decays geometrically to exact zero. Adam, AdamW, RMSprop, Adafactor, ... divide each
+coordinate's step by its own running gradient RMS: the shrinking data gradient of a dying group is rescaled back to a
+step of size ~lr, so every group jitters at ~lr and the L2 pull cannot finish the job (measured in
+docs/optimizers.md: Adam keeps 760+ of 784 Fashion-MNIST pixels where SGD keeps under 100).
+
+The recipe: take the optimizer the user built (any class), move the gates and every tensor holding gated primary
+weights into one parameter group of its own, and update that group with heavy-ball momentum SGD on the raw gradient
+(data loss + penalty) inside a step pre-hook; the optimizer itself then skips those tensors (their gradient is None)
+and updates the rest as before. The group lives in the user's optimizer, so learning-rate schedulers scale it,
+gradient clipping and AMP unscaling happen before it, and its momentum buffers travel in the optimizer's
+`state_dict` (under the key 'dgate_momentum_buffers').
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .patch import get_bank
+
+GROUP_KEY = "dgate"  # marks the parameter group the recipe updates
+BUFFERS_KEY = "dgate_momentum_buffers"  # the recipe's momentum buffers in the optimizer's state_dict
+
+
+def gated_parameters(model: nn.Module, include_weights: bool = True) -> list[nn.Parameter]:
+    """The trainable gates and every parameter tensor that holds gated primary weights (each once, in model order).
+
+    Fused tensors (GPT-2's `c_attn`) count whole: their ungated rows get the same plain-gradient update.
+    """
+    bank = get_bank(model)
+    if bank.method != "dgate":
+        raise ValueError(
+            f"hf_dgate.optim targets method='dgate' (gates times weights with the L2 surrogate); this model is gated "
+            f"with method={bank.method!r}, which keeps the optimizer it was given."
+        )
+    ids = {id(p) for p in bank.parameters() if p.requires_grad}
+    for gs in bank.group_sets if include_weights else ():
+        for sl in gs.primary:
+            p = getattr(bank._modules_by_name[sl.module], sl.param)
+            if isinstance(p, nn.Parameter) and p.requires_grad:
+                ids.add(id(p))
+    seen: set[int] = set()
+    out = []
+    for p in model.parameters():
+        if id(p) in ids and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def dgate_optimizer(
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    *,
+    lr: float,
+    momentum: float = 0.9,
+    include_weights: bool = True,
+):
+    """Give `optimizer` the D-Gating update for gates and gated weights and return it (the same object).
+
+        opt = hf_dgate.optim.dgate_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), model, lr=0.05)
+
+    Call it after `apply_dgate`, on an optimizer built over all of the model's parameters (any class, any parameter
+    groups), before its first step and before creating an LR scheduler. The gates and gated tensors leave their
+    groups for one group of their own (marked `group["dgate"] = True`, no weight decay: the penalty is their decay),
+    updated by heavy-ball momentum SGD, `buf = momentum * buf + grad; p -= lr * buf`, on the raw gradient of data loss
+    plus `hf_dgate.penalty(model)`: the update the paper's theory and experiments use.
+
+    include_weights: False moves only the gates (the gated weights keep the user's optimizer). Measured: on LeNet
+        features as good as the full recipe, weaker on VGG filters (71-89 zero filters where SGD gets 255), and the
+        only variant that leaves a small transformer's training intact (docs/optimizers.md).
+    lr: that group's peak learning rate, in SGD units (the paper's SGD rate for the model, e.g. 0.05 for LeNet and
+        VGG), not the Adam rate; schedulers scale it like every other group. Measured on LeNet features (Adam for
+        the rest): 0.02 and below leave every group above the threshold within 10 epochs, 0.05 matches SGD, 0.1 and
+        above remove more and cost accuracy (docs/optimizers.md).
+    """
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"lr={lr!r}: pass the gated group's SGD learning rate, a float > 0 (e.g. 0.05).")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum={momentum!r}: pass a float in [0, 1).")
+    gated = gated_parameters(model, include_weights)
+    if not gated:
+        raise ValueError("The model's gates and gated weights are all frozen: the recipe has nothing to update.")
+    if any(g.get(GROUP_KEY) for g in optimizer.param_groups):
+        raise ValueError("This optimizer already has the D-Gating group (dgate_optimizer was called twice).")
+    if any(len(s) for s in optimizer.state.values()):
+        raise ValueError("Call dgate_optimizer before the optimizer's first step (its state is not empty).")
+    ids = {id(p) for p in gated}
+    found: set[int] = set()
+    for group in optimizer.param_groups:
+        found |= {id(p) for p in group["params"] if id(p) in ids}
+        group["params"] = [p for p in group["params"] if id(p) not in ids]
+    if found != ids:
+        raise ValueError(
+            f"{len(ids - found)} gated tensors are not in this optimizer; build it over all of the model's parameters "
+            "(e.g. torch.optim.Adam(model.parameters(), ...)) after apply_dgate."
+        )
+    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+    optimizer.add_param_group(
+        {"params": gated, "lr": float(lr), "weight_decay": 0.0, GROUP_KEY: True, "dgate_momentum": float(momentum)}
+    )
+    optimizer.dgate_momentum_buffers = {}  # kept out of optimizer.state, whose entries each optimizer class parses
+    optimizer.register_step_pre_hook(_gated_step)
+    optimizer.register_state_dict_post_hook(_save_buffers)
+    optimizer.register_load_state_dict_pre_hook(_load_buffers)
+    return optimizer
+
+
+def _dgate_group(optimizer: torch.optim.Optimizer) -> dict:
+    return next(g for g in optimizer.param_groups if g.get(GROUP_KEY))
+
+
+def _save_buffers(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+    """`state_dict()` carries the momentum buffers under BUFFERS_KEY, by position in the D-Gating group."""
+    bufs = optimizer.dgate_momentum_buffers
+    params = _dgate_group(optimizer)["params"]
+    state_dict[BUFFERS_KEY] = {i: bufs[p] for i, p in enumerate(params) if p in bufs}
+    return state_dict
+
+
+def _load_buffers(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+    params = _dgate_group(optimizer)["params"]
+    saved = state_dict.pop(BUFFERS_KEY, {})
+    optimizer.dgate_momentum_buffers = {
+        params[int(i)]: b.to(device=params[int(i)].device, dtype=params[int(i)].dtype) for i, b in saved.items()
+    }
+    return state_dict
+
+
+@torch.no_grad()
+def _gated_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Runs before `optimizer.step()`: momentum SGD on the D-Gating group, then its gradients are set to None so the
+    optimizer's own update (which skips tensors without a gradient) leaves it alone."""
+    for group in optimizer.param_groups:
+        if not group.get(GROUP_KEY):
+            continue
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            buf = optimizer.dgate_momentum_buffers.get(p)
+            if buf is None:
+                buf = optimizer.dgate_momentum_buffers[p] = p.grad.detach().clone()
+            else:
+                buf.mul_(group["dgate_momentum"]).add_(p.grad)
+            p.add_(buf, alpha=-group["lr"])
+            p.grad = None

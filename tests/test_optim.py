@@ -1,0 +1,112 @@
+"""hf_dgate.optim: gates and gated weights get a momentum-SGD step inside any optimizer (issue 13)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hf_dgate
+from hf_dgate.models import LeNet300100
+from hf_dgate.optim import dgate_optimizer, gated_parameters
+
+
+def _gated_lenet(lam=0.1, in_features=20):
+    torch.manual_seed(0)
+    model = LeNet300100(in_features=in_features, num_classes=3, hidden=(16, 8))
+    return hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="features", lam=lam, depth=3))
+
+
+def _train(model, opt, steps=300, batch=32):
+    """Mini-batches of a problem where only the first five of 20 features carry signal."""
+    g = torch.Generator().manual_seed(1)
+    y = torch.randint(0, 3, (512,), generator=g)
+    x = torch.randn(512, 20, generator=g)
+    x[:, :5] += y.unsqueeze(1).float()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
+    for _ in range(steps):
+        idx = torch.randint(0, 512, (batch,), generator=g)
+        loss = F.cross_entropy(model(x[idx]), y[idx]) + hf_dgate.penalty(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return hf_dgate.effective_norms(model, "features").detach()
+
+
+def test_groups_cover_every_parameter_once():
+    model = _gated_lenet()
+    gated = gated_parameters(model)
+    bank = hf_dgate.get_bank(model)
+    assert {id(p) for p in gated} == {id(bank.gammas["features"]), id(model.fc1.weight)}
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    rest = [p for p in model.parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}], lr=1e-3)
+    assert dgate_optimizer(opt, model, lr=0.05) is opt
+    seen = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters())  # each parameter exactly once
+    (mine,) = [g for g in opt.param_groups if g.get("dgate")]
+    assert [id(p) for p in mine["params"]] == [id(p) for p in gated]
+    assert mine["lr"] == 0.05 and mine["weight_decay"] == 0.0
+    with pytest.raises(ValueError, match="twice"):
+        dgate_optimizer(opt, model, lr=0.05)
+
+
+def test_adam_reaches_exact_zeros_only_with_the_recipe():
+    plain = _gated_lenet()
+    norms_plain = _train(plain, torch.optim.Adam(plain.parameters(), lr=3e-3))
+    model = _gated_lenet()
+    norms = _train(model, dgate_optimizer(torch.optim.Adam(model.parameters(), lr=3e-3), model, lr=0.1))
+    thr = hf_dgate.get_bank(model).config.threshold
+    assert (norms_plain[5:] > thr).all()  # plain Adam: no useless feature reaches the threshold
+    assert (norms[5:] < thr).all() and (norms[5:] < 1e-6).all()  # the recipe: every useless feature exactly off
+    assert (norms[:5] > 0.05).all()  # and the useful ones stay
+
+
+def test_state_dict_round_trip_and_scheduler():
+    model = _gated_lenet()
+    opt = dgate_optimizer(torch.optim.Adam(model.parameters(), lr=1e-3), model, lr=0.05)
+    _train(model, opt, steps=3)
+    (mine,) = [g for g in opt.param_groups if g.get("dgate")]
+    assert mine["initial_lr"] == 0.05 and mine["lr"] == 0.0  # the scheduler drives the gated group too (1 - 3/3)
+    state = opt.state_dict()
+    other = _gated_lenet()
+    opt2 = dgate_optimizer(torch.optim.Adam(other.parameters(), lr=1e-3), other, lr=0.05)
+    opt2.load_state_dict(state)
+    assert len(opt2.dgate_momentum_buffers) == 2  # the gates and fc1.weight
+    buf = opt2.dgate_momentum_buffers[other.fc1.weight]
+    torch.testing.assert_close(buf, opt.dgate_momentum_buffers[model.fc1.weight])
+    fresh = _gated_lenet()
+    adam = torch.optim.Adam(fresh.parameters())
+    _train(fresh, adam, steps=1)
+    with pytest.raises(ValueError, match="before the optimizer's first step"):
+        dgate_optimizer(adam, fresh, lr=0.05)
+
+
+def test_refuses_an_ungated_model():
+    model = LeNet300100(in_features=20, num_classes=3, hidden=(16, 8))
+    with pytest.raises(ValueError, match="not gated.*apply_dgate"):
+        dgate_optimizer(torch.optim.Adam(model.parameters()), model, lr=0.05)
+
+
+def test_gates_only_variant_moves_only_the_gates():
+    model = _gated_lenet()
+    opt = dgate_optimizer(torch.optim.Adam(model.parameters(), lr=3e-3), model, lr=0.05, include_weights=False)
+    (mine,) = [g for g in opt.param_groups if g.get("dgate")]
+    assert [id(p) for p in mine["params"]] == [id(hf_dgate.get_bank(model).gammas["features"])]  # weights stay Adam's
+    seen = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters())
+
+
+def test_trainer_builds_the_recipe_group_when_asked(tmp_path):
+    from transformers import TrainingArguments
+
+    from hf_dgate.trainer import DGateTrainer
+
+    model = _gated_lenet()
+    args = TrainingArguments(str(tmp_path), report_to=[], use_cpu=True, save_strategy="no", learning_rate=1e-3)
+    trainer = DGateTrainer(model, args, gated_lr=0.05)
+    opt = trainer.create_optimizer()
+    (mine,) = [g for g in opt.param_groups if g.get("dgate")]
+    assert mine["lr"] == 0.05 and {id(p) for p in mine["params"]} == {id(p) for p in gated_parameters(model)}
+    assert not any(g.get("dgate") for g in DGateTrainer(_gated_lenet(), args).create_optimizer().param_groups)
+    with pytest.raises(ValueError, match="gated_lr"):
+        DGateTrainer(_gated_lenet(), args, gated_lr=-1.0)
