@@ -76,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="per process and micro-batch")
     p.add_argument("--grad-accum", type=int)
     p.add_argument("--learning-rate", type=float)
+    p.add_argument("--optim", type=str, help="transformers' optimizer name (default adamw_torch), e.g. adafactor, sgd")
+    p.add_argument("--optim-args", type=str, help="e.g. momentum=0.9 for --optim sgd")
     p.add_argument("--gated-lr", type=float, help="SGD rate of gates and gated weights (hf_dgate.optim); 0: off")
     p.add_argument("--gates-only", action="store_true", help="with --gated-lr: only the gates take SGD steps")
     p.add_argument("--min-lr-ratio", type=float)
@@ -221,6 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
         warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay,
         adam_beta2=args.adam_beta2,
+        optim=args.optim or "adamw_torch",
+        optim_args=args.optim_args,
         max_grad_norm=args.max_grad_norm,
         eval_strategy="steps",
         eval_steps=args.eval_steps,
