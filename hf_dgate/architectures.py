@@ -286,7 +286,7 @@ def _match(leaves: dict[str, nn.Module], patterns: tuple[str, ...], taken: set[s
     return None
 
 
-def _not_found(what: str, name: str, block: nn.Module, key: str, example: str) -> StructureNotFoundError:
+def not_found(what: str, name: str, block: nn.Module, key: str, example: str) -> StructureNotFoundError:
     leaves = ", ".join(_leaves(block)) or "none"
     return StructureNotFoundError(
         f"Could not find the {what} in module '{name}' ({type(block).__name__}); its weighted submodules are: "
@@ -294,11 +294,11 @@ def _not_found(what: str, name: str, block: nn.Module, key: str, example: str) -
     )
 
 
-def _out_features(m: nn.Module) -> int:
+def out_features(m: nn.Module) -> int:
     return m.weight.shape[out_axis(m)]
 
 
-def _in_features(m: nn.Module) -> int:
+def in_features(m: nn.Module) -> int:
     return m.weight.shape[in_axis(m)]
 
 
@@ -306,7 +306,7 @@ def _in_features(m: nn.Module) -> int:
 ATTENTION_KEYS = ("qkv", "value", "query", "key", "out")
 
 
-def _attention_parts(name: str, block: nn.Module, config: DGateConfig, hf_config: Any = None) -> dict[str, Any]:
+def attention_parts(name: str, block: nn.Module, config: DGateConfig, hf_config: Any = None) -> dict[str, Any]:
     """Relative names of a block's (self-)attention projections: the user's `module_names`, else the family's
     registry entry, else common names."""
     names = config.module_names or {}
@@ -335,11 +335,11 @@ def _attention_parts(name: str, block: nn.Module, config: DGateConfig, hf_config
         parts["k"] = names.get("key") or _match(leaves, KEY_NAMES, taken)
     parts["o"] = names.get("out") or _match(leaves, OUT_NAMES, taken)
     if parts["o"] is None:
-        raise _not_found("attention output projection", name, block, "out", "attn.o_proj")
+        raise not_found("attention output projection", name, block, "out", "attn.o_proj")
     return parts
 
 
-def _cross_attention_parts(block: nn.Module, hf_config: Any) -> dict[str, Any] | None:
+def cross_attention_parts(block: nn.Module, hf_config: Any) -> dict[str, Any] | None:
     """The registry's cross-attention projections when this block has them (decoder blocks of encoder-decoders)."""
     spec = spec_for(hf_config)
     if spec is None or spec.cross_attention is None:
@@ -349,10 +349,10 @@ def _cross_attention_parts(block: nn.Module, hf_config: Any) -> dict[str, Any] |
 
 
 def _present(block: nn.Module, parts: dict[str, Any]) -> bool:
-    return all(_has(block, rel) for key, rel in parts.items() if isinstance(rel, str) and key != "layout")
+    return all(has_module(block, rel) for key, rel in parts.items() if isinstance(rel, str) and key != "layout")
 
 
-def _has(block: nn.Module, rel: str) -> bool:
+def has_module(block: nn.Module, rel: str) -> bool:
     try:
         block.get_submodule(rel)
     except AttributeError:
@@ -376,11 +376,11 @@ def head_geometry(hf_config: Any, o: nn.Module, name: str) -> tuple[int, int, in
             f"The config of '{name}' has no num_attention_heads; heads cannot be gated without it."
         )
     n_kv = kv_head_count(hf_config)
-    head_dim = getattr(hf_config, "head_dim", None) or _in_features(o) // n_heads
-    if n_heads * head_dim != _in_features(o) or n_heads % n_kv:
+    head_dim = getattr(hf_config, "head_dim", None) or in_features(o) // n_heads
+    if n_heads * head_dim != in_features(o) or n_heads % n_kv:
         raise StructureNotFoundError(
             f"Head geometry of '{name}' does not fit its output projection: {n_heads} heads x {head_dim} dims, "
-            f"{n_kv} key/value heads, but the projection takes {_in_features(o)} inputs."
+            f"{n_kv} key/value heads, but the projection takes {in_features(o)} inputs."
         )
     return n_heads, n_kv, head_dim
 
@@ -390,19 +390,19 @@ def head_geometry(hf_config: Any, o: nn.Module, name: str) -> tuple[int, int, in
 
 
 # ---- MLP neurons -------------------------------------------------------------------------------------------------
-def _mlp_parts(name: str, block: nn.Module, config: DGateConfig, hf_config: Any = None) -> tuple[str, list[str]]:
+def mlp_parts(name: str, block: nn.Module, config: DGateConfig, hf_config: Any = None) -> tuple[str, list[str]]:
     """(down, [up, ...]) relative names: the user's `module_names`, else the family's entry, else common names."""
     names = config.module_names or {}
     spec = spec_for(hf_config)
     for mlp in spec.mlps() if spec is not None and not {"up", "down"} & set(names) else ():
         ups = [mlp.fused_up] if mlp.fused_up else list(mlp.up)
-        if all(_has(block, rel) for rel in (mlp.down, *ups)):
+        if all(has_module(block, rel) for rel in (mlp.down, *ups)):
             return mlp.down, ups
     leaves = _leaves(block)
     taken = {p for p in (_attention_out_name(name, block, config, hf_config),) if p}
     down = names.get("down") or _match(leaves, DOWN_NAMES, taken)
     if down is None:
-        raise _not_found("MLP down (second) projection", name, block, "down", "mlp.down_proj")
+        raise not_found("MLP down (second) projection", name, block, "down", "mlp.down_proj")
     ups = names.get("up")
     if ups is None:
         for group in UP_NAMES:
@@ -411,23 +411,23 @@ def _mlp_parts(name: str, block: nn.Module, config: DGateConfig, hf_config: Any 
                 ups = found
                 break
     if not ups:
-        raise _not_found("MLP up (first) projection", name, block, "up", "['mlp.up_proj']")
+        raise not_found("MLP up (first) projection", name, block, "up", "['mlp.up_proj']")
     return down, [ups] if isinstance(ups, str) else list(ups)
 
 
 def _attention_out_name(name: str, block: nn.Module, config: DGateConfig, hf_config: Any = None) -> str | None:
     try:
-        return _attention_parts(name, block, config, hf_config)["o"]
+        return attention_parts(name, block, config, hf_config)["o"]
     except StructureNotFoundError:
         return None
 
 
 
 
-def _experts(name: str, block: nn.Module, moe: Any) -> tuple[str, nn.Module, int, int]:
+def stacked_experts(name: str, block: nn.Module, moe: Any) -> tuple[str, nn.Module, int, int]:
     """The stacked expert tensors of a block: (qualified name, module, experts, units per expert)."""
-    if not _has(block, moe.experts):
-        raise _not_found("routed experts", name, block, "experts", moe.experts)
+    if not has_module(block, moe.experts):
+        raise not_found("routed experts", name, block, "experts", moe.experts)
     experts = block.get_submodule(moe.experts)
     down, gate_up = getattr(experts, moe.down, None), getattr(experts, moe.gate_up, None)
     flags_ok = not getattr(experts, "is_transposed", False) and getattr(experts, "is_concatenated", True)

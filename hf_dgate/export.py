@@ -309,14 +309,14 @@ def _structure(
 
 def _moe_geometry(model: nn.Module, name: str, block: nn.Module) -> tuple[int, int] | None:
     """(experts, units per expert) of a mixture-of-experts block, None for a dense one."""
-    from .architectures import _experts, stack_config
+    from .architectures import stack_config, stacked_experts
     from .registry import spec_for
 
     spec = spec_for(stack_config(model, name))
     if spec is None or spec.experts is None:
         return None
     try:
-        _, _, n_exp, units = _experts(name, block, spec.experts)
+        _, _, n_exp, units = stacked_experts(name, block, spec.experts)
     except ValueError:
         return None
     return n_exp, units
@@ -328,11 +328,11 @@ def _block_geometry(
     """(query heads, key/value heads, head size, neurons) a block has now, read off its weights (neurons: None
     without a dense MLP)."""
     from .architectures import (
-        _attention_parts,
-        _cross_attention_parts,
-        _has,
-        _mlp_parts,
+        attention_parts,
+        cross_attention_parts,
+        has_module,
         kv_head_count,
+        mlp_parts,
         stack_config,
     )
     from .registry import spec_for
@@ -342,17 +342,17 @@ def _block_geometry(
     if getattr(cfg, "num_attention_heads", None) is None or (spec is not None and spec.attention is None):
         return None  # no attention heads to describe (Mamba)
     try:
-        parts = _attention_parts(name, block, dconfig, cfg) if kind == "self" else _cross_attention_parts(block, cfg)
+        parts = attention_parts(name, block, dconfig, cfg) if kind == "self" else cross_attention_parts(block, cfg)
     except ValueError:
         return None
     if parts is None:
         return None
     if spec is not None and spec.experts is not None:  # a mixture of experts: its dense MLP is the shared expert
         shared = spec.experts.shared
-        down_rel = shared.down if shared is not None and _has(block, shared.down) else None
+        down_rel = shared.down if shared is not None and has_module(block, shared.down) else None
     else:
         try:
-            down_rel = _mlp_parts(name, block, dconfig, cfg)[0]
+            down_rel = mlp_parts(name, block, dconfig, cfg)[0]
         except ValueError:  # no MLP found
             down_rel = None
     o = block.get_submodule(parts["o"])

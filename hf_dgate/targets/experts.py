@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..architectures import _experts
+from ..architectures import stacked_experts
 from ..config import DGateConfig
 from ..errors import ExportError
 from ..groups import GroupSet, Site, TensorSlice
@@ -27,7 +27,7 @@ def _expert_sets(
             "no routed experts (gate 'neurons' or 'layers')."
         )
     moe = spec.experts
-    full, experts, n_exp, _ = _experts(name, block, moe)
+    full, experts, n_exp, _ = stacked_experts(name, block, moe)
     idx = torch.arange(n_exp)
     router_name = f"{name}.{moe.router}"
     router = block.get_submodule(moe.router)

@@ -11,11 +11,11 @@ from torch import nn
 
 from ..architectures import (
     StructureNotFoundError,
-    _attention_parts,
-    _cross_attention_parts,
-    _not_found,
-    _out_features,
+    attention_parts,
+    cross_attention_parts,
     head_geometry,
+    not_found,
+    out_features,
 )
 from ..config import DGateConfig
 from ..errors import ExportError
@@ -32,7 +32,7 @@ def _head_sets(
     """The self-attention heads of a block and, in decoder blocks of encoder-decoders, its cross-attention
     heads (a group set of their own: removing one changes nothing in the self-attention)."""
     sets = [head_set(model, hf_config, config, layer, name, block)]
-    cross = _cross_attention_parts(block, hf_config)
+    cross = cross_attention_parts(block, hf_config)
     if cross is not None:
         sets.append(head_set(model, hf_config, config, layer, name, block, cross))
     return sets
@@ -49,7 +49,7 @@ def head_set(
 ) -> GroupSet:
     """One attention's heads (`parts`: its projections; default the self-attention's)."""
     cross = parts is not None
-    parts = parts if cross else _attention_parts(name, block, config, hf_config)
+    parts = parts if cross else attention_parts(name, block, config, hf_config)
     get = block.get_submodule
     o = get(parts["o"])
     n_heads, n_kv, hd = head_geometry(hf_config, o, name)
@@ -63,22 +63,22 @@ def head_set(
     value_primary: list[TensorSlice] = []
     if parts.get("qkv"):
         qkv = get(parts["qkv"])
-        n = _out_features(qkv)
+        n = out_features(qkv)
         if parts["layout"] == "interleaved":  # per head [q_h | k_h | v_h] (GPT-NeoX); MHA only
             if n != 3 * n_heads * hd or n_rep != 1:
-                raise _not_found("interleaved query/key/value layout", name, block, "qkv", parts["qkv"])
+                raise not_found("interleaved query/key/value layout", name, block, "qkv", parts["qkv"])
             pos = torch.arange(n)
             fused_idx = pos // (3 * hd)
             value_idx = torch.where(pos % (3 * hd) >= 2 * hd, fused_idx, UNGATED)
         elif parts["layout"] == "grouped":  # per key/value group [q x n_rep | k | v] (Falcon's new layout)
             if n != (n_heads + 2 * n_kv) * hd:
-                raise _not_found("grouped query/key/value layout", name, block, "qkv", parts["qkv"])
+                raise not_found("grouped query/key/value layout", name, block, "qkv", parts["qkv"])
             pos = torch.arange(n)
             fused_idx = pos // ((n_rep + 2) * hd)
             value_idx = torch.where(pos % ((n_rep + 2) * hd) >= (n_rep + 1) * hd, fused_idx, UNGATED)
         else:  # [q | k | v] blocks (GPT-2 c_attn, Phi-3 qkv_proj)
             if n != (n_heads + 2 * n_kv) * hd:
-                raise _not_found("blocked query/key/value layout", name, block, "qkv", parts["qkv"])
+                raise not_found("blocked query/key/value layout", name, block, "qkv", parts["qkv"])
             fused_idx = torch.cat([q_group, kv_group, kv_group])
             value_idx = torch.cat([torch.full((n - n_kv * hd,), UNGATED), kv_group])
         removable += output_slices(full(parts["qkv"]), qkv, fused_idx)
@@ -86,7 +86,7 @@ def head_set(
         value_primary = output_slices(full(parts["qkv"]), qkv, value_idx)
     elif parts.get("v"):
         v = get(parts["v"])
-        if _out_features(v) != n_kv * hd:
+        if out_features(v) != n_kv * hd:
             raise StructureNotFoundError(f"Value projection '{name}.{parts['v']}' does not have {n_kv}x{hd} outputs.")
         for key, idx in (("q", q_group), ("k", kv_group), ("v", kv_group)):
             if parts.get(key):
@@ -94,7 +94,7 @@ def head_set(
         value_site = Site(full(parts["v"]), "output", -1, kv_group)
         value_primary = output_slices(full(parts["v"]), v, kv_group)
     if side == "value" and value_site is None:
-        raise _not_found("value projection (head_side='value')", name, block, "value", "attn.v_proj")
+        raise not_found("value projection (head_side='value')", name, block, "value", "attn.v_proj")
     if side in ("value", "auto") and value_site is not None:
         sites, primary, used = [value_site], value_primary, "value"
     else:

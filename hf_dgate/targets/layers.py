@@ -12,12 +12,12 @@ from torch import nn
 from ..architectures import (
     POST_NORM_TYPES,
     BlockStack,
-    _attention_parts,
-    _cross_attention_parts,
-    _experts,
-    _has,
-    _mlp_parts,
-    _out_features,
+    attention_parts,
+    cross_attention_parts,
+    has_module,
+    mlp_parts,
+    out_features,
+    stacked_experts,
 )
 from ..config import DGateConfig
 from ..errors import ExportError
@@ -45,7 +45,7 @@ def _layer_set(
             f"target='layers' needs pre-norm blocks (x + f(x)); '{model_type}' normalises after the residual "
             "add, so a zero branch does not remove the layer. Gate 'heads' or 'neurons' instead."
         )
-    cross = _cross_attention_parts(block, hf_config)
+    cross = cross_attention_parts(block, hf_config)
     attentions = _attention_modules(block)
     if len(attentions) > 1 + (cross is not None):
         raise ValueError(
@@ -58,28 +58,28 @@ def _layer_set(
     if spec is not None and spec.branches:
         branches = spec.branches
     else:
-        o_rel = _attention_parts(name, block, config, hf_config)["o"]
+        o_rel = attention_parts(name, block, config, hf_config)["o"]
         cross_o = (cross["o"],) if cross is not None else ()
-        branches = (o_rel, *cross_o, _mlp_parts(name, block, config, hf_config)[0])
+        branches = (o_rel, *cross_o, mlp_parts(name, block, config, hf_config)[0])
     sites, primary = [], []
     for rel in branches:
         m = block.get_submodule(rel)
-        sites.append(Site(f"{name}.{rel}", "output", -1, torch.zeros(_out_features(m), dtype=torch.long)))
+        sites.append(Site(f"{name}.{rel}", "output", -1, torch.zeros(out_features(m), dtype=torch.long)))
         primary += whole_weight_slices(f"{name}.{rel}", m)
     return GroupSet("layers", layer, 1, sites, primary, whole_module_slices(name, block), {"block": name})
 
 
 def _moe_layer_set(layer: int, name: str, block: nn.Module, config: DGateConfig, hf_config: Any, moe: Any) -> GroupSet:
-    o_rel = _attention_parts(name, block, config, hf_config)["o"]
+    o_rel = attention_parts(name, block, config, hf_config)["o"]
     o = block.get_submodule(o_rel)
-    full = _experts(name, block, moe)[0]
-    hidden = _out_features(o)
+    full = stacked_experts(name, block, moe)[0]
+    hidden = out_features(o)
     sites = [
         Site(f"{name}.{o_rel}", "output", -1, torch.zeros(hidden, dtype=torch.long)),
         Site(f"{name}.{moe.block}", "output", -1, torch.zeros(hidden, dtype=torch.long)),
     ]
     primary = whole_weight_slices(f"{name}.{o_rel}", o) + [TensorSlice(full, moe.down, None, torch.tensor([0]))]
-    if moe.shared is not None and _has(block, moe.shared.down):
+    if moe.shared is not None and has_module(block, moe.shared.down):
         primary += whole_weight_slices(f"{name}.{moe.shared.down}", block.get_submodule(moe.shared.down))
     return GroupSet("layers", layer, 1, sites, primary, whole_module_slices(name, block), {"block": name})
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .. import channels
-from ..architectures import StructureNotFoundError, _in_features, _out_features
+from ..architectures import StructureNotFoundError, in_features, out_features
 from ..config import GroupRule
 from ..groups import GroupSet, Site, TensorSlice, input_slices, output_slices, slice_index
 from .base import Target
@@ -27,13 +27,13 @@ def _rule_sets(model: nn.Module, rule: GroupRule) -> list[GroupSet]:
             continue
         axis = _feature_axis(m)
         if rule.kind == "out":
-            idx = slice_index(_out_features(m), rule.size)
+            idx = slice_index(out_features(m), rule.size)
             site, primary = Site(name, "output", axis, idx), output_slices(name, m, idx)
         elif rule.kind == "in":
-            idx = slice_index(_in_features(m), rule.size)
+            idx = slice_index(in_features(m), rule.size)
             site, primary = Site(name, "input", axis, idx), input_slices(name, m, idx)
         else:
-            idx = torch.zeros(_out_features(m), dtype=torch.long)
+            idx = torch.zeros(out_features(m), dtype=torch.long)
             site = Site(name, "output", axis, idx)
             primary = [TensorSlice(name, pn, None, torch.tensor([0])) for pn, _ in m.named_parameters(recurse=False)]
         n_groups = int(idx.max()) + 1

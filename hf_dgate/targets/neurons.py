@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..architectures import StructureNotFoundError, _experts, _has, _in_features, _mlp_parts, _out_features
+from ..architectures import StructureNotFoundError, has_module, in_features, mlp_parts, out_features, stacked_experts
 from ..config import DGateConfig
 from ..groups import GroupSet, Site, TensorSlice, input_slices, output_slices, slice_index
 from ..registry import spec_for
@@ -26,7 +26,7 @@ def _neuron_sets(
     if moe is None:
         return [_neuron_set(model, hf_config, config, layer, name, block)]
     sets = [_expert_unit_set(layer, name, block, moe)]
-    if moe.shared is not None and all(_has(block, r) for r in (moe.shared.down, *moe.shared.up)):
+    if moe.shared is not None and all(has_module(block, r) for r in (moe.shared.down, *moe.shared.up)):
         dense = _neuron_set(model, hf_config, config, layer, name, block, (moe.shared.down, list(moe.shared.up)))
         dense.meta["shared_expert"] = True
         sets.append(dense)
@@ -35,7 +35,7 @@ def _neuron_sets(
 
 def _expert_unit_set(layer: int, name: str, block: nn.Module, moe: Any) -> GroupSet:
     """Group (e, j): unit j of expert e, i.e. column j of down_proj[e] and rows j, I + j of gate_up_proj[e]."""
-    full, _, n_exp, units = _experts(name, block, moe)
+    full, _, n_exp, units = stacked_experts(name, block, moe)
     idx = torch.arange(n_exp * units).reshape(n_exp, units)
     gate_up_idx = idx[:, torch.arange(2 * units) % units]
     site = Site(full, "param", (0, 2), idx, param=moe.down)
@@ -54,21 +54,21 @@ def _neuron_set(
     block: nn.Module,
     parts: tuple[str, list[str]] | None = None,
 ) -> GroupSet:
-    down_rel, up_rels = parts or _mlp_parts(name, block, config, hf_config)
+    down_rel, up_rels = parts or mlp_parts(name, block, config, hf_config)
     down = block.get_submodule(down_rel)
-    n = _in_features(down)
+    n = in_features(down)
     idx = slice_index(n)
     removable = input_slices(f"{name}.{down_rel}", down, idx)
     spec = spec_for(hf_config)
     fused = {m.fused_up for m in spec.mlps()} if spec is not None else set()
     for rel in up_rels:
         up = block.get_submodule(rel)
-        if rel in fused and _out_features(up) == 2 * n:  # [gate | up] halves: unit j is rows j and n + j
+        if rel in fused and out_features(up) == 2 * n:  # [gate | up] halves: unit j is rows j and n + j
             removable += output_slices(f"{name}.{rel}", up, torch.arange(2 * n) % n)
             continue
-        if _out_features(up) != n:
+        if out_features(up) != n:
             raise StructureNotFoundError(
-                f"MLP projections of '{name}' disagree: '{rel}' has {_out_features(up)} outputs, '{down_rel}' "
+                f"MLP projections of '{name}' disagree: '{rel}' has {out_features(up)} outputs, '{down_rel}' "
                 f"takes {n} inputs. Name them with DGateConfig(module_names={{'up': [...], 'down': ...}})."
             )
         removable += output_slices(f"{name}.{rel}", up, idx)
