@@ -52,10 +52,12 @@ def parse_args(argv=None):
     p.add_argument("--threshold", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trainer", action="store_true", help="train with hf_dgate.DGateTrainer instead of a torch loop")
-    p.add_argument("--quick", action="store_true", help="CPU smoke run: 2 lams, D in {2, 3}, 2 epochs")
+    p.add_argument("--quick", action="store_true", help="CPU smoke run: 2 lams, D in {2, 3}, 40 short epochs")
     args = p.parse_args(argv)
     if args.quick:  # smaller defaults; flags given explicitly still win
-        p.set_defaults(depths=[2, 3], lams=[3e-3, 1e-1], epochs=2, train_subset=600)
+        # 600 images, 5 steps an epoch: lr 0.2 and 40 epochs let the unneeded pixels settle at exact zeros
+        # (digits, lam 0.05: D=3 keeps 22 of 64 pixels at 0.94 accuracy, D=2 35; lam 0.01 keeps all 64 at 0.96)
+        p.set_defaults(depths=[2, 3], lams=[1e-2, 5e-2], epochs=40, lr=0.2, train_subset=600)
         args = p.parse_args(argv)
     return args
 

@@ -63,10 +63,13 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3, help="Adam, as in the paper")
     p.add_argument("--threshold", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="CPU smoke run: n=300, 2 folds, 2 lams, D=3 + direct, 8 epochs")
+    p.add_argument("--quick", action="store_true", help="CPU smoke run: n=300, 2 folds, 2 lams, D=3 + direct, 30 ep.")
     args = p.parse_args(argv)
     if args.quick:  # smaller defaults; flags given explicitly still win
-        p.set_defaults(n=300, folds=2, depths=[3], n_lams=2, epochs=8, hidden=8, lam_lo=3e-2, lr=1e-2)
+        # 30 epochs at Adam lr 3e-2: D=3 at lam 0.3 drops 6 of the 15 noise features and keeps the 5 informative
+        # ones (test MSE 0.78 vs 0.74 at lam 0.03). hf_dgate.optim's SGD group (gated lr 0.05) zeroed more but also
+        # dropped informative features here, so the quick run keeps plain Adam.
+        p.set_defaults(n=300, folds=2, depths=[3], n_lams=2, epochs=30, hidden=8, lam_lo=3e-2, lam_hi=0.3, lr=3e-2)
         args = p.parse_args(argv)
     return args
 
