@@ -66,11 +66,8 @@ class Experts(Target):
     description = "routed experts of a mixture of experts (removal changes routing: measured and stated)"
     order = 2
 
-    def find_in_block(self, model, hf_config, dconfig, layer, name, block):
-        return _expert_sets(model, hf_config, dconfig, layer, name, block)
-
-    def remove(self, model, gs, dead):
-        prune_expert_group_set(model, gs, dead)
+    find_in_block = staticmethod(_expert_sets)
+    remove = staticmethod(prune_expert_group_set)
 
     def native_edit(self, cfg, record):
         counts, spec = set(record.get("experts") or []), spec_for(cfg)

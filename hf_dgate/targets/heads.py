@@ -141,11 +141,8 @@ class Heads(Target):
     description = "attention heads (key/value groups under GQA; cross-attention heads on their own)"
     order = 0
 
-    def find_in_block(self, model, hf_config, dconfig, layer, name, block):
-        return _head_sets(model, hf_config, dconfig, layer, name, block)
-
-    def remove(self, model, gs, dead):
-        prune_head_group_set(model, gs, dead)
+    find_in_block = staticmethod(_head_sets)
+    remove = staticmethod(prune_head_group_set)
 
     def native_edit(self, cfg, record):
         heads = [len(h) for h in record.get("heads") or []]

@@ -135,8 +135,7 @@ class Layers(Target):
     description = "whole blocks (pre-norm only: every residual branch gated together)"
     order = 9
 
-    def find_in_block(self, model, hf_config, dconfig, layer, name, block):
-        return _layer_sets(model, hf_config, dconfig, layer, name, block)
+    find_in_block = staticmethod(_layer_sets)
 
     def remove(self, model, gs, dead):
         """Nothing per group set: dead blocks leave their stack together (`drop_layers`)."""

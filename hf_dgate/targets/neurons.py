@@ -121,8 +121,7 @@ class Neurons(Target):
     description = "MLP intermediate units (per expert in a mixture of experts)"
     order = 1
 
-    def find_in_block(self, model, hf_config, dconfig, layer, name, block):
-        return _neuron_sets(model, hf_config, dconfig, layer, name, block)
+    find_in_block = staticmethod(_neuron_sets)
 
     def remove(self, model, gs, dead):
         (prune_expert_unit_group_set if "n_experts" in gs.meta else prune_neuron_group_set)(model, gs, dead)
