@@ -8,12 +8,12 @@ coordinate's step by its own running gradient RMS: the shrinking data gradient o
 step of size ~lr, so every group jitters at ~lr and the L2 pull cannot finish the job (measured in
 docs/optimizers.md: Adam keeps 760+ of 784 Fashion-MNIST pixels where SGD keeps under 100).
 
-The recipe: take the optimizer the user built (any class), move the gates and every tensor holding gated primary
-weights into one parameter group of its own, and update that group with heavy-ball momentum SGD on the raw gradient
-(data loss + penalty) inside a step pre-hook; the optimizer itself then skips those tensors (their gradient is None)
-and updates the rest as before. The group lives in the user's optimizer, so learning-rate schedulers scale it,
-gradient clipping and AMP unscaling happen before it, and its momentum buffers travel in the optimizer's
-`state_dict` (under the key 'dgate_momentum_buffers').
+The recipe: take the optimizer the user built (any class), move the gates (and, for vision and tabular targets, the
+tensors holding their primary weights) into one parameter group of its own, and update that group with heavy-ball
+momentum SGD on the raw gradient (data loss + penalty) inside a step pre-hook; the optimizer itself then skips those
+tensors (their gradient is None) and updates the rest as before. The group lives in the user's optimizer, so learning-
+rate schedulers scale it, gradient clipping and AMP unscaling happen before it, and its momentum buffers travel in the
+optimizer's `state_dict` (under the key 'dgate_momentum_buffers').
 """
 
 from __future__ import annotations
@@ -28,10 +28,29 @@ from .patch import get_bank
 GROUP_KEY = "dgate"  # marks the parameter group the recipe updates
 BUFFERS_KEY = "dgate_momentum_buffers"  # the recipe's momentum buffers in the optimizer's state_dict
 
+# The defaults, chosen by the measurements in docs/optimizers.md (Adam, AdamW, RMSprop, Adafactor for the rest):
+# - module targets (features, filters, GroupRules): gates + gated weights at the paper's SGD rate for LeNet and VGG.
+#   Their gated tensors are small per-group slices that SGD trains well, and only the full update matches SGD's
+#   zeros on VGG filters (gates alone at 0.05 leave most filters grey, at 0.2 they remove 90% of them).
+# - transformer block targets (heads, neurons, layers, experts): the gates only, at a higher rate. The gated
+#   tensors are whole projection matrices that momentum SGD does not train (NanoGPT: accuracy 0.31-0.36 against
+#   0.41); the gates alone reach plain AdamW's sparsity and accuracy and make the tiny demo's zeros exact.
+MODULE_TARGET_LR = 0.05
+BLOCK_TARGET_LR = 0.2
 
-def gated_parameters(model: nn.Module, include_weights: bool = True) -> list[nn.Parameter]:
+
+def _is_block_target(name: str) -> bool:
+    from .targets import BUILTIN  # targets imports the model-facing modules; keep optim importable on its own
+
+    target = BUILTIN.get(name)
+    return target is not None and target.per_block
+
+
+def gated_parameters(model: nn.Module, include_weights: bool | None = True) -> list[nn.Parameter]:
     """The trainable gates and every parameter tensor that holds gated primary weights (each once, in model order).
 
+    include_weights: True every target's gated weights, False none, None those of module targets (features,
+    filters, GroupRules) but not of transformer block targets (heads, neurons, layers, experts).
     Fused tensors (GPT-2's `c_attn`) count whole: their ungated rows get the same plain-gradient update.
     """
     bank = get_bank(model)
@@ -41,7 +60,9 @@ def gated_parameters(model: nn.Module, include_weights: bool = True) -> list[nn.
             f"with method={bank.method!r}, which keeps the optimizer it was given."
         )
     ids = {id(p) for p in bank.parameters() if p.requires_grad}
-    for gs in bank.group_sets if include_weights else ():
+    for gs in bank.group_sets if include_weights is not False else ():
+        if include_weights is None and _is_block_target(gs.target):
+            continue
         for sl in gs.primary:
             p = getattr(bank._modules_by_name[sl.module], sl.param)
             if isinstance(p, nn.Parameter) and p.requires_grad:
@@ -59,13 +80,13 @@ def dgate_optimizer(
     optimizer: torch.optim.Optimizer,
     model: nn.Module,
     *,
-    lr: float,
+    lr: float | None = None,
     momentum: float = 0.9,
-    include_weights: bool = True,
+    include_weights: bool | None = None,
 ):
     """Give `optimizer` the D-Gating update for gates and gated weights and return it (the same object).
 
-        opt = hf_dgate.optim.dgate_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), model, lr=0.05)
+        opt = hf_dgate.optim.dgate_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), model)
 
     Call it after `apply_dgate`, on an optimizer built over all of the model's parameters (any class, any parameter
     groups), before its first step and before creating an LR scheduler. The gates and gated tensors leave their
@@ -73,19 +94,24 @@ def dgate_optimizer(
     updated by heavy-ball momentum SGD, `buf = momentum * buf + grad; p -= lr * buf`, on the raw gradient of data loss
     plus `hf_dgate.penalty(model)`: the update the paper's theory and experiments use.
 
-    include_weights: False moves only the gates (the gated weights keep the user's optimizer). Measured: on LeNet
-        features as good as the full recipe, weaker on VGG filters (71-89 zero filters where SGD gets 255), and the
-        only variant that leaves a small transformer's training intact (docs/optimizers.md).
+    include_weights: which gated weights move too. None (default): those of module targets (features, filters,
+        GroupRules), not those of transformer block targets (heads, neurons, layers, experts), whose gated tensors
+        are whole projection matrices that momentum SGD trains badly. True: all; False: the gates only.
+        Measured (docs/optimizers.md): gates only is as good as the full recipe on LeNet features, weaker on VGG
+        filters, and the only variant that leaves a small transformer's training intact.
     lr: that group's peak learning rate, in SGD units (the paper's SGD rate for the model, e.g. 0.05 for LeNet and
-        VGG), not the Adam rate; schedulers scale it like every other group. Measured on LeNet features (Adam for
-        the rest): 0.02 and below leave every group above the threshold within 10 epochs, 0.05 matches SGD, 0.1 and
-        above remove more and cost accuracy (docs/optimizers.md).
+        VGG), not the Adam rate; schedulers scale it like every other group. None (default): MODULE_TARGET_LR
+        (0.05) when gated weights move, else BLOCK_TARGET_LR (0.2). Measured on LeNet features (Adam for the rest):
+        0.02 and below leave every group above the threshold within 10 epochs, 0.05 matches SGD, 0.1 and above
+        remove more and cost accuracy (docs/optimizers.md).
     """
+    gated = gated_parameters(model, include_weights)
+    if lr is None:
+        lr = MODULE_TARGET_LR if len(gated) > len(gated_parameters(model, False)) else BLOCK_TARGET_LR
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
         raise ValueError(f"lr={lr!r}: pass the gated group's SGD learning rate, a float > 0 (e.g. 0.05).")
     if not 0 <= momentum < 1:
         raise ValueError(f"momentum={momentum!r}: pass a float in [0, 1).")
-    gated = gated_parameters(model, include_weights)
     if not gated:
         raise ValueError("The model's gates and gated weights are all frozen: the recipe has nothing to update.")
     if any(g.get(GROUP_KEY) for g in optimizer.param_groups):

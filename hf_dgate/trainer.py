@@ -59,14 +59,19 @@ class DGateTrainer(Trainer):
             gated the existing gates are used and a different config is an error.
         lam_warmup_steps: lam ramps linearly from lam/lam_warmup_steps to lam over this many optimizer steps.
         target_sparsity: if set, lam is steered (see `LamController`) toward this sparsity of `sparsity_target`.
+        target_ramp_steps: optimizer steps over which the steered sparsity ramps from 0 to `target_sparsity` (after
+            the lam warm-up); None: half of the remaining training steps. Zero groups do not come back, so a target
+            approached slowly is overshot far less.
         sparsity_target: the gated target the controller steers (default: the first gated target).
         controller_interval, controller_gain: optimizer steps between controller updates, and its gain.
-        gated_lr: learning rate (SGD units) of the gates and gated weights, which then take momentum-SGD steps in
-            a parameter group of their own inside the Trainer's optimizer (`hf_dgate.optim.dgate_optimizer`):
-            Adam-family optimizers alone do not reach D-Gating's exact zeros (docs/optimizers.md). None: the
-            Trainer's optimizer updates them like everything else (the default: no setting was better on every
-            target measured, see docs/optimizers.md).
-        gated_weights: with `gated_lr`, False moves only the gates (the gated weights keep the Trainer's optimizer).
+        gated_lr: the gates (and, for vision/tabular targets, their gated weights) take momentum-SGD steps in a
+            parameter group of their own inside the Trainer's optimizer (`hf_dgate.optim.dgate_optimizer`), because
+            Adam-family optimizers alone do not reach D-Gating's exact zeros (docs/optimizers.md). "auto" (default):
+            that group's rate and content are chosen per target (`dgate_optimizer`'s defaults), and nothing changes
+            when the Trainer's optimizer is plain SGD, which already is the paper's update. A float: that rate (SGD
+            units). None: the Trainer's optimizer updates gates and weights like everything else.
+        gated_weights: with `gated_lr`, whether the gated weights move with the gates: None (default) per target
+            (module targets yes, transformer block targets no), True all, False none.
 
     The logged `loss` is the data loss alone (comparable with `eval_loss`); the penalty is logged as
     `dgate/penalty`. Gates and gated primary weights get no optimizer weight decay: the penalty already is an L2
@@ -81,11 +86,12 @@ class DGateTrainer(Trainer):
         dgate_config: DGateConfig | None = None,
         lam_warmup_steps: int = 0,
         target_sparsity: float | None = None,
+        target_ramp_steps: int | None = None,
         sparsity_target: str | None = None,
         controller_interval: int = 10,
         controller_gain: float = 1.0,
-        gated_lr: float | None = None,
-        gated_weights: bool = True,
+        gated_lr: float | str | None = "auto",
+        gated_weights: bool | None = None,
         **trainer_kwargs: Any,
     ) -> None:
         if model is None:
@@ -105,19 +111,25 @@ class DGateTrainer(Trainer):
         if sparsity_target not in targets:
             raise ValueError(f"sparsity_target={sparsity_target!r} is not gated; gated targets are {targets}.")
         self.sparsity_target = sparsity_target
-        if gated_lr is not None and (
+        if gated_lr is not None and gated_lr != "auto" and (
             isinstance(gated_lr, bool) or not isinstance(gated_lr, (int, float)) or gated_lr <= 0
         ):
-            raise ValueError(f"gated_lr={gated_lr!r} is invalid: pass a float > 0 (SGD units, e.g. 0.05) or None.")
+            raise ValueError(
+                f"gated_lr={gated_lr!r} is invalid: pass 'auto', a float > 0 (SGD units, e.g. 0.05) or None (off)."
+            )
+        if gated_weights not in (None, True, False):
+            raise ValueError(f"gated_weights={gated_weights!r} is invalid: pass None (per target), True or False.")
         self.dgate_gated_lr = gated_lr
         self.dgate_gated_weights = gated_weights
         self.lam_controller = LamController(
             lam=self.dgate_bank.config.lam,
             warmup_steps=lam_warmup_steps,
             target_sparsity=target_sparsity,
+            target_ramp_steps=target_ramp_steps or 0,
             interval=controller_interval,
             gain=controller_gain,
         )
+        self._dgate_auto_ramp = target_ramp_steps is None
         self._dgate_pen_in_loss: torch.Tensor | None = None
         super().__init__(model=model, args=args, **trainer_kwargs)
         self.add_callback(_DGateCallback(self))
@@ -183,14 +195,22 @@ class DGateTrainer(Trainer):
 
     # ---- optimizer ------------------------------------------------------------------------------------------
     def create_optimizer(self, *args: Any, **kwargs: Any):
-        """The Trainer's optimizer; with `gated_lr`, gates and gated weights move to their own momentum-SGD group
-        (a user-supplied optimizer is left alone). The scheduler is built afterwards, so it scales that group too."""
+        """The Trainer's optimizer; with `gated_lr`, gates (and gated weights, per `gated_weights`) move to their own
+        momentum-SGD group. A user-supplied optimizer is left alone, and so is plain SGD under `gated_lr="auto"`.
+        The scheduler is built afterwards, so it scales that group too."""
         built = self.optimizer is None
         optimizer = super().create_optimizer(*args, **kwargs)
-        if built and self.dgate_gated_lr is not None and self.dgate_bank.method == "dgate":
-            from .optim import dgate_optimizer
+        lr = self.dgate_gated_lr
+        if not built or lr is None or self.dgate_bank.method != "dgate":
+            return optimizer
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it later; some integrations earlier
+        if lr == "auto" and type(inner) is torch.optim.SGD:
+            return optimizer
+        from .optim import dgate_optimizer
 
-            dgate_optimizer(optimizer, self.model, lr=self.dgate_gated_lr, include_weights=self.dgate_gated_weights)
+        dgate_optimizer(
+            inner, self.model, lr=None if lr == "auto" else lr, include_weights=self.dgate_gated_weights
+        )
         return optimizer
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
@@ -257,6 +277,15 @@ class DGateTrainer(Trainer):
                     f"D-Gating has not converged: {which} are grey (within two decades below the threshold, not "
                     "numerically zero). Train longer or raise lam; export_pruned verifies whether removing them "
                     "changes the outputs.",
+                    stacklevel=2,
+                )
+            ctl, got = self.lam_controller, report.targets[self.sparsity_target].sparsity
+            if ctl.target_sparsity is not None and abs(got - ctl.target_sparsity) > 5 * ctl.tolerance:
+                warnings.warn(
+                    f"target_sparsity={ctl.target_sparsity} was not reached: {self.sparsity_target} ended at "
+                    f"{got:.3f} (lam {ctl.lam:.3g}). Zero groups do not come back and groups that play the same role "
+                    "fall together, so some sparsities are out of reach of lam alone; train longer, start from a lam "
+                    "nearer the one that gives the target, or set target_ramp_steps.",
                     stacklevel=2,
                 )
         return result
@@ -368,12 +397,21 @@ class _DGateCallback(TrainerCallback):
     def __init__(self, trainer: DGateTrainer) -> None:
         self.trainer = trainer
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        tr = self.trainer
+        if tr._dgate_auto_ramp and state.max_steps > 0:  # the same value again when a run resumes
+            tr.lam_controller.target_ramp_steps = max(0, state.max_steps - tr.lam_controller.warmup_steps) // 2
+        return control
+
     def on_step_end(self, args, state, control, **kwargs):
         tr = self.trainer
         ctl = tr.lam_controller
         if ctl.target_sparsity is not None and state.global_step % ctl.interval == 0:
             bank = tr.dgate_bank
             with torch.no_grad():
-                dead = bank.zero_groups(tr.sparsity_target)
-            ctl.update(state.global_step, float(dead.float().mean()))
+                ctl.observe(
+                    state.global_step,
+                    bank.effective_norms(tr.sparsity_target),
+                    bank.group_thresholds(tr.sparsity_target),
+                )
         return control  # bank.lam keeps the value this step used (what gets logged); compute_loss sets the next

@@ -26,3 +26,7 @@ def test_readme_block_runs(section, tmp_path):
     code = _first_python_block(section)
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    if section == "## Quick start":  # what the README says it shows: exact zeros, none left grey
+        assert re.search(r"heads: [1-9]\d*/16 zero", proc.stdout), proc.stdout
+        assert re.search(r"neurons: [1-9]\d*/1024 zero", proc.stdout), proc.stdout
+        assert "grey" not in proc.stdout, proc.stdout

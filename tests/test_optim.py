@@ -96,17 +96,31 @@ def test_gates_only_variant_moves_only_the_gates():
     assert sorted(seen) == sorted(id(p) for p in model.parameters())
 
 
-def test_trainer_builds_the_recipe_group_when_asked(tmp_path):
-    from transformers import TrainingArguments
+def test_trainer_uses_the_recipe_by_default(tmp_path):
+    """DGateTrainer's default AdamW gets the recipe's group (per target); gated_lr=None turns it off; SGD keeps its
+    own update under 'auto'; an explicit rate is used as given."""
+    from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 
+    from hf_dgate.optim import BLOCK_TARGET_LR, MODULE_TARGET_LR
     from hf_dgate.trainer import DGateTrainer
 
-    model = _gated_lenet()
+    def dgate_groups(trainer):
+        return [g for g in trainer.create_optimizer().param_groups if g.get("dgate")]
+
     args = TrainingArguments(str(tmp_path), report_to=[], use_cpu=True, save_strategy="no", learning_rate=1e-3)
-    trainer = DGateTrainer(model, args, gated_lr=0.05)
-    opt = trainer.create_optimizer()
-    (mine,) = [g for g in opt.param_groups if g.get("dgate")]
-    assert mine["lr"] == 0.05 and {id(p) for p in mine["params"]} == {id(p) for p in gated_parameters(model)}
-    assert not any(g.get("dgate") for g in DGateTrainer(_gated_lenet(), args).create_optimizer().param_groups)
-    with pytest.raises(ValueError, match="gated_lr"):
-        DGateTrainer(_gated_lenet(), args, gated_lr=-1.0)
+    model = _gated_lenet()
+    (mine,) = dgate_groups(DGateTrainer(model, args))  # features: gates + gated weights at the SGD rate
+    assert mine["lr"] == MODULE_TARGET_LR
+    assert [id(p) for p in mine["params"]] == [id(p) for p in gated_parameters(model)]
+    gpt = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50, n_positions=16))
+    (mine,) = dgate_groups(DGateTrainer(gpt, args, dgate_config=hf_dgate.DGateConfig(target="heads")))
+    bank = hf_dgate.get_bank(gpt)  # heads: the gates only (c_attn keeps AdamW)
+    assert mine["lr"] == BLOCK_TARGET_LR and [id(p) for p in mine["params"]] == [id(bank.gammas["heads"])]
+    (mine,) = dgate_groups(DGateTrainer(_gated_lenet(), args, gated_lr=0.1, gated_weights=False))
+    assert mine["lr"] == 0.1 and len(mine["params"]) == 1
+    assert not dgate_groups(DGateTrainer(_gated_lenet(), args, gated_lr=None))
+    sgd = TrainingArguments(str(tmp_path), report_to=[], use_cpu=True, save_strategy="no", optim="sgd")
+    assert not dgate_groups(DGateTrainer(_gated_lenet(), sgd))
+    for bad in (-1.0, "fast", True):
+        with pytest.raises(ValueError, match="gated_lr"):
+            DGateTrainer(_gated_lenet(), args, gated_lr=bad)

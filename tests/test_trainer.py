@@ -211,6 +211,36 @@ def test_controller_rule_moves_lam_toward_target():
         LamController(lam=0.0, target_sparsity=0.5)
 
 
+def test_controller_waits_for_falling_groups_and_ramps_the_target():
+    """Zero groups do not come back: lam is not raised while groups are still falling or norms still move, and a
+    ramped target is tracked from 0."""
+    ctl = LamController(lam=0.1, target_sparsity=0.5, interval=1)
+    assert not ctl.update(1, 0.1, settled=False)  # norms still moving
+    assert not ctl.update(2, 0.2, committed=0.3)  # committed sparsity still rising
+    assert ctl.update(3, 0.2, committed=0.3) and ctl.lam > 0.1  # settled, not rising, too dense: raise
+    lam = ctl.lam
+    assert not ctl.update(4, 0.1, committed=0.6) and ctl.lam == lam  # enough groups on their way down: hold
+    assert ctl.update(5, 0.7, committed=0.7) and ctl.lam < lam  # too many zeros: lower at once
+    ramp = LamController(lam=0.1, target_sparsity=0.5, target_ramp_steps=100, warmup_steps=10)
+    assert [ramp.target_at(s) for s in (0, 10, 60, 110, 500)] == pytest.approx([0, 0, 0.25, 0.5, 0.5])
+    assert ramp.update(60, 0.4) and ramp.lam < 0.1  # 0.4 is above the ramped 0.25
+    with pytest.raises(ValueError, match="target_ramp_steps"):
+        LamController(lam=0.1, target_ramp_steps=-1)
+
+
+def test_measure_counts_falling_groups_and_settling():
+    from hf_dgate.controller import measure
+
+    thr = torch.full((6,), 1e-3)
+    prev = torch.tensor([1.0, 0.9, 0.8, 0.04, 0.03, 1e-4])
+    now = torch.tensor([1.0, 0.9, 0.8, 0.01, 0.03, 1e-5])  # one falling, one small but steady, one zero
+    assert measure(now, thr) == (pytest.approx(1 / 6), False)  # no previous norms: zeros only, not settled
+    committed, settled = measure(now, thr, prev)
+    assert committed == pytest.approx(2 / 6) and settled
+    moving = torch.tensor([2.0, 1.8, 1.6, 0.01, 0.06, 1e-5])
+    assert measure(moving, thr, prev)[1] is False
+
+
 def test_already_gated_model_with_other_config_is_rejected(tmp_path):
     model = hf_dgate.apply_dgate(tiny_gpt2(), hf_dgate.DGateConfig(depth=3))
     with pytest.raises(ValueError, match="already gated"):
@@ -304,7 +334,9 @@ def test_target_sparsity_controller_ends_near_the_target(tmp_path, one_thread):
     x = torch.randn(2048, p)
     y = x @ torch.linspace(1.0, 0.05, p) + 0.1 * torch.randn(2048)
     model = _Regression(p)
-    cfg = hf_dgate.DGateConfig(target=[], groups=[{"name": "features", "modules": r"^fc1$", "kind": "in"}], lam=1e-3)
+    # graded importance, the Trainer's defaults (AdamW + the recipe, linear decay); lam starts 7x below the one that
+    # ends at the target
+    cfg = hf_dgate.DGateConfig(target=[], groups=[{"name": "features", "modules": r"^fc1$", "kind": "in"}], lam=0.3)
     args = targs(tmp_path, per_device_train_batch_size=64, max_steps=800, learning_rate=1e-2, logging_steps=100)
     tr = DGateTrainer(
         model,
