@@ -42,6 +42,19 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", 
 # ------------------------------------------------------------------------------------------------------------------
 
 
+def _gated_lr(text: str) -> float | str:
+    """--gated-lr: 'auto', 'off' (or 0) or a rate > 0."""
+    if text in ("auto", "off"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected auto, off or a rate >= 0")
+    return value or "off"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=DEFAULT_CONFIG)
@@ -78,7 +91,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--learning-rate", type=float)
     p.add_argument("--optim", type=str, help="transformers' optimizer name (default adamw_torch), e.g. adafactor, sgd")
     p.add_argument("--optim-args", type=str, help="e.g. momentum=0.9 for --optim sgd")
-    p.add_argument("--gated-lr", type=float, help="SGD rate of gates and gated weights (hf_dgate.optim); 0: off")
+    p.add_argument(
+        "--gated-lr",
+        type=_gated_lr,
+        help="momentum-SGD rate of the gates inside AdamW (hf_dgate.optim): auto (default, 0.2 for heads), a float, "
+        "or off (plain AdamW, as in the paper)",
+    )
     p.add_argument("--gates-only", action="store_true", help="with --gated-lr: only the gates take SGD steps")
     p.add_argument("--min-lr-ratio", type=float)
     p.add_argument("--warmup-steps", type=int)
@@ -244,8 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
         dgate_config=dgate_config,
         lam_warmup_steps=args.lam_warmup_steps,
         target_sparsity=args.target_sparsity,
-        gated_lr=args.gated_lr or None,
-        gated_weights=not args.gates_only,
+        gated_lr=None if args.gated_lr == "off" else args.gated_lr or "auto",
+        gated_weights=False if args.gates_only else None,
         train_dataset=train_ds,
         eval_dataset=val_ds,
         compute_metrics=char_accuracy,

@@ -125,9 +125,10 @@ def test_vision_filters(tmp_path):
     out = str(tmp_path)
     _load("vision_filters").main(["--quick", "--output-dir", out])
     (row,) = _read(out, "vgg16_digits")
-    assert 0 <= row["filters_zero"] <= row["filters_total"] and row["filters_total"] > 0
-    assert row["speedup"] >= 1.0 and row["flops_pruned"] > 0
-    assert row["export_max_abs_diff"] < 1e-3  # the exported model computes what the gated one does
+    assert 0.15 * row["filters_total"] < row["filters_zero"] < row["filters_total"]  # visible sparsity (84 of 264)
+    assert row["speedup"] > 1.5 and row["flops_pruned"] > 0 and row["test_acc"] > 0.85
+    assert row["export_max_abs_diff"] < 0.05  # the exported model computes what the gated one does (logits ~10)
+    assert row["test_acc_exported"] == row["test_acc"]
     assert row["surgery_max_abs_diff"] < 1e-4 and 0.0 <= row["test_acc_exported"] <= 1.0
     _png(out, "vgg16_digits")
 
@@ -135,7 +136,8 @@ def test_vision_filters(tmp_path):
 def test_vision_filters_prunes_under_a_strong_penalty(tmp_path):
     """A large lam must zero filters, and the FLOP count must drop accordingly."""
     out = str(tmp_path)
-    _load("vision_filters").main(["--quick", "--lams", "10", "--epochs", "3", "--output-dir", out])
+    args = ["--quick", "--lams", "10", "--epochs", "3", "--train-subset", "512", "--threshold-mode", "absolute"]
+    _load("vision_filters").main([*args, "--output-dir", out])
     (row,) = _read(out, "vgg16_digits")
     assert row["filters_zero"] > 0 and row["speedup"] > 1.0
     assert row["surgery_max_abs_diff"] < 1e-4  # removing the zeroed filters is exact
