@@ -42,6 +42,34 @@ def hub_online(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
         return False
 
 
+_METRICS: dict[str, object] = {}
+
+
+def accuracy_score(predictions, references) -> float:
+    """Accuracy through `evaluate`'s metric where it can be loaded, else the same formula here.
+
+    `evaluate.load` fetches each metric's script from the Hugging Face Hub, so offline (and on this project's
+    machines) it cannot load; the fallback computes mean(predictions == references), which is what that script
+    computes, and says so once.
+    """
+    predictions, references = np.asarray(predictions).ravel(), np.asarray(references).ravel()
+    if "accuracy" not in _METRICS:
+        _METRICS["accuracy"] = None
+        if hub_online():
+            try:
+                import evaluate
+
+                _METRICS["accuracy"] = evaluate.load("accuracy")
+            except Exception as e:  # evaluate missing, Hub unreachable, metric script unavailable
+                print(f"note: evaluate's 'accuracy' could not be loaded ({type(e).__name__}); computing it directly")
+        else:
+            print("note: offline, so evaluate's 'accuracy' (a script on the Hub) is computed directly, same formula")
+    metric = _METRICS["accuracy"]
+    if metric is None:
+        return float((predictions == references).mean())
+    return float(metric.compute(predictions=predictions, references=references)["accuracy"])
+
+
 def read_idx(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """MNIST-format gzipped IDX files (Fashion-MNIST and MNIST ship in this format)."""
     img_name, lbl_name = IDX_FILES[split]

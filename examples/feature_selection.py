@@ -27,7 +27,16 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cosine_lr, lam_grid, load_images, markdown_table, pyplot, subset, write_results  # noqa: E402
+from common import (  # noqa: E402
+    accuracy_score,
+    cosine_lr,
+    lam_grid,
+    load_images,
+    markdown_table,
+    pyplot,
+    subset,
+    write_results,
+)
 
 import hf_dgate  # noqa: E402
 from hf_dgate.models import LeNet300100  # noqa: E402
@@ -128,9 +137,9 @@ def train_trainer(model, xtr, ytr, args, run_dir):
 @torch.no_grad()
 def accuracy(model, x, y):
     model.eval()
-    acc = sum((model(x[i : i + 2048]).argmax(-1) == y[i : i + 2048]).sum().item() for i in range(0, len(y), 2048))
+    preds = torch.cat([model(x[i : i + 2048]).argmax(-1) for i in range(0, len(y), 2048)])
     model.train()
-    return acc / len(y)
+    return accuracy_score(preds.numpy(), y.numpy())
 
 
 def run(xtr, ytr, xte, yte, n_classes, depth, lam, args):

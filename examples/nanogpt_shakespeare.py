@@ -25,13 +25,15 @@ import sys
 import time
 import urllib.request
 
-import numpy as np
 import torch
 import yaml
 from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments, set_seed
 
 import hf_dgate
 from hf_dgate.trainer import DGateTrainer
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import accuracy_score  # noqa: E402  (evaluate's accuracy, offline fallback)
 
 DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 CACHE_FILE = os.path.join(os.path.expanduser("~"), ".cache", "hf_dgate", "tinyshakespeare", "input.txt")
@@ -198,7 +200,7 @@ def argmax_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def char_accuracy(eval_pred) -> dict[str, float]:
     preds, labels = eval_pred.predictions, eval_pred.label_ids
-    return {"char_accuracy": float(np.mean(preds[:, :-1] == labels[:, 1:]))}
+    return {"char_accuracy": accuracy_score(preds[:, :-1], labels[:, 1:])}
 
 
 def main(argv: list[str] | None = None) -> dict:

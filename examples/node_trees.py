@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cosine_lr, lam_grid, markdown_table, pyplot, write_results  # noqa: E402
+from common import accuracy_score, cosine_lr, lam_grid, markdown_table, pyplot, write_results  # noqa: E402
 
 import hf_dgate  # noqa: E402
 from hf_dgate.models import NODE  # noqa: E402
@@ -136,7 +136,7 @@ def run(Xtr, ytr, Xte, yte, task, depth, lam, args):
     def metric(m):
         out = m.eval()(Xte)
         if task == "classification":
-            return (out.argmax(-1) == yte).float().mean().item()
+            return accuracy_score(out.argmax(-1).numpy(), yte.numpy())
         return (out.squeeze(-1) - yte).pow(2).mean().sqrt().item()
 
     report = hf_dgate.sparsity_report(model)

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cosine_lr, load_images, markdown_table, pyplot, subset, write_results  # noqa: E402
+from common import accuracy_score, cosine_lr, load_images, markdown_table, pyplot, subset, write_results  # noqa: E402
 
 import hf_dgate  # noqa: E402
 from hf_dgate.models import VGG16, ResNet18  # noqa: E402
@@ -99,14 +99,13 @@ def flops(model, x):
 def accuracy(model, loader, accelerator):
     was_training = model.training
     model.eval()
-    correct = total = 0
+    preds, refs = [], []
     for x, y in loader:
-        pred = model(x).argmax(-1)
-        pred, y = accelerator.gather_for_metrics((pred, y))
-        correct += (pred == y).sum().item()
-        total += len(y)
+        pred, y = accelerator.gather_for_metrics((model(x).argmax(-1), y))
+        preds.append(pred.cpu())
+        refs.append(y.cpu())
     model.train(was_training)
-    return correct / total
+    return accuracy_score(torch.cat(preds).numpy(), torch.cat(refs).numpy())
 
 
 # ----------------------------------------------------------------------------------------------------------------
