@@ -47,7 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
     p.add_argument("--recipes", nargs="+", default=["plain", "dgate"], choices=["plain", "dgate"])
     p.add_argument("--lams", type=float, nargs="+", default=None, help="default: 0.035 0.04 features, 0.03 0.1 filters")
-    p.add_argument("--gated-lr", type=float, default=0.05, help="peak lr of the recipe's momentum-SGD group")
+    p.add_argument(
+        "--gated-lr", type=float, default=None, help="peak lr of the recipe's group (default: the library's, 0.05 here)"
+    )
     p.add_argument("--gates-only", action="store_true", help="the recipe moves the gates only, not the gated weights")
     p.add_argument("--epochs", type=int, default=None, help="default: 10 (features), 60 (filters)")
     p.add_argument("--train-subset", type=int, default=10000)
@@ -97,7 +99,7 @@ def make_optimizer(model, name, recipe, args):
     wd = 5e-4 if name == "sgd" else 0.01 if name == "adamw" else 0.0
     opt = ctor([{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}], lr)
     if recipe == "dgate":
-        opt = dgate_optimizer(opt, model, lr=args.gated_lr, include_weights=not args.gates_only)
+        opt = dgate_optimizer(opt, model, lr=args.gated_lr, include_weights=False if args.gates_only else None)
     return opt
 
 
