@@ -105,13 +105,15 @@ def dgate_optimizer(
         0.02 and below leave every group above the threshold within 10 epochs, 0.05 matches SGD, 0.1 and above
         remove more and cost accuracy (docs/optimizers.md).
     """
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
+        raise ValueError(f"lr={lr!r}: pass the gated group's SGD learning rate, a float > 0 (e.g. 0.05), or None.")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+        raise ValueError(f"momentum={momentum!r}: pass a float in [0, 1).")
+    if include_weights not in (None, True, False):
+        raise ValueError(f"include_weights={include_weights!r}: pass None (per target), True or False.")
     gated = gated_parameters(model, include_weights)
     if lr is None:
         lr = MODULE_TARGET_LR if len(gated) > len(gated_parameters(model, False)) else BLOCK_TARGET_LR
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise ValueError(f"lr={lr!r}: pass the gated group's SGD learning rate, a float > 0 (e.g. 0.05).")
-    if not 0 <= momentum < 1:
-        raise ValueError(f"momentum={momentum!r}: pass a float in [0, 1).")
     if not gated:
         raise ValueError("The model's gates and gated weights are all frozen: the recipe has nothing to update.")
     if any(g.get(GROUP_KEY) for g in optimizer.param_groups):

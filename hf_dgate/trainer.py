@@ -201,10 +201,20 @@ class DGateTrainer(Trainer):
         built = self.optimizer is None
         optimizer = super().create_optimizer(*args, **kwargs)
         lr = self.dgate_gated_lr
-        if not built or lr is None or self.dgate_bank.method != "dgate":
+        if lr is None or self.dgate_bank.method != "dgate":
             return optimizer
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it later; some integrations earlier
         if lr == "auto" and type(inner) is torch.optim.SGD:
+            return optimizer
+        if not built:
+            if not any(g.get("dgate") for g in inner.param_groups):
+                warnings.warn(
+                    f"DGateTrainer got its optimizer ({type(inner).__name__}) from you, so the gates do not get their "
+                    "momentum-SGD group: under Adam-family optimizers groups then shrink without reaching exact zero. "
+                    "Build it with hf_dgate.optim.dgate_optimizer(optimizer, model), or pass gated_lr=None to "
+                    "silence this.",
+                    stacklevel=2,
+                )
             return optimizer
         from .optim import dgate_optimizer
 

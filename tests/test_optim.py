@@ -1,5 +1,7 @@
 """hf_dgate.optim: gates and gated weights get a momentum-SGD step inside any optimizer (issue 13)."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -124,3 +126,36 @@ def test_trainer_uses_the_recipe_by_default(tmp_path):
     for bad in (-1.0, "fast", True):
         with pytest.raises(ValueError, match="gated_lr"):
             DGateTrainer(_gated_lenet(), args, gated_lr=bad)
+
+
+def test_bad_arguments_are_refused_before_anything_moves():
+    model = _gated_lenet()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    groups = [list(g["params"]) for g in opt.param_groups]
+    for kwargs, match in (
+        ({"lr": "0.1"}, "lr="),
+        ({"lr": -1.0}, "lr="),
+        ({"momentum": 1.0}, "momentum="),
+        ({"momentum": True}, "momentum="),
+        ({"include_weights": "yes"}, "include_weights="),
+    ):
+        with pytest.raises(ValueError, match=match):
+            dgate_optimizer(opt, model, **kwargs)
+    assert [list(g["params"]) for g in opt.param_groups] == groups  # the optimizer is left as it was
+
+
+def test_trainer_warns_when_given_an_adam_without_the_recipe(tmp_path):
+    from transformers import TrainingArguments
+
+    from hf_dgate.trainer import DGateTrainer
+
+    args = TrainingArguments(str(tmp_path), report_to=[], use_cpu=True, save_strategy="no")
+    model = _gated_lenet()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with pytest.warns(UserWarning, match="dgate_optimizer"):
+        DGateTrainer(model, args, optimizers=(opt, None)).create_optimizer()
+    model = _gated_lenet()
+    opt = dgate_optimizer(torch.optim.Adam(model.parameters(), lr=1e-3), model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert DGateTrainer(model, args, optimizers=(opt, None)).create_optimizer() is opt
