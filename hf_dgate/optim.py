@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .patch import get_bank
+from .targets import BUILTIN
 
 GROUP_KEY = "dgate"  # marks the parameter group the recipe updates
 BUFFERS_KEY = "dgate_momentum_buffers"  # the recipe's momentum buffers in the optimizer's state_dict
@@ -40,8 +41,6 @@ BLOCK_TARGET_LR = 0.2
 
 
 def _is_block_target(name: str) -> bool:
-    from .targets import BUILTIN  # targets imports the model-facing modules; keep optim importable on its own
-
     target = BUILTIN.get(name)
     return target is not None and target.per_block
 
