@@ -14,8 +14,14 @@ Methods (``method`` column of the CSV):
 * ``direct+MP``: the direct non-smooth penalty lam * sum ||theta_g||_2 (DGateConfig(method='direct')), then
   `hf_dgate.magnitude_prune(model, ratio)` over a grid of ratios; the curve takes the best accuracy over lam at
   each ratio (App. C.3).
-* ``l0``: hard-concrete L0 gates (method='l0'), sparsity from the deterministic test-time gates;
-  ``l0+MP``: the same models with magnitude pruning on top, best over lam per ratio.
+* ``l0``: hard-concrete L0 gates (method='l0') run as their users run them: log_alpha in its own parameter group at a
+  larger rate (`hf_dgate.optim.l0_optimizer`), a drop rate at init (`l0_droprate_init`: 0.5 for LeNet's inputs as in
+  Louizos et al., 0.1 for heads), the penalty per training example (`l0_train_size` = N, lam / N * expected L0);
+  sparsity from the deterministic test-time gates. ``l0+MP``: the same models with magnitude pruning on top, best
+  over lam per ratio.
+* ``l0 target``: the same gates with CoFiPruning's Lagrangian toward a target sparsity (`l0_target_sparsity`, the
+  ``target`` column; multipliers trained by ascent; NanoGPT ramps the target up over the first half of training, as
+  CoFi's Lagrangian warm-up), one run per target, sparsity from the test-time gates.
 * ``dense+MP``: lam = 0 (no penalty), magnitude pruning of the dense model.
 
 Outputs under --output-dir: ``compare_methods.csv`` (one row per task, method, lam, prune ratio: sparsity,
@@ -25,6 +31,7 @@ accuracy), per-task CSVs, ``compare_methods.json`` (meta) and ``compare_methods.
         --data-file /work/shared/data/shakespeare.txt                       # default scale (CPU tens of minutes)
     python benchmarks/compare_methods.py --quick --dataset digits --data-file FILE --output-dir /tmp/cm   # seconds
     python benchmarks/compare_methods.py --task lenet ... ; ... --task nanogpt ... ; ... --merge-only
+    python benchmarks/compare_methods.py --task lenet --methods l0 "l0 target" ...   # re-run only L0, keep the rest
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ COLUMNS = [
     "method",
     "depth",
     "lam",
+    "target",
     "prune_ratio",
     "sparsity",
     "accuracy",
@@ -65,6 +73,7 @@ COLUMNS = [
     "train_s",
 ]
 TARGET = {"lenet": "features", "nanogpt": "heads"}
+RUN_LABELS = ("dense+MP", "dgate", "direct+MP", "l0", "l0 target")  # what --methods selects
 
 
 def parse_args(argv=None):
@@ -77,13 +86,23 @@ def parse_args(argv=None):
     p.add_argument("--threshold", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="seconds: tiny models, few steps, 2 lams, 4 ratios")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        choices=RUN_LABELS,
+        help="train only these (l0 also gives l0+MP); the other methods' rows are kept from the task's CSV",
+    )
     # LeNet-300-100 feature selection
     p.add_argument("--dataset", default="fashion-mnist", choices=["digits", "fashion-mnist", "mnist"])
     p.add_argument("--data-dir", default=None, help="gzipped IDX files (Fashion-MNIST/MNIST)")
     p.add_argument("--train-subset", type=int, default=10000)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--lenet-lams", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2], help="dgate/direct lams")
-    p.add_argument("--lenet-l0-lams", type=float, nargs="+", default=[1e-3, 1e-2, 3e-2])
+    p.add_argument("--lenet-l0-lams", type=float, nargs="+", default=[10, 30, 100], help="per example (lam / N)")
+    p.add_argument("--lenet-l0-targets", type=float, nargs="+", default=[0.25, 0.5, 0.75, 0.9])
+    p.add_argument("--lenet-l0-lr", type=float, default=1.0, help="log_alpha's SGD rate (l0_optimizer)")
+    p.add_argument("--lenet-l0-droprate", type=float, default=0.5, help="l0_droprate_init (Louizos: 0.5 for inputs)")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--batch-size", type=int, default=128)
@@ -91,7 +110,13 @@ def parse_args(argv=None):
     p.add_argument("--data-file", default=None, help="plain-text corpus (Shakespeare)")
     p.add_argument("--gpt-steps", type=int, default=250)
     p.add_argument("--gpt-lams", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2], help="dgate/direct lams")
-    p.add_argument("--gpt-l0-lams", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2])
+    p.add_argument("--gpt-l0-lams", type=float, nargs="+", default=[10, 30, 100], help="per example (lam / N)")
+    p.add_argument("--gpt-l0-targets", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    p.add_argument("--gpt-l0-lr", type=float, default=0.1, help="log_alpha's AdamW rate (l0_optimizer)")
+    p.add_argument("--gpt-l0-droprate", type=float, default=0.1, help="l0_droprate_init (0.5 measured worse)")
+    p.add_argument(
+        "--gpt-l0-target-ramp", type=float, default=0.5, help="fraction of the steps over which the target rises from 0"
+    )
     p.add_argument("--gpt-batch-size", type=int, default=32)
     p.add_argument("--gpt-lr", type=float, default=5e-3)
     p.add_argument("--gpt-layers", type=int, default=4)
@@ -107,10 +132,12 @@ def parse_args(argv=None):
             train_subset=600,
             epochs=2,
             lenet_lams=[1e-2, 1e-1],
-            lenet_l0_lams=[1e-2, 1e-1],
+            lenet_l0_lams=[10, 100],
+            lenet_l0_targets=[0.5],
             gpt_steps=15,
             gpt_lams=[1e-2, 1e-1],
-            gpt_l0_lams=[1e-2, 1e-1],
+            gpt_l0_lams=[10, 100],
+            gpt_l0_targets=[0.5],
             gpt_batch_size=8,
             gpt_layers=2,
             gpt_heads=4,
@@ -122,19 +149,42 @@ def parse_args(argv=None):
     return args
 
 
-def method_runs(depths, lams, l0_lams):
-    """(label, DGateConfig method, depth, lam, prune afterwards?) for every training run of one task."""
-    runs = [("dense+MP", "direct", 2, 0.0, True)]
+def method_runs(depths, lams, l0_lams, l0_targets=(), only=None):
+    """(label, DGateConfig method, depth, lam, L0 target sparsity, prune afterwards?) for every training run of one
+    task; `only`: the RUN_LABELS to keep (None: all)."""
+    runs = [("dense+MP", "direct", 2, 0.0, None, True)]
     for i, lam in enumerate(lams):  # lam-major, L0 interleaved: a run cut short still covers every method
-        runs += [(f"dgate D={d}", "dgate", d, lam, False) for d in depths]
-        runs.append(("direct+MP", "direct", 2, lam, True))
+        runs += [(f"dgate D={d}", "dgate", d, lam, None, False) for d in depths]
+        runs.append(("direct+MP", "direct", 2, lam, None, True))
         if i < len(l0_lams):
-            runs.append(("l0", "l0", 2, l0_lams[i], True))
-    runs += [("l0", "l0", 2, lam, True) for lam in l0_lams[len(lams) :]]
-    return runs
+            runs.append(("l0", "l0", 2, l0_lams[i], None, True))
+    runs += [("l0", "l0", 2, lam, None, True) for lam in l0_lams[len(lams) :]]
+    runs += [("l0 target", "l0", 2, 0.0, t, False) for t in l0_targets]
+    return [r for r in runs if only is None or r[0].split(" D=")[0] in only]
 
 
-def measure(model, target, evaluate, label, depth, lam, prune, ratios, task, train_s):
+def run_config(target, method, depth, lam, l0_target, args, n_train, droprate):
+    """The DGateConfig of one run; L0 gets its practice: drop-rate init and lam per example or a target sparsity."""
+    extra = {}
+    if method == "l0":
+        extra["l0_droprate_init"] = droprate
+        if l0_target is None:
+            extra["l0_train_size"] = n_train
+        else:
+            extra["l0_target_sparsity"] = l0_target
+    return hf_dgate.DGateConfig(target=target, depth=depth, lam=lam, method=method, threshold=args.threshold, **extra)
+
+
+def kept_rows(args, task):
+    """With --methods: the rows of the methods not re-run, from the task's CSV in --output-dir."""
+    path = os.path.join(args.output_dir, f"{task}.csv")
+    if args.methods is None or not os.path.isfile(path):
+        return []
+    rerun = set(args.methods) | ({"l0+MP"} if "l0" in args.methods else set())
+    return [r for r in read_csv(path) if r["method"].split(" D=")[0] not in rerun]
+
+
+def measure(model, target, evaluate, label, depth, lam, prune, ratios, task, train_s, l0_target=None):
     """Rows for one trained model: as trained, and (prune=True) after magnitude pruning at every ratio."""
     rows = []
 
@@ -145,6 +195,7 @@ def measure(model, target, evaluate, label, depth, lam, prune, ratios, task, tra
             "method": method,
             "depth": depth,
             "lam": lam,
+            "target": "" if l0_target is None else l0_target,
             "prune_ratio": ratio,
             "sparsity": rep.sparsity,
             "accuracy": evaluate(model),
@@ -176,19 +227,27 @@ def run_lenet(args):
     n_classes = int(max(ytr.max(), yte.max())) + 1
     print(f"[lenet] {args.dataset}: {len(ytr)} train / {len(yte)} test, {xtr.shape[1]} features", flush=True)
     loop_args = SimpleNamespace(lr=args.lr, momentum=args.momentum, epochs=args.epochs, batch_size=args.batch_size)
-    rows = []
-    for label, method, depth, lam, prune in method_runs(args.depths, args.lenet_lams, args.lenet_l0_lams):
+    rows = kept_rows(args, "lenet")
+    runs = method_runs(args.depths, args.lenet_lams, args.lenet_l0_lams, args.lenet_l0_targets, args.methods)
+    for label, method, depth, lam, l0_target, prune in runs:
         torch.manual_seed(args.seed)
         model = LeNet300100(in_features=xtr.shape[1], num_classes=n_classes)
-        cfg = hf_dgate.DGateConfig(target="features", depth=depth, lam=lam, method=method, threshold=args.threshold)
-        hf_dgate.apply_dgate(model, cfg)
+        droprate = args.lenet_l0_droprate
+        hf_dgate.apply_dgate(model, run_config("features", method, depth, lam, l0_target, args, len(ytr), droprate))
+        # SGD + momentum, cosine lr, loss + hf_dgate.penalty(model); L0: log_alpha in its own SGD group
+        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+        if method == "l0":
+            hf_dgate.optim.l0_optimizer(opt, model, lr=args.lenet_l0_lr)
         t0 = time.time()
-        fs.train_loop(model, xtr, ytr, loop_args)  # SGD + momentum, cosine lr, loss + hf_dgate.penalty(model)
+        fs.train_loop(model, xtr, ytr, loop_args, opt)
         train_s = time.time() - t0
         evaluate = lambda m: fs.accuracy(m, xte, yte)  # noqa: E731
-        rows += measure(model, "features", evaluate, label, depth, lam, prune, args.ratios, "lenet", train_s)
+        rows += measure(
+            model, "features", evaluate, label, depth, lam, prune, args.ratios, "lenet", train_s, l0_target
+        )
         write_csv(os.path.join(args.output_dir, "lenet.csv"), mark_curves(rows))  # partial results survive
-        print(f"[lenet] {label} lam={lam:g}: {rows[-1]['accuracy']:.4f} ({train_s:.1f}s)", flush=True)
+        what = f"target={l0_target:g}" if l0_target is not None else f"lam={lam:g}"
+        print(f"[lenet] {label} {what}: {rows[-1]['accuracy']:.4f} ({train_s:.1f}s)", flush=True)
     return rows
 
 
@@ -214,8 +273,9 @@ def run_nanogpt(args):
         model.train()
         return hits / (val_x.shape[0] * (val_x.shape[1] - 1))
 
-    rows = []
-    for label, method, depth, lam, prune in method_runs(args.depths, args.gpt_lams, args.gpt_l0_lams):
+    rows = kept_rows(args, "nanogpt")
+    runs = method_runs(args.depths, args.gpt_lams, args.gpt_l0_lams, args.gpt_l0_targets, args.methods)
+    for label, method, depth, lam, l0_target, prune in runs:
         torch.manual_seed(args.seed)
         model = GPT2LMHeadModel(
             GPT2Config(
@@ -231,12 +291,17 @@ def run_nanogpt(args):
                 eos_token_id=0,
             )
         )
-        cfg = hf_dgate.DGateConfig(target="heads", depth=depth, lam=lam, method=method, threshold=args.threshold)
-        hf_dgate.apply_dgate(model, cfg)
+        droprate = args.gpt_l0_droprate
+        hf_dgate.apply_dgate(model, run_config("heads", method, depth, lam, l0_target, args, len(train_ds), droprate))
+        bank = hf_dgate.get_bank(model)
         model.train()
         # AdamW (beta2 0.99, no weight decay: the penalty is the only regulariser), warmup + cosine to 10%,
-        # grad-norm clipping at 1 -- the tiny preset's optimiser without the Trainer around it.
+        # grad-norm clipping at 1 -- the tiny preset's optimiser without the Trainer around it. L0: log_alpha (and
+        # the Lagrange multipliers) in their own AdamW group at --gpt-l0-lr, on the same schedule.
         opt = torch.optim.AdamW(model.parameters(), lr=args.gpt_lr, betas=(0.9, 0.99), weight_decay=0.0)
+        if method == "l0":
+            hf_dgate.optim.l0_optimizer(opt, model, lr=args.gpt_l0_lr)
+        peak = [g["lr"] for g in opt.param_groups]
         warm = max(1, args.gpt_steps // 20)
         gen = torch.Generator().manual_seed(args.seed)
         t0 = time.time()
@@ -246,8 +311,10 @@ def run_nanogpt(args):
                 if step < warm
                 else 0.1 * args.gpt_lr + 0.9 * cosine_lr(step - warm, args.gpt_steps - warm, args.gpt_lr)
             )
-            for g in opt.param_groups:
-                g["lr"] = lr
+            for g, lr0 in zip(opt.param_groups, peak):
+                g["lr"] = lr * lr0 / args.gpt_lr
+            if l0_target is not None and args.gpt_l0_target_ramp > 0:  # CoFi's Lagrangian warm-up of the target
+                bank.l0_target = l0_target * min(1.0, (step + 1) / (args.gpt_l0_target_ramp * args.gpt_steps))
             idx = torch.randint(len(train_ds), (args.gpt_batch_size,), generator=gen)
             x = torch.stack([train_ds[int(i)]["input_ids"] for i in idx])
             logits = model(input_ids=x).logits
@@ -258,9 +325,12 @@ def run_nanogpt(args):
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
         train_s = time.time() - t0
-        rows += measure(model, "heads", char_accuracy, label, depth, lam, prune, args.ratios, "nanogpt", train_s)
+        rows += measure(
+            model, "heads", char_accuracy, label, depth, lam, prune, args.ratios, "nanogpt", train_s, l0_target
+        )
         write_csv(os.path.join(args.output_dir, "nanogpt.csv"), mark_curves(rows))  # partial results survive
-        print(f"[nanogpt] {label} lam={lam:g}: {rows[-1]['accuracy']:.4f} ({train_s:.1f}s)", flush=True)
+        what = f"target={l0_target:g}" if l0_target is not None else f"lam={lam:g}"
+        print(f"[nanogpt] {label} {what}: {rows[-1]['accuracy']:.4f} ({train_s:.1f}s)", flush=True)
     return rows
 
 
@@ -297,6 +367,7 @@ def read_csv(path):
         for k in ("depth", "groups_zero", "groups_total"):
             r[k] = int(r[k])
         r["prune_ratio"] = float(r["prune_ratio"]) if r["prune_ratio"] != "" else ""
+        r["target"] = float(r["target"]) if r.get("target") not in (None, "") else ""  # CSVs from before the column
     return rows
 
 
@@ -307,6 +378,7 @@ STYLE = {
     "direct+MP": ("C3", "s--"),
     "l0": ("C4", "^"),
     "l0+MP": ("C4", "^--"),
+    "l0 target": ("C5", "v-"),
     "dense+MP": ("C7", "x:"),
 }
 
@@ -349,7 +421,7 @@ def merge(args, meta):
     if rows:
         plot(rows, os.path.join(args.output_dir, "compare_methods.png"), titles)
         curve = [r for r in rows if r["on_curve"]]
-        print(markdown_table(curve, ["task", "method", "lam", "prune_ratio", "sparsity", "accuracy"]))
+        print(markdown_table(curve, ["task", "method", "lam", "target", "prune_ratio", "sparsity", "accuracy"]))
     return rows
 
 

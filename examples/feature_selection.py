@@ -74,16 +74,18 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Training: a plain PyTorch loop, the penalty simply added to the loss
 # ----------------------------------------------------------------------------------------------------------------
-def train_loop(model, xtr, ytr, args):
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+def train_loop(model, xtr, ytr, args, opt=None):
+    """`opt` (default: SGD over all parameters) may hold groups at other rates: each decays from its own."""
+    opt = opt or torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+    peak = [group["lr"] for group in opt.param_groups]
     steps_per_epoch = (len(ytr) + args.batch_size - 1) // args.batch_size
     total, step = args.epochs * steps_per_epoch, 0
     for _ in range(args.epochs):
         perm = torch.randperm(len(ytr))
         for i in range(0, len(ytr), args.batch_size):
             idx = perm[i : i + args.batch_size]
-            for group in opt.param_groups:
-                group["lr"] = cosine_lr(step, total, args.lr)
+            for group, lr0 in zip(opt.param_groups, peak):
+                group["lr"] = cosine_lr(step, total, lr0)
             loss = F.cross_entropy(model(xtr[idx]), ytr[idx]) + hf_dgate.penalty(model)
             opt.zero_grad()
             loss.backward()

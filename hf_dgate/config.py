@@ -106,6 +106,32 @@ class DGateConfig:
             "BatchNorm scales of target='filters' (network slimming)."
         },
     )
+    l0_droprate_init: float = field(
+        default=0.1,
+        metadata={
+            "help": "method='l0': the drop rate d every gate starts at, log_alpha = logit(1 - d) (0 < d < 1). The "
+            "test-time gate then starts at (1 - d) * 1.2 - 0.1 and the expected L0 of a group, P(gate != 0), at "
+            "sigmoid(logit(1 - d) + (2/3) log 11). Louizos et al. use 0.5 for input features and 0.2 elsewhere, "
+            "CoFiPruning 0.5; the default 0.1 (a gate of 0.98) is the value hf_dgate used before it was a field."
+        },
+    )
+    l0_train_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "method='l0': N, the number of training examples. The penalty becomes (lam / N) * sum_g "
+            "P(gate_g != 0), so lam is a cost per group in units of the summed (not averaged) data loss, as in "
+            "Louizos et al. None (default, the behaviour before): lam * sum_g P(gate_g != 0), no division."
+        },
+    )
+    l0_target_sparsity: float | None = field(
+        default=None,
+        metadata={
+            "help": "method='l0': a target fraction t of zero groups (0 < t < 1). The penalty becomes CoFiPruning's "
+            "Lagrangian l1 (s - t) + l2 (s - t)^2, s = 1 - mean_g P(gate_g != 0) the expected sparsity over all "
+            "gated groups, with multipliers l1, l2 (`model.dgate.l0_multipliers`, saved with the gates) that the "
+            "training optimizer moves by gradient ascent; lam and l0_train_size are not used. None: the lam penalty."
+        },
+    )
     example_input_shape: list[int] | None = field(
         default=None,
         metadata={
@@ -176,6 +202,34 @@ class DGateConfig:
         if self.threshold_mode == "relative":
             _check(self.threshold < 1, "threshold", self.threshold, "a float in (0, 1) with threshold_mode='relative'")
         _check(_is_choice(self.method, METHODS), "method", self.method, f"one of {METHODS}")
+        self.l0_droprate_init = _float("l0_droprate_init", self.l0_droprate_init)
+        _check(0 < self.l0_droprate_init < 1, "l0_droprate_init", self.l0_droprate_init, "a float in (0, 1)")
+        if self.l0_train_size is not None:
+            _check(
+                _is_int(self.l0_train_size) and self.l0_train_size >= 1,
+                "l0_train_size",
+                self.l0_train_size,
+                "an int >= 1 (the number of training examples) or None",
+            )
+            self.l0_train_size = int(self.l0_train_size)
+        if self.l0_target_sparsity is not None:
+            self.l0_target_sparsity = _float("l0_target_sparsity", self.l0_target_sparsity)
+            _check(
+                0 < self.l0_target_sparsity < 1,
+                "l0_target_sparsity",
+                self.l0_target_sparsity,
+                "a float in (0, 1) (the fraction of groups to remove) or None",
+            )
+            _check(
+                self.l0_train_size is None,
+                "l0_train_size",
+                self.l0_train_size,
+                "None with l0_target_sparsity (the Lagrangian replaces the lam / N penalty)",
+            )
+        for name in ("l0_train_size", "l0_target_sparsity"):
+            value = getattr(self, name)
+            allowed = f"None unless method='l0' (method={self.method!r})"
+            _check(value is None or self.method == "l0", name, value, allowed)
         _check(_is_choice(self.head_side, HEAD_SIDES), "head_side", self.head_side, f"one of {HEAD_SIDES}")
         if self.target_modules is not None:
             _check(isinstance(self.target_modules, str), "target_modules", self.target_modules, "a regex or None")

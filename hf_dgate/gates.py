@@ -7,6 +7,8 @@ Nothing here knows about modules or frameworks.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -63,7 +65,15 @@ def imbalance(w_sq: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:
 
 # ---- L0 hard-concrete gates (Louizos, Welling, Kingma 2018), the best-known differentiable alternative ----------
 HC_BETA, HC_GAMMA, HC_ZETA = 2.0 / 3.0, -0.1, 1.1
+L0_DROPRATE_INIT = 0.1  # the default drop rate at init (DGateConfig.l0_droprate_init)
 L0_INIT_LOG_ALPHA = 2.1972245773362196  # log(0.9 / 0.1): drop rate 0.1, test-time gate 0.98 at init
+
+
+def l0_init_log_alpha(n_groups: int, droprate: float = L0_DROPRATE_INIT) -> torch.Tensor:
+    """log_alpha = logit(1 - droprate) for every group, shape (1, G) (Louizos et al.: 0.5 for input features, 0.2
+    elsewhere; CoFiPruning 0.5). Deterministic (the papers add N(0, 0.01) noise): a gated model is reproducible
+    and a bank re-made from the meta device holds exactly what a fresh one does."""
+    return torch.full((1, n_groups), math.log(1.0 - droprate) - math.log(droprate))
 
 
 def hard_concrete_sample(log_alpha: torch.Tensor) -> torch.Tensor:
@@ -81,3 +91,33 @@ def hard_concrete_deterministic(log_alpha: torch.Tensor) -> torch.Tensor:
 def expected_l0(log_alpha: torch.Tensor) -> torch.Tensor:
     """P(gate != 0) per group: sigmoid(log_alpha - beta log(-gamma / zeta))."""
     return torch.sigmoid(log_alpha - HC_BETA * torch.log(torch.tensor(-HC_GAMMA / HC_ZETA)))
+
+
+def l0_expected_sparsity(expected_kept: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """1 - (sum_g P(gate_g != 0)) / G: the fraction of groups expected to be zero (`expected_kept` is the sum)."""
+    return 1.0 - expected_kept / n_groups
+
+
+class _AscendGrad(torch.autograd.Function):
+    """Identity whose backward negates the gradient: whatever optimizer descends on the loss ascends on its input."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        return -grad
+
+
+def l0_lagrangian(expected_sparsity: torch.Tensor, target: float, multipliers: torch.Tensor) -> torch.Tensor:
+    """CoFiPruning's constraint term l1 (s - t) + l2 (s - t)^2 for expected sparsity s and target t.
+
+    The model minimises it, the multipliers (l1, l2) = `multipliers` maximise it: their gradient is negated here, so
+    the optimizer that takes the model's descent step takes their ascent step (CoFi runs a second optimizer with a
+    negative learning rate instead). Below the target, l1 grows negative and l2 positive, so the term and its push
+    towards sparsity grow until s reaches t.
+    """
+    lam1, lam2 = _AscendGrad.apply(multipliers).unbind(0)
+    gap = expected_sparsity - target
+    return lam1 * gap + lam2 * gap * gap

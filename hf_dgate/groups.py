@@ -138,6 +138,10 @@ class GateBank(nn.Module):
             {t: nn.Parameter(self._init_gates(n), requires_grad=not self.direct) for t, n in sizes.items()}
         )
         self._l0_cache: dict[str, torch.Tensor] = {}
+        # l0 with a target sparsity: CoFi's Lagrange multipliers (l1, l2), trained by ascent, saved with the gates
+        self.l0_target = config.l0_target_sparsity  # mutable (a ramp towards the target); the config keeps the value
+        if self.method == "l0" and config.l0_target_sparsity is not None:
+            self.l0_multipliers = nn.Parameter(torch.zeros(2))
         self._modules_by_name = dict(model.named_modules())
         self._adapters: dict[int, nn.Module] = {}
         self._adapters_of: int | None = None
@@ -167,7 +171,7 @@ class GateBank(nn.Module):
 
     def _init_gates(self, n: int) -> torch.Tensor:
         if self.method == "l0":
-            return torch.full((1, n), G.L0_INIT_LOG_ALPHA)
+            return G.l0_init_log_alpha(n, self.config.l0_droprate_init)
         return G.init_gates(n, self.depth)
 
     def _index_buffer(self, name: str, index: torch.Tensor) -> None:
@@ -189,6 +193,8 @@ class GateBank(nn.Module):
         """
         was_meta = {n for n, b in self._buffers.items() if b is not None and b.is_meta}
         gates_meta = {t for t, p in self.gammas.items() if p.is_meta}
+        multipliers = getattr(self, "l0_multipliers", None)
+        multipliers_meta = multipliers is not None and multipliers.is_meta
         super()._apply(fn, recurse)
         for name in was_meta:
             buf = self._buffers[name]
@@ -199,7 +205,10 @@ class GateBank(nn.Module):
                 p = self.gammas[t]
                 if not p.is_meta:
                     p.copy_(self._init_gates(self.sizes[t]).to(device=p.device, dtype=p.dtype))
-        for p in self.gammas.values():
+            if multipliers_meta and not self.l0_multipliers.is_meta:
+                self.l0_multipliers.zero_()
+        extra = [self.l0_multipliers] if multipliers is not None else []  # (the object _apply may have replaced)
+        for p in [*self.gammas.values(), *extra]:
             if p.dtype in (torch.float16, torch.bfloat16):
                 p.data = p.data.float()
         return self
@@ -356,12 +365,18 @@ class GateBank(nn.Module):
 
     # ---- penalties --------------------------------------------------------------------------------------------
     def penalty(self, lam: float | None = None) -> torch.Tensor:
-        """What training adds to the loss: the surrogate R, or for method='direct' the induced penalty itself."""
+        """What training adds to the loss: the surrogate R, or for method='direct' the induced penalty itself; for
+        method='l0' lam * expected L0 (over l0_train_size when set), or with a target sparsity the Lagrangian."""
         lam = self.lam if lam is None else lam
         if self.method == "direct":
             return self.induced_penalty(lam)
         if self.method == "l0":
-            return lam * sum(G.expected_l0(self.gates(t)).sum() for t in self.targets)
+            if self.l0_target is not None:
+                if not hasattr(self, "l0_multipliers"):
+                    raise ValueError("bank.l0_target needs multipliers: gate with DGateConfig(l0_target_sparsity=...).")
+                return G.l0_lagrangian(self.l0_expected_sparsity(), self.l0_target, _full(self.l0_multipliers))
+            kept = sum(G.expected_l0(self.gates(t)).sum() for t in self.targets)
+            return lam * kept / (self.config.l0_train_size or 1)
         if self.method == "slimming":
             return lam * sum(m.weight.abs().sum() for m in self._slimming_norms())
         return sum(G.surrogate_penalty(self.total_sq_norm(t), self.gates(t), lam, self.depth) for t in self.targets)
@@ -376,6 +391,14 @@ class GateBank(nn.Module):
         if self.method != "dgate":
             return self.gammas[self.targets[0]].new_zeros(())
         return sum(G.misalignment(self.group_sq_norms(t), self.gates(t), lam, self.depth) for t in self.targets)
+
+    def l0_expected_sparsity(self) -> torch.Tensor:
+        """method='l0': the fraction of all gated groups expected to be zero, 1 - mean_g P(gate_g != 0) (what the
+        target-sparsity Lagrangian constrains; the deterministic gates' sparsity is what `sparsity_report` reads)."""
+        if self.method != "l0":
+            raise ValueError(f"l0_expected_sparsity needs method='l0'; this model is gated with {self.method!r}.")
+        kept = sum(G.expected_l0(self.gates(t)).sum() for t in self.targets)
+        return G.l0_expected_sparsity(kept, sum(self.sizes.values()))
 
     # ---- hooks ----------------------------------------------------------------------------------------------
     def _slimming_norms(self) -> list[nn.Module]:

@@ -115,24 +115,8 @@ def dgate_optimizer(
         lr = MODULE_TARGET_LR if len(gated) > len(gated_parameters(model, False)) else BLOCK_TARGET_LR
     if not gated:
         raise ValueError("The model's gates and gated weights are all frozen: the recipe has nothing to update.")
-    if any(g.get(GROUP_KEY) for g in optimizer.param_groups):
-        raise ValueError("This optimizer already has the D-Gating group (dgate_optimizer was called twice).")
-    if any(len(s) for s in optimizer.state.values()):
-        raise ValueError("Call dgate_optimizer before the optimizer's first step (its state is not empty).")
-    ids = {id(p) for p in gated}
-    found: set[int] = set()
-    for group in optimizer.param_groups:
-        found |= {id(p) for p in group["params"] if id(p) in ids}
-        group["params"] = [p for p in group["params"] if id(p) not in ids]
-    if found != ids:
-        raise ValueError(
-            f"{len(ids - found)} gated tensors are not in this optimizer; build it over all of the model's parameters "
-            "(e.g. torch.optim.Adam(model.parameters(), ...)) after apply_dgate."
-        )
-    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
-    optimizer.add_param_group(
-        {"params": gated, "lr": float(lr), "weight_decay": 0.0, GROUP_KEY: True, "dgate_momentum": float(momentum)}
-    )
+    group = {"lr": float(lr), "weight_decay": 0.0, GROUP_KEY: True, "dgate_momentum": float(momentum)}
+    _own_group(optimizer, gated, group, "dgate_optimizer")
     optimizer.dgate_momentum_buffers = {}  # kept out of optimizer.state, whose entries each optimizer class parses
     optimizer.register_step_pre_hook(_gated_step)
     optimizer.register_state_dict_post_hook(_save_buffers)
@@ -178,3 +162,59 @@ def _gated_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Non
                 buf.mul_(group["dgate_momentum"]).add_(p.grad)
             p.add_(buf, alpha=-group["lr"])
             p.grad = None
+
+
+# ---- method='l0': log_alpha at its own learning rate (Louizos et al. 2018; CoFiPruning, Xia et al. 2022) ----------
+L0_GROUP_KEY = "dgate_l0"  # marks the parameter group of the hard-concrete gates
+L0_LR = 0.1  # an Adam rate: CoFiPruning's reg_learning_rate; measured in docs/compare_methods.md
+
+
+def l0_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, *, lr: float = L0_LR):
+    """Give `optimizer` the L0 practice: the gates' log_alpha (and the Lagrange multipliers of `l0_target_sparsity`)
+    in one parameter group of their own, at learning rate `lr`, without weight decay. Returns the same object.
+
+        opt = hf_dgate.optim.l0_optimizer(torch.optim.AdamW(model.parameters(), lr=5e-3), model, lr=0.1)
+
+    Why: a test-time gate is exactly 0 only once log_alpha < -2.4, and it starts at logit(1 - l0_droprate_init)
+    (2.2 by default). At a model's learning rate (Adam moves a tensor by about lr per step) log_alpha cannot travel
+    that far in a normal run, so L0 removes nothing until lam is so large that it removes everything. Louizos et al.
+    and CoFiPruning therefore train the gates at a much larger rate (CoFi: AdamW at 0.01-0.1 on log_alpha).
+    The group is updated by the optimizer's own class (Adam updates for Adam), so `lr` is in that class's units:
+    an Adam rate such as 0.1, or for SGD a rate that suits log_alpha's small gradients (docs/compare_methods.md).
+    The multipliers' gradient is negated inside the penalty, so this descent step is their ascent step.
+    Call it after `apply_dgate`, on an optimizer over all of the model's parameters, before its first step and before
+    creating an LR scheduler (which then scales this group like the others).
+    """
+    bank = get_bank(model)
+    if bank.method != "l0":
+        raise ValueError(f"l0_optimizer is for method='l0' (hard-concrete gates); this model uses {bank.method!r}.")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"lr={lr!r}: pass log_alpha's learning rate, a float > 0 (e.g. {L0_LR} for Adam).")
+    params = [p for p in bank.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("The model's L0 gates are all frozen: l0_optimizer has nothing to move.")
+    _own_group(optimizer, params, {"lr": float(lr), "weight_decay": 0.0, L0_GROUP_KEY: True}, "l0_optimizer")
+    return optimizer
+
+
+def _own_group(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], group: dict, caller: str) -> None:
+    """Move `params` out of the optimizer's groups into one new group with the settings in `group` (which holds the
+    key marking it); the other groups keep their settings, and groups left empty are dropped."""
+    key = next(k for k in (GROUP_KEY, L0_GROUP_KEY) if group.get(k))
+    if any(g.get(key) for g in optimizer.param_groups):
+        raise ValueError(f"This optimizer already has the group that {caller} adds ({caller} was called twice).")
+    if any(len(s) for s in optimizer.state.values()):
+        raise ValueError(f"Call {caller} before the optimizer's first step (its state is not empty).")
+    ids = {id(p) for p in params}
+    found: set[int] = set()
+    for g in optimizer.param_groups:
+        found |= {id(p) for p in g["params"] if id(p) in ids}
+    if found != ids:
+        raise ValueError(
+            f"{len(ids - found)} gate or gated tensors are not in this optimizer; build it over all of the model's "
+            "parameters (e.g. torch.optim.Adam(model.parameters(), ...)) after apply_dgate."
+        )
+    for g in optimizer.param_groups:
+        g["params"] = [p for p in g["params"] if id(p) not in ids]
+    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+    optimizer.add_param_group({"params": params, **group})

@@ -69,7 +69,8 @@ class DGateTrainer(Trainer):
             Adam-family optimizers alone do not reach D-Gating's exact zeros (docs/optimizers.md). "auto" (default):
             that group's rate and content are chosen per target (`dgate_optimizer`'s defaults), and nothing changes
             when the Trainer's optimizer is plain SGD, which already is the paper's update. A float: that rate (SGD
-            units). None: the Trainer's optimizer updates gates and weights like everything else.
+            units). None: the Trainer's optimizer updates gates and weights like everything else. With method='l0'
+            the same switch gives log_alpha its own group (`hf_dgate.optim.l0_optimizer`, rate 0.1 under "auto").
         gated_weights: with `gated_lr`, whether the gated weights move with the gates: None (default) per target
             (module targets yes, transformer block targets no), True all, False none.
 
@@ -200,27 +201,32 @@ class DGateTrainer(Trainer):
         The scheduler is built afterwards, so it scales that group too."""
         built = self.optimizer is None
         optimizer = super().create_optimizer(*args, **kwargs)
-        lr = self.dgate_gated_lr
-        if lr is None or self.dgate_bank.method != "dgate":
+        lr, method = self.dgate_gated_lr, self.dgate_bank.method
+        if lr is None or method not in ("dgate", "l0"):
             return optimizer
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it later; some integrations earlier
         if lr == "auto" and type(inner) is torch.optim.SGD:
             return optimizer
+        key = "dgate" if method == "dgate" else "dgate_l0"
+        helper = "dgate_optimizer" if method == "dgate" else "l0_optimizer"
         if not built:
-            if not any(g.get("dgate") for g in inner.param_groups):
+            if not any(g.get(key) for g in inner.param_groups):
                 warnings.warn(
                     f"DGateTrainer got its optimizer ({type(inner).__name__}) from you, so the gates do not get their "
-                    "momentum-SGD group: under Adam-family optimizers groups then shrink without reaching exact zero. "
-                    "Build it with hf_dgate.optim.dgate_optimizer(optimizer, model), or pass gated_lr=None to "
+                    "own parameter group: under Adam-family optimizers groups then shrink without reaching exact "
+                    f"zero. Build it with hf_dgate.optim.{helper}(optimizer, model), or pass gated_lr=None to "
                     "silence this.",
                     stacklevel=2,
                 )
             return optimizer
-        from .optim import dgate_optimizer
+        from .optim import L0_LR, dgate_optimizer, l0_optimizer
 
-        dgate_optimizer(
-            inner, self.model, lr=None if lr == "auto" else lr, include_weights=self.dgate_gated_weights
-        )
+        if method == "l0":  # log_alpha at its own, larger rate in the optimizer's own units (Adam: 0.1)
+            l0_optimizer(inner, self.model, lr=L0_LR if lr == "auto" else lr)
+        else:
+            dgate_optimizer(
+                inner, self.model, lr=None if lr == "auto" else lr, include_weights=self.dgate_gated_weights
+            )
         return optimizer
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:

@@ -13,7 +13,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = {"dgate D=2", "dgate D=3", "dgate D=4", "direct+MP", "l0", "l0+MP", "dense+MP"}
+METHODS = {"dgate D=2", "dgate D=3", "dgate D=4", "direct+MP", "l0", "l0+MP", "l0 target", "dense+MP"}
 
 
 def _load():

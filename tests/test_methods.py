@@ -129,3 +129,116 @@ def test_magnitude_prune_global_ranks_across_layers():
     assert hf_dgate.sparsity_report(model).targets["heads"].per_layer == {"0": [0, 4], "1": [4, 4]}
     with pytest.raises(ValueError, match="ratio"):
         magnitude_prune(model, 1.5)
+
+
+# ---- L0 as its users run it (issue 13, requirement 6): drop-rate init, own log_alpha rate, lam / N, Lagrangian ----
+def _l0_lenet(**config) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = LeNet300100(in_features=20, num_classes=3, hidden=(16, 8))
+    return hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="features", method="l0", **config))
+
+
+@pytest.mark.parametrize("drop", [0.1, 0.2, 0.5, 0.9])
+def test_l0_droprate_init_gives_the_stated_gate_and_expected_l0(drop):
+    model = _l0_lenet(l0_droprate_init=drop, lam=1.0)
+    bank = hf_dgate.get_bank(model)
+    log_alpha = math.log((1 - drop) / drop)
+    torch.testing.assert_close(bank.gammas["features"], torch.full((1, 20), log_alpha))
+    # the config's help text: test-time gate (1 - d) 1.2 - 0.1, P(gate != 0) = sigmoid(logit(1 - d) + (2/3) log 11)
+    gate = min(1.0, (1 - drop) * 1.2 - 0.1)
+    torch.testing.assert_close(bank.scale("features"), torch.full((20,), gate))
+    p_nonzero = 1 / (1 + math.exp(-(log_alpha + 2 / 3 * math.log(11))))
+    assert math.isclose(hf_dgate.penalty(model).item(), 20 * p_nonzero, rel_tol=1e-5)
+    assert math.isclose(bank.l0_expected_sparsity().item(), 1 - p_nonzero, rel_tol=1e-5, abs_tol=1e-6)
+    if drop == G.L0_DROPRATE_INIT:
+        assert math.isclose(log_alpha, G.L0_INIT_LOG_ALPHA, rel_tol=1e-12)
+
+
+def test_l0_train_size_divides_the_penalty_by_n():
+    plain, per_example = _l0_lenet(lam=2.0), _l0_lenet(lam=2.0, l0_train_size=500)
+    torch.testing.assert_close(hf_dgate.penalty(per_example), hf_dgate.penalty(plain) / 500)
+
+
+def test_l0_optimizer_gives_log_alpha_its_own_adam_group():
+    from hf_dgate.optim import L0_GROUP_KEY, l0_optimizer
+
+    model = _l0_lenet(lam=1.0)  # the penalty gives every log_alpha a gradient (a clipped sample gives none)
+    bank = hf_dgate.get_bank(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    assert l0_optimizer(opt, model, lr=0.1) is opt and type(opt) is torch.optim.Adam
+    rest, mine = opt.param_groups
+    assert mine[L0_GROUP_KEY] and mine["lr"] == 0.1 and mine["weight_decay"] == 0.0
+    assert [id(p) for p in mine["params"]] == [id(bank.gammas["features"])]
+    assert rest["lr"] == 1e-3 and rest["weight_decay"] == 1e-4 and len(rest["params"]) == 6  # 3 Linear layers
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    x, y = _feature_data()
+    (torch.nn.functional.cross_entropy(model(x), y) + hf_dgate.penalty(model)).backward()
+    opt.step()  # Adam's first step moves every coordinate with a gradient by lr: 0.1 for log_alpha, 1e-3 the rest
+    la_step = (bank.gammas["features"] - before[id(bank.gammas["features"])]).abs()
+    torch.testing.assert_close(la_step, torch.full_like(la_step, 0.1), rtol=1e-3, atol=1e-6)
+    w_step = (model.fc1.weight - before[id(model.fc1.weight)]).abs().max()
+    assert 5e-4 < w_step.item() < 2e-3
+    with pytest.raises(ValueError, match="twice|first step"):
+        l0_optimizer(opt, model)
+    for bad in (0.0, -1.0, "0.1", True):
+        with pytest.raises(ValueError, match="lr="):
+            l0_optimizer(torch.optim.Adam(model.parameters()), model, lr=bad)
+    dgate = LeNet300100(in_features=20, num_classes=3, hidden=(16, 8))
+    hf_dgate.apply_dgate(dgate, hf_dgate.DGateConfig(target="features"))
+    with pytest.raises(ValueError, match="method='l0'"):
+        l0_optimizer(torch.optim.Adam(dgate.parameters()), dgate)
+
+
+def test_l0_lagrangian_multipliers_ascend_until_the_target_is_met():
+    from hf_dgate.optim import l0_optimizer
+
+    model = _l0_lenet(l0_target_sparsity=0.5, l0_droprate_init=0.5)  # expected sparsity 0.17 at init: below
+    bank = hf_dgate.get_bank(model)
+    assert torch.equal(bank.l0_multipliers, torch.zeros(2)) and hf_dgate.penalty(model).item() == 0.0
+    gap = bank.l0_expected_sparsity().item() - 0.5
+    hf_dgate.penalty(model).backward()  # d/d(l1, l2) = (s - t, (s - t)^2), negated so that descent ascends
+    torch.testing.assert_close(bank.l0_multipliers.grad, torch.tensor([-gap, -(gap**2)]))
+    opt = l0_optimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, lr=1.0)
+    opt.zero_grad()
+    penalties, sparsity = [], []
+    for _ in range(30):  # the penalty alone: the multipliers grow, and push the expected sparsity up
+        pen = hf_dgate.penalty(model)
+        penalties.append(pen.item())
+        sparsity.append(bank.l0_expected_sparsity().item())
+        opt.zero_grad()
+        pen.backward()
+        opt.step()
+    l1, l2 = bank.l0_multipliers.tolist()
+    assert l1 < 0 < l2
+    assert all(b > a for a, b in zip(penalties[:10], penalties[1:11]))  # below the target the term grows
+    assert sparsity[-1] > sparsity[0] + 0.1
+    with torch.no_grad():  # above the target, l1 ascends the other way
+        bank.gammas["features"].fill_(-8.0)
+    opt.zero_grad()
+    hf_dgate.penalty(model).backward()
+    assert bank.l0_multipliers.grad[0] < 0  # descent on -(s - t) < 0 raises l1
+
+
+def test_l0_multipliers_are_saved_and_restored(tmp_path):
+    model = make_model("llama")
+    config = hf_dgate.DGateConfig(target="heads", method="l0", l0_droprate_init=0.5, l0_target_sparsity=0.25)
+    hf_dgate.apply_dgate(model, config)
+    with torch.no_grad():
+        model.dgate.l0_multipliers.copy_(torch.tensor([-1.5, 2.5]))
+        model.dgate.gammas["heads"].uniform_(-3, 3)
+    hf_dgate.save_gated(model, tmp_path / "gated")
+    loaded = hf_dgate.load_gated(tmp_path / "gated")
+    assert hf_dgate.get_bank(loaded).config == config
+    assert torch.equal(loaded.dgate.l0_multipliers, model.dgate.l0_multipliers)
+    assert torch.equal(loaded.dgate.gammas["heads"], model.dgate.gammas["heads"])
+    torch.testing.assert_close(hf_dgate.penalty(loaded), hf_dgate.penalty(model))
+
+
+def test_l0_multipliers_are_reset_when_materialised_from_meta():
+    with torch.device("meta"):
+        model = LeNet300100(in_features=20, num_classes=3, hidden=(16, 8))
+    config = hf_dgate.DGateConfig(target="features", method="l0", l0_droprate_init=0.5, l0_target_sparsity=0.5)
+    hf_dgate.apply_dgate(model, config)
+    model.to_empty(device="cpu")
+    assert torch.equal(model.dgate.l0_multipliers, torch.zeros(2))
+    assert torch.equal(model.dgate.gammas["features"], torch.zeros(1, 20))  # logit(1 - 0.5)

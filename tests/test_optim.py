@@ -159,3 +159,19 @@ def test_trainer_warns_when_given_an_adam_without_the_recipe(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert DGateTrainer(model, args, optimizers=(opt, None)).create_optimizer() is opt
+
+
+def test_trainer_gives_l0_gates_their_own_rate(tmp_path):
+    from transformers import TrainingArguments
+
+    from hf_dgate.optim import L0_LR
+    from hf_dgate.trainer import DGateTrainer
+
+    args = TrainingArguments(str(tmp_path), report_to=[], use_cpu=True, save_strategy="no", learning_rate=1e-3)
+    torch.manual_seed(0)
+    model = LeNet300100(in_features=20, num_classes=3, hidden=(16, 8))
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="features", method="l0", lam=0.1))
+    opt = DGateTrainer(model, args).create_optimizer()
+    (mine,) = [g for g in opt.param_groups if g.get("dgate_l0")]
+    assert mine["lr"] == L0_LR and mine["weight_decay"] == 0.0
+    assert {id(p) for p in mine["params"]} == {id(p) for p in hf_dgate.get_bank(model).parameters() if p.requires_grad}
