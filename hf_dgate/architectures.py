@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from .compat import TRANSFORMERS_VERSION, experts_list
 from .config import TRANSFORMER_TARGETS, DGateConfig
 from .groups import (
     in_axis,
@@ -429,6 +430,12 @@ def stacked_experts(name: str, block: nn.Module, moe: Any) -> tuple[str, nn.Modu
     if not has_module(block, moe.experts):
         raise not_found("routed experts", name, block, "experts", moe.experts)
     experts = block.get_submodule(moe.experts)
+    if experts_list(experts) is not None:
+        raise StructureNotFoundError(
+            f"transformers {TRANSFORMERS_VERSION} stores the routed experts of '{name}' as a list of modules; hf_dgate "
+            "gates experts and their units in the stacked layout of transformers 5. Gate 'heads' or 'layers' here, "
+            "or upgrade transformers."
+        )
     down, gate_up = getattr(experts, moe.down, None), getattr(experts, moe.gate_up, None)
     flags_ok = not getattr(experts, "is_transposed", False) and getattr(experts, "is_concatenated", True)
     if down is None or gate_up is None or down.dim() != 3 or not flags_ok:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .architectures import BlockStack, block_stacks, find_blocks
+from .compat import HAS_HF_PRUNE_HEADS, build_on_meta, hf_prune_heads, rekey_pruned_heads
 from .config import TRANSFORMER_TARGETS, DGateConfig
 from .errors import ExportError
 from .groups import GroupSet
@@ -32,6 +33,7 @@ from .targets.heads import head_set, prune_head_group_set
 from .targets.layers import drop_layers
 
 PRUNING_KEY = "dgate_pruning"
+HF_PRUNED_HEADS = "hf_pruned_heads"  # record flag: heads were removed by transformers' own prune_heads (4.x)
 
 __all__ = ["ExportError", "export_pruned", "prune_heads", "pruned_structure"]
 
@@ -120,19 +122,19 @@ def prune_heads(model: nn.Module, heads_to_prune: dict[int, list[int]], dconfig:
     pruned earlier are ignored. Under GQA a key/value head can only go with all query heads that share it.
     With transformers 4.x and a model that still has `_prune_heads`, that implementation is used.
     """
-    base = _unwrap(model)
-    if hasattr(base, "_prune_heads") and callable(getattr(base, "prune_heads", None)):
-        base.prune_heads(heads_to_prune)  # transformers 4.x
-        return
     from types import SimpleNamespace
 
+    base = _unwrap(model)
     dconfig = _with_targets(dconfig or DGateConfig(target="heads"), ["heads"])
     record = _record(base) or {}
     blocks = find_blocks(base, dconfig)
     if "stacks" in record:
         raise ExportError("prune_heads works on single-stack models; this one records several stacks.")
     kept_heads = _current_heads(base, blocks, dconfig, record)
-    for layer, heads in heads_to_prune.items():
+    by_hf = hf_prune_heads(base, heads_to_prune)  # transformers 4.x, a family with its own head pruning
+    for layer, heads in heads_to_prune.items() if by_hf else ():
+        kept_heads[layer] = [h for h in kept_heads[layer] if h not in set(heads)]
+    for layer, heads in heads_to_prune.items() if not by_hf else ():
         if not 0 <= layer < len(blocks):
             raise ExportError(f"Layer {layer} does not exist; the model has {len(blocks)} layers.")
         name, block = blocks[layer]
@@ -161,6 +163,8 @@ def prune_heads(model: nn.Module, heads_to_prune: dict[int, list[int]], dconfig:
         kept_heads[layer] = [h for j, h in enumerate(kept_q) if not dead[j // n_rep]]
     structure = {"version": 1, "module_names": dconfig.module_names}
     structure.update(_structure(base, blocks, dconfig, {"self": kept_heads}))
+    if by_hf or record.get(HF_PRUNED_HEADS):
+        structure[HF_PRUNED_HEADS] = True
     for key in ("layers", "num_hidden_layers_original", "threshold", "not_removed"):
         if key in record:
             structure[key] = record[key]
@@ -202,8 +206,9 @@ def _prune_stack(
     n_before = len(st.blocks)
     kept = {kind: _current_heads(model, st.blocks, dconfig, prev, kind) for kind in ("self", "cross")}
     dead_layers = {gs.layer for gs, d in plan if gs.target == "layers" and bool(d.all())}
+    by_hf = _hf_prune_heads(model, st, plan, dead_layers, kept["self"], single=not prev.get("stacks"))
     for gs, dead in sorted(plan, key=lambda p: get_target(p[0].target).order):
-        if gs.layer in dead_layers or not bool(dead.any()):
+        if gs.layer in dead_layers or not bool(dead.any()) or id(gs) in by_hf:
             continue
         get_target(gs.target).remove(model, gs, dead)
         if gs.target == "heads":  # which original heads are left, for the record
@@ -213,6 +218,7 @@ def _prune_stack(
     kept_layers = [i for i in range(n_before) if i not in dead_layers]
     if dead_layers:
         drop_layers(model, st, dead_layers)
+        rekey_pruned_heads(model.config, kept_layers)
     blocks = model.get_submodule(st.path)
     now = [(f"{st.path}.{i}", b) for i, b in enumerate(blocks)]
     record = _structure(model, now, dconfig, {k: [v[i] for i in kept_layers] for k, v in kept.items()})
@@ -221,7 +227,36 @@ def _prune_stack(
         layers=[orig_layers[i] for i in kept_layers],
         num_hidden_layers_original=prev.get("num_hidden_layers_original", n_before),
     )
+    if by_hf or prev.get(HF_PRUNED_HEADS):
+        record[HF_PRUNED_HEADS] = True  # config.pruned_heads holds the heads; reloading must not shrink them again
     return record
+
+
+def _hf_prune_heads(
+    model: nn.Module,
+    st: BlockStack,
+    plan: list[tuple[GroupSet, torch.Tensor]],
+    dead_layers: set[int],
+    kept: list[list[int]],
+    single: bool,
+) -> set[int]:
+    """Remove dead heads with the model's own `prune_heads` where its transformers has one (4.x), so that
+    `config.pruned_heads` records them and a plain `from_pretrained` rebuilds the model. Returns the ids of the
+    group sets it handled (none elsewhere, and none where a layer would lose every head: transformers' attention
+    cannot run without heads, hf_dgate's bias-only attention can)."""
+    if not HAS_HF_PRUNE_HEADS or not single or st.name != st.path:
+        return set()
+    sets = [(gs, d) for gs, d in plan if gs.target == "heads" and gs.layer not in dead_layers and bool(d.any())]
+    if not sets or any(gs.meta.get("attention") != "self" or gs.meta["n_heads"] != gs.meta["n_kv"] for gs, _ in sets):
+        return set()
+    if any(bool(d.all()) for _, d in sets):
+        return set()
+    heads = {gs.layer: [kept[gs.layer][j] for j in range(len(d)) if d[j]] for gs, d in sets}
+    if not hf_prune_heads(model, heads):
+        return set()
+    for gs, d in sets:
+        kept[gs.layer] = [h for j, h in enumerate(kept[gs.layer]) if not d[j]]
+    return {id(gs) for gs, _ in sets}
 
 
 def _current_heads(
@@ -436,8 +471,7 @@ def _shapes_match(model: nn.Module) -> bool:
     if _has_patched_modules(model):
         return False
     try:
-        with torch.device("meta"):
-            fresh = type(model)(copy.deepcopy(model.config))
+        fresh = build_on_meta(type(model), model.config)
     except Exception:
         return False
     mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}

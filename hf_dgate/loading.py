@@ -3,15 +3,16 @@ lets people without hf_dgate load it with `trust_remote_code=True`."""
 
 from __future__ import annotations
 
-import copy
 import os
 from typing import Any
 
 import torch
 from torch import nn
 
+from .architectures import StructureNotFoundError
+from .compat import build_on_meta
 from .config import DGateConfig
-from .export import PRUNING_KEY, ExportError
+from .export import HF_PRUNED_HEADS, PRUNING_KEY, ExportError
 from .pruned_modules import ZeroHeadAttention, ZeroInputConv1D
 from .targets import find_group_sets, get_target
 
@@ -30,13 +31,22 @@ def rebuild_structure(model: nn.Module, structure: dict[str, Any]) -> nn.Module:
 
 def _rebuild_stack(model: nn.Module, record: dict[str, Any], module_names: dict[str, Any] | None) -> nn.Module:
     dense = any(isinstance(n, int) for n in record.get("neurons") or [])
-    present = {"heads": record.get("heads"), "neurons": dense or record.get("expert_units")}
+    # heads that transformers' own prune_heads removed (4.x) are re-applied from config.pruned_heads at construction
+    heads = record.get("heads") and not record.get(HF_PRUNED_HEADS)
+    present = {"heads": heads, "neurons": dense or record.get("expert_units")}
     targets = [t for t, on in {**present, "experts": record.get("experts")}.items() if on]
     if not targets:
         return model
-    dconfig = DGateConfig(target=targets, module_names=module_names)
-    with torch.device("cpu"):  # index vectors stay on the CPU even while transformers builds on "meta"
-        sets = find_group_sets(model, dconfig, refuse=False)
+    sets = []
+    for target in targets:
+        dconfig = DGateConfig(target=[target], module_names=module_names)
+        try:
+            with torch.device("cpu"):  # index vectors stay on the CPU even while transformers builds on "meta"
+                sets += find_group_sets(model, dconfig, refuse=False)
+        except StructureNotFoundError:
+            # a layout this transformers cannot gate (4.x listed experts) cannot have been pruned by an export made
+            # with it; an export from another line that did shrink it then fails loudly on the weights' shapes
+            continue
     for gs in sets:
         counts = record.get(_record_key(gs)) or []
         layer = int(gs.layer)
@@ -200,8 +210,7 @@ def remote_code_source(base: str, cls: str, model_type: str) -> str:
 def remote_code_spec(model: nn.Module) -> dict[str, Any]:
     """What a fresh `type(model)(config)` must change to become `model`: tensor shapes, int attributes, no-head
     attention layers and no-input Conv1Ds. Found by comparing with a fresh build on the meta device."""
-    with torch.device("meta"):
-        fresh = type(model)(copy.deepcopy(model.config))
+    fresh = build_on_meta(type(model), model.config)
     fresh_params = dict(fresh.named_parameters())
     shapes = {
         n: list(p.shape)

@@ -23,7 +23,9 @@ class ZeroInputConv1D:
 def no_head_forward(self, hidden_states=None, *args, **kwargs):
     """Forward of an attention layer without heads: the output projection applied to an empty context."""
     if hidden_states is None:
-        hidden_states = kwargs.pop("hidden_states")
+        hidden_states = kwargs.pop("hidden_states", None)
+    if hidden_states is None:  # DistilBERT in transformers 4.x passes query=, key=, value=
+        hidden_states = kwargs["query"]
     cache = kwargs.get("past_key_values", kwargs.get("layer_past"))
     if cache is None:
         cache = next((a for a in args if hasattr(a, "update") and hasattr(a, "get_seq_length")), None)

@@ -255,17 +255,22 @@ SPECS: dict[str, ArchSpec] = {
     ),
     "llava": ArchSpec(  # a vision tower feeding a language model: each stack follows its own sub-config
         stacks=(
-            Stack(
-                "vision_tower.encoder.layers",
-                "vision",
-                config="vision_config",
-                refuse=(
-                    (
-                        "layers",
-                        "the language model reads the vision tower's hidden states by layer index "
-                        "(vision_feature_layer), which dropping layers would shift; gate 'heads' or 'neurons' there",
+            *(
+                Stack(
+                    path,
+                    "vision",
+                    config="vision_config",
+                    refuse=(
+                        (
+                            "layers",
+                            "the language model reads the vision tower's hidden states by layer index "
+                            "(vision_feature_layer), which dropping layers would shift; gate 'heads' or 'neurons' "
+                            "there",
+                        ),
                     ),
-                ),
+                )
+                # transformers 4.x wraps the tower's transformer in a CLIPVisionModel (one level deeper)
+                for path in ("vision_tower.encoder.layers", "vision_tower.vision_model.encoder.layers")
             ),
             Stack("language_model.layers", "text", config="text_config"),
         )

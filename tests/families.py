@@ -2,7 +2,8 @@
 
 `cell(family, target)` runs one cell and returns its outcome as a short string ("exact, native reload",
 "exact, AutoPrunedModel reload" or "refused: <why>"); tests/test_coverage.py checks every cell against the table
-in docs/coverage.md, which `python tests/families.py --write` regenerates.
+in docs/coverage.md, which `python tests/families.py --write` regenerates (run under transformers 4.x it writes the
+cells that differ there into docs/transformers_versions.md).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import transformers as T
 
 import hf_dgate
+from hf_dgate.compat import HAS_HF_PRUNE_HEADS
 from hf_dgate.loading import write_remote_code
 
 TARGETS = ("heads", "neurons", "layers", "experts")
@@ -217,6 +219,9 @@ def _why(e: Exception) -> str:
         ("RMSNorm spans", "query/key norm spans all heads (no exact removal)"),
         ("no attention heads", "no attention"),
         ("no MLP", "no MLP"),
+        ("list of modules", "experts stored as a list of modules (transformers 4.x)"),
+        ("Could not find the routed experts", "routed experts not found (Mixtral in transformers 4.x)"),
+        ("width of its input", "attention reshapes to its input width (transformers 4.x)"),
     ):
         if key in msg:
             return short
@@ -225,6 +230,10 @@ def _why(e: Exception) -> str:
 
 TABLE_START, TABLE_END = "<!-- coverage:start -->", "<!-- coverage:end -->"
 DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "coverage.md")
+# the cells that differ on transformers 4.x live with the other differences between the lines
+LINE4_START, LINE4_END = "<!-- coverage-4x:start -->", "<!-- coverage-4x:end -->"
+VERSIONS_DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "transformers_versions.md")
+LINE4 = HAS_HF_PRUNE_HEADS  # the installed transformers is of the 4.x line
 
 
 def table(rows: dict[str, dict[str, str]]) -> str:
@@ -243,6 +252,45 @@ def read_table(path: str = DOC) -> dict[str, dict[str, str]]:
     return rows
 
 
+def _between(path: str, start: str, end: str) -> tuple[str, str, str]:
+    text = open(path).read()
+    i, j = text.index(start) + len(start), text.index(end)
+    return text[:i], text[i:j], text[j:]
+
+
+def read_line4(path: str = VERSIONS_DOC) -> dict[str, dict[str, str]]:
+    """The cells that differ on transformers 4.x: {family: {target: cell}}."""
+    out: dict[str, dict[str, str]] = {}
+    for line in _between(path, LINE4_START, LINE4_END)[1].strip().splitlines()[2:]:
+        fam, target, result = (c.strip() for c in line.strip().strip("|").split("|"))
+        out.setdefault(fam, {})[target] = result
+    return out
+
+
+def expected() -> dict[str, dict[str, str]]:
+    """What every cell should give with the installed transformers."""
+    rows = read_table()
+    if LINE4:
+        for fam, cells in read_line4().items():
+            rows[fam] = {**rows[fam], **cells}
+    return rows
+
+
+def write(rows: dict[str, dict[str, str]]) -> None:
+    """5.x: the full table in docs/coverage.md; 4.x: the cells that differ from it, in the versions doc."""
+    if not LINE4:
+        head, _, tail = _between(DOC, TABLE_START, TABLE_END)
+        with open(DOC, "w") as f:
+            f.write(f"{head}\n{table(rows)}\n{tail}")
+        return
+    main = read_table()
+    diff = [(fam, t, rows[fam][t]) for fam in rows for t in TARGETS if rows[fam][t] != main[fam][t]]
+    lines = ["| family | target | transformers 4.57 |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in diff]
+    head, _, tail = _between(VERSIONS_DOC, LINE4_START, LINE4_END)
+    with open(VERSIONS_DOC, "w") as f:
+        f.write(head + "\n" + "\n".join(lines) + "\n" + tail)
+
+
 if __name__ == "__main__":  # python tests/families.py --write: run every cell, rewrite the table in docs/coverage.md
     T.logging.set_verbosity_error()
     rows = {}
@@ -255,7 +303,4 @@ if __name__ == "__main__":  # python tests/families.py --write: run every cell, 
                 rows[fam][target] = f"FAILS: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:60]}"
             print(f"{fam:18s} {target:8s} {rows[fam][target]}", flush=True)
     if "--write" in sys.argv:
-        text = open(DOC).read()
-        head, tail = text[: text.index(TABLE_START) + len(TABLE_START)], text[text.index(TABLE_END) :]
-        with open(DOC, "w") as f:
-            f.write(f"{head}\n{table(rows)}\n{tail}")
+        write(rows)

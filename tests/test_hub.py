@@ -48,6 +48,12 @@ def hub_calls(monkeypatch):
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    # transformers 4.x pushes through huggingface_hub's module-level functions, bound to an HfApi made at import
+    import transformers.utils.hub as transformers_hub
+
+    for name, fn in (("create_repo", create_repo), ("create_commit", create_commit)):
+        if hasattr(transformers_hub, name):
+            monkeypatch.setattr(transformers_hub, name, lambda *a, _fn=fn, **k: _fn(None, *a, **k))
     return calls
 
 
@@ -83,7 +89,7 @@ def test_export_to_dir_uploads_weights_config_and_card(gated_llama, hub_calls, t
 def test_push_to_hub_on_the_exported_model(gated_llama, hub_calls, monkeypatch):
     # transformers reads the remote card first: a download, intercepted like the upload
     monkeypatch.setattr(
-        "transformers.utils.hub.create_and_tag_model_card", lambda repo_id, tags=None, token=None: ModelCard("card")
+        "transformers.utils.hub.create_and_tag_model_card", lambda repo_id, *a, **k: ModelCard("card")
     )
     pruned = hf_dgate.export_pruned(gated_llama)
     pruned.push_to_hub("me/pruned")

@@ -6,6 +6,7 @@ import transformers as T
 
 import hf_dgate
 from hf_dgate.architectures import StructureNotFoundError, find_stacks
+from hf_dgate.compat import HAS_HF_PRUNE_HEADS
 
 
 def bart():
@@ -140,6 +141,12 @@ def test_chosen_decoder_stack_with_its_own_head_count_exports_exactly(tmp_path):
 
 def test_chosen_vision_tower_uses_the_vision_config():
     model = clip()
+    if HAS_HF_PRUNE_HEADS:  # CLIP's attention in transformers 4.x cannot lose heads (docs/transformers_versions.md)
+        with pytest.raises(ValueError, match="width of its input"):
+            hf_dgate.apply_dgate(clip(), target="heads", module_names={"layers": "vision_model.encoder.layers"})
+        hf_dgate.apply_dgate(model, target="neurons", module_names={"layers": "vision_model.encoder.layers"})
+        assert hf_dgate.get_bank(model).sizes["neurons"] == 3 * 64  # vision_config: 3 layers x 64 neurons
+        return
     hf_dgate.apply_dgate(model, target="heads", module_names={"layers": "vision_model.encoder.layers"})
     assert hf_dgate.get_bank(model).sizes["heads"] == 3 * 2  # vision_config: 3 layers x 2 heads
 

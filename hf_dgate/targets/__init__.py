@@ -70,6 +70,8 @@ def _stack_group_sets(
         for layer, (name, block) in enumerate(stack.blocks):
             new = target.find_in_block(model, stack.config, config, layer, name, block)
             for gs in new:
+                if refuse and gs.meta.get("refuse"):  # found, but the installed transformers cannot run it pruned
+                    raise ValueError(gs.meta["refuse"])
                 gs.meta.update(stack=stack.path, stack_name=stack.name)
             sets += new
     return sets

@@ -17,6 +17,7 @@ from ..architectures import (
     not_found,
     out_features,
 )
+from ..compat import TRANSFORMERS_VERSION, input_width_reshape, output_width_attrs
 from ..config import DGateConfig
 from ..errors import ExportError
 from ..groups import UNGATED, GroupSet, Site, TensorSlice, input_slices, output_slices, slice_index
@@ -101,6 +102,13 @@ def head_set(
         sites = [Site(full(parts["o"]), "input", -1, q_group)]
         primary, used = input_slices(full(parts["o"]), o, q_group), "output"
     meta = dict(parts, n_heads=n_heads, n_kv=n_kv, head_dim=hd, side=used, attention="cross" if cross else "self")
+    core_rel = (parts.get("v") or parts.get("qkv") or "").rpartition(".")[0]
+    if (parts.get("v") or parts.get("qkv")) and input_width_reshape(get(core_rel) if core_rel else block):
+        meta["refuse"] = (  # apply_dgate refuses; reloading an export (no head removed here) goes on
+            f"target='heads' is not available for '{name}': its attention module in transformers "
+            f"{TRANSFORMERS_VERSION} reshapes its output to the width of its input, so it cannot run with fewer "
+            "heads; gate 'neurons' or 'layers', or upgrade to transformers 5"
+        )
     return GroupSet("heads", layer, n_kv, sites, primary, removable, meta)
 
 
@@ -127,7 +135,7 @@ def prune_head_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -> 
             setattr(core, attr, n_kv)
     if meta.get("config_heads") and getattr(core, "config", None) is not None:
         own_head_config(core, n_q, n_kv)  # this layer's own head counts (the forward reads them there)
-    for attr in ("all_head_size", "split_size"):
+    for attr in ("all_head_size", "split_size", *output_width_attrs(core)):
         if isinstance(getattr(core, attr, None), int):
             setattr(core, attr, n_q * hd)
     if n_kv == 0 and not isinstance(core, ZeroHeadAttention):
@@ -146,6 +154,8 @@ class Heads(Target):
 
     def native_edit(self, cfg, record):
         heads = [len(h) for h in record.get("heads") or []]
+        if record.get("hf_pruned_heads"):  # config.pruned_heads expresses them already (transformers 4.x)
+            return {}
         if record.get("cross_heads") or len(set(heads)) != 1 or heads[0] in (0, cfg.num_attention_heads):
             return {}
         edit = {"num_attention_heads": heads[0], "head_dim": record["head_dim"]}

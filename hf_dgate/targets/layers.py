@@ -19,6 +19,7 @@ from ..architectures import (
     out_features,
     stacked_experts,
 )
+from ..compat import experts_list
 from ..config import DGateConfig
 from ..errors import ExportError
 from ..groups import GroupSet, Site, TensorSlice, whole_module_slices, whole_weight_slices
@@ -72,13 +73,21 @@ def _layer_set(
 def _moe_layer_set(layer: int, name: str, block: nn.Module, config: DGateConfig, hf_config: Any, moe: Any) -> GroupSet:
     o_rel = attention_parts(name, block, config, hf_config)["o"]
     o = block.get_submodule(o_rel)
-    full = stacked_experts(name, block, moe)[0]
     hidden = out_features(o)
     sites = [
         Site(f"{name}.{o_rel}", "output", -1, torch.zeros(hidden, dtype=torch.long)),
         Site(f"{name}.{moe.block}", "output", -1, torch.zeros(hidden, dtype=torch.long)),
     ]
-    primary = whole_weight_slices(f"{name}.{o_rel}", o) + [TensorSlice(full, moe.down, None, torch.tensor([0]))]
+    primary = whole_weight_slices(f"{name}.{o_rel}", o)
+    listed = experts_list(block.get_submodule(moe.experts)) if has_module(block, moe.experts) else None
+    if listed is not None:  # transformers 4.x: one MLP module per expert; its down projection writes the branch
+        for i, expert in listed:
+            for rel, m in expert.named_modules():
+                if isinstance(m, nn.Linear) and m.out_features == hidden:
+                    primary += whole_weight_slices(f"{name}.{moe.experts}.{i}.{rel}", m)
+    else:
+        full = stacked_experts(name, block, moe)[0]
+        primary.append(TensorSlice(full, moe.down, None, torch.tensor([0])))
     if moe.shared is not None and has_module(block, moe.shared.down):
         primary += whole_weight_slices(f"{name}.{moe.shared.down}", block.get_submodule(moe.shared.down))
     return GroupSet("layers", layer, 1, sites, primary, whole_module_slices(name, block), {"block": name})
