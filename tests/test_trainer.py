@@ -376,3 +376,16 @@ def test_grey_groups_are_logged_and_warned_about(tmp_path):
     logged = [h for h in trainer.state.log_history if "dgate/neurons_grey" in h]
     assert logged and logged[-1]["dgate/neurons_grey"] > 20
     assert hf_dgate.sparsity_report(model).targets["neurons"].grey > 20
+
+
+def test_a_missed_target_sparsity_is_said_at_the_end(tmp_path):
+    tr = DGateTrainer(
+        tiny_gpt2(),
+        targs(tmp_path, max_steps=2),
+        dgate_config=hf_dgate.DGateConfig(target="heads", lam=1e-3),
+        target_sparsity=0.9,
+        controller_interval=1,
+        train_dataset=token_data(8),
+    )
+    with pytest.warns(UserWarning, match=r"target_sparsity=0.9 was not reached: heads ended at 0\.000"):
+        tr.train()
