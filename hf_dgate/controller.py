@@ -1,7 +1,8 @@
 """How lam moves during training: a linear warm-up and an optional controller toward a requested sparsity.
 
 Kept apart from the Trainer so the rule is plain arithmetic that can be tested and reused in any loop:
-call `lam_at(step)` before each optimizer step and, every `interval` steps, `update(step, *measure(norms, ...))`.
+call `lam_at(step)` before each optimizer step and `observe(step, norms, thresholds)` after it (it acts every
+`interval` steps).
 """
 
 from __future__ import annotations
@@ -111,10 +112,10 @@ class LamController:
         `interval` steps); keeps the norms for the next call, and in `state_dict`, so a resumed run decides alike."""
         if self.target_sparsity is None or step % self.interval != 0:
             return False
-        norms = norms.detach().float().cpu()
+        norms, thresholds = norms.detach().float().cpu(), thresholds.detach().float().cpu()
         previous = None if self.last_norms is None else torch.tensor(self.last_norms, dtype=torch.float32)
-        committed, settled = measure(norms, thresholds.detach().float().cpu(), previous)
-        zero = float((norms < thresholds.detach().float().cpu()).float().mean())
+        committed, settled = measure(norms, thresholds, previous)
+        zero = float((norms < thresholds).float().mean())
         self.last_norms = norms.tolist()
         return self.update(step, zero, settled=settled, committed=committed)
 

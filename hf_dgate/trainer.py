@@ -29,6 +29,7 @@ from .config import DGateConfig
 from .controller import LamController
 from .errors import NonFiniteError
 from .groups import GateBank
+from .optim import GROUP_KEY, L0_GROUP_KEY, L0_LR, dgate_optimizer, l0_optimizer
 from .patch import apply_dgate, get_bank
 from .report import SparsityReport, sparsity_report
 from .saving import (
@@ -207,7 +208,7 @@ class DGateTrainer(Trainer):
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it later; some integrations earlier
         if lr == "auto" and type(inner) is torch.optim.SGD:
             return optimizer
-        key = "dgate" if method == "dgate" else "dgate_l0"
+        key = GROUP_KEY if method == "dgate" else L0_GROUP_KEY
         helper = "dgate_optimizer" if method == "dgate" else "l0_optimizer"
         if not built:
             if not any(g.get(key) for g in inner.param_groups):
@@ -219,8 +220,6 @@ class DGateTrainer(Trainer):
                     stacklevel=2,
                 )
             return optimizer
-        from .optim import L0_LR, dgate_optimizer, l0_optimizer
-
         if method == "l0":  # log_alpha at its own, larger rate in the optimizer's own units (Adam: 0.1)
             l0_optimizer(inner, self.model, lr=L0_LR if lr == "auto" else lr)
         else:
