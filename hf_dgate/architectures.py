@@ -79,10 +79,6 @@ class StructureNotFoundError(ValueError):
     """A target's structure (value projection, MLP, block list) could not be located."""
 
 
-
-
-
-
 # ---- blocks ------------------------------------------------------------------------------------------------
 def find_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     """Every top-level list of transformer blocks (a decoder; encoder and decoder; vision and text towers).
@@ -257,6 +253,19 @@ def stack_config(model: nn.Module, block_name: str) -> Any:
     return _text_config(model)
 
 
+def layer_config(cfg: Any, layer: int | str) -> Any:
+    """The config one block follows (`layer`: its index or qualified name): its own view where a 5.x config
+    overrides fields per layer (`per_layer_config`), else `cfg` itself."""
+    if isinstance(layer, str):
+        tail = layer.rpartition(".")[2]
+        if not tail.isdigit():
+            return cfg
+        layer = int(tail)
+    if getattr(cfg, "is_heterogeneous", False) and 0 <= layer < len(cfg.per_layer_config):
+        return cfg.per_layer_config[layer]
+    return cfg
+
+
 def _text_config(model: nn.Module) -> Any:
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "get_text_config"):
@@ -350,7 +359,13 @@ def cross_attention_parts(block: nn.Module, hf_config: Any) -> dict[str, Any] | 
 
 
 def _present(block: nn.Module, parts: dict[str, Any]) -> bool:
-    return all(has_module(block, rel) for key, rel in parts.items() if isinstance(rel, str) and key != "layout")
+    names = [rel for key, rel in parts.items() if isinstance(rel, str) and key != "layout"]
+    return all(has_module(block, rel) for rel in [*names, *parts.get("per_head", ())])
+
+
+def dense_mlp_block(spec: Any, block: nn.Module) -> bool:
+    """Whether a block of a mixture-of-experts family has the family's dense MLP instead (Step 3.7's first layers)."""
+    return spec is not None and any(has_module(block, m.down) for m in spec.mlps())
 
 
 def has_module(block: nn.Module, rel: str) -> bool:
@@ -386,10 +401,6 @@ def head_geometry(hf_config: Any, o: nn.Module, name: str) -> tuple[int, int, in
     return n_heads, n_kv, head_dim
 
 
-
-
-
-
 # ---- MLP neurons -------------------------------------------------------------------------------------------------
 def mlp_parts(name: str, block: nn.Module, config: DGateConfig, hf_config: Any = None) -> tuple[str, list[str]]:
     """(down, [up, ...]) relative names: the user's `module_names`, else the family's entry, else common names."""
@@ -423,8 +434,6 @@ def _attention_out_name(name: str, block: nn.Module, config: DGateConfig, hf_con
         return None
 
 
-
-
 def stacked_experts(name: str, block: nn.Module, moe: Any) -> tuple[str, nn.Module, int, int]:
     """The stacked expert tensors of a block: (qualified name, module, experts, units per expert)."""
     if not has_module(block, moe.experts):
@@ -451,21 +460,7 @@ def stacked_experts(name: str, block: nn.Module, moe: Any) -> tuple[str, nn.Modu
     return f"{name}.{moe.experts}", experts, n_exp, units
 
 
-
-
-
-
-
-
 # ---- whole layers ----------------------------------------------------------------------------------------------
 
 
-
-
-
-
-
-
 # ---- user-defined groups on any module ---------------------------------------------------------------------
-
-

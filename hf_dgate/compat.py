@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import inspect
 import re
+import warnings
 from functools import cache
 from typing import Any
 
@@ -28,11 +29,15 @@ __all__ = [
     "HAS_PER_LAYER_CONFIG",
     "TRANSFORMERS_VERSION",
     "build_on_meta",
+    "config_value",
     "experts_list",
     "hf_prune_heads",
     "input_width_reshape",
     "output_width_attrs",
+    "per_layer_overrides",
+    "rekey_per_layer_config",
     "rekey_pruned_heads",
+    "set_per_layer_overrides",
 ]
 
 TRANSFORMERS_VERSION: str = transformers.__version__
@@ -44,6 +49,35 @@ HAS_HF_PRUNE_HEADS: bool = callable(getattr(PreTrainedModel, "prune_heads", None
 # transformers 5.x (recent): `config.per_layer_config` overrides fields per layer for the families whose modeling
 # code reads it; whether a family does is found by building it (export._make_native), not assumed.
 HAS_PER_LAYER_CONFIG: bool = isinstance(getattr(_ConfigBase, "per_layer_config", None), property)
+
+
+def per_layer_overrides(config: Any) -> dict[int, dict[str, Any]] | None:
+    """The fields a heterogeneous config (5.x `per_layer_config`) overrides per layer, or None where it has none."""
+    spec = vars(config).get("_heterogeneity_spec") if HAS_PER_LAYER_CONFIG else None
+    return copy.deepcopy(spec.per_layer_overrides) if spec is not None else None
+
+
+def set_per_layer_overrides(config: Any, overrides: dict[int, dict[str, Any]] | None) -> None:
+    """Replace a config's per-layer overrides (None or {}: a homogeneous config again)."""
+    config.per_layer_config = overrides or None
+
+
+def config_value(config: Any, key: str, default: Any = None) -> Any:
+    """`config.<key>`, also where a heterogeneous config varies it per layer (the global value then; transformers
+    raises on plain access there, so per-layer readers use `config.per_layer_config[i]`)."""
+    read = getattr(config, "_getattr_without_heterogeneous_validation", None)
+    if read is not None:
+        return read(key, default)
+    return getattr(config, key, default)
+
+
+def rekey_per_layer_config(config: Any, kept_layers: list[int]) -> None:
+    """After layers were dropped: move each layer's overrides to the layer's new position (call it once the
+    config counts the kept layers)."""
+    overrides = per_layer_overrides(config)
+    if overrides:
+        new_pos = {old: new for new, old in enumerate(kept_layers)}
+        set_per_layer_overrides(config, {new_pos[i]: v for i, v in overrides.items() if i in new_pos})
 
 
 def hf_prune_heads(model: nn.Module, heads_to_prune: dict[int, list[int]]) -> bool:
@@ -80,7 +114,8 @@ def build_on_meta(model_class: type, config: Any) -> nn.Module:
     pruned = getattr(config, "pruned_heads", None) if HAS_HF_PRUNE_HEADS else None
     if pruned:
         config.pruned_heads = {}
-    with torch.device("meta"):
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors")  # a layer left with no units
         model = model_class(config)
     if pruned:
         with torch.device("cpu"):

@@ -136,9 +136,7 @@ class LamController:
             setattr(self, k, getattr(restored, k))
 
 
-def measure(
-    norms: torch.Tensor, thresholds: torch.Tensor, previous: torch.Tensor | None = None
-) -> tuple[float, bool]:
+def measure(norms: torch.Tensor, thresholds: torch.Tensor, previous: torch.Tensor | None = None) -> tuple[float, bool]:
     """(committed sparsity, settled) of one target from its group norms now and one interval ago.
 
     Committed: groups under their threshold, and groups falling toward it: under FALLING_RATIO of the target's

@@ -21,14 +21,23 @@ import torch
 from torch import nn
 
 from .architectures import BlockStack, block_stacks, find_blocks
-from .compat import HAS_HF_PRUNE_HEADS, build_on_meta, hf_prune_heads, rekey_pruned_heads
+from .compat import (
+    HAS_HF_PRUNE_HEADS,
+    HAS_PER_LAYER_CONFIG,
+    build_on_meta,
+    config_value,
+    hf_prune_heads,
+    per_layer_overrides,
+    rekey_pruned_heads,
+    set_per_layer_overrides,
+)
 from .config import TRANSFORMER_TARGETS, DGateConfig
 from .errors import ExportError
 from .groups import GroupSet
 from .patch import _unwrap, get_bank, remove_dgate
 from .pruned_modules import ZeroHeadAttention, ZeroInputConv1D
 from .targets import BUILTIN, get_target
-from .targets.base import settable
+from .targets.base import MISSING, merge_edits, settable
 from .targets.heads import head_set, prune_head_group_set
 from .targets.layers import drop_layers
 
@@ -277,32 +286,6 @@ def _with_targets(dconfig: DGateConfig, targets: list[str]) -> DGateConfig:
     return DGateConfig(target=targets, module_names=dconfig.module_names, head_side="auto")
 
 
-
-
-
-
-
-
-# ---- heads --------------------------------------------------------------------------------------------------
-
-
-
-
-# ---- neurons ------------------------------------------------------------------------------------------------
-
-
-# ---- mixtures of experts ---------------------------------------------------------------------------------------
-
-
-
-
-# ---- layers -------------------------------------------------------------------------------------------------
-
-
-
-
-
-
 # ---- the recorded structure ---------------------------------------------------------------------------------
 def _structure(
     model: nn.Module, blocks: list[tuple[str, nn.Module]], dconfig: DGateConfig, kept: dict[str, list[list[int]]]
@@ -324,10 +307,9 @@ def _structure(
         rows["kv_heads"].append(n_kv)
         rows["neurons"].append(n_neur)
         head_dims.append(hd)
-        moe = _moe_geometry(model, name, block)
-        if moe is not None:
-            rows.setdefault("experts", []).append(moe[0])
-            rows.setdefault("expert_units", []).append(moe[1])
+        moe = _moe_geometry(model, name, block)  # None for a dense block (some families mix both)
+        rows.setdefault("experts", []).append(moe[0] if moe else None)
+        rows.setdefault("expert_units", []).append(moe[1] if moe else None)
         cross = _block_geometry(model, name, block, dconfig, "cross")
         if cross is not None:
             theirs = kept.get("cross")
@@ -337,7 +319,7 @@ def _structure(
     out.update(heads=rows["heads"], kv_heads=rows["kv_heads"], head_dim=head_dims[0], neurons=rows["neurons"])
     if rows["cross_heads"]:
         out.update(cross_heads=rows["cross_heads"], cross_kv_heads=rows["cross_kv_heads"])
-    if rows.get("experts"):
+    if any(n is not None for n in rows["experts"]):
         out.update(experts=rows["experts"], expert_units=rows["expert_units"])
     return out
 
@@ -365,14 +347,16 @@ def _block_geometry(
     from .architectures import (
         attention_parts,
         cross_attention_parts,
+        dense_mlp_block,
         has_module,
         kv_head_count,
+        layer_config,
         mlp_parts,
         stack_config,
     )
     from .registry import spec_for
 
-    cfg = stack_config(model, name)
+    cfg = layer_config(stack_config(model, name), name)
     spec = spec_for(cfg)
     if getattr(cfg, "num_attention_heads", None) is None or (spec is not None and spec.attention is None):
         return None  # no attention heads to describe (Mamba)
@@ -382,7 +366,8 @@ def _block_geometry(
         return None
     if parts is None:
         return None
-    if spec is not None and spec.experts is not None:  # a mixture of experts: its dense MLP is the shared expert
+    if spec is not None and spec.experts is not None and not dense_mlp_block(spec, block):
+        # a mixture of experts: its dense MLP is the shared expert
         shared = spec.experts.shared
         down_rel = shared.down if shared is not None and has_module(block, shared.down) else None
     else:
@@ -428,31 +413,45 @@ def _write_record(model: nn.Module, structure: dict[str, Any]) -> None:
 def _make_native(model: nn.Module, structure: dict[str, Any]) -> bool:
     """Rewrite the config so a plain `from_pretrained` builds exactly these shapes, when the config can say so.
 
-    Each target proposes the config fields that would express what is left of it (equal head counts with an
-    explicit head size, equal neuron counts, equal expert counts); every combination, largest first, is verified
-    by validating the rewritten config and building the model class from it on the meta device, comparing every
-    tensor shape. Multi-stack records are only checked as they are (their layer counts were set on removal).
+    Each target proposes the config fields that would express what is left of it: one count for every layer, the
+    family's own per-layer list, or 5.x `per_layer_config` overrides (targets/base.py `per_layer_edit`). Every
+    combination, largest first, is verified by validating the rewritten config and building the model class from it
+    on the meta device, comparing every tensor shape; so a form counts only where the installed transformers really
+    builds it. Multi-stack records are only checked as they are (their layer counts were set on removal).
     """
     cfg = _text_cfg(model)
     if cfg is None or "stacks" in structure or not structure.get("heads"):
         return _shapes_match(model)
     edits = [e for e in (t.native_edit(cfg, structure) for t in BUILTIN.values() if t.per_block) if e]
-    originals = {k: getattr(cfg, k, None) for e in edits for k in e}
-    candidates = [{k: v for e in edits for k, v in e.items()}, *edits, {}]
-    for edit in candidates:
+    fields = {k for e in edits for k in e if k != "per_layer_config"}
+    originals = {k: config_value(cfg, k, MISSING) for k in fields}
+    original_overrides = per_layer_overrides(cfg)
+    for edit in [merge_edits(*edits), *edits, {}]:
         _set_cfg(cfg, originals)
-        _set_cfg(cfg, edit)
+        _set_cfg(cfg, edit, original_overrides)
         if _config_valid(model.config) and _shapes_match(model):
             return True
-    _set_cfg(cfg, originals)
+    _set_cfg(cfg, originals, original_overrides)
     return False
 
 
-def _set_cfg(cfg: Any, values: dict[str, Any]) -> None:
+def _set_cfg(cfg: Any, values: dict[str, Any], overrides: dict[int, dict[str, Any]] | None = None) -> None:
+    """Set config fields, then the per-layer overrides: `overrides` with `values["per_layer_config"]` on top
+    (nothing changes them when both are None)."""
     for k, v in values.items():
-        if (v is None and not hasattr(cfg, k)) or not settable(cfg, k):
+        if k == "per_layer_config" or not settable(cfg, k):
             continue
-        setattr(cfg, k, v)
+        if v is MISSING:  # a field the config did not have before a candidate set it
+            vars(cfg).pop(k, None)
+        else:
+            setattr(cfg, k, v)
+    extra = values.get("per_layer_config")
+    if HAS_PER_LAYER_CONFIG and (extra or overrides is not None or per_layer_overrides(cfg) is not None):
+        merged = merge_edits({"per_layer_config": overrides or {}}, {"per_layer_config": extra or {}})
+        try:
+            set_per_layer_overrides(cfg, merged["per_layer_config"])
+        except (ValueError, TypeError):  # the config refuses these overrides: the candidate cannot be native
+            set_per_layer_overrides(cfg, overrides)
 
 
 def _config_valid(cfg: Any) -> bool:

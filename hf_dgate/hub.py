@@ -160,8 +160,8 @@ def _stack_table(record: dict[str, Any]) -> str:
     if any(n is not None for n in neurons or []):
         columns.append(("neurons kept", lambda i: neurons[i] if neurons[i] is not None else "-"))
     if record.get("experts"):
-        columns.append(("experts kept", lambda i: record["experts"][i]))
-        columns.append(("units per expert", lambda i: record["expert_units"][i]))
+        for title, key in (("experts kept", "experts"), ("units per expert", "expert_units")):  # "-": a dense layer
+            columns.append((title, lambda i, key=key: "-" if record[key][i] is None else record[key][i]))
     rows = ["| layer (original) | " + " | ".join(c for c, _ in columns) + " |", "|---:|" + "---|" * len(columns)]
     for i in range(len(heads)):
         cells = " | ".join(str(f(i)) for _, f in columns)
@@ -398,4 +398,3 @@ def _folded_copy(base: nn.Module) -> nn.Module:
     dense = copy.deepcopy(base)
     remove_dgate(dense, merge=True)
     return dense.eval()
-

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .architectures import StructureNotFoundError
-from .compat import build_on_meta
+from .compat import build_on_meta, config_value
 from .config import DGateConfig
 from .export import HF_PRUNED_HEADS, PRUNING_KEY, ExportError
 from .pruned_modules import ZeroHeadAttention, ZeroInputConv1D
@@ -169,7 +169,7 @@ verbatim, then the model class.
 """
 '''
 
-REMOTE_CODE_FOOTER = '''
+REMOTE_CODE_FOOTER = """
 
 # ---- the model class ----------------------------------------------------------------------------------------
 import transformers as _transformers  # noqa: E402
@@ -192,7 +192,7 @@ try:  # transformers >= 5 renames legacy checkpoint keys only for its own classe
         _cm.register_checkpoint_conversion_mapping({cls_literal}, _conversions, overwrite=True)
 except ImportError:
     pass
-'''
+"""
 
 
 def remote_code_source(base: str, cls: str, model_type: str) -> str:
@@ -235,7 +235,7 @@ def remote_code_spec(model: nn.Module) -> dict[str, Any]:
     head_configs = {}  # per-module config copies with their own head counts (Phi-3)
     for name, m in model.named_modules():
         f = fresh_modules.get(name)
-        heads = [getattr(getattr(x, "config", None), k, None) for x in (m, f) for k in HEAD_FIELDS]
+        heads = [config_value(getattr(x, "config", None), k) for x in (m, f) for k in HEAD_FIELDS]
         if name and f is not None and all(isinstance(h, int) for h in heads) and heads[:2] != heads[2:]:
             head_configs[name] = heads[:2]
     spec = {"shapes": shapes, "attrs": attrs, "no_head": no_head, "no_input": no_input}

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .compat import config_value
+
 # Fused query/key/value layouts along the output axis (h: query heads, g: key/value heads, r = h / g):
 #   blocked      [q_1..q_h | k_1..k_g | v_1..v_g]              GPT-2 c_attn, Phi-3 qkv_proj, ModernBERT Wqkv
 #   interleaved  [q_1 k_1 v_1 | q_2 k_2 v_2 | ...] (r = 1)      GPT-NeoX, Falcon-7B style
@@ -33,6 +35,8 @@ class Attention:
     layout: str | Callable[[Any], str] = "blocked"
     # the forward reads head counts from `self.config` (Phi-3): a pruned layer gets its own config copy
     config_heads: bool = False
+    # more projections with one block of outputs per query head (Step 3.7's per-head output gate `g_proj`)
+    per_head: tuple[str, ...] = ()
 
     def parts(self, config: Any) -> dict[str, Any]:
         """The dict architectures.py works with: {'o', 'q', 'k', 'v'} or {'o', 'qkv', 'layout'} (+ extras)."""
@@ -41,6 +45,8 @@ class Attention:
             parts = {"o": self.o, "qkv": self.qkv, "layout": layout}
         else:
             parts = {"o": self.o, "q": self.q, "k": self.k, "v": self.v}
+        if self.per_head:
+            parts["per_head"] = self.per_head
         return {**parts, "config_heads": True} if self.config_heads else parts
 
 
@@ -96,8 +102,9 @@ class ArchSpec:
     stacks: tuple[Stack, ...] = ()
     # routed experts in place of a dense MLP (target 'experts'; 'neurons' are the experts' units)
     experts: Experts | None = None
-    # why a target cannot be gated in this family (the message the user gets), by target
-    refuse: tuple[tuple[str, str], ...] = ()
+    # why a target cannot be gated in this family (the message the user gets), by target; a callable reason reads
+    # the (stack) config and returns None where the target is fine
+    refuse: tuple[tuple[str, str | Callable[[Any], str | None]], ...] = ()
     # residual branch outputs for target="layers" when the block has no attention/MLP pair (Mamba's mixer)
     branches: tuple[str, ...] = ()
     # key/value head count when the config does not call it num_key_value_heads (Falcon)
@@ -106,16 +113,19 @@ class ArchSpec:
     def is_pre_norm(self, config: Any) -> bool:
         return self.pre_norm(config) if callable(self.pre_norm) else self.pre_norm
 
-    def refusal(self, target: str) -> str | None:
-        return dict(self.refuse).get(target)
+    def refusal(self, target: str, config: Any = None) -> str | None:
+        why = dict(self.refuse).get(target)
+        return why(config) if callable(why) else why
 
     def mlps(self) -> tuple[Mlp, ...]:
         return self.mlp if isinstance(self.mlp, tuple) else (self.mlp,) if self.mlp is not None else ()
 
 
-def _llama_like(**kw: Any) -> ArchSpec:
+def _llama_like(per_head: tuple[str, ...] = (), **kw: Any) -> ArchSpec:
     return ArchSpec(
-        Attention(o="self_attn.o_proj", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj"),
+        Attention(
+            o="self_attn.o_proj", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", per_head=per_head
+        ),
         Mlp(down="mlp.down_proj", up=("mlp.gate_proj", "mlp.up_proj")),
         **kw,
     )
@@ -303,6 +313,60 @@ SPECS["clip_text_model"] = ArchSpec(
     Mlp(down="mlp.fc2", up=("mlp.fc1",)),
 )
 SPECS["clip_vision_model"] = SPECS["clip_text_model"]
+
+
+def _gemma3n_heads(config: Any) -> str | None:
+    shared = config_value(config, "num_kv_shared_layers") or 0
+    if shared:
+        return (
+            f"its last {shared} layers reuse the keys and values of earlier layers (num_kv_shared_layers), so an "
+            "earlier layer cannot lose heads alone; gate 'neurons'"
+        )
+    return None
+
+
+def _gemma3n_neurons(config: Any) -> str | None:
+    pattern = config_value(config, "activation_sparsity_pattern") or ()
+    sparse = [i for i, p in enumerate(pattern) if p]
+    if sparse:
+        return (
+            f"layers {sparse} keep only the activations above a cutoff computed from all of their units "
+            "(activation_sparsity_pattern), so removing units moves the cutoff for the others (no exact export)"
+        )
+    return None
+
+
+# Gemma 3n: per-layer MLP widths are native (`intermediate_size` is a list); AltUp and LAuReL run beside the
+# attention and MLP branches, so zeroing those two does not make a block the identity
+SPECS["gemma3n_text"] = _llama_like(
+    refuse=(
+        ("heads", _gemma3n_heads),
+        ("neurons", _gemma3n_neurons),
+        ("layers", "its blocks carry AltUp and LAuReL branches besides attention and MLP; gate 'neurons'"),
+    )
+)
+
+
+# Step 3.7's text stack (model type "step3p5", inside Step3p7ForConditionalGeneration): Llama-like blocks with a
+# per-head output gate; dense MLPs in the first layers, routed experts beside a shared expert in the others. It builds
+# each attention from `per_layer_config`, so different head counts per layer export natively.
+SPECS["step3p5"] = ArchSpec(
+    _llama_like(per_head=("self_attn.g_proj",)).attention,
+    Mlp(down="mlp.down_proj", up=("mlp.gate_proj", "mlp.up_proj")),
+    experts=Experts(
+        shared=Mlp(
+            down="mlp.shared_experts.down_proj", up=("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj")
+        ),
+        count_field="n_routed_experts",
+    ),
+    refuse=(
+        (
+            "experts",
+            "its router keeps a per-expert score-correction bias that hf_dgate does not remove with the expert yet; "
+            "gate 'neurons' (the experts' units)",
+        ),
+    ),
+)
 
 
 def spec_for(config: Any) -> ArchSpec | None:

@@ -113,8 +113,10 @@ class DGateTrainer(Trainer):
         if sparsity_target not in targets:
             raise ValueError(f"sparsity_target={sparsity_target!r} is not gated; gated targets are {targets}.")
         self.sparsity_target = sparsity_target
-        if gated_lr is not None and gated_lr != "auto" and (
-            isinstance(gated_lr, bool) or not isinstance(gated_lr, (int, float)) or gated_lr <= 0
+        if (
+            gated_lr is not None
+            and gated_lr != "auto"
+            and (isinstance(gated_lr, bool) or not isinstance(gated_lr, (int, float)) or gated_lr <= 0)
         ):
             raise ValueError(
                 f"gated_lr={gated_lr!r} is invalid: pass 'auto', a float > 0 (SGD units, e.g. 0.05) or None (off)."

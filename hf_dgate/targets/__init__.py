@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from ..architectures import BlockStack, block_stacks
+from ..architectures import BlockStack, block_stacks, layer_config
 from ..config import DGateConfig
 from ..groups import GroupSet
 from ..registry import spec_for
@@ -63,12 +63,12 @@ def _stack_group_sets(
     sets: list[GroupSet] = []
     for target in targets:
         stack_why = dict(stack.refuse).get(target.name)
-        why = stack_why or (spec.refusal(target.name) if spec is not None else None)
+        why = stack_why or (spec.refusal(target.name, stack.config) if spec is not None else None)
         if why and refuse:
             where = f"the stack {stack.path!r}" if stack_why else f"'{stack.config.model_type}' models"
             raise ValueError(f"target={target.name!r} is not available for {where}: {why}.")
         for layer, (name, block) in enumerate(stack.blocks):
-            new = target.find_in_block(model, stack.config, config, layer, name, block)
+            new = target.find_in_block(model, layer_config(stack.config, layer), config, layer, name, block)
             for gs in new:
                 if refuse and gs.meta.get("refuse"):  # found, but the installed transformers cannot run it pruned
                     raise ValueError(gs.meta["refuse"])

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..compat import HAS_PER_LAYER_CONFIG, config_value, per_layer_overrides
 from ..config import DGateConfig
 from ..errors import ExportError
 from ..groups import GroupSet, TensorSlice
@@ -42,8 +43,54 @@ class Target:
         raise NotImplementedError
 
     def native_edit(self, cfg: Any, record: dict[str, Any]) -> dict[str, Any]:
-        """Config fields that would make a fresh build match the pruned shapes (checked by the caller)."""
+        """Config fields that would make a fresh build match the pruned shapes (checked by the caller); per-layer
+        values go under "per_layer_config" as {layer: {field: value}} (see `per_layer_edit`)."""
         return {}
+
+
+MISSING = object()
+
+
+def per_layer_edit(cfg: Any, rows: dict[str, list[int]], fixed: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The config edit that would say "layer i has rows[field][i]" for each field, in the first form the config
+    has: one value for every layer, the family's own per-layer list (Gemma 3n's `intermediate_size`), or 5.x
+    `per_layer_config` overrides. Whether the family's modeling code reads that form is not assumed: the export
+    builds the model from the edited config and compares every shape (export._make_native). {} when no form fits."""
+    edit = dict(fixed or {})
+    overridden = {k for layer in (per_layer_overrides(cfg) or {}).values() for k in layer}
+    overrides: dict[int, dict[str, Any]] = {}
+    for field, values in rows.items():
+        current = config_value(cfg, field, MISSING)
+        present = {v for v in values if v is not None}  # None: the layer has no such part (a dense block of a MoE)
+        if current is MISSING or not present:
+            return {}
+        if isinstance(current, list) and len(current) == len(values) and None not in values:
+            edit[field] = list(values)
+        elif len(present) == 1 and field not in overridden:
+            edit[field] = present.pop()
+        elif HAS_PER_LAYER_CONFIG:
+            for i, v in enumerate(values):
+                if v is not None:
+                    overrides.setdefault(i, {})[field] = v
+        else:
+            return {}
+    if overrides:
+        edit["per_layer_config"] = overrides
+    return edit
+
+
+def merge_edits(*edits: dict[str, Any]) -> dict[str, Any]:
+    """One config edit from several (fields side by side, per-layer overrides merged layer by layer)."""
+    out: dict[str, Any] = {}
+    for edit in edits:
+        for key, value in edit.items():
+            if key == "per_layer_config":
+                merged = out.setdefault(key, {})
+                for layer, fields in value.items():
+                    merged[layer] = {**merged.get(layer, {}), **fields}
+            else:
+                out[key] = value
+    return out
 
 
 # ---- surgery shared by the targets -------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from ..config import DGateConfig
 from ..errors import ExportError
 from ..groups import GroupSet, Site, TensorSlice
 from ..registry import spec_for
-from .base import Target, keep_slice
+from .base import Target, keep_slice, per_layer_edit
 
 
 def _expert_sets(
@@ -70,7 +70,7 @@ class Experts(Target):
     remove = staticmethod(prune_expert_group_set)
 
     def native_edit(self, cfg, record):
-        counts, spec = set(record.get("experts") or []), spec_for(cfg)
-        if len(counts) != 1 or spec is None or spec.experts is None:
+        spec = spec_for(cfg)
+        if not record.get("experts") or spec is None or spec.experts is None:
             return {}
-        return {spec.experts.count_field: counts.pop()}
+        return per_layer_edit(cfg, {spec.experts.count_field: list(record["experts"])})

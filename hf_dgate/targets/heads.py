@@ -17,12 +17,12 @@ from ..architectures import (
     not_found,
     out_features,
 )
-from ..compat import TRANSFORMERS_VERSION, input_width_reshape, output_width_attrs
+from ..compat import TRANSFORMERS_VERSION, config_value, input_width_reshape, output_width_attrs, per_layer_overrides
 from ..config import DGateConfig
 from ..errors import ExportError
 from ..groups import UNGATED, GroupSet, Site, TensorSlice, input_slices, output_slices, slice_index
 from ..pruned_modules import ZeroHeadAttention, make_no_head, own_head_config
-from .base import Target, block_name, keep_slice
+from .base import Target, block_name, keep_slice, per_layer_edit
 
 HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
 
@@ -94,6 +94,12 @@ def head_set(
                 removable += output_slices(full(parts[key]), get(parts[key]), idx)
         value_site = Site(full(parts["v"]), "output", -1, kv_group)
         value_primary = output_slices(full(parts["v"]), v, kv_group)
+    for rel in parts.get("per_head", ()):  # outputs in one block per query head (a per-head gate)
+        extra = get(rel)
+        if out_features(extra) % n_heads:
+            raise StructureNotFoundError(f"'{name}.{rel}' does not have a block of outputs per query head.")
+        width = out_features(extra) // n_heads
+        removable += output_slices(full(rel), extra, slice_index(n_heads * width, width * n_rep))
     if side == "value" and value_site is None:
         raise not_found("value projection (head_side='value')", name, block, "value", "attn.v_proj")
     if side in ("value", "auto") and value_site is not None:
@@ -156,9 +162,11 @@ class Heads(Target):
         heads = [len(h) for h in record.get("heads") or []]
         if record.get("hf_pruned_heads"):  # config.pruned_heads expresses them already (transformers 4.x)
             return {}
-        if record.get("cross_heads") or len(set(heads)) != 1 or heads[0] in (0, cfg.num_attention_heads):
+        if record.get("cross_heads") or not heads or 0 in heads:  # a layer without heads is hf_dgate's own module
             return {}
-        edit = {"num_attention_heads": heads[0], "head_dim": record["head_dim"]}
-        if hasattr(cfg, "num_key_value_heads"):
-            edit["num_key_value_heads"] = record["kv_heads"][0]
-        return edit
+        if set(heads) == {config_value(cfg, "num_attention_heads")} and not per_layer_overrides(cfg):
+            return {}  # every head is left
+        rows = {"num_attention_heads": heads}
+        if config_value(cfg, "num_key_value_heads") is not None:
+            rows["num_key_value_heads"] = list(record["kv_heads"])
+        return per_layer_edit(cfg, rows, {"head_dim": record["head_dim"]})

@@ -14,19 +14,31 @@ from ..architectures import (
     BlockStack,
     attention_parts,
     cross_attention_parts,
+    dense_mlp_block,
     has_module,
     mlp_parts,
     out_features,
     stacked_experts,
 )
-from ..compat import experts_list
+from ..compat import experts_list, rekey_per_layer_config
 from ..config import DGateConfig
 from ..errors import ExportError
 from ..groups import GroupSet, Site, TensorSlice, whole_module_slices, whole_weight_slices
 from ..registry import spec_for
 from .base import Target, settable
 
-PER_LAYER_CONFIG_LISTS = ("layer_types", "attention_layers", "no_rope_layers")
+# config fields holding one entry per layer (a field counts only where it is a list as long as the stack)
+PER_LAYER_CONFIG_LISTS = (
+    "layer_types",
+    "attention_layers",
+    "no_rope_layers",
+    "mlp_layer_types",
+    "intermediate_size",  # Gemma 3n
+    "activation_sparsity_pattern",
+    "num_attention_heads_per_layer",
+    "swiglu_limits",  # Step 3.7
+    "swiglu_limits_shared",
+)
 
 
 def _layer_sets(
@@ -54,7 +66,8 @@ def _layer_set(
             f"({', '.join(attentions)}; e.g. self- and cross-attention) and a zero layer gate scales one attention "
             "output and the MLP, so the block would not become the identity. Gate 'heads' or 'neurons' instead."
         )
-    if spec is not None and spec.experts is not None:  # attention output + the whole MoE block's output
+    # a MoE block: attention output + the whole MoE block's output (a family may mix dense and MoE blocks)
+    if spec is not None and spec.experts is not None and not dense_mlp_block(spec, block):
         return _moe_layer_set(layer, name, block, config, hf_config, spec.experts)
     if spec is not None and spec.branches:
         branches = spec.branches
@@ -126,6 +139,8 @@ def drop_layers(model: nn.Module, st: BlockStack, dead: set[int]) -> None:
             if isinstance(val, (list, tuple)) and len(val) == n_old and settable(cfg, key):
                 setattr(cfg, key, [v for i, v in enumerate(val) if i not in dead])
         setattr(cfg, st.layers_field, len(kept))
+        if st.layers_field == "num_hidden_layers":
+            rekey_per_layer_config(cfg, [i for i in range(len(old)) if i not in dead])
 
 
 def _configs(model: nn.Module) -> list[Any]:

@@ -8,11 +8,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..architectures import StructureNotFoundError, has_module, in_features, mlp_parts, out_features, stacked_experts
+from ..architectures import (
+    StructureNotFoundError,
+    dense_mlp_block,
+    has_module,
+    in_features,
+    mlp_parts,
+    out_features,
+    stacked_experts,
+)
+from ..compat import config_value
 from ..config import DGateConfig
 from ..groups import GroupSet, Site, TensorSlice, input_slices, output_slices, slice_index
 from ..registry import spec_for
-from .base import Target, block_name, keep_slice
+from .base import MISSING, Target, block_name, keep_slice, merge_edits, per_layer_edit
 
 NEURON_CONFIG_ATTRS = ("intermediate_size", "n_inner", "ffn_dim")
 
@@ -23,7 +32,7 @@ def _neuron_sets(
     """The MLP's intermediate units; in a mixture of experts every expert's units (and a shared expert's)."""
     spec = spec_for(hf_config)
     moe = spec.experts if spec is not None and not {"up", "down"} & set(config.module_names or {}) else None
-    if moe is None:
+    if moe is None or dense_mlp_block(spec, block):  # (a dense block of a family that mixes both)
         return [_neuron_set(model, hf_config, config, layer, name, block)]
     sets = [_expert_unit_set(layer, name, block, moe)]
     if moe.shared is not None and all(has_module(block, r) for r in (moe.shared.down, *moe.shared.up)):
@@ -129,12 +138,12 @@ class Neurons(Target):
     def native_edit(self, cfg, record):
         edit: dict[str, Any] = {}
         neurons = record.get("neurons") or []
-        if len(set(neurons)) == 1 and isinstance(neurons[0], int) and neurons[0] > 0 and not record.get("experts"):
-            key = next((k for k in NEURON_CONFIG_ATTRS if hasattr(cfg, k)), None)
+        if neurons and all(isinstance(n, int) for n in neurons) and not record.get("experts"):
+            key = next((k for k in NEURON_CONFIG_ATTRS if config_value(cfg, k, MISSING) is not MISSING), None)
             if key:
-                edit[key] = neurons[0]
-        units = set(record.get("expert_units") or [])
+                edit = per_layer_edit(cfg, {key: list(neurons)})
         spec = spec_for(cfg)
-        if len(units) == 1 and spec is not None and spec.experts is not None:
-            edit[spec.experts.units_field] = units.pop()
+        if record.get("expert_units") and spec is not None and spec.experts is not None:
+            units = per_layer_edit(cfg, {spec.experts.units_field: list(record["expert_units"])})
+            edit = merge_edits(edit, units)
         return edit
