@@ -36,6 +36,7 @@ from .errors import ExportError
 from .groups import GroupSet
 from .patch import _unwrap, get_bank, remove_dgate
 from .pruned_modules import ZeroHeadAttention, ZeroInputConv1D
+from .registry import spec_for
 from .targets import BUILTIN, get_target
 from .targets.base import MISSING, merge_edits, settable
 from .targets.heads import head_set, prune_head_group_set
@@ -215,6 +216,9 @@ def _prune_stack(
     n_before = len(st.blocks)
     kept = {kind: _current_heads(model, st.blocks, dconfig, prev, kind) for kind in ("self", "cross")}
     dead_layers = {gs.layer for gs, d in plan if gs.target == "layers" and bool(d.all())}
+    spec = spec_for(st.config)
+    kept_dead = sorted(dead_layers & {0}) if spec is not None and spec.keeps_first_layer else []
+    dead_layers -= set(kept_dead)
     by_hf = _hf_prune_heads(model, st, plan, dead_layers, kept["self"], single=not prev.get("stacks"))
     for gs, dead in sorted(plan, key=lambda p: get_target(p[0].target).order):
         if gs.layer in dead_layers or not bool(dead.any()) or id(gs) in by_hf:
@@ -236,6 +240,8 @@ def _prune_stack(
         layers=[orig_layers[i] for i in kept_layers],
         num_hidden_layers_original=prev.get("num_hidden_layers_original", n_before),
     )
+    if kept_dead:  # dead, but its position cannot be taken by another block: an identity block stays there
+        record["dead_layers_kept"] = [orig_layers[i] for i in kept_dead]
     if by_hf or prev.get(HF_PRUNED_HEADS):
         record[HF_PRUNED_HEADS] = True  # config.pruned_heads holds the heads; reloading must not shrink them again
     return record
@@ -327,8 +333,6 @@ def _structure(
 def _moe_geometry(model: nn.Module, name: str, block: nn.Module) -> tuple[int, int] | None:
     """(experts, units per expert) of a mixture-of-experts block, None for a dense one."""
     from .architectures import stack_config, stacked_experts
-    from .registry import spec_for
-
     spec = spec_for(stack_config(model, name))
     if spec is None or spec.experts is None:
         return None
@@ -354,7 +358,6 @@ def _block_geometry(
         mlp_parts,
         stack_config,
     )
-    from .registry import spec_for
 
     cfg = layer_config(stack_config(model, name), name)
     spec = spec_for(cfg)

@@ -168,6 +168,11 @@ def _stack_table(record: dict[str, Any]) -> str:
         rows.append(f"| {i} ({layers[i] if i < len(layers) else '?'}) | {cells} |")
     rows.append("")
     rows.append(f"Layers removed entirely: {dropped if dropped else 'none'}.")
+    if record.get("dead_layers_kept"):
+        rows.append(
+            f"Layers zeroed but kept as identity blocks (no other layer can take their place): "
+            f"{record['dead_layers_kept']}."
+        )
     return "\n".join(rows)
 
 

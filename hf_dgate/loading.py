@@ -186,10 +186,15 @@ class {cls}(_Base):
 try:  # transformers >= 5 renames legacy checkpoint keys only for its own classes unless a mapping is registered
     from transformers import conversion_mapping as _cm
 
+    # registered the way the base class finds it: by class name, or by the model type, which nested sub-models
+    # (Step 3.7's Step3p7Model) share, so that transformers applies the renames once and not once per level
     _conversions = _cm.get_checkpoint_conversion_mapping({base_literal})
-    _conversions = _conversions or _cm.get_checkpoint_conversion_mapping({model_type_literal})
     if _conversions:
         _cm.register_checkpoint_conversion_mapping({cls_literal}, _conversions, overwrite=True)
+    else:
+        _conversions = _cm.get_checkpoint_conversion_mapping({model_type_literal})
+        if _conversions:
+            _cm.register_checkpoint_conversion_mapping({cls}.config_class.model_type, _conversions, overwrite=True)
 except ImportError:
     pass
 """

@@ -109,6 +109,9 @@ class ArchSpec:
     branches: tuple[str, ...] = ()
     # key/value head count when the config does not call it num_key_value_heads (Falcon)
     kv_heads: Callable[[Any], int] | None = None
+    # the first block is built unlike the others (ModernBERT's has no attention norm), so no other block can move
+    # into its place: a dead first block stays, as the identity its zero branches make it
+    keeps_first_layer: bool = False
 
     def is_pre_norm(self, config: Any) -> bool:
         return self.pre_norm(config) if callable(self.pre_norm) else self.pre_norm
@@ -217,7 +220,9 @@ SPECS: dict[str, ArchSpec] = {
         Attention(o="self_attn.o_proj", qkv="self_attn.qkv_proj", config_heads=True),
         Mlp(down="mlp.down_proj", fused_up="mlp.gate_up_proj"),
     ),
-    "modernbert": ArchSpec(Attention(o="attn.Wo", qkv="attn.Wqkv"), Mlp(down="mlp.Wo", fused_up="mlp.Wi")),
+    "modernbert": ArchSpec(
+        Attention(o="attn.Wo", qkv="attn.Wqkv"), Mlp(down="mlp.Wo", fused_up="mlp.Wi"), keeps_first_layer=True
+    ),
     "bert": _bert_like(),
     "roberta": _bert_like(),
     "xlm-roberta": _bert_like(),

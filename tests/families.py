@@ -212,6 +212,9 @@ def cell(family: str, target: str) -> str:
             loaders.append(lambda path: getattr(T, remote).from_pretrained(path, trust_remote_code=True))
         for load in loaders:
             again = load(d).eval()
+            theirs = again.state_dict()  # every tensor comes back as exported (outputs may not read them all)
+            lost = [k for k, v in pruned.state_dict().items() if k not in theirs or not torch.equal(theirs[k], v)]
+            assert not lost, f"reload lost {len(lost)} tensors, e.g. {lost[:2]}"
             with torch.no_grad():
                 again_diff = (output(again, batch) - exported).abs().max().item()
             assert again_diff <= 1e-5, f"reloaded export differs by {again_diff:.2e}"

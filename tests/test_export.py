@@ -311,3 +311,24 @@ def test_inplace_export_reuses_the_model():
     assert pruned is model and not hf_dgate.is_gated(model)
     assert model.model.layers[0].mlp.down_proj.in_features == 46
     torch.testing.assert_close(logits(pruned, inputs), ref, rtol=0, atol=ATOL)
+
+
+def test_a_dead_first_layer_that_no_other_can_replace_stays_as_identity(tmp_path):
+    """ModernBERT builds its first block without an attention norm: another block moved into its place would
+    reload without the norm it was trained with, so a dead first block stays (as the identity its zero branches
+    make it) and only the others are dropped; the export then reloads natively, every tensor intact."""
+    torch.manual_seed(0)
+    model = T.ModernBertForMaskedLM(T.ModernBertConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                                       num_hidden_layers=3, num_attention_heads=4, pad_token_id=0))  # fmt: skip
+    bank = gate(model.eval(), "modernbert", ["layers"])
+    kill(bank, "layers", 0)
+    kill(bank, "layers", 1)
+    x = {"input_ids": torch.randint(1, 64, (2, 7))}
+    pruned = export_pruned(model, example_inputs=x)
+    record = pruned_structure(pruned)
+    assert record["layers"] == [0, 2] and record["dead_layers_kept"] == [0] and record["native"]
+    pruned.save_pretrained(tmp_path)
+    again = T.AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
+    assert again.state_dict().keys() == pruned.state_dict().keys()
+    with torch.no_grad():
+        assert torch.allclose(again(**x).logits, model(**x).logits, atol=ATOL)
