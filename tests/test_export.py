@@ -318,8 +318,9 @@ def test_a_dead_first_layer_that_no_other_can_replace_stays_as_identity(tmp_path
     reload without the norm it was trained with, so a dead first block stays (as the identity its zero branches
     make it) and only the others are dropped; the export then reloads natively, every tensor intact."""
     torch.manual_seed(0)
-    model = T.ModernBertForMaskedLM(T.ModernBertConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
-                                                       num_hidden_layers=3, num_attention_heads=4, pad_token_id=0))  # fmt: skip
+    cfg = T.ModernBertConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                             num_attention_heads=4, pad_token_id=0)  # fmt: skip
+    model = T.ModernBertForMaskedLM(cfg)
     bank = gate(model.eval(), "modernbert", ["layers"])
     kill(bank, "layers", 0)
     kill(bank, "layers", 1)
