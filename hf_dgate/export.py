@@ -333,6 +333,7 @@ def _structure(
 def _moe_geometry(model: nn.Module, name: str, block: nn.Module) -> tuple[int, int] | None:
     """(experts, units per expert) of a mixture-of-experts block, None for a dense one."""
     from .architectures import stack_config, stacked_experts
+
     spec = spec_for(stack_config(model, name))
     if spec is None or spec.experts is None:
         return None

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .export import ExportError, _export, pruned_structure
-from .loading import write_remote_code
+from .loading import save_pruned
 from .outdir import OutputDir, local_source, resolve
 from .patch import _unwrap, get_bank, remove_dgate
 
@@ -22,7 +22,7 @@ CARD_TEMPLATE = """---
 ---
 
 # {title}
-
+{loading_section}
 This model was pruned with hf_dgate (D-Gating, Kolb et al., NeurIPS 2025): groups (attention heads, MLP
 neurons, layers) that training under a structured `L_{{2,2/D}}` penalty drove below the threshold were removed.
 
@@ -53,6 +53,32 @@ Gated: {targets}.
 """
 
 
+def _loading_section(auto: str | None) -> str:
+    """First thing in the card of a non-native export: the folder transformers' trust_remote_code error points to."""
+    lines = [
+        "",
+        "## How to load",
+        "",
+        "Its layers keep different numbers of heads or neurons, which the plain transformers classes cannot build"
+        + (
+            " (config.json has its own model type, so a plain `from_pretrained` asks for `trust_remote_code=True`):"
+            if auto
+            else ":"
+        ),
+        "",
+        "```python",
+        "import hf_dgate",
+        'model = hf_dgate.AutoPrunedModel.from_pretrained("<this folder or repo>")',
+    ]
+    if auto:
+        lines += [
+            "# or without hf_dgate, through the generated modeling_dgate_pruned.py:",
+            f"from transformers import {auto}",
+            f'model = {auto}.from_pretrained("<this folder or repo>", trust_remote_code=True)',
+        ]
+    return "\n".join([*lines, "```", ""])
+
+
 def build_model_card(summary: dict[str, Any]) -> Any:
     """A `huggingface_hub.ModelCard` describing an export (summary as produced by `export_to_dir`)."""
     import json
@@ -75,6 +101,7 @@ def build_model_card(summary: dict[str, Any]) -> Any:
         loading += f", or without hf_dgate `transformers.{auto}.from_pretrained(..., trust_remote_code=True)`"
     lat_b, lat_a = summary.get("latency_before_s"), summary.get("latency_after_s")
     text = CARD_TEMPLATE.format(
+        loading_section="" if summary.get("native") else _loading_section(summary.get("remote_code")),
         card_data=data.to_yaml(),
         title=summary.get("title") or f"Pruned {base or 'model'} (D-Gating)",
         outputs=outputs_statement(summary),
@@ -382,9 +409,7 @@ def export_to_dir(
     steps.update()
     steps.set_postfix_str("writing")
     with target.writing() as tmp:
-        if not summary["native"] and remote_code:
-            summary["remote_code"] = write_remote_code(pruned, tmp)
-        pruned.save_pretrained(tmp)
+        summary["remote_code"] = save_pruned(pruned, tmp, remote_code=remote_code)
         summary = scrub_paths(summary, _local_roots([target.path, *target.sources]))  # it is published as is
         with open(os.path.join(tmp, SUMMARY_NAME), "w") as f:
             json.dump(summary, f, indent=2, allow_nan=False)

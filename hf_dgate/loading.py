@@ -3,6 +3,7 @@ lets people without hf_dgate load it with `trust_remote_code=True`."""
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -12,8 +13,9 @@ from torch import nn
 from .architectures import StructureNotFoundError
 from .compat import build_on_meta, config_value
 from .config import DGateConfig
-from .export import HF_PRUNED_HEADS, PRUNING_KEY, ExportError
+from .export import HF_PRUNED_HEADS, PRUNING_KEY, ExportError, pruned_structure
 from .pruned_modules import ZeroHeadAttention, ZeroInputConv1D
+from .registry import PRUNED_MODEL_TYPE_PREFIX
 from .targets import find_group_sets, get_target
 
 
@@ -90,18 +92,17 @@ class AutoPrunedModel:
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike, model_class: type | None = None, **kwargs: Any
     ) -> nn.Module:
-        import transformers
 
         path = str(pretrained_model_name_or_path)
         if not os.path.isdir(path):
             from huggingface_hub import snapshot_download
 
             path = snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.md"])
-        config = transformers.AutoConfig.from_pretrained(path)
+        config = kwargs.pop("config", None) or _base_config(path)
         model_class = model_class or _architecture_class(config, path)
         structure = getattr(config, PRUNING_KEY, None)
         if not isinstance(structure, dict) or structure.get("native", False):
-            return model_class.from_pretrained(path, **kwargs)
+            return model_class.from_pretrained(path, config=config, **kwargs)
         # transformers' own loader (key renaming, shards, dtype, device_map) on a class that shrinks itself to the
         # recorded structure right after construction; the instance gets its plain class back afterwards.
         shrinking = type(
@@ -109,9 +110,29 @@ class AutoPrunedModel:
             (model_class,),
             {"__init__": _shrinking_init(model_class, structure), "__module__": model_class.__module__},
         )
-        model = shrinking.from_pretrained(path, **kwargs)
+        model = shrinking.from_pretrained(path, config=config, **kwargs)
         model.__class__ = model_class
         return model
+
+
+def _base_config(path: str) -> Any:
+    """The export's config as its base family's config class: an export saved under its own model type
+    ("dgate_pruned_llama", see `save_pruned`) is read as the model type it records, without running its code."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config_dict, _ = transformers.PretrainedConfig.get_config_dict(path)
+    model_type = config_dict.get("model_type")
+    if not isinstance(model_type, str) or not model_type.startswith(PRUNED_MODEL_TYPE_PREFIX):
+        return transformers.AutoConfig.from_pretrained(path)
+    record = config_dict.get(PRUNING_KEY)
+    base = record.get("base_model_type") if isinstance(record, dict) else None
+    if base not in CONFIG_MAPPING or PRUNED_MODEL_TYPE_PREFIX + base != model_type:
+        raise ExportError(
+            f"{path!r} has model type {model_type!r} but records base model type {base!r}, which does not match it "
+            "or is unknown to this transformers: the config was edited or comes from a newer transformers."
+        )
+    return CONFIG_MAPPING[base].from_dict({**config_dict, "model_type": base})
 
 
 def _shrinking_init(model_class: type, structure: dict[str, Any]):
@@ -175,9 +196,18 @@ REMOTE_CODE_FOOTER = """
 import transformers as _transformers  # noqa: E402
 
 _Base = getattr(_transformers, {base_literal})
+_BaseConfig = getattr(_transformers, {config_base_literal})
+
+
+# the base family's config under the export's own model type: transformers runs this file only for a model type
+# it does not know, so a plain from_pretrained stops and asks for trust_remote_code=True
+class {config_cls}(_BaseConfig):
+    model_type = {pruned_type_literal}
 
 
 class {cls}(_Base):
+    config_class = {config_cls}
+
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         shrink(self, config.dgate_pruning["remote"])
@@ -200,14 +230,20 @@ except ImportError:
 """
 
 
-def remote_code_source(base: str, cls: str, model_type: str) -> str:
-    """The generated file: header, pruned_modules.py as shipped, and a class whose names are string literals."""
+def remote_code_source(base: str, cls: str, model_type: str, config_base: str) -> str:
+    """The generated file: header, pruned_modules.py as shipped, and classes whose names are string literals."""
     from . import pruned_modules
 
     with open(pruned_modules.__file__) as f:
         shared = f.read()
     footer = REMOTE_CODE_FOOTER.format(
-        cls=cls, base_literal=repr(base), model_type_literal=repr(model_type), cls_literal=repr(cls)
+        cls=cls,
+        config_cls=cls + "Config",
+        base_literal=repr(base),
+        config_base_literal=repr(config_base),
+        model_type_literal=repr(model_type),
+        pruned_type_literal=repr(PRUNED_MODEL_TYPE_PREFIX + model_type),
+        cls_literal=repr(cls),
     )
     return REMOTE_CODE_HEADER + shared + footer
 
@@ -247,13 +283,44 @@ def remote_code_spec(model: nn.Module) -> dict[str, Any]:
     return {**spec, "head_configs": head_configs} if head_configs else spec
 
 
+def save_pruned(model: nn.Module, directory: str | os.PathLike, remote_code: bool = True) -> str | None:
+    """`model.save_pretrained(directory)` for an export. A non-native one (per-layer shapes the config cannot say)
+    also gets the generated loader (`write_remote_code`) and is saved under its own model type,
+    "dgate_pruned_<model type>": a plain `AutoModel*.from_pretrained` then stops before reading any weight with
+    transformers' request for `trust_remote_code=True`, instead of a size mismatch. `hf_dgate.AutoPrunedModel`
+    reads it either way. Returns the generated loader's Auto class, or None."""
+    structure = pruned_structure(model) or {}
+    auto_class = write_remote_code(model, directory) if remote_code and not structure.get("native", True) else None
+    model.save_pretrained(directory)
+    if auto_class:
+        _own_model_type(model, directory)
+    return auto_class
+
+
+def _own_model_type(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Rewrite the saved config.json: the pruned model type, its generated config class in `auto_map`, and the
+    base model type in the pruning record (AutoPrunedModel maps it back). The in-memory config is left alone."""
+    path = os.path.join(directory, "config.json")
+    with open(path) as f:
+        saved = json.load(f)
+    base = type(model).config_class.model_type
+    module, _, cls = saved["auto_map"][next(iter(saved["auto_map"]))].rpartition(".")
+    saved["model_type"] = PRUNED_MODEL_TYPE_PREFIX + base
+    saved["auto_map"] = {"AutoConfig": f"{module}.{cls}Config", **saved["auto_map"]}
+    saved[PRUNING_KEY]["base_model_type"] = base
+    with open(path, "w") as f:
+        json.dump(saved, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
 def write_remote_code(model: nn.Module, directory: str | os.PathLike) -> str | None:
     """Add a generated `modeling_dgate_pruned.py` and the config's `auto_map` so that
     `AutoModel*.from_pretrained(dir, trust_remote_code=True)` loads a pruned structure without hf_dgate.
-    Call it before `save_pretrained` (it edits the config); returns the Auto class name or None when unsupported.
+    Call it before `save_pretrained` (it edits the config), or use `save_pruned`, which also gives the saved config
+    its own model type; returns the Auto class name or None when unsupported.
 
-    Whoever loads the export runs this file, so nothing from the config reaches it as code: the class name must be
-    a transformers class, the model type is the class's own (checked against transformers' registry) and both are
+    Whoever loads the export runs this file, so nothing from the config reaches it as code: the class names must be
+    transformers classes, the model type is the class's own (checked against transformers' registry) and all are
     written as string literals; the pruned shapes stay data in config.json, checked by the template when read.
     Any other `auto_map` entry is dropped: the export's only remote code is this file."""
     import transformers
@@ -269,6 +336,9 @@ def write_remote_code(model: nn.Module, directory: str | os.PathLike) -> str | N
         return None
     # the class's model type, not the instance's: a config.json loaded with an explicit class may carry any string
     model_type = getattr(getattr(type(model), "config_class", None), "model_type", None)
+    config_base = getattr(getattr(type(model), "config_class", None), "__name__", "")
+    if not config_base.isidentifier() or getattr(transformers, config_base, None) is not type(model).config_class:
+        return None
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING_NAMES:
         raise ExportError(
             f"{base} has no model type transformers knows ({model_type!r}), so no loader can be generated for it; "
@@ -279,7 +349,7 @@ def write_remote_code(model: nn.Module, directory: str | os.PathLike) -> str | N
     model.config.auto_map = {auto_class: f"{REMOTE_CODE_FILE[:-3]}.{cls}"}
     if not cls.isidentifier():
         return None
-    source = remote_code_source(base, cls, model_type)
+    source = remote_code_source(base, cls, model_type, config_base)
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, REMOTE_CODE_FILE), "w") as f:
         f.write(source)

@@ -374,6 +374,13 @@ SPECS["step3p5"] = ArchSpec(
 )
 
 
+# A non-native export with a generated loader is saved under its own model type, "dgate_pruned_<model type>", so
+# that a plain `from_pretrained` asks for `trust_remote_code=True` instead of failing on tensor sizes (loading.py);
+# a model loaded that way still has its family's spec.
+PRUNED_MODEL_TYPE_PREFIX = "dgate_pruned_"
+
+
 def spec_for(config: Any) -> ArchSpec | None:
     """The registered spec of a (stack) config's `model_type`, or None (name-based detection then)."""
-    return SPECS.get(getattr(config, "model_type", None) or "")
+    model_type = getattr(config, "model_type", None) or ""
+    return SPECS.get(model_type.removeprefix(PRUNED_MODEL_TYPE_PREFIX))

@@ -20,7 +20,7 @@ import transformers as T
 
 import hf_dgate
 from hf_dgate.compat import HAS_HF_PRUNE_HEADS
-from hf_dgate.loading import write_remote_code
+from hf_dgate.loading import save_pruned
 
 TARGETS = ("heads", "neurons", "layers", "experts")
 V = 64  # vocabulary of every tiny model
@@ -204,9 +204,7 @@ def cell(family: str, target: str) -> str:
     native = bool((hf_dgate.export.pruned_structure(pruned) or {}).get("native"))
     remote = None
     with tempfile.TemporaryDirectory() as d:
-        if not native:  # the generated loader for people without hf_dgate
-            remote = write_remote_code(pruned, d)
-        pruned.save_pretrained(d)
+        remote = save_pruned(pruned, d)  # non-native: with the generated loader for people without hf_dgate
         loaders = [type(pruned).from_pretrained if native else hf_dgate.AutoPrunedModel.from_pretrained]
         if remote:
             loaders.append(lambda path: getattr(T, remote).from_pretrained(path, trust_remote_code=True))

@@ -64,11 +64,14 @@ def test_hostile_config_fields_never_reach_the_generated_loader(tmp_path, monkey
     source = (out / REMOTE_CODE_FILE).read_text()
     cls = "DGatePrunedLlamaForCausalLM"
     # exactly the shipped pruned_modules.py plus a class whose names are fixed literals: nothing from the config
-    assert source == remote_code_source("LlamaForCausalLM", cls, "llama")
+    assert source == remote_code_source("LlamaForCausalLM", cls, "llama", "LlamaConfig")
     assert open(hf_dgate.pruned_modules.__file__).read() in source
     config = json.loads((out / "config.json").read_text())
-    assert config["auto_map"] == {"AutoModelForCausalLM": f"modeling_dgate_pruned.{cls}"}  # no foreign entries
-    assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
+    assert config["auto_map"] == {  # no foreign entries
+        "AutoConfig": f"modeling_dgate_pruned.{cls}Config",
+        "AutoModelForCausalLM": f"modeling_dgate_pruned.{cls}",
+    }
+    assert config["model_type"] == "dgate_pruned_llama" and config["architectures"] == ["LlamaForCausalLM"]
     loaded = T.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     assert type(loaded).__name__ == cls
     torch.testing.assert_close(loaded(**inputs).logits, ref, rtol=0, atol=1e-5)

@@ -95,19 +95,48 @@ def test_heads_with_non_uniform_neurons_load_both_ways(tmp_path):
             assert (output(loaded.eval(), inputs(kind)) - ref).abs().max().item() <= 1e-5
 
 
-def test_a_plain_load_of_a_non_native_export_fails_loudly(tmp_path):
-    """What docs/transformers_versions.md promises: transformers' size-mismatch error (no silent re-init), and the
-    export's README and config name the two loaders that work."""
+def test_a_plain_load_of_a_non_native_export_stops_before_reading_weights(tmp_path):
+    """What docs/transformers_versions.md promises: the export is saved under its own model type, so a plain Auto
+    load (or a pipeline) asks for trust_remote_code=True before any weight is read, never a size mismatch that
+    invites ignore_mismatched_sizes; the folder it points to opens with both loaders; the model kept in memory and
+    AutoPrunedModel's result keep the family's own model type."""
     model, _, _ = build("llama")  # no prune_heads in either line: never native with different head counts
     hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="heads"))
     with torch.no_grad():
         hf_dgate.get_bank(model).gammas["heads"][:, 0] = 0  # layer 0 keeps one of its two key/value groups
-    summary = hf_dgate.export_to_dir(model, tmp_path / "out", seq_len=8, measure=False)
-    assert not summary["native"]
-    with pytest.raises(RuntimeError, match="size mismatch|ignore_mismatched_sizes"):
-        T.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    card = (tmp_path / "out" / "README.md").read_text()
-    assert "hf_dgate.AutoPrunedModel.from_pretrained" in card and "trust_remote_code=True" in card
+    out = tmp_path / "out"
+    summary = hf_dgate.export_to_dir(model, out, seq_len=8, measure=False)
+    assert not summary["native"] and model.config.model_type == "llama"
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model_type"] == "dgate_pruned_llama" and saved["dgate_pruning"]["base_model_type"] == "llama"
+    (out / "model.safetensors").rename(tmp_path / "weights")  # nothing below may get as far as the weights
+    for load in (T.AutoModelForCausalLM.from_pretrained, T.AutoConfig.from_pretrained):
+        with pytest.raises(ValueError, match="trust_remote_code=True"):
+            load(out)
+    (tmp_path / "weights").rename(out / "model.safetensors")
+    card = (out / "README.md").read_text()
+    first = card.split("## ")[1]  # the first section after the title
+    assert first.startswith("How to load") and "hf_dgate.AutoPrunedModel.from_pretrained" in first
+    assert "trust_remote_code=True" in first
+    again = hf_dgate.AutoPrunedModel.from_pretrained(out)
+    assert type(again.config) is T.LlamaConfig and again.config.model_type == "llama"
+    trusted = T.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert trusted.config.model_type == "dgate_pruned_llama"
+    hf_dgate.apply_dgate(trusted, hf_dgate.DGateConfig(target="neurons"))  # the family's registry entry still applies
+
+
+def test_a_pruned_model_type_that_disagrees_with_its_record_is_refused(tmp_path):
+    model, _, _ = build("llama")
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="heads"))
+    with torch.no_grad():
+        hf_dgate.get_bank(model).gammas["heads"][:, 0] = 0
+    out = tmp_path / "out"
+    hf_dgate.export_to_dir(model, out, seq_len=8, measure=False)
+    saved = json.loads((out / "config.json").read_text())
+    saved["dgate_pruning"]["base_model_type"] = "gpt2"
+    (out / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(hf_dgate.errors.ExportError, match="records base model type 'gpt2'"):
+        hf_dgate.AutoPrunedModel.from_pretrained(out)
 
 
 def test_a_family_that_leaves_prune_heads_unimplemented_falls_back():
