@@ -291,18 +291,21 @@ def test_two_processes_with_accumulation_give_the_large_batch_update(tmp_path, o
     import subprocess
     import sys
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     script = tmp_path / "worker.py"
     script.write_text(
         f"import sys\nsys.path.insert(0, {os.path.dirname(__file__)!r})\n"
         f"from test_trainer import _ddp_worker\n_ddp_worker({str(tmp_path)!r}, {optim!r})\n"
     )
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
-    cmd += ["--master_port", str(port), str(script)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    for _attempt in range(2):  # a free port can be taken between choosing it and binding it: one retry then
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+        cmd += ["--master_port", str(port), str(script)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        if proc.returncode == 0 or "address already in use" not in proc.stderr.lower():
+            break
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = torch.load(tmp_path / "ddp_params.pt")
     big = one_sgd_step(tmp_path, 16, 1, 1.0, None, optim)
