@@ -38,23 +38,35 @@ def _zero(model: nn.Module, target: str, per_layer: list[int]) -> None:
             bank.gammas[target][:, off : off + n] = 0
 
 
-def test_gemma3n_neurons_export_as_its_own_per_layer_list(tmp_path):
-    model = _gemma3n()
-    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="neurons"))
-    _zero(model, "neurons", [48, 10, 30])  # a layer without units, and two different widths
+def _export(
+    model: nn.Module, target: str, pattern: list[int], path, native: bool = True, also: tuple = (), **dconfig
+) -> tuple:
+    """Gate `target` (and `also`), zero `pattern` of it, export (native or not, as expected) and save plainly:
+    (pruned model, saved config.json, probe batch, gated logits)."""
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target=[target, *also], **dconfig))
+    _zero(model, target, pattern)
     x = torch.randint(1, V, (2, 7))
     with torch.no_grad():
         gated = model(input_ids=x).logits
     pruned = hf_dgate.export_pruned(model, example_inputs={"input_ids": x})
-    assert pruned_structure(pruned)["native"] is True
-    pruned.save_pretrained(tmp_path)
-    with open(os.path.join(tmp_path, "config.json")) as f:
+    assert pruned_structure(pruned)["native"] is native
+    pruned.save_pretrained(path)
+    with open(os.path.join(path, "config.json")) as f:
         saved = json.load(f)
-    assert saved["intermediate_size"] == [0, 38, 18]
-    assert "auto_map" not in saved
-    again = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # plain transformers, no hf_dgate involved
+    assert "auto_map" not in saved and not saved["model_type"].startswith("dgate_pruned_")
+    return pruned, saved, x, gated
+
+
+def _assert_same(again: nn.Module, x: torch.Tensor, gated: torch.Tensor) -> None:
     with torch.no_grad():
-        assert (again(input_ids=x).logits - gated).abs().max() <= 1e-5
+        assert (again.eval()(input_ids=x).logits - gated).abs().max() <= 1e-5
+
+
+def test_gemma3n_neurons_export_as_its_own_per_layer_list(tmp_path):
+    # a layer without units, and two different widths
+    _, saved, x, gated = _export(_gemma3n(), "neurons", [48, 10, 30], tmp_path)
+    assert saved["intermediate_size"] == [0, 38, 18]
+    _assert_same(T.AutoModelForCausalLM.from_pretrained(tmp_path), x, gated)  # plain transformers, no hf_dgate
 
 
 def test_gemma3n_refuses_what_it_cannot_remove_exactly():
@@ -124,25 +136,13 @@ def test_per_layer_config_is_written_where_the_family_reads_it(tmp_path):
     torch.manual_seed(0)
     cfg = config_class(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=8)  # fmt: skip
-    model = model_class(cfg).eval()
-    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="heads"))
-    _zero(model, "heads", [1, 0, 1])  # 2, 4 and 2 query heads left
-    x = torch.randint(1, V, (2, 7))
-    with torch.no_grad():
-        gated = model(input_ids=x).logits
-    pruned = hf_dgate.export_pruned(model, example_inputs={"input_ids": x})
-    assert pruned_structure(pruned)["native"] is True
-    pruned.save_pretrained(tmp_path)
-    with open(os.path.join(tmp_path, "config.json")) as f:
-        saved = json.load(f)
+    _, saved, x, gated = _export(model_class(cfg).eval(), "heads", [1, 0, 1], tmp_path)  # 2, 4, 2 heads left
     layers = {int(k): v for k, v in saved["per_layer_config"].items()}
     assert layers[0]["num_attention_heads"] == 2 and layers[0]["num_key_value_heads"] == 1
-    assert "auto_map" not in saved
-    again = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # plain transformers
+    again = T.AutoModelForCausalLM.from_pretrained(tmp_path)  # plain transformers
     assert type(again) is model_class
     assert again.model.layers[0].self_attn.q_proj.out_features == 16
-    with torch.no_grad():
-        assert (again(input_ids=x).logits - gated).abs().max() <= 1e-5
+    _assert_same(again, x, gated)
     # the exported model can be gated again: each block is read with its own layer's counts
     hf_dgate.apply_dgate(again, hf_dgate.DGateConfig(target="heads"))
     assert [gs.n_groups for gs in hf_dgate.get_bank(again).group_sets] == [1, 2, 1]
@@ -155,23 +155,13 @@ def test_step3p7_heads_export_as_per_layer_config(tmp_path):
     import families
 
     model, _, extra = families.build("step3p7[text]")
-    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="heads", **extra))
-    _zero(model, "heads", [1, 0, 1])
-    x = torch.randint(1, V, (2, 7))
-    with torch.no_grad():
-        gated = model(input_ids=x).logits
-    pruned = hf_dgate.export_pruned(model, example_inputs={"input_ids": x})
-    assert pruned_structure(pruned)["native"] is True
-    pruned.save_pretrained(tmp_path)
-    with open(os.path.join(tmp_path, "config.json")) as f:
-        saved = json.load(f)
-    assert "auto_map" not in saved and saved["text_config"]["per_layer_config"]
+    pruned, saved, x, gated = _export(model, "heads", [1, 0, 1], tmp_path, **extra)
+    assert saved["text_config"]["per_layer_config"]
     again = T.AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
     assert again.model.language_model.layers[0].self_attn.g_proj.out_features == 2
     for name, p in pruned.state_dict().items():  # every tensor came back, not re-initialised
         assert torch.equal(again.state_dict()[name], p), name
-    with torch.no_grad():
-        assert (again(input_ids=x).logits - gated).abs().max() <= 1e-5
+    _assert_same(again, x, gated)
 
 
 @pytest.mark.skipif(not hasattr(T, "Step3p7ForConditionalGeneration"), reason="transformers without Step 3.7")
@@ -190,15 +180,6 @@ def test_step3p7_config_that_already_varies_per_layer(tmp_path, pattern, native)
     model = T.Step3p7ForConditionalGeneration(T.Step3p7Config(**cfg)).eval()
     assert [b.self_attn.q_proj.out_features for b in model.model.language_model.layers] == [16, 32, 16]
     names = {"layers": "model.language_model.layers"}
-    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target=["heads", "neurons"], module_names=names))
-    _zero(model, "heads", pattern)
-    x = torch.randint(1, V, (2, 7))
-    with torch.no_grad():
-        gated = model(input_ids=x).logits
-    pruned = hf_dgate.export_pruned(model, example_inputs={"input_ids": x})
-    assert pruned_structure(pruned)["native"] is native
-    pruned.save_pretrained(tmp_path)
+    _, _, x, gated = _export(model, "heads", pattern, tmp_path, native, ("neurons",), module_names=names)
     load = T.AutoModelForImageTextToText if native else hf_dgate.AutoPrunedModel
-    again = load.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        assert (again(input_ids=x).logits - gated).abs().max() <= 1e-5
+    _assert_same(load.from_pretrained(tmp_path), x, gated)
