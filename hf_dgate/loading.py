@@ -252,11 +252,10 @@ def remote_code_spec(model: nn.Module) -> dict[str, Any]:
     """What a fresh `type(model)(config)` must change to become `model`: tensor shapes, int attributes, no-head
     attention layers and no-input Conv1Ds. Found by comparing with a fresh build on the meta device."""
     fresh = build_on_meta(type(model), model.config)
-    fresh_params = dict(fresh.named_parameters())
+    fresh_tensors = {**dict(fresh.named_parameters()), **dict(fresh.named_buffers())}
+    mine = [*model.named_parameters(), *model.named_buffers()]
     shapes = {
-        n: list(p.shape)
-        for n, p in model.named_parameters()
-        if n in fresh_params and tuple(fresh_params[n].shape) != tuple(p.shape)
+        n: list(p.shape) for n, p in mine if n in fresh_tensors and tuple(fresh_tensors[n].shape) != tuple(p.shape)
     }
     attrs: dict[str, dict[str, Any]] = {}
     fresh_modules = dict(fresh.named_modules())

@@ -101,7 +101,10 @@ def shrink(model, spec):
         _name(param, attribute=True)
         old = getattr(module, param)
         new = torch.empty([_int(d) for d in shape], dtype=old.dtype, device=old.device)
-        setattr(module, param, nn.Parameter(new, requires_grad=old.requires_grad))
+        if param in module._buffers:  # a per-group buffer (a router's per-expert bias)
+            module._buffers[param] = new
+        else:
+            setattr(module, param, nn.Parameter(new, requires_grad=old.requires_grad))
     for module_name, attrs in spec["attrs"].items():
         module = model.get_submodule(_name(module_name))
         for key, value in attrs.items():

@@ -364,13 +364,6 @@ SPECS["step3p5"] = ArchSpec(
         ),
         count_field="n_routed_experts",
     ),
-    refuse=(
-        (
-            "experts",
-            "its router keeps a per-expert score-correction bias that hf_dgate does not remove with the expert yet; "
-            "gate 'neurons' (the experts' units)",
-        ),
-    ),
 )
 
 

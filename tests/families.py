@@ -240,7 +240,6 @@ def _why(e: Exception) -> str:
         ("no attention heads", "no attention"),
         ("no MLP", "no MLP"),
         ("AltUp", "AltUp and LAuReL branches beside attention and MLP"),
-        ("score-correction bias", "its router's score-correction bias is not removed yet"),
         ("list of modules", "experts stored as a list of modules (transformers 4.x)"),
         ("Could not find the routed experts", "routed experts not found (Mixtral in transformers 4.x)"),
         ("width of its input", "attention reshapes to its input width (transformers 4.x)"),

@@ -107,7 +107,10 @@ def keep_slice(model: nn.Module, sl: TensorSlice, dead: torch.Tensor) -> None:
         return
     keep = torch.nonzero(keep_mask(sl, dead).cpu()).flatten().to(p.device)
     new = p.data.index_select(sl.axis, keep).contiguous()
-    setattr(module, sl.param, nn.Parameter(new, requires_grad=p.requires_grad))
+    if sl.param in module._buffers:  # a per-group buffer (a router's per-expert score-correction bias)
+        module._buffers[sl.param] = new
+    else:
+        setattr(module, sl.param, nn.Parameter(new, requires_grad=p.requires_grad))
     sync_features(module)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..architectures import stacked_experts
+from ..architectures import dense_mlp_block, stacked_experts
 from ..config import DGateConfig
 from ..errors import ExportError
 from ..groups import GroupSet, Site, TensorSlice
@@ -19,7 +19,8 @@ from .base import Target, keep_slice, per_layer_edit
 def _expert_sets(
     model: nn.Module, hf_config: Any, config: DGateConfig, layer: int, name: str, block: nn.Module
 ) -> list[GroupSet]:
-    """Whole routed experts: the gate scales an expert's down projection; removal also drops its router row."""
+    """Whole routed experts: the gate scales an expert's down projection; removal also drops its router row (and
+    the router's per-expert buffers, such as a score-correction bias)."""
     spec = spec_for(hf_config)
     if spec is None or spec.experts is None:
         raise ValueError(
@@ -27,6 +28,8 @@ def _expert_sets(
             "no routed experts (gate 'neurons' or 'layers')."
         )
     moe = spec.experts
+    if dense_mlp_block(spec, block):  # a dense block of a family that mixes both (Step 3.7's first layers)
+        return []
     full, experts, n_exp, _ = stacked_experts(name, block, moe)
     idx = torch.arange(n_exp)
     router_name = f"{name}.{moe.router}"
@@ -34,7 +37,8 @@ def _expert_sets(
     site = Site(full, "param", 0, idx, param=moe.down)
     primary = [TensorSlice(full, moe.down, 0, idx)]
     removable = [*primary, TensorSlice(full, moe.gate_up, 0, idx)]
-    removable += [TensorSlice(router_name, pn, 0, idx) for pn, _ in router.named_parameters(recurse=False)]
+    per_expert = [*router.named_parameters(recurse=False), *router.named_buffers(recurse=False)]
+    removable += [TensorSlice(router_name, n, 0, idx) for n, t in per_expert if t.dim() and t.shape[0] == n_exp]
     meta = {"experts": moe.experts, "router": moe.router, "n_experts": n_exp}
     return [GroupSet("experts", layer, n_exp, [site], primary, removable, meta)]
 
