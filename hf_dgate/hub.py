@@ -212,12 +212,17 @@ def push_folder(
 ) -> str:
     """Create the Hub repo if needed and upload every file of `folder`; returns the repo id.
 
-    The repo id is validated and the folder's text files are checked for absolute local paths (this machine's
-    folder names must not be published) before anything is sent."""
+    The repo id is validated, the folder's text files are checked for absolute local paths (this machine's
+    folder names must not be published) and for code references other than the generated loader
+    (`hf_dgate.codefree`) before anything is sent."""
     from huggingface_hub import HfApi
+
+    from .codefree import check_no_foreign_code
+    from .loading import REMOTE_CODE_FILE
 
     check_repo_id(repo_id)
     check_no_local_paths(folder)
+    check_no_foreign_code(folder, REMOTE_CODE_FILE)
     api = HfApi(token=token)
     repo = api.create_repo(repo_id, private=private, exist_ok=True)
     repo_id = getattr(repo, "repo_id", repo_id)

@@ -288,9 +288,13 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike, remote_code: boo
     "dgate_pruned_<model type>": a plain `AutoModel*.from_pretrained` then stops before reading any weight with
     transformers' request for `trust_remote_code=True`, instead of a size mismatch. `hf_dgate.AutoPrunedModel`
     reads it either way. Returns the generated loader's Auto class, or None."""
+    from .codefree import no_code_references, strip_code_references
+
     structure = pruned_structure(model) or {}
     auto_class = write_remote_code(model, directory) if remote_code and not structure.get("native", True) else None
-    model.save_pretrained(directory)
+    with no_code_references(model):  # a source model's remote code is not the export's (hf_dgate/codefree.py)
+        model.save_pretrained(directory)
+    strip_code_references(directory, REMOTE_CODE_FILE[:-3] if auto_class else None)
     if auto_class:
         _own_model_type(model, directory)
     return auto_class

@@ -23,9 +23,13 @@ INDEX_NAME = "model.safetensors.index.json"
 
 def save_gated(model: nn.Module, save_directory: str | os.PathLike, **save_kwargs) -> None:
     """`model.save_pretrained(dir)` (gates included as `dgate.*` tensors), the DGateConfig and the manifest."""
+    from .codefree import no_code_references, strip_code_references
+
     bank = get_bank(model)
     before = weight_files_state(save_directory)
-    _unwrap(model).save_pretrained(save_directory, **save_kwargs)
+    with no_code_references(_unwrap(model)):  # no source model's remote code rides along (hf_dgate/codefree.py)
+        _unwrap(model).save_pretrained(save_directory, **save_kwargs)
+    strip_code_references(save_directory)
     bank.config.save_pretrained(save_directory)
     write_manifest(bank, save_directory, written_weight_files(save_directory, before))
 
