@@ -15,7 +15,7 @@ CONFIG_NAME = "dgate_config.json"
 BUILTIN_TARGETS = ("heads", "neurons", "layers", "experts", "filters", "features")
 TRANSFORMER_TARGETS = ("heads", "neurons", "layers", "experts")
 HEAD_SIDES = ("auto", "value", "output")
-METHODS = ("dgate", "direct", "l0", "slimming")
+METHODS = ("dgate", "direct", "l0", "slimming")  # the built-in ones; `hf_dgate.methods` holds the registry
 THRESHOLD_MODES = ("absolute", "relative")
 GROUP_KINDS = ("out", "in", "module")
 
@@ -201,7 +201,9 @@ class DGateConfig:
         )
         if self.threshold_mode == "relative":
             _check(self.threshold < 1, "threshold", self.threshold, "a float in (0, 1) with threshold_mode='relative'")
-        _check(_is_choice(self.method, METHODS), "method", self.method, f"one of {METHODS}")
+        from .methods import METHODS as registered  # (the methods' code needs torch; this module does not)
+
+        _check(_is_choice(self.method, tuple(registered)), "method", self.method, f"one of {tuple(registered)}")
         self.l0_droprate_init = _float("l0_droprate_init", self.l0_droprate_init)
         _check(0 < self.l0_droprate_init < 1, "l0_droprate_init", self.l0_droprate_init, "a float in (0, 1)")
         if self.l0_train_size is not None:
@@ -226,10 +228,10 @@ class DGateConfig:
                 self.l0_train_size,
                 "None with l0_target_sparsity (the Lagrangian replaces the lam / N penalty)",
             )
-        for name in ("l0_train_size", "l0_target_sparsity"):
-            value = getattr(self, name)
-            allowed = f"None unless method='l0' (method={self.method!r})"
-            _check(value is None or self.method == "l0", name, value, allowed)
+        for owner in registered.values():  # options one method reads must stay None under the others
+            for name in owner.options if owner is not registered[self.method] else ():
+                value = getattr(self, name)
+                _check(value is None, name, value, f"None unless method={owner.name!r} (method={self.method!r})")
         _check(_is_choice(self.head_side, HEAD_SIDES), "head_side", self.head_side, f"one of {HEAD_SIDES}")
         if self.target_modules is not None:
             _check(isinstance(self.target_modules, str), "target_modules", self.target_modules, "a regex or None")

@@ -25,7 +25,17 @@ from torch import nn
 from . import gates as G
 from .config import DGateConfig
 from .errors import NonFiniteError
-from .gated_linear import gated_linear
+from .hooks import (
+    BankHook,
+    GatedLinearForward,
+    GatedParamForward,
+    InputHook,
+    OutputHook,
+    SiteRef,
+    broadcast,
+    full_tensor,
+)
+from .methods import Method, get_method
 
 UNGATED = -1
 GREY_DECADES = 2  # a zero group within this many decades below its threshold is "grey": not settled at zero
@@ -116,7 +126,8 @@ def whole_module_slices(name: str, module: nn.Module, group: int = 0) -> list[Te
 
 
 class GateBank(nn.Module):
-    """Owns the gates (one (D-1, G) parameter per target) and applies them through hooks."""
+    """Owns the gates (one (D-1, G) parameter per target), the group norms, the hooks and folding; what the gates
+    mean and what training minimises is the method's (`self.strategy`, see `hf_dgate.methods`)."""
 
     def __init__(self, model: nn.Module, group_sets: list[GroupSet], config: DGateConfig):
         super().__init__()
@@ -132,31 +143,27 @@ class GateBank(nn.Module):
             sizes[gs.target] += gs.n_groups
         self.sizes = sizes
         self.method = config.method
-        # direct / slimming: baselines without trainable gates; l0: one log_alpha per group, kept in `gammas`
-        self.direct = self.method in ("direct", "slimming")
+        self.strategy: Method = get_method(config.method)
+        # gate-free methods (direct, slimming) keep their gates at 1 and frozen; l0 keeps log_alpha in `gammas`
         self.gammas = nn.ParameterDict(
-            {t: nn.Parameter(self._init_gates(n), requires_grad=not self.direct) for t, n in sizes.items()}
+            {
+                t: nn.Parameter(self._init_gates(n), requires_grad=self.strategy.trainable_gates)
+                for t, n in sizes.items()
+            }
         )
-        self._l0_cache: dict[str, torch.Tensor] = {}
-        # l0 with a target sparsity: CoFi's Lagrange multipliers (l1, l2), trained by ascent, saved with the gates
+        self.forward_cache: dict[str, torch.Tensor] = {}  # per-forward samples of a stochastic method
         self.l0_target = config.l0_target_sparsity  # mutable (a ramp towards the target); the config keeps the value
-        if self.method == "l0" and config.l0_target_sparsity is not None:
-            self.l0_multipliers = nn.Parameter(torch.zeros(2))
         self._modules_by_name = dict(model.named_modules())
         self._adapters: dict[int, nn.Module] = {}
         self._adapters_of: int | None = None
         # CPU copies of the index buffers: they are not in the state dict, so a bank built on the meta device and
         # materialised with `to_empty()` gets them back from here (see `_apply`)
         self._index_cpu: dict[str, torch.Tensor] = {}
-        if self.method == "slimming" and not self._slimming_norms():
-            raise ValueError(
-                "method='slimming' penalises BatchNorm scales: use target='filters' on a model with "
-                "BatchNorm after its convolutions."
-            )
+        self.strategy.setup(self)
         self._norm_terms: dict[str, list[tuple[nn.Module, str, int | None, str | None, str]]] = {
             t: [] for t in self.targets
         }
-        self._sites: list[tuple[str, Site, str, bool]] = []
+        self._sites: list[SiteRef] = []
         self._layer_segments = _layer_segments(group_sets, self.targets)
         for k, (gs, off) in enumerate(zip(group_sets, self.offsets)):
             for j, sl in enumerate(gs.primary):
@@ -167,12 +174,19 @@ class GateBank(nn.Module):
                 idx = torch.where(idx < 0, torch.full_like(idx, sizes[gs.target]), idx + off)
                 buf = f"s{k}_{j}"
                 self._index_buffer(buf, idx)
-                self._sites.append((gs.target, site, buf, ungated))
+                self._sites.append(SiteRef(gs.target, site.module, site.where, site.axis, site.param, buf, ungated))
+
+    @property
+    def direct(self) -> bool:
+        """True for gate-free methods (direct, slimming): the gates stay at 1 and nothing is applied."""
+        return not self.strategy.trainable_gates
+
+    def module(self, name: str) -> nn.Module:
+        """The gated model's submodule `name` ("" for the model itself), as it was when the bank was built."""
+        return self._modules_by_name[name]
 
     def _init_gates(self, n: int) -> torch.Tensor:
-        if self.method == "l0":
-            return G.l0_init_log_alpha(n, self.config.l0_droprate_init)
-        return G.init_gates(n, self.depth)
+        return self.strategy.init_gates(self.config, n).float()
 
     def _index_buffer(self, name: str, index: torch.Tensor) -> None:
         """Register a (non-persistent) index buffer and keep a CPU copy for re-materialising it from meta."""
@@ -193,8 +207,7 @@ class GateBank(nn.Module):
         """
         was_meta = {n for n, b in self._buffers.items() if b is not None and b.is_meta}
         gates_meta = {t for t, p in self.gammas.items() if p.is_meta}
-        multipliers = getattr(self, "l0_multipliers", None)
-        multipliers_meta = multipliers is not None and multipliers.is_meta
+        extras_meta = any(p.is_meta for p in self.strategy.extra_parameters(self))
         super()._apply(fn, recurse)
         for name in was_meta:
             buf = self._buffers[name]
@@ -205,10 +218,9 @@ class GateBank(nn.Module):
                 p = self.gammas[t]
                 if not p.is_meta:
                     p.copy_(self._init_gates(self.sizes[t]).to(device=p.device, dtype=p.dtype))
-            if multipliers_meta and not self.l0_multipliers.is_meta:
-                self.l0_multipliers.zero_()
-        extra = [self.l0_multipliers] if multipliers is not None else []  # (the object _apply may have replaced)
-        for p in [*self.gammas.values(), *extra]:
+        if extras_meta:
+            self.strategy.reset(self)
+        for p in [*self.gammas.values(), *self.strategy.extra_parameters(self)]:  # (objects _apply may have replaced)
             if p.dtype in (torch.float16, torch.bfloat16):
                 p.data = p.data.float()
         return self
@@ -262,7 +274,7 @@ class GateBank(nn.Module):
 
     def gates(self, target: str) -> torch.Tensor:
         """The (D-1, G) gate tensor of `target`, whole even when FSDP2 holds it sharded outside forward."""
-        return _full(self.gammas[target])
+        return full_tensor(self.gammas[target])
 
     def _adapter(self, module: nn.Module) -> nn.Module | None:
         """The PEFT LoRA layer wrapping `module`, if any (an id-keyed map, rebuilt for a deep copy of the bank)."""
@@ -293,10 +305,10 @@ class GateBank(nn.Module):
         if w.dtype not in (torch.float32, torch.float64):
             w = w.float()  # half-precision weights: accumulate norms in fp32
         if axis is None:
-            return _full(w.pow(2).sum()).reshape(1)
+            return full_tensor(w.pow(2).sum()).reshape(1)
         axes = axis if isinstance(axis, tuple) else (axis,)
         dims = [d for d in range(w.dim()) if d not in axes]
-        r = _full(w.pow(2).sum(dim=dims) if dims else w.pow(2))  # FSDP2: reduce the shard, then gather (n,)
+        r = full_tensor(w.pow(2).sum(dim=dims) if dims else w.pow(2))  # FSDP2: reduce the shard, then gather (n,)
         r = r.reshape(-1)
         return r if pos_buf is None else r[getattr(self, pos_buf)]
 
@@ -351,35 +363,20 @@ class GateBank(nn.Module):
 
     def scale(self, target: str) -> torch.Tensor:
         """The deterministic group scale s_g (L0: the test-time hard-concrete gate)."""
-        if self.method == "l0":
-            return G.hard_concrete_deterministic(self.gates(target)[0])
-        return G.gate_scale(self.gates(target))
+        return self.strategy.scale(self, target)
 
-    def _forward_scale(self, target: str) -> torch.Tensor:
-        """The scale used in a forward pass: L0 samples one gate per group per forward while training."""
-        if self.method != "l0" or not self.training:
-            return self.scale(target)
-        if target not in self._l0_cache:
-            self._l0_cache[target] = G.hard_concrete_sample(self.gates(target)[0])
-        return self._l0_cache[target]
+    def site_scale(self, target: str, buf: str, ungated: bool) -> torch.Tensor:
+        """The forward scale at one site: the method's (L0 samples while training), one entry per position, 1 where
+        a position belongs to no group."""
+        s = self.strategy.forward_scale(self, target)
+        if ungated:
+            s = torch.cat([s, s.new_ones(1)])
+        return s[getattr(self, buf)]
 
     # ---- penalties --------------------------------------------------------------------------------------------
     def penalty(self, lam: float | None = None) -> torch.Tensor:
-        """What training adds to the loss: the surrogate R, or for method='direct' the induced penalty itself; for
-        method='l0' lam * expected L0 (over l0_train_size when set), or with a target sparsity the Lagrangian."""
-        lam = self.lam if lam is None else lam
-        if self.method == "direct":
-            return self.induced_penalty(lam)
-        if self.method == "l0":
-            if self.l0_target is not None:
-                if not hasattr(self, "l0_multipliers"):
-                    raise ValueError("bank.l0_target needs multipliers: gate with DGateConfig(l0_target_sparsity=...).")
-                return G.l0_lagrangian(self.l0_expected_sparsity(), self.l0_target, _full(self.l0_multipliers))
-            kept = sum(G.expected_l0(self.gates(t)).sum() for t in self.targets)
-            return lam * kept / (self.config.l0_train_size or 1)
-        if self.method == "slimming":
-            return lam * sum(m.weight.abs().sum() for m in self._slimming_norms())
-        return sum(G.surrogate_penalty(self.total_sq_norm(t), self.gates(t), lam, self.depth) for t in self.targets)
+        """What training adds to the loss, as the method defines it (D-Gating: the surrogate R)."""
+        return self.strategy.penalty(self, self.lam if lam is None else lam)
 
     def induced_penalty(self, lam: float | None = None) -> torch.Tensor:
         lam = self.lam if lam is None else lam
@@ -387,72 +384,46 @@ class GateBank(nn.Module):
 
     def misalignment(self, lam: float | None = None) -> torch.Tensor:
         """R - induced penalty for D-Gating; 0 for the baselines, which have no surrogate."""
-        lam = self.lam if lam is None else lam
-        if self.method != "dgate":
-            return self.gammas[self.targets[0]].new_zeros(())
-        return sum(G.misalignment(self.group_sq_norms(t), self.gates(t), lam, self.depth) for t in self.targets)
+        return self.strategy.misalignment(self, self.lam if lam is None else lam)
 
     def l0_expected_sparsity(self) -> torch.Tensor:
         """method='l0': the fraction of all gated groups expected to be zero, 1 - mean_g P(gate_g != 0) (what the
         target-sparsity Lagrangian constrains; the deterministic gates' sparsity is what `sparsity_report` reads)."""
-        if self.method != "l0":
+        expected = getattr(self.strategy, "expected_sparsity", None)
+        if expected is None:
             raise ValueError(f"l0_expected_sparsity needs method='l0'; this model is gated with {self.method!r}.")
-        kept = sum(G.expected_l0(self.gates(t)).sum() for t in self.targets)
-        return G.l0_expected_sparsity(kept, sum(self.sizes.values()))
+        return expected(self)
 
     # ---- hooks ----------------------------------------------------------------------------------------------
-    def _slimming_norms(self) -> list[nn.Module]:
-        """The BatchNorm layers whose scales network slimming penalises with L1."""
-        bns = {
-            id(m): m
-            for gs in self.group_sets
-            for sl in gs.primary
-            if isinstance(m := self._modules_by_name[sl.module], nn.modules.batchnorm._BatchNorm)
-        }
-        return list(bns.values())
-
-    def _site_scale(self, target: str, buf: str, ungated: bool) -> torch.Tensor:
-        s = self._forward_scale(target)
-        if ungated:
-            s = torch.cat([s, s.new_ones(1)])
-        return s[getattr(self, buf)]
-
     def attach(self) -> None:
         """Install the gates: inside the forward of plain Linear/Conv1D modules, as hooks everywhere else."""
-        if self.direct:
+        if not self.strategy.trainable_gates:
             return  # gates stay at 1: nothing to apply
-        if self.method == "l0":  # one sample per group per forward pass, shared by all sites of the group
-            root = self._modules_by_name[""]
-            root.register_forward_pre_hook(_DrawSamples(self))
-        by_module: dict[str, list[tuple[str, Site, str, bool]]] = {}
-        for entry in self._sites:
-            by_module.setdefault(entry[1].module, []).append(entry)
-        for name, entries in by_module.items():
+        self.strategy.attach(self)
+        by_module: dict[str, list[SiteRef]] = {}
+        for site in self._sites:
+            by_module.setdefault(site.module, []).append(site)
+        for name, sites in by_module.items():
             module = self._modules_by_name[name]
-            if any(site.where == "param" for _, site, _, _ in entries):
-                if "forward" in module.__dict__ or len({site.where for _, site, _, _ in entries}) > 1:
+            if any(site.where == "param" for site in sites):
+                if "forward" in module.__dict__ or len({site.where for site in sites}) > 1:
                     raise ValueError(f"Cannot gate the parameters of '{name}': its forward is already replaced.")
-                module.forward = _GatedParamForward(self, module, entries)
+                module.forward = GatedParamForward(self, module, sites)
                 continue
-            if self.config.weight_side and _weight_side_ok(module, entries):
-                module.forward = _GatedLinearForward(self, module, entries)
+            if self.config.weight_side and GatedLinearForward.suits(module, sites):
+                module.forward = GatedLinearForward(self, module, sites)
                 continue
-            for target, site, buf, ungated in entries:
+            for site in sites:
                 if site.where == "output":
-                    module.register_forward_hook(_OutputHook(self, target, site.axis, buf, ungated))
+                    module.register_forward_hook(OutputHook(self, site))
                 else:
-                    module.register_forward_pre_hook(_InputHook(self, target, site.axis, buf, ungated))
+                    module.register_forward_pre_hook(InputHook(self, site))
 
     def detach(self) -> None:
         """Remove everything `attach` installed (found by identity, so it also works on a deep copy)."""
         for module in self._modules_by_name.values():
-            replaced = module.__dict__.get("forward")
-            if isinstance(replaced, (_GatedLinearForward, _GatedParamForward)) and replaced.bank is self:
-                del module.forward
-            for hooks in (module._forward_hooks, module._forward_pre_hooks):
-                ours = (_OutputHook, _InputHook, _DrawSamples)
-                for key in [k for k, h in hooks.items() if isinstance(h, ours) and h.bank is self]:
-                    del hooks[key]
+            for where, key in BankHook.installed(module, self):
+                del where[key]
 
     @torch.no_grad()
     def fold(self) -> None:
@@ -464,7 +435,7 @@ class GateBank(nn.Module):
                 idx = torch.where(sl.index < 0, self.sizes[gs.target], sl.index + off)
                 factor = s_ext[idx.to(s_ext.device)].to(device=w.device, dtype=w.dtype)
                 if sl.axis is not None:
-                    factor = _broadcast(factor, sl.axis, w.dim())
+                    factor = broadcast(factor, sl.axis, w.dim())
                 w.mul_(factor)
                 adapter = self._adapter(self._modules_by_name[sl.module])
                 if adapter is not None and sl.param == "weight":
@@ -483,24 +454,6 @@ class GateBank(nn.Module):
                 a.mul_(factor.to(a.dtype).reshape(1, -1))
 
 
-def _scale_along(x: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
-    scale = scale.to(x.dtype)
-    if axis in (-1, x.dim() - 1):
-        return x * scale
-    shape = [1] * x.dim()
-    shape[axis] = -1
-    return x * scale.reshape(shape)
-
-
-def _broadcast(factor: torch.Tensor, axis: int | tuple[int, int], ndim: int) -> torch.Tensor:
-    """`factor` laid along `axis` (one axis, or two in order) of an `ndim`-dimensional tensor."""
-    axes = axis if isinstance(axis, tuple) else (axis,)
-    shape = [1] * ndim
-    for a, n in zip(axes, factor.shape if len(axes) > 1 else (-1,)):
-        shape[a] = n
-    return factor.reshape(shape)
-
-
 def _layer_segments(group_sets: list[GroupSet], targets: list[str]) -> dict[str, torch.Tensor]:
     """Per target, a segment id per group: its group set, or one shared id for all single-group sets."""
     segs: dict[str, list[torch.Tensor]] = {t: [] for t in targets}
@@ -508,100 +461,3 @@ def _layer_segments(group_sets: list[GroupSet], targets: list[str]) -> dict[str,
         own = segs[gs.target]
         own.append(torch.full((gs.n_groups,), 0 if gs.n_groups == 1 else len(own) + 1))
     return {t: torch.cat(v) for t, v in segs.items()}
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor (FSDP2 shard) as the whole tensor, differentiably; plain tensors pass through."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def _weight_side_ok(module: nn.Module, entries: list[tuple[str, Site, str, bool]]) -> bool:
-    """Plain Linear/Conv1D whose forward nobody else replaced (accelerate's offload hooks, PEFT layers)."""
-    plain = type(module) is nn.Linear or type(module).__name__ == "Conv1D"
-    return (
-        plain
-        and "forward" not in module.__dict__
-        and not hasattr(module, "_hf_hook")
-        and all(site.axis in (-1,) for _, site, _, _ in entries)
-    )
-
-
-class _GatedLinearForward:
-    """Replacement forward of a gated Linear/Conv1D: the gates scale the weight inside one autograd function."""
-
-    def __init__(self, bank: GateBank, module: nn.Module, entries: list[tuple[str, Site, str, bool]]):
-        self.bank, self.module = bank, module
-        self.outputs = [(t, buf, ung) for t, site, buf, ung in entries if site.where == "output"]
-        self.inputs = [(t, buf, ung) for t, site, buf, ung in entries if site.where == "input"]
-        self.transposed = type(module).__name__ == "Conv1D"
-
-    def _scale(self, entries: list[tuple[str, str, bool]]) -> torch.Tensor | None:
-        scale = None
-        for target, buf, ungated in entries:
-            s = self.bank._site_scale(target, buf, ungated)
-            scale = s if scale is None else scale * s
-        return scale
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.module
-        return gated_linear(x, m.weight, m.bias, self._scale(self.outputs), self._scale(self.inputs), self.transposed)
-
-
-class _GatedParamForward:
-    """Replacement forward of a module whose groups live inside its parameters (a mixture of experts' stacked
-    expert tensors, where no module boundary separates one expert's units): the module's own forward runs on
-    theta = w * s (through `torch.func.functional_call`), so names, state dict and activations stay untouched."""
-
-    def __init__(self, bank: GateBank, module: nn.Module, entries: list[tuple[str, Site, str, bool]]):
-        self.bank, self.module = bank, module
-        self.entries = [(t, site.param, site.axis, buf, ung) for t, site, buf, ung in entries]
-        self.inside = False
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.inside:  # functional_call re-enters the module: run its own forward on the gated tensors
-            return type(self.module).forward(self.module, *args, **kwargs)
-        gated: dict[str, torch.Tensor] = {}
-        for target, param, axis, buf, ungated in self.entries:
-            w = gated.get(param, getattr(self.module, param))
-            s = self.bank._site_scale(target, buf, ungated).to(w.dtype)
-            gated[param] = w * _broadcast(s, axis, w.dim())
-        self.inside = True
-        try:
-            return torch.func.functional_call(self.module, gated, args, kwargs, strict=False)
-        finally:
-            self.inside = False
-
-
-class _DrawSamples:
-    """Root-model pre-hook: one L0 sample per group per forward pass, drawn before any checkpointed block so a
-    recomputation reuses it."""
-
-    def __init__(self, bank: GateBank):
-        self.bank = bank
-
-    def __call__(self, *args: Any) -> None:
-        bank = self.bank
-        bank._l0_cache.clear()
-        if bank.training:
-            for t in bank.targets:
-                bank._l0_cache[t] = G.hard_concrete_sample(bank.gammas[t][0])
-
-
-class _OutputHook:
-    def __init__(self, bank: GateBank, target: str, axis: int, buf: str, ungated: bool):
-        self.bank, self.target, self.axis, self.buf, self.ungated = bank, target, axis, buf, ungated
-
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
-        scale = self.bank._site_scale(self.target, self.buf, self.ungated)
-        if isinstance(output, tuple):
-            return (_scale_along(output[0], scale, self.axis), *output[1:])
-        return _scale_along(output, scale, self.axis)
-
-
-class _InputHook:
-    def __init__(self, bank: GateBank, target: str, axis: int, buf: str, ungated: bool):
-        self.bank, self.target, self.axis, self.buf, self.ungated = bank, target, axis, buf, ungated
-
-    def __call__(self, module: nn.Module, args: tuple) -> tuple:
-        scale = self.bank._site_scale(self.target, self.buf, self.ungated)
-        return (_scale_along(args[0], scale, self.axis), *args[1:])

@@ -23,10 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .methods.dgate import DGate
+from .methods.l0 import L0, L0_LR
 from .patch import get_bank
 from .targets import BUILTIN
 
-GROUP_KEY = "dgate"  # marks the parameter group the recipe updates
+GROUP_KEY = DGate.optimizer.group_key  # marks the parameter group the recipe updates
 BUFFERS_KEY = "dgate_momentum_buffers"  # the recipe's momentum buffers in the optimizer's state_dict
 
 # The defaults, chosen by the measurements in docs/optimizers.md (Adam, AdamW, RMSprop, Adafactor for the rest):
@@ -53,7 +55,7 @@ def gated_parameters(model: nn.Module, include_weights: bool | None = True) -> l
     Fused tensors (GPT-2's `c_attn`) count whole: their ungated rows get the same plain-gradient update.
     """
     bank = get_bank(model)
-    if bank.method != "dgate":
+    if bank.strategy.optimizer != DGate.optimizer:
         raise ValueError(
             f"hf_dgate.optim targets method='dgate' (gates times weights with the L2 surrogate); this model is gated "
             f"with method={bank.method!r}, which keeps the optimizer it was given."
@@ -165,8 +167,7 @@ def _gated_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Non
 
 
 # ---- method='l0': log_alpha at its own learning rate (Louizos et al. 2018; CoFiPruning, Xia et al. 2022) ----------
-L0_GROUP_KEY = "dgate_l0"  # marks the parameter group of the hard-concrete gates
-L0_LR = 0.1  # an Adam rate: CoFiPruning's reg_learning_rate; measured in docs/compare_methods.md
+L0_GROUP_KEY = L0.optimizer.group_key  # marks the parameter group of the hard-concrete gates
 
 
 def l0_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, *, lr: float = L0_LR):
@@ -186,7 +187,7 @@ def l0_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, *, lr: floa
     creating an LR scheduler (which then scales this group like the others).
     """
     bank = get_bank(model)
-    if bank.method != "l0":
+    if bank.strategy.optimizer != L0.optimizer:
         raise ValueError(f"l0_optimizer is for method='l0' (hard-concrete gates); this model uses {bank.method!r}.")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
         raise ValueError(f"lr={lr!r}: pass log_alpha's learning rate, a float > 0 (e.g. {L0_LR} for Adam).")

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .config import DGateConfig
+from .methods import METHODS, get_method
 from .patch import BANK_NAME, _unwrap, apply_dgate, get_bank
 
 GATE_PREFIX = BANK_NAME + "."
@@ -201,20 +202,20 @@ def check_gates_match(
                 f"The gates for {t!r} in {directory!r} have shape {tuple(saved[t].shape)} but {where!r} (depth="
                 f"{dconfig.depth}, method={dconfig.method!r}) needs {tuple(shape)}: {hint}. Fix dgate_config.json."
             )
-    if manifest is None and expected["method"] in ("direct", "slimming"):
+    if manifest is None and not get_method(expected["method"]).trainable_gates:
         moved = [t for t, g in saved.items() if not torch.all(g == 1)]
         if moved:
+            gated = " or ".join(repr(n) for n, m in METHODS.items() if m.trainable_gates)
             raise ValueError(
                 f"{where!r} says method={expected['method']!r}, which uses no gates, but the saved gates for {moved} "
-                "were trained (not all 1) and would be ignored; set method back to 'dgate' or 'l0'."
+                f"were trained (not all 1) and would be ignored; set method back to {gated}."
             )
 
 
 def record_conflict(saved: dict[str, Any], current: dict[str, Any]) -> tuple[str, Any, Any] | None:
     """The first of method, targets and (for D-Gating) depth on which a saved gate record and the current bank
     differ, as (field, saved value, current value); None when the saved gates can be read as they were made."""
-    keys = ("method", "targets", "depth") if current["method"] == "dgate" else ("method", "targets")
-    for key in keys:  # (l0 and the gate-free methods do not read the depth off the gates)
+    for key in get_method(current["method"]).record_keys():  # (only D-Gating reads the depth off the gates)
         was, now = saved.get(key), current[key]
         if (sorted(was) if isinstance(was, list) else was) != (sorted(now) if isinstance(now, list) else now):
             return key, was, now

@@ -25,11 +25,11 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from . import optim
 from .config import DGateConfig
 from .controller import LamController
 from .errors import NonFiniteError
 from .groups import GateBank
-from .optim import GROUP_KEY, L0_GROUP_KEY, L0_LR, dgate_optimizer, l0_optimizer
 from .patch import apply_dgate, get_bank
 from .report import SparsityReport, sparsity_report
 from .saving import (
@@ -204,16 +204,15 @@ class DGateTrainer(Trainer):
         The scheduler is built afterwards, so it scales that group too."""
         built = self.optimizer is None
         optimizer = super().create_optimizer(*args, **kwargs)
-        lr, method = self.dgate_gated_lr, self.dgate_bank.method
-        if lr is None or method not in ("dgate", "l0"):
+        lr, policy = self.dgate_gated_lr, self.dgate_bank.strategy.optimizer
+        if lr is None or policy is None:  # gate-free methods keep the optimizer they were given
             return optimizer
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it later; some integrations earlier
         if lr == "auto" and type(inner) is torch.optim.SGD:
             return optimizer
-        key = GROUP_KEY if method == "dgate" else L0_GROUP_KEY
-        helper = "dgate_optimizer" if method == "dgate" else "l0_optimizer"
+        helper = policy.helper
         if not built:
-            if not any(g.get(key) for g in inner.param_groups):
+            if not any(g.get(policy.group_key) for g in inner.param_groups):
                 warnings.warn(
                     f"DGateTrainer got its optimizer ({type(inner).__name__}) from you, so the gates do not get their "
                     "own parameter group: under Adam-family optimizers groups then shrink without reaching exact "
@@ -222,12 +221,12 @@ class DGateTrainer(Trainer):
                     stacklevel=2,
                 )
             return optimizer
-        if method == "l0":  # log_alpha at its own, larger rate in the optimizer's own units (Adam: 0.1)
-            l0_optimizer(inner, self.model, lr=L0_LR if lr == "auto" else lr)
-        else:
-            dgate_optimizer(
-                inner, self.model, lr=None if lr == "auto" else lr, include_weights=self.dgate_gated_weights
-            )
+        # the method's own helper (l0: log_alpha at its own, larger rate in the optimizer's units, Adam: 0.1)
+        kwargs: dict[str, Any] = {"include_weights": self.dgate_gated_weights} if policy.takes_weights else {}
+        rate = policy.auto_lr if lr == "auto" else lr
+        if rate is not None:  # (None: the helper's own default)
+            kwargs["lr"] = rate
+        getattr(optim, helper)(inner, self.model, **kwargs)
         return optimizer
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
@@ -249,7 +248,7 @@ class DGateTrainer(Trainer):
         rep = self._checked_report("log D-Gating metrics")
         metrics = {
             "dgate/penalty": float(bank.penalty()),
-            "dgate/misalignment": 0.0 if bank.direct else float(bank.misalignment()),
+            "dgate/misalignment": float(bank.misalignment()),
             "dgate/lam": float(bank.lam),
         }
         if not all(math.isfinite(v) for v in metrics.values()):

@@ -242,3 +242,38 @@ def test_l0_multipliers_are_reset_when_materialised_from_meta():
     model.to_empty(device="cpu")
     assert torch.equal(model.dgate.l0_multipliers, torch.zeros(2))
     assert torch.equal(model.dgate.gammas["features"], torch.zeros(1, 20))  # logit(1 - 0.5)
+
+
+def test_a_method_is_one_registered_class():
+    """The methods' contract: a new penalty is a `Method` subclass plus `register_method`; config, bank, penalty,
+    scale, trainer policy and saving all take it from there, and its own options stay None under other methods."""
+    from hf_dgate.methods import METHODS, Method, register_method
+
+    class HalfGates(Method):  # gates start at 0.5, penalty lam * sum of gate squares
+        name = "half_gates_test"
+
+        def init_gates(self, config, n_groups):
+            return torch.full((config.depth - 1, n_groups), 0.5)
+
+        def penalty(self, bank, lam):
+            return lam * sum(bank.gates(t).pow(2).sum() for t in bank.targets)
+
+    register_method(HalfGates)
+    try:
+        model, inputs = make_model("llama"), make_inputs("llama")
+        dense = model(**inputs).logits
+        hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="heads", method="half_gates_test", lam=2.0, depth=3))
+        bank = hf_dgate.get_bank(model)
+        n = bank.sizes["heads"]
+        assert math.isclose(hf_dgate.penalty(model).item(), 2.0 * 2 * n * 0.25, rel_tol=1e-6)
+        torch.testing.assert_close(bank.scale("heads"), torch.full((n,), 0.25))  # the default scale: the product
+        assert not torch.allclose(model(**inputs).logits, dense)  # the gates act
+        assert hf_dgate.misalignment(model).item() == 0.0
+        with pytest.raises(ValueError, match="None unless method='l0'"):
+            hf_dgate.DGateConfig(method="half_gates_test", l0_train_size=10)
+    finally:
+        del METHODS["half_gates_test"]
+    with pytest.raises(ValueError, match="method"):
+        hf_dgate.DGateConfig(method="half_gates_test")
+    with pytest.raises(TypeError, match="Method subclass"):
+        register_method(object)
