@@ -121,9 +121,8 @@ def export(args: argparse.Namespace) -> int:
             check_repo_id(args.push_to_hub)
         OutputDir.plan(args.out, sources=[src], overwrite=args.overwrite, force=args.force)
     except ExportError as e:
-        msg = str(e).replace("overwrite=True (CLI: --overwrite)", "--overwrite")
-        raise CLIError(msg.replace("force=True (CLI: --force)", "--force")) from None
-    model = _load_gated(src)
+        raise CLIError(cli_spelling(str(e))) from None
+    model = _with_threshold_mode(_load_gated(src), args.threshold_mode)
     try:
         with warnings.catch_warnings():  # the outcome is printed below as one plain line
             warnings.simplefilter("ignore", ExportNotVerifiedWarning)
@@ -142,9 +141,8 @@ def export(args: argparse.Namespace) -> int:
                 source_dirs=[src],
                 allow_inexact=args.allow_inexact,
             )
-    except ExportError as e:  # the library's keyword arguments, as this command spells them
-        msg = str(e).replace("allow_inexact=True", "--allow-inexact").replace("the threshold (", "--threshold (")
-        raise CLIError(msg.replace("overwrite=True (CLI: --overwrite)", "--overwrite")) from None
+    except ExportError as e:  # the library's remedies, as this command spells them
+        raise CLIError(cli_spelling(str(e))) from None
     print(f"wrote {summary['path']}")
     print(
         f"  parameters {summary['params_before']:,} -> {summary['params_after']:,}; forward FLOPs "
@@ -161,6 +159,24 @@ def export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_threshold_mode(model, mode: str | None):
+    """--threshold-mode overrides the mode saved in dgate_config.json (what zero_groups reads)."""
+    if mode is not None:
+        from .patch import get_bank
+
+        get_bank(model).config.threshold_mode = mode
+    return model
+
+
+def cli_spelling(message: str) -> str:
+    """A library message with its remedies spelled as this command's flags (hf_dgate.errors.CLI_REMEDIES)."""
+    from .errors import CLI_REMEDIES
+
+    for library, flag in CLI_REMEDIES.items():
+        message = message.replace(library, flag)
+    return message
+
+
 def report(args: argparse.Namespace) -> int:
     """Sparsity table of a gated model directory (and a heat-map), or the kept structure of an export."""
     from .config import CONFIG_NAME
@@ -174,7 +190,7 @@ def report(args: argparse.Namespace) -> int:
     from .report import sparsity_report
 
     plot = _plot_path(args.plot) if args.plot else None  # refuse a bad path before the (slow) load
-    model = _load_gated(args.dir)
+    model = _with_threshold_mode(_load_gated(args.dir), args.threshold_mode)
     rep = sparsity_report(model, args.threshold)
     print(rep.to_json() if args.json else rep)
     if plot:
@@ -302,9 +318,32 @@ def plot_norms(model, path: str, threshold: float | None = None) -> str:
 
 
 THRESHOLD_HELP = (
-    "Zero when ||theta_g|| < T (default: the config's); with threshold_mode='relative', T is a fraction of the "
-    "largest norm in the group's layer."
+    "Zero when ||theta_g|| < T (None: the threshold saved in the model's dgate_config.json); with "
+    "--threshold-mode relative, T is a fraction of the largest norm in the group's layer."
 )
+
+# `hf-dgate --help` must answer without importing torch (seconds on a busy machine), so the target list is written
+# here; tests/test_cli.py checks it against hf_dgate.targets.describe_targets().
+TARGETS_HELP = """\
+heads: attention heads (key/value groups under GQA; cross-attention heads on their own)
+neurons: MLP intermediate units (per expert in a mixture of experts)
+layers: whole blocks (pre-norm only: every residual branch gated together)
+experts: routed experts of a mixture of experts (removal changes routing: measured and stated)
+filters: Conv2d output channels (the BatchNorm channel when one follows; skip-tied channels together)
+features: input columns of the first Linear"""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help line (not for flags, off unless given, nor for required options)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.required or isinstance(action, (argparse._StoreTrueAction, argparse._HelpAction)):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+class _TopHelpFormatter(_HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The top-level help keeps the target list's line breaks."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -344,30 +383,59 @@ def _float_above(low: float, strict: bool):
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .targets import describe_targets
+def _threads_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads",
+        type=_int_at_least(1),
+        default=None,
+        help="torch intra-op threads (None: OMP_NUM_THREADS if set, else min(4, cores, idle cores); small models "
+        "run slower with more threads on a busy machine).",
+    )
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser. It imports nothing heavy: `hf-dgate --help` answers before torch is loaded."""
     parser = _Parser(
         prog="hf-dgate",
-        description="D-Gating structured sparsity for HF models.",
-        epilog="targets (DGateConfig.target):\n" + describe_targets(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="D-Gating structured sparsity for HF models. `hf-dgate VERB --help` lists a verb's options.",
+        epilog="targets (DGateConfig.target):\n" + TARGETS_HELP,
+        formatter_class=_TopHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="Gate a tiny GPT-2, train on synthetic data, print the head-sparsity report.")
-    p.add_argument("--steps", type=_int_at_least(1), default=300)
-    p.add_argument("--depth", type=_int_at_least(2), default=3)
-    p.add_argument("--lam", type=_float_above(0.0, strict=False), default=3e-2)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="VERB")
+    p = sub.add_parser(
+        "demo",
+        help="Gate a tiny GPT-2, train on synthetic data, print the head-sparsity report.",
+        description="Gate the heads of a tiny GPT-2, train it on a synthetic copy task (Adam for the weights, "
+        "momentum SGD for the gates) and print the sparsity report. Downloads nothing.",
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("--steps", type=_int_at_least(1), default=300, help="Training steps (batch of 32 sequences).")
+    p.add_argument("--depth", type=_int_at_least(2), default=3, help="D: D-1 scalar gates per head (2 = group lasso).")
+    p.add_argument("--lam", type=_float_above(0.0, strict=False), default=3e-2, help="Penalty strength lambda.")
     p.add_argument(
-        "--gate-lr", type=_float_above(0.0, strict=True), default=0.2, help="SGD rate of the gates (hf_dgate.optim)"
+        "--gate-lr", type=_float_above(0.0, strict=True), default=0.2, help="SGD rate of the gates (hf_dgate.optim)."
     )
-    p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="torch.manual_seed for model and data.")
+    _threads_option(p)
     p.set_defaults(func=demo)
 
-    p = sub.add_parser("export", help="Remove zero groups of a gated model and write a smaller HF model.")
+    p = sub.add_parser(
+        "export",
+        help="Remove zero groups of a gated model and write a smaller HF model.",
+        description="Load a gated model, remove its zero groups, check the result against the gated model on a "
+        "probe batch, and write the smaller model, its model card and dgate_export.json to --out.",
+        formatter_class=_HelpFormatter,
+    )
     p.add_argument("gated_dir", metavar="GATED_DIR", help="Directory written by hf_dgate.save_gated.")
     p.add_argument("--out", required=True, help="Output directory (written atomically).")
     p.add_argument("--threshold", type=_float_above(0.0, strict=True), default=None, help=THRESHOLD_HELP)
+    p.add_argument(
+        "--threshold-mode",
+        choices=("absolute", "relative"),
+        default=None,
+        help="absolute: zero when ||theta_g|| < T; relative: when below T times the largest norm in its layer "
+        "(None: the model's dgate_config.json).",
+    )
     p.add_argument("--push-to-hub", metavar="REPO", default=None, help="Also upload to this Hub repo (user/name).")
     p.add_argument("--overwrite", action="store_true", help="Replace --out if it holds a previous export.")
     p.add_argument(
@@ -382,9 +450,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="Write the export even when its outputs differ from the gated model's beyond the tolerance (removed "
         "groups not zero); the card and dgate_export.json then say so.",
     )
+    _threads_option(p)
     p.set_defaults(func=export)
 
-    p = sub.add_parser("report", help="Sparsity table (and heat-map) of a gated model dir, or an export's structure.")
+    p = sub.add_parser(
+        "report",
+        help="Sparsity table (and heat-map) of a gated model dir, or an export's structure.",
+        description="Print the sparsity table of a gated model directory (optionally a heat-map of its group "
+        "norms), or the kept structure of an hf-dgate export.",
+        formatter_class=_HelpFormatter,
+    )
     p.add_argument("dir", metavar="DIR", help="A gated model directory (hf_dgate.save_gated) or an export.")
     p.add_argument(
         "--plot",
@@ -393,21 +468,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="Write a heat-map of effective norms to FILE.png (.pdf, .svg) or to DIR/norms.png.",
     )
     p.add_argument("--threshold", type=_float_above(0.0, strict=True), default=None, help=THRESHOLD_HELP)
+    p.add_argument(
+        "--threshold-mode",
+        choices=("absolute", "relative"),
+        default=None,
+        help="absolute or relative threshold (None: the model's dgate_config.json); see `hf-dgate export --help`.",
+    )
     p.add_argument("--json", action="store_true", help="Machine-readable output.")
+    _threads_option(p)
     p.set_defaults(func=report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. An expected failure (bad input, unreadable or corrupt files, NaN/inf gates, a model that
-    cannot be exported) is one line on stderr and exit code 2, no traceback (HF_DGATE_DEBUG=1 shows it)."""
-    from safetensors import SafetensorError
+    cannot be exported) is one line on stderr and exit code 2, no traceback (HF_DGATE_DEBUG=1 shows it).
 
+    Arguments are parsed before anything heavy is imported (torch, transformers: seconds), so --help is instant."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or a usage error (already printed as one line)
         return e.code if isinstance(e.code, int) else 0
+    from safetensors import SafetensorError
+
+    from .threads import configure_threads
+
     try:
+        configure_threads(args.threads)
         return args.func(args)
     except CLIError as e:
         print(f"hf-dgate {args.command}: error: {_one_line(e)}", file=sys.stderr)
@@ -415,9 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, SafetensorError) as e:  # ValueError covers NonFiniteError and ExportError
         if os.environ.get("HF_DGATE_DEBUG"):
             raise
-        print(
-            f"hf-dgate {args.command}: error: {_one_line(e)} (set HF_DGATE_DEBUG=1 for the traceback)", file=sys.stderr
-        )
+        msg = _one_line(cli_spelling(str(e)))
+        print(f"hf-dgate {args.command}: error: {msg} (set HF_DGATE_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
 
 

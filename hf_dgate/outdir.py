@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ExportError
+from .errors import REMEDY_FORCE, REMEDY_OVERWRITE, ExportError
 
 EXPORT_MARKER = "dgate_export.json"  # what makes a folder a previous export (hub.SUMMARY_NAME)
 TMP_PREFIX = ".hf-dgate-export-"
@@ -212,21 +212,20 @@ class OutputDir:
         if is_checkpoint_dir(t):  # even an empty `checkpoint-N`: the Trainer would delete the export with it
             raise ExportError(
                 f"The export target {t!r} is a training checkpoint or holds checkpoints. Choose another folder, or "
-                "pass force=True (CLI: --force) if it really should be deleted."
+                f"{REMEDY_FORCE} if it really should be deleted."
             )
         if not os.path.lexists(t) or (os.path.isdir(t) and not os.listdir(t)):
             return
         if os.path.isdir(t) and is_previous_export(t):
             if not self.overwrite:
                 raise ExportError(
-                    f"{t!r} holds a previous export; pass overwrite=True (CLI: --overwrite) to replace it, or "
-                    "choose another folder."
+                    f"{t!r} holds a previous export; {REMEDY_OVERWRITE} to replace it, or choose another folder."
                 )
             return
         kind = "folder is not empty and" if os.path.isdir(t) else "path is a file and"
         raise ExportError(
             f"The export target {t!r} exists: the {kind} not a previous hf_dgate export (no {EXPORT_MARKER}), so "
-            "it is kept. Choose a new or empty folder, or pass force=True (CLI: --force) to replace it."
+            f"it is kept. Choose a new or empty folder, or {REMEDY_FORCE} to replace it."
         )
 
     @contextmanager

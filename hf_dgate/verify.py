@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ExportError
+from .errors import REMEDY_ALLOW_INEXACT, REMEDY_LOWER_THRESHOLD, REMEDY_RELATIVE, ExportError
 
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float64: (1e-4, 1e-4),
@@ -180,25 +180,22 @@ class ExportCheck:
 
     def error_message(self, result: Verification) -> str:
         """At most ~300 characters: the CLI prints it on one line."""
-        head = (
-            f"Export not exact: outputs differ from the gated model's by {result.max_abs_diff:.2e} "
-            f"(tolerance {result.tolerance:.1e})"
-        )
+        head = f"Export not exact: outputs differ by {result.max_abs_diff:.2e} (tolerance {result.tolerance:.1e})"
         if self.removed.get("experts", {}).get("removed"):
             return (
                 f"{head}: removing routed experts changes which experts the router picks for tokens that had a "
-                "removed one in their top-k, so such an export cannot be exact; pass allow_inexact=True to export "
+                f"removed one in their top-k, so such an export cannot be exact; {REMEDY_ALLOW_INEXACT} to export "
                 "it with the difference stated, or gate 'neurons' (expert units go exactly)."
             )
         if not any(r["not_zero"] for r in self.removed.values()):
             return (
                 f"{head} although every removed group was numerically zero: a bug in hf_dgate's surgery for this "
-                "model, please report it; pass allow_inexact=True to export anyway."
+                f"model, please report it; {REMEDY_ALLOW_INEXACT} to export anyway."
             )
-        mode = "" if self.relative else ", use threshold_mode='relative'"
+        mode = "" if self.relative else f", {REMEDY_RELATIVE}"
         return (
-            f"{head}; {_removed_text(self.removed)}. Train longer, lower the threshold ({self.threshold:g}){mode}, "
-            "or pass allow_inexact=True to export anyway."
+            f"{head}; {_removed_text(self.removed)}. Train longer, {REMEDY_LOWER_THRESHOLD} (now {self.threshold:g})"
+            f"{mode}, or {REMEDY_ALLOW_INEXACT}."
         )
 
 

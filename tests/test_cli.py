@@ -141,3 +141,52 @@ def test_out_never_replaces_the_gated_dir_or_the_current_dir(gated_dir, tmp_path
         rc, _, err = run(["export", src, "--out", out, "--no-measure", "--force", "--overwrite"], capsys)
         _assert_one_line_error(rc, err, needle)
     assert sorted(os.listdir(src)) == before and os.listdir(tmp_path) == ["notes.txt"]
+
+
+def test_help_imports_neither_torch_nor_transformers():
+    """`hf-dgate --help` and `hf-dgate VERB --help` parse before the stack is imported (seconds on a busy machine)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from hf_dgate.cli import main\n"
+        "for argv in (['--help'], ['demo', '--help'], ['export', '--help'], ['report', '--help']):\n"
+        "    assert main(argv) == 0\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'safetensors', 'numpy') if m in sys.modules)\n"
+        "print('HEAVY', heavy)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), *sys.path])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY []" in out.stdout and "--threshold-mode" in out.stdout and "(default: 300)" in out.stdout
+
+
+def test_every_option_has_help_and_its_default_and_the_target_list_is_current():
+    import argparse
+
+    from hf_dgate.cli import TARGETS_HELP, build_parser
+    from hf_dgate.targets import describe_targets
+
+    assert TARGETS_HELP == describe_targets()  # written out in cli.py so that --help need not import torch
+    parser = build_parser()
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(verbs) == {"demo", "export", "report"}
+    for name, sub in verbs.items():
+        text = sub.format_help()
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
+            flag = isinstance(action, argparse._StoreTrueAction)
+            if action.option_strings and not action.required and not flag:
+                assert f"(default: {action.default})" in " ".join(text.split()), (name, action.dest)
+
+
+def test_threshold_mode_flag_overrides_the_saved_mode(gated_dir, capsys):
+    src, _ = gated_dir
+    rc, out, _ = run(["report", src, "--threshold-mode", "relative", "--threshold", "0.5"], capsys)
+    assert rc == 0 and "x its layer's largest" in out
+    rc, out, _ = run(["report", src, "--threshold", "0.5"], capsys)
+    assert rc == 0 and "x its layer's largest" not in out
+    rc, _, err = run(["report", src, "--threshold-mode", "relative", "--threshold", "2"], capsys)
+    _assert_one_line_error(rc, err, "(0, 1)", "--threshold-mode relative")
