@@ -93,6 +93,8 @@ def _load_gated(path: str):
         ) from None
     except (RuntimeError, ValueError, OSError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if first.startswith("Cannot load"):  # load_gated's own check, naming the tensors: already says what to do
+            raise CLIError(first[0].lower() + first[1:]) from None
         if "mismatch" in str(e).lower():
             raise CLIError(
                 f"the config.json in {path!r} does not match its weights (tensor shapes differ); fix config.json or "

@@ -15,7 +15,7 @@ import secrets
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -281,3 +281,51 @@ def _swap_in(tmp: str, dst: str) -> None:
         os.replace(old, dst)
         raise
     _remove(old)
+
+
+@contextmanager
+def updating(target: str | os.PathLike, carry: Callable[[str], bool] = lambda name: True) -> Iterator[str]:
+    """Replace the folder `target` atomically with a new version that keeps what the new version does not write.
+
+    Yields an empty temporary folder beside `target` (named like an export's, so `clean_stale` removes it when this
+    process dies). When the block ends without error, every entry of the existing `target` that the new version
+    lacks and `carry(name)` accepts is linked into it (hard links: no data is copied; copied where links are not
+    possible), and the folder is swapped in; the old version stays complete and loadable until that instant. On any
+    error the temporary folder is removed and `target` is untouched."""
+    path = resolve(target)
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise ValueError(f"{os.fspath(target)!r} is a file; pass a folder to save into.")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    clean_stale(parent)
+    tmp = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}@{_host()}-", dir=parent)
+    try:
+        yield tmp
+        _usual_permissions(tmp)  # only what this save wrote: linked files keep their own modes
+        if os.path.isdir(path):
+            written = set(os.listdir(tmp))
+            for name in os.listdir(path):
+                if name not in written and carry(name):
+                    _link_tree(os.path.join(path, name), os.path.join(tmp, name))
+            shutil.copymode(path, tmp)
+        _swap_in(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _link_tree(src: str, dst: str) -> None:
+    """`src` at `dst` without copying data where the filesystem allows hard links (symlinks stay symlinks)."""
+    if os.path.islink(src):
+        os.symlink(os.readlink(src), dst)
+    elif os.path.isdir(src):
+        shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(src, dst)

@@ -23,16 +23,49 @@ INDEX_NAME = "model.safetensors.index.json"
 
 
 def save_gated(model: nn.Module, save_directory: str | os.PathLike, **save_kwargs) -> None:
-    """`model.save_pretrained(dir)` (gates included as `dgate.*` tensors), the DGateConfig and the manifest."""
+    """`model.save_pretrained(dir)` (gates included as `dgate.*` tensors), the DGateConfig and the manifest.
+
+    Atomic: the save is written to a temporary folder beside `save_directory` and swapped in when complete, so a
+    failure midway (a full disk) leaves the previous save loadable. Files of the folder this save does not write
+    (a tokenizer, a README, subfolders) are kept; the previous save's weight files are not. A PEFT model's adapter
+    configs go into the manifest, so `load_gated` rebuilds the adapters and restores every tensor."""
     from .codefree import no_code_references, strip_code_references
+    from .outdir import updating
 
     bank = get_bank(model)
-    before = weight_files_state(save_directory)
-    with no_code_references(_unwrap(model)):  # no source model's remote code rides along (hf_dgate/codefree.py)
-        _unwrap(model).save_pretrained(save_directory, **save_kwargs)
-    strip_code_references(save_directory)
-    bank.config.save_pretrained(save_directory)
-    write_manifest(bank, save_directory, written_weight_files(save_directory, before))
+    base = _unwrap(model)
+    previous = _previous_save_files(save_directory)
+    with updating(save_directory, carry=lambda name: name not in previous) as tmp:
+        with no_code_references(base):  # no source model's remote code rides along (hf_dgate/codefree.py)
+            base.save_pretrained(tmp, **save_kwargs)
+        strip_code_references(tmp)
+        bank.config.save_pretrained(tmp)
+        write_manifest(bank, tmp, _loaded_weight_files(tmp), peft=peft_record(model))
+
+
+def _previous_save_files(directory: str | os.PathLike) -> set[str]:
+    """The weight files an earlier save in `directory` wrote (not carried into a new save: they would be stale)."""
+    try:
+        manifest = read_manifest(directory)
+    except ValueError:
+        manifest = None
+    files = set(manifest["weights"]) if manifest else set()
+    if os.path.isdir(directory):
+        files |= {n for n in os.listdir(directory) if n.startswith("model") and n.endswith(".safetensors")}
+    return files | {INDEX_NAME}
+
+
+def peft_record(model: nn.Module) -> dict[str, Any] | None:
+    """The adapter configs of a PEFT model (JSON-ready), or None for a plain model."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict) or not hasattr(model, "get_base_model"):
+        return None
+    adapters = {}
+    for name, cfg in configs.items():
+        d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
+        adapters[name] = {k: sorted(v) if isinstance(v, set) else v for k, v in d.items()}
+    active = getattr(model, "active_adapter", None)
+    return {"adapters": adapters, "active": active if isinstance(active, str) else None}
 
 
 # ---- the manifest ---------------------------------------------------------------------------------------------
@@ -77,10 +110,15 @@ def _loaded_weight_files(directory: str | os.PathLike) -> list[str]:
     return []
 
 
-def write_manifest(bank: Any, directory: str | os.PathLike, weight_files: list[str]) -> str:
-    """Write `dgate_manifest.json`: the weight files holding this save's gates and how the gates were made."""
+def write_manifest(
+    bank: Any, directory: str | os.PathLike, weight_files: list[str], peft: dict[str, Any] | None = None
+) -> str:
+    """Write `dgate_manifest.json`: the weight files holding this save's gates, how the gates were made and (PEFT
+    models) the adapter configs."""
     path = os.path.join(directory, MANIFEST_NAME)
     data = {"format": MANIFEST_FORMAT, "weights": list(weight_files), **gate_record(bank)}
+    if peft is not None:
+        data["peft"] = peft
     with open(path, "w") as f:
         json.dump(data, f, indent=2, allow_nan=False)
     return path
@@ -223,7 +261,11 @@ def record_conflict(saved: dict[str, Any], current: dict[str, Any]) -> tuple[str
 
 
 def load_gated(directory: str | os.PathLike, model_class: type | None = None, **from_pretrained_kwargs) -> nn.Module:
-    """Rebuild a model saved by `save_gated` / `DGateTrainer.save_model`, gates included, ready to train or export."""
+    """Rebuild a model saved by `save_gated` / `DGateTrainer.save_model`, gates included, ready to train or export.
+
+    Every tensor is restored or the load is refused: transformers' own loading report is checked (a weight missing
+    from the files, or a tensor the model has no place for, raises ValueError naming it), and a PEFT model saved
+    with its adapters is rebuilt with them and checked tensor by tensor."""
     import transformers
 
     from .loading import transformers_model_class
@@ -239,15 +281,18 @@ def load_gated(directory: str | os.PathLike, model_class: type | None = None, **
         model_class = transformers_model_class(transformers.AutoConfig.from_pretrained(directory))
         if model_class is None:
             raise ValueError(f"Cannot tell the model class of {directory!r}; pass load_gated(dir, model_class=...).")
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # the gate tensors are "unexpected" to the plain model class
-    try:
-        model = model_class.from_pretrained(directory, **from_pretrained_kwargs)
-    finally:
-        transformers.logging.set_verbosity(verbosity)
+    adapters = (read_manifest(directory) or {}).get("peft")
+    model, info = _from_pretrained(model_class, directory, quiet=adapters is not None, **from_pretrained_kwargs)
+    if adapters is not None:
+        model = _with_adapters(model, adapters, directory)
+    else:
+        _check_loading_info(directory, info)
     apply_dgate(model, dconfig)
     bank = get_bank(model)
     check_gates_match(directory, dconfig, gates, gate_record(bank))
+    if adapters is not None:  # every tensor of the files, into the rebuilt adapter model, key for key
+        _load_all(_unwrap(model), directory)
+        return model
     missing, unexpected = bank.load_state_dict(gates, strict=False)
     if missing or unexpected:
         raise ValueError(
@@ -255,3 +300,117 @@ def load_gated(directory: str | os.PathLike, model_class: type | None = None, **
             f"(missing {missing}, unexpected {unexpected}); re-save the model with hf_dgate.save_gated."
         )
     return model
+
+
+RESHAPED = "whose shape does not match the model config.json builds"
+GATE_KEY_PATTERN = r"(^|\.)" + BANK_NAME + r"\."
+
+
+def _from_pretrained(model_class: type, directory: Any, quiet: bool, **kwargs) -> tuple[nn.Module, dict[str, Any]]:
+    """`model_class.from_pretrained` with its loading report; the `dgate.*` tensors are declared expected (so the
+    report names only real problems and transformers' logging is left as the user set it). `quiet`: the adapter
+    layout of a PEFT save is checked by `_load_all` instead, so transformers' report on it would only mislead."""
+    import transformers
+
+    attr = "_keys_to_ignore_on_load_unexpected"
+    own = attr in vars(model_class)
+    before = getattr(model_class, attr, None)
+    setattr(model_class, attr, [*(before or []), GATE_KEY_PATTERN])
+    verbosity = transformers.logging.get_verbosity()
+    if quiet:
+        transformers.logging.set_verbosity_error()
+    try:
+        return model_class.from_pretrained(directory, output_loading_info=True, **kwargs)
+    except RuntimeError as e:
+        if "mismatched" not in str(e) and "size mismatch" not in str(e):
+            raise
+        _refuse(directory, {RESHAPED: _reshaped(model_class, directory)})
+        raise
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if own:
+            setattr(model_class, attr, before)
+        else:
+            delattr(model_class, attr)
+
+
+def _reshaped(model_class: type, directory: Any) -> list[str]:
+    """Tensors of the save's files whose shape differs from the model the config builds (read from the headers)."""
+    import transformers
+    from safetensors import safe_open
+
+    from .compat import build_on_meta
+
+    shapes = {k: tuple(v.shape) for k, v in build_on_meta(model_class, transformers.AutoConfig.from_pretrained(
+        directory)).state_dict().items()}  # fmt: skip
+    out = []
+    for name in gate_weight_files(directory):
+        with safe_open(os.path.join(directory, name), framework="pt") as f:
+            out += [k for k in f.keys() if k in shapes and tuple(f.get_slice(k).get_shape()) != shapes[k]]
+    return sorted(out)
+
+
+def _check_loading_info(directory: Any, info: dict[str, Any]) -> None:
+    """ValueError naming the tensors transformers did not restore (missing, unexpected or of another shape)."""
+    import re
+
+    gate = re.compile(GATE_KEY_PATTERN)
+    problems = {
+        "missing from the files (they would be random)": sorted(info.get("missing_keys") or []),
+        "in the files but not in the model": sorted(k for k in info.get("unexpected_keys") or [] if not gate.search(k)),
+        RESHAPED: sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or []),
+    }
+    _refuse(directory, problems)
+
+
+def _refuse(directory: Any, problems: dict[str, list[str]]) -> None:
+    parts = [f"{len(keys)} tensor(s) {what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+             for what, keys in problems.items() if keys]  # fmt: skip
+    if parts:
+        raise ValueError(
+            f"Cannot load {os.fspath(directory)!r} completely: {'; '.join(parts)}. The folder is damaged or was not "
+            "written by hf_dgate.save_gated for this model class; re-save it, or pass the right model_class."
+        )
+
+
+def _with_adapters(model: nn.Module, record: dict[str, Any], directory: Any) -> nn.Module:
+    """Wrap `model` in the PEFT adapters the save recorded (their weights are loaded afterwards by `_load_all`)."""
+    try:
+        import peft
+        from peft.config import PeftConfig
+    except ImportError:
+        raise ValueError(f"{os.fspath(directory)!r} holds a PEFT model; install peft to load it.") from None
+    adapters = record.get("adapters")
+    if not isinstance(adapters, dict) or not adapters or not all(isinstance(v, dict) for v in adapters.values()):
+        raise ValueError(f"{os.path.join(directory, MANIFEST_NAME)!r}: field 'peft' is malformed; re-save the model.")
+    names = list(adapters)
+    configs = {n: PeftConfig.from_peft_type(**{k: v for k, v in adapters[n].items()}) for n in names}
+    for cfg in configs.values():
+        cfg.inference_mode = False
+    wrapped = peft.get_peft_model(model, configs[names[0]], adapter_name=names[0])
+    for n in names[1:]:
+        wrapped.add_adapter(n, configs[n])
+    if record.get("active") in configs:
+        wrapped.set_adapter(record["active"])
+    return wrapped
+
+
+def _load_all(model: nn.Module, directory: Any) -> None:
+    """Load every tensor of the save's weight files into `model`, refusing any key either side lacks (a tied
+    weight counts as restored when the tensor it shares is)."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for name in gate_weight_files(directory):
+        state.update(load_file(os.path.join(directory, name)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    loaded = {id(t) for n, t in _named_tensors(model) if n in state}
+    missing = [k for k in missing if id(dict(_named_tensors(model)).get(k)) not in loaded]
+    _refuse(directory, {
+        "missing from the files (they would be random)": sorted(missing),
+        "in the files but not in the model": sorted(unexpected),
+    })  # fmt: skip
+
+
+def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]

@@ -140,9 +140,12 @@ def test_a_stray_safetensors_file_changes_nothing(tmp_path):
 def test_sharded_saves_load_from_their_index_and_stale_files_are_refused(tmp_path):
     model, path = _saved(tmp_path)
     inputs = make_inputs("llama")
-    hf_dgate.save_gated(model, path, max_shard_size="20KB")  # leaves the earlier model.safetensors behind
+    stale = (path / "model.safetensors").read_bytes()
+    hf_dgate.save_gated(model, path, max_shard_size="20KB")  # the earlier model.safetensors is not carried over
     files = json.loads((path / MANIFEST_NAME).read_text())["weights"]
-    assert len(files) > 1 and "model.safetensors" not in files
+    assert len(files) > 1 and "model.safetensors" not in files and not (path / "model.safetensors").exists()
+    torch.testing.assert_close(hf_dgate.load_gated(path)(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+    (path / "model.safetensors").write_bytes(stale)  # a stale file copied back in by hand
     with pytest.raises(ValueError, match="model.safetensors that the last save did not write"):
         hf_dgate.load_gated(path)
     os.remove(path / "model.safetensors")

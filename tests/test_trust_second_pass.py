@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import make_inputs, make_model
 
 import hf_dgate
 from hf_dgate.errors import ExportError
@@ -17,6 +17,20 @@ from hf_dgate.hub import export_to_dir, push_folder
 from hf_dgate.loading import REMOTE_CODE_FILE
 
 FOREIGN = {"AutoModelForCausalLM": "someone/repo--modeling_x.X", "AutoConfig": "someone/repo--configuration_x.C"}
+
+
+_LAST: list[str] = []
+
+
+def _one_error_line(capsys, again: bool = False) -> str:
+    """The CLI's error line, checked to be the only one and the last thing printed (progress bars aside)."""
+    if again:
+        return _LAST[0]
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if "error" in line.lower()]
+    assert len(errors) == 1 and err[-1] == errors[0], err
+    _LAST[:] = errors
+    return errors[0]
 
 
 def _kill(bank, target, layer, groups):
@@ -83,3 +97,90 @@ def test_an_upload_with_foreign_code_is_refused_before_the_hub(tmp_path, monkeyp
             (tmp_path / "out" / "modeling_x.py").write_text("import os\n")
         with pytest.raises(ExportError, match="carries code the export did not write"):
             push_folder(tmp_path / "out", "me/ok")
+
+
+# ---- 2. loads that drop weights -------------------------------------------------------------------------------
+def _gated_llama(target=("heads", "neurons")):
+    model = make_model("llama")
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target=list(target)))
+    _kill(hf_dgate.get_bank(model), "heads", 0, [1])
+    return model
+
+
+def _edit_weights(folder, drop=(), add=None):
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(folder, "model.safetensors")
+    state = {k: v for k, v in load_file(path).items() if k not in drop}
+    state.update(add or {})
+    save_file(state, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("fault", ["missing", "unexpected", "reshaped"])
+def test_a_load_that_would_leave_a_tensor_random_is_refused_by_name(tmp_path, fault, capsys):
+    from hf_dgate.cli import main
+
+    model = _gated_llama()
+    hf_dgate.save_gated(model, tmp_path / "g")
+    key = "model.layers.1.mlp.up_proj.weight"
+    if fault == "missing":
+        _edit_weights(tmp_path / "g", drop=[key])
+    elif fault == "unexpected":
+        _edit_weights(tmp_path / "g", add={"model.layers.1.mlp.extra.weight": torch.zeros(3)})
+    else:
+        _edit_weights(tmp_path / "g", add={key: torch.zeros(5, 32)})
+    name = key if fault != "unexpected" else "model.layers.1.mlp.extra.weight"
+    with pytest.raises((ValueError, RuntimeError), match="Cannot load|size mismatch") as e:
+        hf_dgate.load_gated(tmp_path / "g")
+    assert name in str(e.value)
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "g"), "--out", str(tmp_path / "out")]) == 2
+    assert _one_error_line(capsys) and name in _one_error_line(capsys, again=True) and not (tmp_path / "out").exists()
+
+
+def _lora_gated():
+    import peft
+
+    model = make_model("llama")
+    cfg = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    model = peft.get_peft_model(model, cfg)
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target=["heads", "neurons"]))
+    with torch.no_grad():
+        for g in hf_dgate.get_bank(model).gammas.values():
+            g.uniform_(0.5, 1.5)
+    return model
+
+
+def test_a_peft_model_round_trips_through_save_gated(tmp_path):
+    model, inputs = _lora_gated(), make_inputs("llama")
+    hf_dgate.save_gated(model, tmp_path / "g")
+    back = hf_dgate.load_gated(tmp_path / "g")
+    assert type(back).__name__ == type(model).__name__
+    mine, theirs = model.state_dict(), back.state_dict()
+    assert sorted(mine) == sorted(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert torch.equal(model(**inputs).logits, back(**inputs).logits)
+    hf_dgate.export_pruned(back)  # and the reloaded PEFT model exports exactly
+
+
+# ---- 3. atomic gated saves ------------------------------------------------------------------------------------
+def test_a_gated_save_that_fails_midway_keeps_the_previous_save(tmp_path, monkeypatch):
+    inputs = make_inputs("llama")
+    old, new = _gated_llama(), make_model("llama", seed=5)
+    hf_dgate.apply_dgate(new, hf_dgate.DGateConfig(target=["heads", "neurons"]))
+    hf_dgate.save_gated(old, tmp_path / "g")
+    (tmp_path / "g" / "tokenizer.json").write_text("{}")  # the user's own files stay
+    (tmp_path / "g" / "runs").mkdir()
+    (tmp_path / "g" / "runs" / "log.txt").write_text("x")
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hf_dgate.DGateConfig, "save_pretrained", full_disk)  # after the weights were written
+    with pytest.raises(OSError, match="No space"):
+        hf_dgate.save_gated(new, tmp_path / "g")
+    assert sorted(os.listdir(tmp_path)) == ["g"]  # no temporary folder left
+    assert torch.equal(hf_dgate.load_gated(tmp_path / "g")(**inputs).logits, old(**inputs).logits)
+    monkeypatch.undo()
+    hf_dgate.save_gated(new, tmp_path / "g")
+    assert torch.equal(hf_dgate.load_gated(tmp_path / "g")(**inputs).logits, new(**inputs).logits)
+    assert (tmp_path / "g" / "tokenizer.json").read_text() == "{}" and (tmp_path / "g" / "runs" / "log.txt").exists()
