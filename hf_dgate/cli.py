@@ -142,6 +142,11 @@ def export(args: argparse.Namespace) -> int:
                 force=args.force,
                 source_dirs=[src],
                 allow_inexact=args.allow_inexact,
+                format=args.format,
+                shape=args.shape,
+                multiple_of=args.multiple_of,
+                gguf_dtype=args.gguf_dtype,
+                tokenizer=args.tokenizer or src,
             )
     except ExportError as e:  # the library's remedies, as this command spells them
         raise CLIError(cli_spelling(str(e))) from None
@@ -154,8 +159,27 @@ def export(args: argparse.Namespace) -> int:
         print(f"  measured speed-up {summary['speedup']:.2f}x on {summary['device']}")
     check = Verification(**summary["verification"])
     print(f"  {'' if check.exact else 'WARNING: '}the export {check.describe()}")
-    loader = "transformers.AutoModel*" if summary["native"] else "hf_dgate.AutoPrunedModel"
-    print(f"  load with {loader}.from_pretrained({summary['path']!r})")
+    pad = summary.get("padding")
+    if pad and pad.get("params_unpadded"):
+        print(
+            f"  padding ({pad['shape']}, multiple_of {pad['multiple_of'] or '-'}): {pad['groups_added']} zero groups "
+            f"kept, parameters +{summary['params_after'] / pad['params_unpadded'] - 1:.1%}, FLOPs "
+            f"+{summary['flops_after'] / max(pad['flops_unpadded'], 1) - 1:.1%} vs the non-uniform export"
+        )
+    if summary.get("gguf"):
+        g = summary["gguf"]
+        check = g.get("llama_cpp") or {}
+        ran = (
+            f"llama.cpp logits within {check['max_abs_diff']:.2e} of PyTorch"
+            if check.get("verified")
+            else f"not run in llama.cpp ({check.get('reason')})"
+        )
+        print(f"  run with llama.cpp: {os.path.join(summary['path'], g['file'])} ({ran})")
+    elif summary.get("decilm"):
+        print(f"  serve with vLLM (DeciLMForCausalLM) or load with hf_dgate.AutoPrunedModel: {summary['path']!r}")
+    else:
+        loader = "transformers.AutoModel*" if summary["native"] else "hf_dgate.AutoPrunedModel"
+        print(f"  load with {loader}.from_pretrained({summary['path']!r})")
     if summary.get("hub_repo"):
         print(f"  uploaded to https://huggingface.co/{summary['hub_repo']}")
     return 0
@@ -453,6 +477,29 @@ def build_parser() -> argparse.ArgumentParser:
         "groups not zero); the card and dgate_export.json then say so.",
     )
     _threads_option(p)
+    p.add_argument(
+        "--format",
+        choices=["native", "gguf"],
+        default="native",
+        help="native: transformers folder; gguf: llama.cpp (per-layer shapes, Llama/Mistral/Qwen2).",
+    )
+    p.add_argument(
+        "--shape",
+        choices=["per_layer", "uniform"],
+        default="per_layer",
+        help="uniform: every layer keeps as many heads/neurons as the fullest (zero groups kept; plain "
+        "from_pretrained loads it). The card states the cost.",
+    )
+    p.add_argument(
+        "--multiple-of",
+        default=None,
+        metavar="N|neurons=N,heads=M",
+        help="Round kept counts up with zero groups: N for neurons (e.g. 128), heads=M for key/value heads.",
+    )
+    p.add_argument("--gguf-dtype", choices=["f32", "f16", "bf16"], default="f16", help="Weight type of --format gguf.")
+    p.add_argument(
+        "--tokenizer", default=None, help="Tokenizer folder for --format gguf (default: GATED_DIR's, if it has one)."
+    )
     p.set_defaults(func=export)
 
     p = sub.add_parser(

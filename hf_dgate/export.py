@@ -58,6 +58,8 @@ def export_pruned(
     allow_inexact: bool = False,
     verify: bool = True,
     example_inputs: Any = None,
+    shape: str = "per_layer",
+    multiple_of: int | dict[str, int] | str | None = None,
 ) -> nn.Module:
     """A physically smaller copy of a gated model that computes what the gated model computes, checked.
 
@@ -72,9 +74,22 @@ def export_pruned(
     must agree within `max|diff| <= atol + rtol * max|gated|` (1e-4, 1e-4 in float32). Otherwise ExportError
     names the removed groups that were not zero, unless `allow_inexact=True`. NaN/inf gates or weights raise
     NonFiniteError. The outcome is `pruned.dgate_verification` (`verified`, `exact`, `max_abs_diff`, ...).
+
+    `shape="uniform"` keeps in every layer as many key/value groups and neurons as the layer that keeps most, and
+    `multiple_of` rounds kept counts up (an int: neurons; or {"neurons": 128, "heads": 2}), by keeping some of
+    the layer's own below-threshold groups (hf_dgate.formats.shape): outputs stay the same, one count per layer
+    lets a plain `from_pretrained` load the export wherever the config has one count. What padding kept is
+    `pruned.dgate_padding` (counts before/after, parameters added).
     """
     pruned, result = _export(
-        model, threshold, inplace, allow_inexact=allow_inexact, verify=verify, inputs=example_inputs
+        model,
+        threshold,
+        inplace,
+        allow_inexact=allow_inexact,
+        verify=verify,
+        inputs=example_inputs,
+        shape=shape,
+        multiple_of=multiple_of,
     )
     pruned.dgate_verification = result
     return pruned
@@ -88,11 +103,15 @@ def _export(
     allow_inexact: bool = False,
     verify: bool = True,
     inputs: Any = None,
+    shape: str = "per_layer",
+    multiple_of: int | dict[str, int] | str | None = None,
 ) -> tuple[nn.Module, Any]:
     """export_pruned's work: the pruned model and its `hf_dgate.verify.Verification` (export_to_dir passes its
     own batch as `inputs` so the outputs are measured once)."""
+    from .formats.shape import ExportShape, parse_multiple_of, parse_shape
     from .verify import ExportCheck
 
+    padded = parse_shape(shape) is not ExportShape.PER_LAYER or bool(parse_multiple_of(multiple_of))
     bank = get_bank(model)
     bank.assert_finite("export")
     try:
@@ -108,6 +127,11 @@ def _export(
 
         model, inplace = merge_adapters(model if inplace else copy.deepcopy(model)), True
         bank = get_bank(model)
+    if padded and not transformer:
+        raise ExportError(
+            "shape='uniform' and multiple_of apply to attention heads and MLP neurons; this model gates neither."
+        )
+    padding = None
     if not transformer:
         from .surgery import prune_torch_model  # filters, input features, custom groups of plain torch models
 
@@ -119,8 +143,13 @@ def _export(
         base = _unwrap(model)
         pruned = base if inplace else copy.deepcopy(base)
         remove_dgate(pruned, merge=True)
+        if padded:
+            from .formats.shape import pad_plan
+
+            padding = pad_plan(pruned, plan, shape, multiple_of)
         _apply_plan(pruned, plan, dconfig, float(thr))
         pruned.eval()
+    pruned.dgate_padding = padding.to_dict() if padding is not None else None
     return pruned, check.finish(pruned, allow_inexact)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -13,7 +14,6 @@ import torch
 from torch import nn
 
 from .export import ExportError, _export, pruned_structure
-from .loading import save_pruned
 from .outdir import OutputDir, local_source, resolve
 from .patch import _unwrap, get_bank, remove_dgate
 
@@ -27,7 +27,7 @@ This model was pruned with hf_dgate (D-Gating, Kolb et al., NeurIPS 2025): group
 neurons, layers) that training under a structured `L_{{2,2/D}}` penalty drove below the threshold were removed.
 
 {outputs}
-
+{serving}
 - Base model: {base_model}
 - Loading: {loading}
 
@@ -105,6 +105,7 @@ def build_model_card(summary: dict[str, Any]) -> Any:
         card_data=data.to_yaml(),
         title=summary.get("title") or f"Pruned {base or 'model'} (D-Gating)",
         outputs=outputs_statement(summary),
+        serving=_serving_statement(summary),
         base_model=base or LOCAL_MODEL,
         loading=loading,
         params_before=summary["params_before"],
@@ -123,6 +124,33 @@ def build_model_card(summary: dict[str, Any]) -> Any:
         dgate_config=json.dumps(summary.get("dgate_config", {}), indent=2, allow_nan=False),
     )
     return ModelCard(text)
+
+
+def _serving_statement(summary: dict[str, Any]) -> str:
+    """The card's paragraphs on padding (uniform / rounded counts and their cost) and on a non-native format."""
+    from .formats.shape import padding_statement
+
+    parts = [padding_statement(summary)]
+    g = summary.get("gguf")
+    if g:
+        lay = g["layout"]
+        check = g.get("llama_cpp") or {}
+        ran = (
+            f"run in llama.cpp and compared with the PyTorch export: max |logit difference| {check['max_abs_diff']:.2e}"
+            f" on {check['probe_tokens']} tokens (tolerance {check['tolerance']:.2e})"
+            if check.get("verified")
+            else f"not run in llama.cpp here ({check.get('reason', 'not checked')})"
+        )
+        parts.append(
+            f"Format: GGUF `{g['file']}` ({g['dtype']}, llama.cpp architecture `deci`, per-layer query heads "
+            f"{lay['head_count']}, key/value heads {lay['head_count_kv']}, FFN widths {lay['feed_forward_length']}); "
+            f"{ran}. Tokenizer: {g['vocab']}.\n"
+        )
+    d = summary.get("decilm")
+    if d:
+        parts.append(f"Format: DeciLM `block_configs` for vLLM's DeciLMForCausalLM ({d['statement']}).\n")
+    text = "\n".join(p for p in parts if p)
+    return f"\n{text}" if text else ""
 
 
 def outputs_statement(summary: dict[str, Any]) -> str:
@@ -326,6 +354,11 @@ def export_to_dir(
     progress: bool = False,
     remote_code: bool = True,
     allow_inexact: bool = False,
+    format: str = "native",
+    shape: str = "per_layer",
+    multiple_of: int | dict[str, int] | str | None = None,
+    gguf_dtype: str = "f16",
+    tokenizer: Any = None,
 ) -> dict[str, Any]:
     """Export a gated model to `output_dir`: weights, config, `dgate_export.json` and a model card.
 
@@ -344,10 +377,18 @@ def export_to_dir(
     tolerance raise ExportError before anything is written, unless `allow_inexact=True`; the summary's
     `verification` (`verified`, `exact`, `max_abs_diff`, `tolerance`, removed-group norms) and the card say plainly
     what was found. NaN/inf gates or weights raise NonFiniteError.
+
+    `format` picks the writer (hf_dgate.formats): "native" (transformers), "gguf" (llama.cpp's deci architecture,
+    `gguf_dtype` f32/f16/bf16, `tokenizer` a tokenizer or folder; run and compared in llama.cpp where
+    llama-cpp-python is installed) or "decilm" (vLLM's DeciLMForCausalLM). `shape="uniform"` and `multiple_of` pad
+    layers with their own zero groups (see `export_pruned`); the summary's `padding` and the card state what that
+    costs in parameters and FLOPs against the non-uniform export.
     """
     from tqdm.auto import tqdm
 
     from . import flops as F
+    from .formats import get_format
+    from .formats.shape import padding_statement  # noqa: F401  (the card reads the summary's padding)
 
     if push_to_hub and not hub_model_id:
         raise ExportError("push_to_hub=True needs hub_model_id='user/name'.")
@@ -367,6 +408,9 @@ def export_to_dir(
     except ValueError as e:
         raise ExportError(str(e)) from None
     base = _unwrap(model)
+    fmt = get_format(format)
+    fmt_options = dict(remote_code=remote_code, gguf_dtype=gguf_dtype, tokenizer=tokenizer)
+    fmt.check(base, **fmt_options)  # a format that cannot write this model refuses before any work
     target = OutputDir.plan(
         output_dir,
         sources=[*source_dirs, local_source(base)],
@@ -378,7 +422,9 @@ def export_to_dir(
     steps.set_postfix_str("pruning")
     inputs = F.example_inputs(base, seq_len=seq_len)  # the probe of the shared check and the FLOPs batch
     try:
-        pruned, verification = _export(model, thr, False, allow_inexact=allow_inexact, inputs=inputs)
+        pruned, verification = _export(
+            model, thr, False, allow_inexact=allow_inexact, inputs=inputs, shape=shape, multiple_of=multiple_of
+        )
     except BaseException:
         steps.close()  # before the error is printed: a refusal is the last line the user sees
         raise
@@ -391,6 +437,8 @@ def export_to_dir(
         "native": bool((pruned_structure(pruned) or {}).get("native")),
         "params_before": F.count_params(base),
         "params_after": F.count_params(pruned),
+        "format": fmt.name,
+        "padding": getattr(pruned, "dgate_padding", None),
     }
     steps.set_postfix_str("measuring")
     with torch.no_grad():
@@ -399,6 +447,13 @@ def export_to_dir(
         summary["flops_input"] = ", ".join(f"{k} {tuple(v.shape)}" for k, v in inputs.items())
         summary["flops_before"] = F.count_flops(dense if dense is not None else model, inputs)
         summary["flops_after"] = F.count_flops(pruned, inputs)
+        if summary["padding"] and summary["padding"]["groups_added"]:  # what padding costs, measured
+            with warnings.catch_warnings():  # unverified on purpose: only its size is measured
+                warnings.simplefilter("ignore")
+                unpadded, _ = _export(model, thr, False, allow_inexact=True, verify=False)
+            summary["padding"]["params_unpadded"] = F.count_params(unpadded)
+            summary["padding"]["flops_unpadded"] = F.count_flops(unpadded, inputs)
+            del unpadded
         # measured once, by export's shared check (hf_dgate.verify) on this batch; None when not verified
         summary["max_abs_diff"] = verification.max_abs_diff
         summary["exact"] = verification.exact
@@ -414,7 +469,8 @@ def export_to_dir(
     steps.update()
     steps.set_postfix_str("writing")
     with target.writing() as tmp:
-        summary["remote_code"] = save_pruned(pruned, tmp, remote_code=remote_code)
+        summary.update(fmt.write(pruned, tmp, **fmt_options))
+        summary.setdefault("remote_code", None)
         summary = scrub_paths(summary, _local_roots([target.path, *target.sources]))  # it is published as is
         with open(os.path.join(tmp, SUMMARY_NAME), "w") as f:
             json.dump(summary, f, indent=2, allow_nan=False)
