@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .groups import GroupSet, Site, input_slices, output_slices, slice_index
+from .groups import GroupSet, ModuleInfo, Site, input_slices, output_slices, slice_index
 
 UNGATED = -1
 
@@ -72,7 +72,7 @@ def filter_sets(model: nn.Module, example_inputs: Any) -> list[GroupSet]:
             else:
                 removable += input_slices(name, module, index)
         if sites:
-            sets.append(GroupSet("filters", names[conv], n, sites, primary, removable, {"root": names[conv]}))
+            sets.append(GroupSet("filters", names[conv], n, sites, primary, removable, ModuleInfo(root=names[conv])))
     if not sets:
         raise ValueError(f"target='filters' found no Conv2d layers in {type(model).__name__}.")
     return sets
@@ -95,7 +95,7 @@ def feature_set(model: nn.Module) -> GroupSet:
     index = slice_index(lin.in_features)
     slices = input_slices(name, lin, index)
     return GroupSet(
-        "features", name, lin.in_features, [Site(name, "input", -1, index)], slices, list(slices), {"module": name}
+        "features", name, lin.in_features, [Site(name, "input", -1, index)], slices, list(slices), ModuleInfo(root=name)
     )
 
 

@@ -315,11 +315,7 @@ def plot_norms(model, path: str, threshold: float | None = None) -> str:
     with torch.no_grad():
         norms = bank.effective_norms(target).float().cpu().numpy()
         zero = bank.zero_groups(target, threshold).cpu().numpy()
-    rows = [
-        (str(gs.layer), norms[off : off + gs.n_groups], zero[off : off + gs.n_groups])
-        for gs, off in zip(bank.group_sets, bank.offsets)
-        if gs.target == target
-    ]
+    rows = [(str(gs.layer), n, z) for (gs, n), (_, z) in zip(bank.per_set(norms, target), bank.per_set(zero, target))]
     width = max(len(r) for _, r, _ in rows)
     grid = np.full((len(rows), width), np.nan)
     removed = np.zeros((len(rows), width), dtype=bool)

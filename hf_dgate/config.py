@@ -11,13 +11,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .choices import GroupKind, HeadSide, ThresholdMode
+
 CONFIG_NAME = "dgate_config.json"
 BUILTIN_TARGETS = ("heads", "neurons", "layers", "experts", "filters", "features")
 TRANSFORMER_TARGETS = ("heads", "neurons", "layers", "experts")
-HEAD_SIDES = ("auto", "value", "output")
+HEAD_SIDES = HeadSide.values()
 METHODS = ("dgate", "direct", "l0", "slimming")  # the built-in ones; `hf_dgate.methods` holds the registry
-THRESHOLD_MODES = ("absolute", "relative")
-GROUP_KINDS = ("out", "in", "module")
+THRESHOLD_MODES = ThresholdMode.values()
+GROUP_KINDS = GroupKind.values()
 
 
 @dataclass
@@ -199,7 +201,7 @@ class DGateConfig:
             self.threshold_mode,
             f"one of {THRESHOLD_MODES}",
         )
-        if self.threshold_mode == "relative":
+        if self.threshold_mode == ThresholdMode.RELATIVE:
             _check(self.threshold < 1, "threshold", self.threshold, "a float in (0, 1) with threshold_mode='relative'")
         from .methods import METHODS as registered  # (the methods' code needs torch; this module does not)
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .architectures import BlockStack, block_stacks, find_blocks
+from .choices import AttentionKind
 from .compat import (
     HAS_HF_PRUNE_HEADS,
     HAS_PER_LAYER_CONFIG,
@@ -138,7 +139,7 @@ def _export(
         pruned = prune_torch_model(model, thr, inplace=inplace)
     else:
         dead = {t: bank.zero_groups(t, thr).cpu() for t in bank.targets}
-        plan = [(gs, dead[gs.target][off : off + gs.n_groups]) for gs, off in zip(bank.group_sets, bank.offsets)]
+        plan = bank.per_set(dead)
         dconfig = bank.config
         base = _unwrap(model)
         pruned = base if inplace else copy.deepcopy(base)
@@ -184,7 +185,7 @@ def prune_heads(model: nn.Module, heads_to_prune: dict[int, list[int]], dconfig:
         geometry = SimpleNamespace(num_attention_heads=n_q, num_key_value_heads=n_kv, head_dim=hd)
         gs = head_set(base, geometry, dconfig, layer, name, block)
         kept_q = kept_heads[layer]
-        n_rep = gs.meta["n_heads"] // gs.meta["n_kv"]
+        n_rep = gs.info.n_heads // gs.info.n_kv
         current = [kept_q[i] for i in range(0, len(kept_q), n_rep)]  # original query head opening each group
         dead = torch.zeros(gs.n_groups, dtype=torch.bool)
         for h in set(heads):
@@ -227,7 +228,7 @@ def _apply_plan(model: nn.Module, plan: list[tuple[GroupSet, torch.Tensor]], dco
     multi = len(stacks) > 1 or "stacks" in prev or any(st.name != st.path for st in stacks)
     records = {}
     for st in stacks:
-        sub_plan = [(gs, d) for gs, d in plan if gs.meta.get("stack") == st.path]
+        sub_plan = [(gs, d) for gs, d in plan if gs.info.stack == st.path]
         before = prev.get("stacks", {}).get(st.path, {}) if multi else prev
         records[st.path] = _prune_stack(model, st, sub_plan, dconfig, before)
     structure: dict[str, Any] = {"version": 2 if multi else 1, "module_names": dconfig.module_names}
@@ -254,8 +255,8 @@ def _prune_stack(
             continue
         get_target(gs.target).remove(model, gs, dead)
         if gs.target == "heads":  # which original heads are left, for the record
-            n_rep = gs.meta["n_heads"] // gs.meta["n_kv"]
-            heads = kept[gs.meta.get("attention", "self")]
+            n_rep = gs.info.n_heads // gs.info.n_kv
+            heads = kept[gs.info.attention]
             heads[gs.layer] = [h for j, h in enumerate(heads[gs.layer]) if not dead[j // n_rep]]
     kept_layers = [i for i in range(n_before) if i not in dead_layers]
     if dead_layers:
@@ -291,7 +292,7 @@ def _hf_prune_heads(
     if not HAS_HF_PRUNE_HEADS or not single or st.name != st.path:
         return set()
     sets = [(gs, d) for gs, d in plan if gs.target == "heads" and gs.layer not in dead_layers and bool(d.any())]
-    if not sets or any(gs.meta.get("attention") != "self" or gs.meta["n_heads"] != gs.meta["n_kv"] for gs, _ in sets):
+    if not sets or any(gs.info.attention != AttentionKind.SELF or gs.info.n_heads != gs.info.n_kv for gs, _ in sets):
         return set()
     if any(bool(d.all()) for _, d in sets):
         return set()

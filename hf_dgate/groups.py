@@ -16,13 +16,15 @@ the per-group norms with one reduction per tensor (no Python loop over groups).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import gates as G
+from .choices import AttentionKind, GroupKind, HeadSide, ThresholdMode, Where
 from .config import DGateConfig
 from .errors import NonFiniteError
 from .hooks import (
@@ -58,10 +60,96 @@ class Site:
     """An activation scaled per group: the module's `input` (pre-hook) or `output`, along `axis`."""
 
     module: str
-    where: str  # "input" | "output" | "param" (the parameter `param` itself, scaled inside the forward)
+    where: Where  # input | output | param (the parameter `param` itself, scaled inside the forward)
     axis: int | tuple[int, int]  # feature axis of the activation (-1 for Linear, 1 for Conv2d); of `param`
     index: torch.Tensor  # int64, (features,); for "param" the shape of `param` along `axis`
     param: str | None = None
+
+    def __post_init__(self) -> None:
+        self.where = Where(self.where)
+
+
+# ---- what a target records about one group set (typed; one class per kind of set) ------------------------------
+@dataclass
+class SetInfo:
+    """Where a group set sits: its block stack (path and name, set when the stacks are walked), and why the
+    installed transformers could not run it pruned (`refuse`: apply_dgate refuses, reloading goes on)."""
+
+    stack: str | None = None
+    stack_name: str | None = None
+    refuse: str | None = None
+
+    def block_parts(self) -> tuple[str | None, ...]:
+        """Module names relative to the set's block that locate the block (see `targets.base.block_name`)."""
+        return ()
+
+
+@dataclass
+class HeadInfo(SetInfo):
+    """One attention's heads: its projections (relative to the block, as in `registry.Attention.parts`), head
+    counts, the side the gate scales and whether it is self- or cross-attention."""
+
+    o: str = ""
+    q: str | None = None
+    k: str | None = None
+    v: str | None = None
+    qkv: str | None = None
+    layout: str | None = None
+    per_head: tuple[str, ...] = ()
+    config_heads: bool = False
+    n_heads: int = 0
+    n_kv: int = 0
+    head_dim: int = 0
+    side: HeadSide = HeadSide.OUTPUT
+    attention: AttentionKind = AttentionKind.SELF
+
+    def block_parts(self) -> tuple[str | None, ...]:
+        return (self.o, self.v, self.qkv)
+
+
+@dataclass
+class NeuronInfo(SetInfo):
+    """A dense MLP's units (or a shared expert's): the projection consuming them and those producing them."""
+
+    down: str = ""
+    up: tuple[str, ...] = ()
+    shared_expert: bool = False
+
+    def block_parts(self) -> tuple[str | None, ...]:
+        return (self.down,)
+
+
+@dataclass
+class ExpertUnitInfo(SetInfo):
+    """Every routed expert's units in stacked (E, ...) tensors: unit j of expert e is group e * units + j."""
+
+    experts: str = ""
+    n_experts: int = 0
+    units: int = 0
+    gate_up: str = ""
+    down: str = ""
+
+
+@dataclass
+class ExpertInfo(SetInfo):
+    """Whole routed experts of one block, and the router whose per-expert rows go with them."""
+
+    experts: str = ""
+    router: str = ""
+    n_experts: int = 0
+
+
+@dataclass
+class LayerInfo(SetInfo):
+    block: str = ""
+
+
+@dataclass
+class ModuleInfo(SetInfo):
+    """Groups of one module (filters, input features, a user rule's): `root` is where Torch-Pruning starts."""
+
+    root: str | None = None
+    kind: GroupKind | None = None
 
 
 @dataclass
@@ -72,7 +160,12 @@ class GroupSet:
     sites: list[Site]
     primary: list[TensorSlice]
     removable: list[TensorSlice]
-    meta: dict[str, Any] = field(default_factory=dict)
+    info: SetInfo = field(default_factory=SetInfo)
+
+    @property
+    def meta(self) -> MappingProxyType:
+        """Read-only view of `info` as the dict earlier versions held (writes raise: set `info`'s fields)."""
+        return MappingProxyType({f.name: getattr(self.info, f.name) for f in fields(self.info)})
 
 
 def slice_index(size: int, group_size: int = 1, offset: int = 0) -> torch.Tensor:
@@ -180,6 +273,20 @@ class GateBank(nn.Module):
     def direct(self) -> bool:
         """True for gate-free methods (direct, slimming): the gates stay at 1 and nothing is applied."""
         return not self.strategy.trainable_gates
+
+    def per_set(
+        self, values: dict[str, torch.Tensor] | torch.Tensor, target: str | None = None
+    ) -> list[tuple[GroupSet, torch.Tensor]]:
+        """Each group set with its part of per-group vectors, in bank order: `values` maps every target to a vector
+        with one entry per group of that target (norms, zero masks), or is one target's vector and `target` names it
+        (that target's sets only). The parts are views: writing into one writes into `values`."""
+        out = []
+        for gs, off in zip(self.group_sets, self.offsets):
+            if target is not None and gs.target != target:
+                continue
+            vec = values if target is not None else values[gs.target]
+            out.append((gs, vec[off : off + gs.n_groups]))
+        return out
 
     def module(self, name: str) -> nn.Module:
         """The gated model's submodule `name` ("" for the model itself), as it was when the bank was built."""
@@ -332,7 +439,7 @@ class GateBank(nn.Module):
     def check_threshold(self, threshold: float | None = None) -> float:
         """`threshold`, or the config's when None; a ValueError that says what is allowed otherwise."""
         thr = self.config.threshold if threshold is None else threshold
-        relative = self.config.threshold_mode == "relative"
+        relative = self.config.threshold_mode == ThresholdMode.RELATIVE
         if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not 0 < thr < (1 if relative else math.inf):
             allowed = "a float in (0, 1) (threshold_mode='relative')" if relative else "a float > 0 (e.g. 1e-3)"
             raise ValueError(f"threshold={thr!r} is invalid: pass {allowed}.")
@@ -344,7 +451,7 @@ class GateBank(nn.Module):
         their layer are compared with each other instead)."""
         thr = self.check_threshold(threshold)
         norms = self.effective_norms(target)
-        if self.config.threshold_mode == "absolute":
+        if self.config.threshold_mode == ThresholdMode.ABSOLUTE:
             return torch.full_like(norms, thr)
         seg = self._layer_segments[target].to(norms.device)
         ref = torch.zeros(int(seg.max()) + 1, device=norms.device, dtype=norms.dtype)
@@ -405,7 +512,7 @@ class GateBank(nn.Module):
             by_module.setdefault(site.module, []).append(site)
         for name, sites in by_module.items():
             module = self._modules_by_name[name]
-            if any(site.where == "param" for site in sites):
+            if any(site.where == Where.PARAM for site in sites):
                 if "forward" in module.__dict__ or len({site.where for site in sites}) > 1:
                     raise ValueError(f"Cannot gate the parameters of '{name}': its forward is already replaced.")
                 module.forward = GatedParamForward(self, module, sites)
@@ -414,7 +521,7 @@ class GateBank(nn.Module):
                 module.forward = GatedLinearForward(self, module, sites)
                 continue
             for site in sites:
-                if site.where == "output":
+                if site.where == Where.OUTPUT:
                     module.register_forward_hook(OutputHook(self, site))
                 else:
                     module.register_forward_pre_hook(InputHook(self, site))
@@ -428,7 +535,7 @@ class GateBank(nn.Module):
     @torch.no_grad()
     def fold(self) -> None:
         """Multiply every primary slice by its group scale, after which the hooks can go."""
-        for gs, off in zip(self.group_sets, self.offsets):
+        for gs, off in zip(self.group_sets, self.offsets):  # (the bank's own offsets: indices into the gates)
             s_ext = torch.cat([self.scale(gs.target), self.gammas[gs.target].new_ones(1)])
             for sl in gs.primary:
                 w = getattr(self._modules_by_name[sl.module], sl.param)

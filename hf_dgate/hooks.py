@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .choices import Where
 from .gated_linear import gated_linear
 
 
@@ -104,8 +105,8 @@ class GatedLinearForward(BankHook):
     def __init__(self, bank: Any, module: nn.Module, sites: list[SiteRef]):
         super().__init__(bank)
         self.module = module
-        self.outputs = [s for s in sites if s.where == "output"]
-        self.inputs = [s for s in sites if s.where == "input"]
+        self.outputs = [s for s in sites if s.where == Where.OUTPUT]
+        self.inputs = [s for s in sites if s.where == Where.INPUT]
         self.transposed = type(module).__name__ == "Conv1D"
 
     def _scale(self, sites: list[SiteRef]) -> torch.Tensor | None:

@@ -11,9 +11,11 @@ import torch
 from torch import nn
 
 from .architectures import StructureNotFoundError
+from .choices import AttentionKind
 from .compat import build_on_meta, config_value
 from .config import DGateConfig
 from .export import HF_PRUNED_HEADS, PRUNING_KEY, ExportError, pruned_structure
+from .groups import ExpertUnitInfo
 from .pruned_modules import ZeroHeadAttention, ZeroInputConv1D
 from .registry import PRUNED_MODEL_TYPE_PREFIX
 from .targets import find_group_sets, get_target
@@ -55,7 +57,7 @@ def _rebuild_stack(model: nn.Module, record: dict[str, Any], module_names: dict[
         if layer >= len(counts) or not isinstance(counts[layer], int):
             continue
         want = counts[layer]
-        per = gs.meta.get("units", gs.n_groups) if _record_key(gs) == "expert_units" else gs.n_groups
+        per = gs.info.units if isinstance(gs.info, ExpertUnitInfo) else gs.n_groups
         if want > per:
             raise ExportError(
                 f"The recorded structure keeps {want} {gs.target} in layer {layer} but the config builds only "
@@ -65,7 +67,7 @@ def _rebuild_stack(model: nn.Module, record: dict[str, Any], module_names: dict[
             continue
         dead = torch.arange(per, device="cpu") >= want
         if _record_key(gs) == "expert_units":  # every expert keeps `want` units (the export pads to the fullest)
-            dead = dead.repeat(gs.meta["n_experts"])
+            dead = dead.repeat(gs.info.n_experts)
         # (a layer left with no head gets its bias-only forward here, as in the export)
         get_target(gs.target).remove(model, gs, dead)
     return model
@@ -74,9 +76,9 @@ def _rebuild_stack(model: nn.Module, record: dict[str, Any], module_names: dict[
 def _record_key(gs: Any) -> str:
     """The list of the pruned-structure record that counts what `gs` keeps per layer."""
     if gs.target == "heads":
-        return "kv_heads" if gs.meta.get("attention", "self") == "self" else "cross_kv_heads"
+        return "kv_heads" if gs.info.attention == AttentionKind.SELF else "cross_kv_heads"
     if gs.target == "neurons":
-        return "expert_units" if "n_experts" in gs.meta else "neurons"
+        return "expert_units" if isinstance(gs.info, ExpertUnitInfo) else "neurons"
     return gs.target
 
 

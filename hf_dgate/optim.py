@@ -65,7 +65,7 @@ def gated_parameters(model: nn.Module, include_weights: bool | None = True) -> l
         if include_weights is None and _is_block_target(gs.target):
             continue
         for sl in gs.primary:
-            p = getattr(bank._modules_by_name[sl.module], sl.param)
+            p = getattr(bank.module(sl.module), sl.param)
             if isinstance(p, nn.Parameter) and p.requires_grad:
                 ids.add(id(p))
     seen: set[int] = set()

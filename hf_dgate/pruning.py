@@ -33,24 +33,20 @@ def magnitude_prune(model: nn.Module, ratio: float, target: str | None = None, s
             k = round(ratio * len(norms))
             prune[norms.argsort()[:k]] = True
         else:
-            for gs, off in zip(bank.group_sets, bank.offsets):
-                if gs.target == t:
-                    local = norms[off : off + gs.n_groups]
-                    prune[off + local.argsort()[: round(ratio * gs.n_groups)]] = True
+            for (gs, local), (_, part) in zip(bank.per_set(norms, t), bank.per_set(prune, t)):
+                part[local.argsort()[: round(ratio * gs.n_groups)]] = True  # (a view: writes into `prune`)
         _zero_groups(bank, t, prune)
         pruned[t] = int(prune.sum())
     return pruned
 
 
 def _zero_groups(bank, target: str, prune: torch.Tensor) -> None:
-    for gs, off in zip(bank.group_sets, bank.offsets):
-        if gs.target != target:
-            continue
-        dead = prune[off : off + gs.n_groups].cpu()
+    for gs, dead in bank.per_set(prune, target):
+        dead = dead.cpu()
         if not bool(dead.any()):
             continue
         for sl in gs.primary:
-            w = getattr(bank._modules_by_name[sl.module], sl.param)
+            w = getattr(bank.module(sl.module), sl.param)
             if sl.axis is None:
                 if bool(dead[sl.index].all()):
                     w.zero_()

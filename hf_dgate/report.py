@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .architectures import stack_status
+from .choices import AttentionKind, ThresholdMode
 from .groups import GateBank
 from .patch import get_bank
 from .targets import BUILTIN
@@ -88,7 +89,7 @@ def sparsity_report(model: nn.Module, threshold: float | None = None) -> Sparsit
     thr = bank.check_threshold(threshold)
     bank.assert_finite("report sparsity")  # a NaN norm compares as "not below threshold": it would count as active
     dead = {t: bank.zero_groups(t, thr) for t in bank.targets}
-    stacks = stack_status(bank._modules_by_name[""], bank.config)
+    stacks = stack_status(bank.module(""), bank.config)
     about = {t.name: t.description for t in BUILTIN.values()} | {
         r.name: Rule(r).description for r in bank.config.groups
     }
@@ -98,19 +99,19 @@ def sparsity_report(model: nn.Module, threshold: float | None = None) -> Sparsit
         )
         for t in bank.targets
     }
-    for gs, off in zip(bank.group_sets, bank.offsets):
-        d = dead[gs.target][off : off + gs.n_groups]
+    for gs, d in bank.per_set(dead):
         label = group_set_label(gs, multi_stack=len(stacks) > 1)
         targets[gs.target].per_layer[label] = [gs.n_groups - int(d.sum()), gs.n_groups]
     total, kept = _param_counts(bank, dead)
-    return SparsityReport(thr, targets, total, kept, bank.config.threshold_mode == "relative", stacks)
+    return SparsityReport(thr, targets, total, kept, bank.config.threshold_mode == ThresholdMode.RELATIVE, stacks)
 
 
 def group_set_label(gs: Any, multi_stack: bool = False) -> str:
     """How reports name a group set: its layer, prefixed by its stack in multi-stack models ("decoder.3"), with
     ".cross" for cross-attention heads."""
-    label = f"{gs.meta.get('stack_name')}.{gs.layer}" if multi_stack and gs.meta.get("stack_name") else str(gs.layer)
-    return label + ".cross" if gs.meta.get("attention") == "cross" else label
+    info = gs.info
+    label = f"{info.stack_name}.{gs.layer}" if multi_stack and info.stack_name else str(gs.layer)
+    return label + ".cross" if getattr(info, "attention", None) == AttentionKind.CROSS else label
 
 
 def _param_counts(bank: GateBank, dead: dict[str, torch.Tensor]) -> tuple[int, int]:
@@ -121,12 +122,12 @@ def _param_counts(bank: GateBank, dead: dict[str, torch.Tensor]) -> tuple[int, i
     """
     kept_mask: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
     whole_dead: set[tuple[int, str]] = set()
-    for gs, off in zip(bank.group_sets, bank.offsets):
-        d = dead[gs.target][off : off + gs.n_groups].cpu()
+    for gs, d in bank.per_set(dead):
+        d = d.cpu()
         if not bool(d.any()):
             continue
         for sl in gs.removable:
-            module = bank._modules_by_name[sl.module]
+            module = bank.module(sl.module)
             key = (id(module), sl.param)
             if sl.axis is None:
                 if bool(d[sl.index].all()):

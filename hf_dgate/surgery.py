@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .channels import dependency_graph, example_inputs_for
+from .choices import Where
 from .patch import BANK_NAME, get_bank
 
 
@@ -34,7 +35,7 @@ def prune_torch_model(
     bank = get_bank(model)
     thr = bank.check_threshold(threshold)
     dead_by_target = {t: bank.zero_groups(t, thr).cpu() for t in bank.targets}
-    plan = [(gs, dead_by_target[gs.target][off : off + gs.n_groups]) for gs, off in zip(bank.group_sets, bank.offsets)]
+    plan = bank.per_set(dead_by_target)
     if example_inputs is None:
         example_inputs = example_inputs_for(bank.config.example_input_shape, model)
     bank.fold()
@@ -61,7 +62,7 @@ def prune_torch_model(
                     "DGateConfig(example_input_shape=[...])."
                 )
             graph = dependency_graph(model, example_inputs)
-        root_name = gs.meta.get("root", gs.sites[0].module)
+        root_name = getattr(gs.info, "root", None) or gs.sites[0].module
         root = modules[root_name]
         fn = _pruning_fn(root, gs)
         idxs = dead.nonzero().flatten().tolist()
@@ -89,7 +90,7 @@ def _pruning_fn(module: nn.Module, gs: Any):
     import torch_pruning as tp
 
     site = gs.sites[0]
-    outputs = site.where == "output"
+    outputs = site.where == Where.OUTPUT
     if isinstance(module, nn.Conv2d):
         return tp.prune_conv_out_channels if outputs else tp.prune_conv_in_channels
     if isinstance(module, nn.Linear):

@@ -236,7 +236,7 @@ class DGateTrainer(Trainer):
         skip = {id(p) for p in bank.parameters()}
         for gs in bank.group_sets:
             for sl in gs.primary:
-                skip.add(id(getattr(bank._modules_by_name[sl.module], sl.param)))
+                skip.add(id(getattr(bank.module(sl.module), sl.param)))
         by_id = {n: id(p) for n, p in model.named_parameters()}
         return [n for n in names if by_id.get(n) not in skip]
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .choices import ThresholdMode
 from .errors import REMEDY_ALLOW_INEXACT, REMEDY_LOWER_THRESHOLD, REMEDY_RELATIVE, ExportError
 
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
@@ -105,7 +106,7 @@ class ExportCheck:
         targets: tuple[str, ...] | None = None,
     ):
         self.removed = removed_groups(bank, threshold, targets)
-        self.threshold, self.relative = threshold, bank.config.threshold_mode == "relative"
+        self.threshold, self.relative = threshold, bank.config.threshold_mode == ThresholdMode.RELATIVE
         self.feature_width = _feature_width(model, bank)
         self.inputs, self.ref, self.reason = None, None, None
         if not verify:

@@ -59,7 +59,7 @@ def test_value_and_output_side_remove_the_same_unit(family):
         model = make_model(family)
         hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="heads", head_side=side))
         bank = hf_dgate.get_bank(model)
-        assert bank.group_sets[0].meta["side"] == side
+        assert bank.group_sets[0].info.side == side
         with torch.no_grad():
             bank.gammas["heads"][:, 0] = 0.0
             bank.gammas["heads"][:, -1] = 0.0
@@ -183,3 +183,27 @@ def test_generic_group_rule_on_plain_torch_model():
     x2[:, 2:4] = 123.0
     torch.testing.assert_close(model(x), model(x2))
     assert hf_dgate.sparsity_report(model).targets["features"].zero == 1
+
+
+def test_group_sets_carry_typed_info_and_split_per_group_vectors():
+    """Each group set's description is a typed dataclass (the old dict view is read-only), and `per_set` hands
+    every set its own part of a per-target vector, as views."""
+    from hf_dgate.groups import HeadInfo, LayerInfo
+
+    model = make_model("llama")
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target=["heads", "layers"], lam=0.1))
+    bank = hf_dgate.get_bank(model)
+    heads = [gs for gs in bank.group_sets if gs.target == "heads"]
+    assert all(isinstance(gs.info, HeadInfo) and gs.info.n_kv == gs.n_groups for gs in heads)
+    assert all(isinstance(gs.info, LayerInfo) for gs in bank.group_sets if gs.target == "layers")
+    assert heads[0].meta["n_heads"] == heads[0].info.n_heads and heads[0].info.attention == "self"
+    with pytest.raises(TypeError):
+        heads[0].meta["n_heads"] = 1  # writes go to `info`, never to a copy nobody reads
+    values = torch.arange(bank.sizes["heads"])
+    parts = bank.per_set(values, "heads")
+    assert [gs for gs, _ in parts] == heads and torch.equal(torch.cat([p for _, p in parts]), values)
+    parts[1][1][0] = -1
+    assert values[heads[0].n_groups] == -1  # a view
+    everything = bank.per_set({t: torch.zeros(n) for t, n in bank.sizes.items()})
+    assert [gs for gs, _ in everything] == bank.group_sets
+    assert [len(p) for _, p in everything] == [gs.n_groups for gs in bank.group_sets]

@@ -81,7 +81,7 @@ def test_every_stack_of_a_known_family_is_gated(build):
     stacks = [name for name, _ in find_stacks(model)]
     assert len(stacks) == 2
     hf_dgate.apply_dgate(model, target="neurons")
-    gated = {gs.meta["stack"] for gs in hf_dgate.get_bank(model).group_sets}
+    gated = {gs.info.stack for gs in hf_dgate.get_bank(model).group_sets}
     assert gated == set(stacks)
     report = hf_dgate.sparsity_report(model)
     assert report.stacks == dict.fromkeys(stacks, True) and not report.ungated_stacks
@@ -90,7 +90,7 @@ def test_every_stack_of_a_known_family_is_gated(build):
 def test_decoder_blocks_get_cross_attention_heads_of_their_own():
     model = bart()
     hf_dgate.apply_dgate(model, target="heads")
-    kinds = [(gs.meta["stack_name"], gs.meta["attention"], gs.n_groups) for gs in hf_dgate.get_bank(model).group_sets]
+    kinds = [(gs.info.stack_name, gs.info.attention, gs.n_groups) for gs in hf_dgate.get_bank(model).group_sets]
     assert kinds.count(("encoder", "self", 4)) == 2
     assert kinds.count(("decoder", "self", 8)) == 3 and kinds.count(("decoder", "cross", 8)) == 3
 

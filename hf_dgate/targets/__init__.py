@@ -70,8 +70,8 @@ def _stack_group_sets(
         for layer, (name, block) in enumerate(stack.blocks):
             new = target.find_in_block(model, layer_config(stack.config, layer), config, layer, name, block)
             for gs in new:
-                if refuse and gs.meta.get("refuse"):  # found, but the installed transformers cannot run it pruned
-                    raise ValueError(gs.meta["refuse"])
-                gs.meta.update(stack=stack.path, stack_name=stack.name)
+                if refuse and gs.info.refuse:  # found, but the installed transformers cannot run it pruned
+                    raise ValueError(gs.info.refuse)
+                gs.info.stack, gs.info.stack_name = stack.path, stack.name
             sets += new
     return sets

@@ -129,14 +129,14 @@ def sync_features(module: nn.Module) -> None:
 
 def block_name(gs: GroupSet) -> str:
     """The block a head/neuron group set lives in (its site names are `<block>.<relative name>`)."""
-    rel = gs.meta.get("down") or gs.meta.get("o")
+    rels = gs.info.block_parts()
+    rel = rels[0] if rels else None
     name = gs.sites[0].module if gs.sites else gs.removable[0].module
     if rel and name.endswith("." + rel):
         return name[: -len(rel) - 1]
     for sl in gs.removable:
-        for key in ("o", "down", "v", "qkv"):
-            r = gs.meta.get(key)
-            if isinstance(r, str) and sl.module.endswith("." + r):
+        for r in rels:
+            if isinstance(r, str) and r and sl.module.endswith("." + r):
                 return sl.module[: -len(r) - 1]
     raise ExportError(f"Cannot locate the block of group set {gs.target}/{gs.layer}.")
 

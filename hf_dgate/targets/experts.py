@@ -11,7 +11,7 @@ from torch import nn
 from ..architectures import dense_mlp_block, stacked_experts
 from ..config import DGateConfig
 from ..errors import ExportError
-from ..groups import GroupSet, Site, TensorSlice
+from ..groups import ExpertInfo, GroupSet, Site, TensorSlice
 from ..registry import spec_for
 from .base import Target, keep_slice, per_layer_edit
 
@@ -39,8 +39,8 @@ def _expert_sets(
     removable = [*primary, TensorSlice(full, moe.gate_up, 0, idx)]
     per_expert = [*router.named_parameters(recurse=False), *router.named_buffers(recurse=False)]
     removable += [TensorSlice(router_name, n, 0, idx) for n, t in per_expert if t.dim() and t.shape[0] == n_exp]
-    meta = {"experts": moe.experts, "router": moe.router, "n_experts": n_exp}
-    return [GroupSet("experts", layer, n_exp, [site], primary, removable, meta)]
+    info = ExpertInfo(experts=moe.experts, router=moe.router, n_experts=n_exp)
+    return [GroupSet("experts", layer, n_exp, [site], primary, removable, info)]
 
 
 def prune_expert_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -> None:

@@ -17,10 +17,11 @@ from ..architectures import (
     not_found,
     out_features,
 )
+from ..choices import AttentionKind, HeadSide
 from ..compat import TRANSFORMERS_VERSION, config_value, input_width_reshape, output_width_attrs, per_layer_overrides
 from ..config import DGateConfig
 from ..errors import ExportError
-from ..groups import UNGATED, GroupSet, Site, TensorSlice, input_slices, output_slices, slice_index
+from ..groups import UNGATED, GroupSet, HeadInfo, Site, TensorSlice, input_slices, output_slices, slice_index
 from ..pruned_modules import ZeroHeadAttention, make_no_head, own_head_config
 from .base import Target, block_name, keep_slice, per_layer_edit
 
@@ -100,27 +101,28 @@ def head_set(
             raise StructureNotFoundError(f"'{name}.{rel}' does not have a block of outputs per query head.")
         width = out_features(extra) // n_heads
         removable += output_slices(full(rel), extra, slice_index(n_heads * width, width * n_rep))
-    if side == "value" and value_site is None:
+    if side == HeadSide.VALUE and value_site is None:
         raise not_found("value projection (head_side='value')", name, block, "value", "attn.v_proj")
-    if side in ("value", "auto") and value_site is not None:
+    if side in (HeadSide.VALUE, HeadSide.AUTO) and value_site is not None:
         sites, primary, used = [value_site], value_primary, "value"
     else:
         sites = [Site(full(parts["o"]), "input", -1, q_group)]
         primary, used = input_slices(full(parts["o"]), o, q_group), "output"
-    meta = dict(parts, n_heads=n_heads, n_kv=n_kv, head_dim=hd, side=used, attention="cross" if cross else "self")
+    kind = AttentionKind.CROSS if cross else AttentionKind.SELF
+    info = HeadInfo(**parts, n_heads=n_heads, n_kv=n_kv, head_dim=hd, side=HeadSide(used), attention=kind)
     core_rel = (parts.get("v") or parts.get("qkv") or "").rpartition(".")[0]
     if (parts.get("v") or parts.get("qkv")) and input_width_reshape(get(core_rel) if core_rel else block):
-        meta["refuse"] = (  # apply_dgate refuses; reloading an export (no head removed here) goes on
+        info.refuse = (  # apply_dgate refuses; reloading an export (no head removed here) goes on
             f"target='heads' is not available for '{name}': its attention module in transformers "
             f"{TRANSFORMERS_VERSION} reshapes its output to the width of its input, so it cannot run with fewer "
             "heads; gate 'neurons' or 'layers', or upgrade to transformers 5"
         )
-    return GroupSet("heads", layer, n_kv, sites, primary, removable, meta)
+    return GroupSet("heads", layer, n_kv, sites, primary, removable, info)
 
 
 def prune_head_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -> None:
-    meta = gs.meta
-    if not meta.get("v") and not meta.get("qkv"):
+    info = gs.info
+    if not info.v and not info.qkv:
         raise ExportError(
             f"Cannot remove heads of layer {gs.layer}: its query/key/value projections were not found. Name them "
             "with DGateConfig(module_names={'value': ..., 'query': ..., 'key': ...}) when gating."
@@ -128,24 +130,24 @@ def prune_head_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -> 
     for sl in gs.removable:
         keep_slice(model, sl, dead)
     block = block_name(gs)
-    core_rel = (meta.get("v") or meta["qkv"]).rpartition(".")[0]
+    core_rel = (info.v or info.qkv).rpartition(".")[0]
     core = model.get_submodule(f"{block}.{core_rel}" if core_rel else block)
-    n_rep = meta["n_heads"] // meta["n_kv"]
+    n_rep = info.n_heads // info.n_kv
     n_kv = int((~dead).sum())
-    n_q, hd = n_kv * n_rep, meta["head_dim"]
+    n_q, hd = n_kv * n_rep, info.head_dim
     for attr in HEAD_COUNT_ATTRS:
         if isinstance(getattr(core, attr, None), int):
             setattr(core, attr, n_q)
     for attr in ("num_key_value_heads", "num_kv_heads"):
         if isinstance(getattr(core, attr, None), int):
             setattr(core, attr, n_kv)
-    if meta.get("config_heads") and getattr(core, "config", None) is not None:
+    if info.config_heads and getattr(core, "config", None) is not None:
         own_head_config(core, n_q, n_kv)  # this layer's own head counts (the forward reads them there)
     for attr in ("all_head_size", "split_size", *output_width_attrs(core)):
         if isinstance(getattr(core, attr, None), int):
             setattr(core, attr, n_q * hd)
     if n_kv == 0 and not isinstance(core, ZeroHeadAttention):
-        o_rel = meta["o"]
+        o_rel = info.o
         inside = not core_rel or o_rel.startswith(core_rel + ".")
         make_no_head(core, (o_rel[len(core_rel) + 1 :] if core_rel else o_rel) if inside else None)
 

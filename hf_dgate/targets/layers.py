@@ -23,7 +23,7 @@ from ..architectures import (
 from ..compat import experts_list, rekey_per_layer_config
 from ..config import DGateConfig
 from ..errors import ExportError
-from ..groups import GroupSet, Site, TensorSlice, whole_module_slices, whole_weight_slices
+from ..groups import GroupSet, LayerInfo, Site, TensorSlice, whole_module_slices, whole_weight_slices
 from ..registry import spec_for
 from .base import Target, settable
 
@@ -80,7 +80,7 @@ def _layer_set(
         m = block.get_submodule(rel)
         sites.append(Site(f"{name}.{rel}", "output", -1, torch.zeros(out_features(m), dtype=torch.long)))
         primary += whole_weight_slices(f"{name}.{rel}", m)
-    return GroupSet("layers", layer, 1, sites, primary, whole_module_slices(name, block), {"block": name})
+    return GroupSet("layers", layer, 1, sites, primary, whole_module_slices(name, block), LayerInfo(block=name))
 
 
 def _moe_layer_set(layer: int, name: str, block: nn.Module, config: DGateConfig, hf_config: Any, moe: Any) -> GroupSet:
@@ -103,7 +103,7 @@ def _moe_layer_set(layer: int, name: str, block: nn.Module, config: DGateConfig,
         primary.append(TensorSlice(full, moe.down, None, torch.tensor([0])))
     if moe.shared is not None and has_module(block, moe.shared.down):
         primary += whole_weight_slices(f"{name}.{moe.shared.down}", block.get_submodule(moe.shared.down))
-    return GroupSet("layers", layer, 1, sites, primary, whole_module_slices(name, block), {"block": name})
+    return GroupSet("layers", layer, 1, sites, primary, whole_module_slices(name, block), LayerInfo(block=name))
 
 
 def _attention_modules(block: nn.Module) -> list[str]:

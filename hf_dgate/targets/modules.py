@@ -10,8 +10,9 @@ from torch import nn
 
 from .. import channels
 from ..architectures import StructureNotFoundError, in_features, out_features
+from ..choices import GroupKind
 from ..config import GroupRule
-from ..groups import GroupSet, Site, TensorSlice, input_slices, output_slices, slice_index
+from ..groups import GroupSet, ModuleInfo, Site, TensorSlice, input_slices, output_slices, slice_index
 from .base import Target
 
 
@@ -26,10 +27,10 @@ def _rule_sets(model: nn.Module, rule: GroupRule) -> list[GroupSet]:
         if not pattern.search(name) or getattr(m, "weight", None) is None or not isinstance(m.weight, torch.Tensor):
             continue
         axis = _feature_axis(m)
-        if rule.kind == "out":
+        if rule.kind == GroupKind.OUT:
             idx = slice_index(out_features(m), rule.size)
             site, primary = Site(name, "output", axis, idx), output_slices(name, m, idx)
-        elif rule.kind == "in":
+        elif rule.kind == GroupKind.IN:
             idx = slice_index(in_features(m), rule.size)
             site, primary = Site(name, "input", axis, idx), input_slices(name, m, idx)
         else:
@@ -37,7 +38,8 @@ def _rule_sets(model: nn.Module, rule: GroupRule) -> list[GroupSet]:
             site = Site(name, "output", axis, idx)
             primary = [TensorSlice(name, pn, None, torch.tensor([0])) for pn, _ in m.named_parameters(recurse=False)]
         n_groups = int(idx.max()) + 1
-        sets.append(GroupSet(rule.name, name, n_groups, [site], primary, list(primary), {"kind": rule.kind}))
+        info = ModuleInfo(kind=GroupKind(rule.kind))
+        sets.append(GroupSet(rule.name, name, n_groups, [site], primary, list(primary), info))
     if not sets:
         raise StructureNotFoundError(
             f"Group rule '{rule.name}': modules={rule.modules!r} matches no module with a weight; qualified "

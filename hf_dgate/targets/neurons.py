@@ -19,7 +19,7 @@ from ..architectures import (
 )
 from ..compat import config_value
 from ..config import DGateConfig
-from ..groups import GroupSet, Site, TensorSlice, input_slices, output_slices, slice_index
+from ..groups import ExpertUnitInfo, GroupSet, NeuronInfo, Site, TensorSlice, input_slices, output_slices, slice_index
 from ..registry import spec_for
 from .base import MISSING, Target, block_name, keep_slice, merge_edits, per_layer_edit
 
@@ -37,7 +37,7 @@ def _neuron_sets(
     sets = [_expert_unit_set(layer, name, block, moe)]
     if moe.shared is not None and all(has_module(block, r) for r in (moe.shared.down, *moe.shared.up)):
         dense = _neuron_set(model, hf_config, config, layer, name, block, (moe.shared.down, list(moe.shared.up)))
-        dense.meta["shared_expert"] = True
+        dense.info.shared_expert = True
         sets.append(dense)
     return sets
 
@@ -50,8 +50,8 @@ def _expert_unit_set(layer: int, name: str, block: nn.Module, moe: Any) -> Group
     site = Site(full, "param", (0, 2), idx, param=moe.down)
     primary = [TensorSlice(full, moe.down, (0, 2), idx)]
     removable = [*primary, TensorSlice(full, moe.gate_up, (0, 1), gate_up_idx)]
-    meta = {"experts": moe.experts, "n_experts": n_exp, "units": units, "gate_up": moe.gate_up, "down": moe.down}
-    return GroupSet("neurons", layer, n_exp * units, [site], primary, removable, meta)
+    info = ExpertUnitInfo(experts=moe.experts, n_experts=n_exp, units=units, gate_up=moe.gate_up, down=moe.down)
+    return GroupSet("neurons", layer, n_exp * units, [site], primary, removable, info)
 
 
 def _neuron_set(
@@ -83,14 +83,14 @@ def _neuron_set(
         removable += output_slices(f"{name}.{rel}", up, idx)
     site = Site(f"{name}.{down_rel}", "input", -1, idx)
     primary = input_slices(f"{name}.{down_rel}", down, idx)
-    return GroupSet("neurons", layer, n, [site], primary, removable, {"down": down_rel, "up": up_rels})
+    return GroupSet("neurons", layer, n, [site], primary, removable, NeuronInfo(down=down_rel, up=tuple(up_rels)))
 
 
 def prune_neuron_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -> None:
     for sl in gs.removable:
         keep_slice(model, sl, dead)
     block = block_name(gs)
-    parent_rel = gs.meta["down"].rpartition(".")[0]
+    parent_rel = gs.info.down.rpartition(".")[0]
     parent = model.get_submodule(f"{block}.{parent_rel}" if parent_rel else block)
     n = int((~dead).sum())
     for attr in ("intermediate_size", "ffn_dim"):
@@ -103,14 +103,14 @@ def prune_expert_unit_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tens
     fullest one (rounded up to a multiple of 8); the others are padded with units whose weights are all zero,
     which add exactly nothing (act(0) * 0 = 0, times a zero column). Units within an expert are
     interchangeable, so each expert's kept units move to the front."""
-    meta = gs.meta
+    info = gs.info
     experts = model.get_submodule(gs.sites[0].module)
-    n_exp, units = meta["n_experts"], meta["units"]
+    n_exp, units = info.n_experts, info.units
     alive = ~dead.reshape(n_exp, units).cpu()
     # grouped expert matmuls (torch._grouped_mm) need rows of a non-zero multiple of 16 bytes: round up with
     # zero units (a layer whose every unit is zero keeps 8 of them)
     keep = min(units, max(8, -(-int(alive.sum(1).max()) // 8) * 8))
-    down, gate_up = getattr(experts, meta["down"]), getattr(experts, meta["gate_up"])
+    down, gate_up = getattr(experts, info.down), getattr(experts, info.gate_up)
     new_down = down.data.new_zeros(n_exp, down.shape[1], keep)
     new_gate_up = gate_up.data.new_zeros(n_exp, 2 * keep, gate_up.shape[2])
     for e in range(n_exp):
@@ -119,8 +119,8 @@ def prune_expert_unit_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tens
         new_down[e, :, :k] = down.data[e].index_select(1, idx)
         new_gate_up[e, :k] = gate_up.data[e].index_select(0, idx)
         new_gate_up[e, keep : keep + k] = gate_up.data[e].index_select(0, idx + units)
-    setattr(experts, meta["down"], nn.Parameter(new_down, requires_grad=down.requires_grad))
-    setattr(experts, meta["gate_up"], nn.Parameter(new_gate_up, requires_grad=gate_up.requires_grad))
+    setattr(experts, info.down, nn.Parameter(new_down, requires_grad=down.requires_grad))
+    setattr(experts, info.gate_up, nn.Parameter(new_gate_up, requires_grad=gate_up.requires_grad))
     if isinstance(getattr(experts, "intermediate_dim", None), int):
         experts.intermediate_dim = keep
 
@@ -133,7 +133,8 @@ class Neurons(Target):
     find_in_block = staticmethod(_neuron_sets)
 
     def remove(self, model, gs, dead):
-        (prune_expert_unit_group_set if "n_experts" in gs.meta else prune_neuron_group_set)(model, gs, dead)
+        units = isinstance(gs.info, ExpertUnitInfo)
+        (prune_expert_unit_group_set if units else prune_neuron_group_set)(model, gs, dead)
 
     def native_edit(self, cfg, record):
         edit: dict[str, Any] = {}
