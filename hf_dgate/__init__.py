@@ -32,6 +32,7 @@ _LAZY = {
     "load_gated": "saving",
     "save_gated": "saving",
     "DGateTrainer": "trainer",
+    "with_dgate": "trainer",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ below imports on first use
@@ -55,7 +56,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ below i
     from .pruning import magnitude_prune  # noqa: F401
     from .report import SparsityReport, sparsity_report  # noqa: F401
     from .saving import load_gated, save_gated  # noqa: F401
-    from .trainer import DGateTrainer  # noqa: F401
+    from .trainer import DGateTrainer, with_dgate  # noqa: F401
 
 
 def __getattr__(name: str):
@@ -84,6 +85,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DGateTrainer",
+    "with_dgate",
     "LamController",
     "AutoPrunedModel",
     "export_pruned",

@@ -39,7 +39,7 @@ neurons, layers) that training under a structured `L_{{2,2/D}}` penalty drove be
 | forward FLOPs ({flops_input}) | {flops_before:,} | {flops_after:,} | {flops_ratio:.2f}x |
 | forward latency ({device}) | {lat_before} | {lat_after} | {speedup} |
 
-## Kept structure
+{compression_section}## Kept structure
 
 Gated: {targets}.
 
@@ -120,6 +120,7 @@ def build_model_card(summary: dict[str, Any]) -> Any:
         lat_after=f"{1e3 * lat_a:.2f} ms" if lat_a else "not measured",
         speedup=f"{lat_b / lat_a:.2f}x measured" if lat_b and lat_a else "-",
         structure_table=structure_table(summary.get("structure") or {}),
+        compression_section=_compression_section(summary.get("compression")),
         targets=_describe_targets(summary.get("dgate_config") or {}),
         dgate_config=json.dumps(summary.get("dgate_config", {}), indent=2, allow_nan=False),
     )
@@ -151,6 +152,13 @@ def _serving_statement(summary: dict[str, Any]) -> str:
         parts.append(f"Format: DeciLM `block_configs` for vLLM's DeciLMForCausalLM ({d['statement']}).\n")
     text = "\n".join(p for p in parts if p)
     return f"\n{text}" if text else ""
+
+
+def _compression_section(compression: dict[str, Any] | None) -> str:
+    """The card's account of the training that produced the zeros (the finish of `hf_dgate.finish`), if any."""
+    if not compression:
+        return ""
+    return f"## Compression run\n\n{compression.get('text', '')}\n\n"
 
 
 def outputs_statement(summary: dict[str, Any]) -> str:
@@ -359,6 +367,7 @@ def export_to_dir(
     multiple_of: int | dict[str, int] | str | None = None,
     gguf_dtype: str = "f16",
     tokenizer: Any = None,
+    compression: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Export a gated model to `output_dir`: weights, config, `dgate_export.json` and a model card.
 
@@ -440,6 +449,8 @@ def export_to_dir(
         "format": fmt.name,
         "padding": getattr(pruned, "dgate_padding", None),
     }
+    if compression is not None:  # what the training run's finish did (hf_dgate.finish.FinishRecord), for the card
+        summary["compression"] = compression
     steps.set_postfix_str("measuring")
     with torch.no_grad():
         # the dense reference for timing is the folded model without hooks (a second copy, only when measuring)

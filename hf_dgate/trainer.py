@@ -26,9 +26,20 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from . import optim
+from .budget import (
+    CostUnit,
+    ParamBudget,
+    budget_cut,
+    committed,
+    cost_weights,
+    group_costs,
+    params_after,
+    weighted_penalty,
+)
 from .config import DGateConfig
 from .controller import LamController
 from .errors import NonFiniteError
+from .finish import FinishRecord, exact_zero_masks, zero_exactly
 from .groups import GateBank
 from .patch import apply_dgate, get_bank
 from .report import SparsityReport, sparsity_report
@@ -52,10 +63,11 @@ def sparsity_metric_name(target: str) -> str:
     return _METRIC_NAMES.get(target, f"{target}_sparsity")
 
 
-class DGateTrainer(Trainer):
-    """`Trainer` that adds the D-Gating penalty to the training loss and reports sparsity.
+class DGateMixin:
+    """Adds the D-Gating penalty, a parameter budget, the finish, logging and checkpoints to a `Trainer` class.
 
-    Args beyond `Trainer`'s:
+    Use it through `with_dgate(TrainerClass)` (Trainer, Seq2SeqTrainer, TRL's SFTTrainer, ...); `DGateTrainer` is
+    `with_dgate(Trainer)`. Args beyond the trainer's own:
         dgate_config: how to gate `model` if it is not gated yet (default `DGateConfig()`); if it is already
             gated the existing gates are used and a different config is an error.
         lam_warmup_steps: lam ramps linearly from lam/lam_warmup_steps to lam over this many optimizer steps.
@@ -74,6 +86,17 @@ class DGateTrainer(Trainer):
             the same switch gives log_alpha its own group (`hf_dgate.optim.l0_optimizer`, rate 0.1 under "auto").
         gated_weights: with `gated_lr`, whether the gated weights move with the gates: None (default) per target
             (module targets yes, transformer block targets no), True all, False none.
+        target_params: a parameter budget for the export: a fraction in (0, 1) of the model's parameters or a count
+            (an int). Each group's penalty is weighted by its cost (`group_cost`), lam is steered toward the budget
+            (in parameters, counted as the export counts them), and the finish cuts to it exactly (`hf_dgate.budget`).
+        group_cost: "params" (default: the budget's own currency) or "flops" (per token; heads also pay for their
+            attention scores at 1024 tokens). Used with `target_params`.
+        finish_steps: the last optimizer steps of training in which removed groups are held at exactly zero and the
+            penalty is off, so the rest recovers and the export is exact. At its start every group under the
+            threshold (and, with a budget, the weakest until the budget is met) is zeroed, and the loss before and
+            after is measured on a few evaluation batches. "auto" (default): a tenth of the run with
+            `target_params`, off otherwise; an int: that many steps (0: off; with a budget the cut then happens at
+            the end). The record is `trainer.dgate_finish`, saved with checkpoints and written into the export card.
 
     The logged `loss` is the data loss alone (comparable with `eval_loss`); the penalty is logged as
     `dgate/penalty`. Gates and gated primary weights get no optimizer weight decay: the penalty already is an L2
@@ -94,10 +117,15 @@ class DGateTrainer(Trainer):
         controller_gain: float = 1.0,
         gated_lr: float | str | None = "auto",
         gated_weights: bool | None = None,
+        target_params: float | int | None = None,
+        group_cost: str = "params",
+        finish_steps: int | str = "auto",
         **trainer_kwargs: Any,
     ) -> None:
-        if model is None:
-            raise ValueError("DGateTrainer needs `model` (model_init is not supported: gate the model yourself).")
+        if model is None or isinstance(model, str):
+            raise ValueError(
+                f"{type(self).__name__} needs the model object (not a name or model_init): load it, then pass it."
+            )
         bank = get_bank(model, required=False)
         if bank is None:
             apply_dgate(model, dgate_config if dgate_config is not None else DGateConfig())
@@ -135,8 +163,64 @@ class DGateTrainer(Trainer):
         )
         self._dgate_auto_ramp = target_ramp_steps is None
         self._dgate_pen_in_loss: torch.Tensor | None = None
+        self._dgate_init_budget(target_params, group_cost, finish_steps, target_sparsity)
         super().__init__(model=model, args=args, **trainer_kwargs)
         self.add_callback(_DGateCallback(self))
+
+    def _dgate_init_budget(
+        self, target_params: Any, group_cost: str, finish_steps: Any, target_sparsity: float | None
+    ) -> None:
+        """Validate the budget and finish arguments and price every group (before the Trainer wraps the model)."""
+        bank = self.dgate_bank
+        if finish_steps != "auto" and (isinstance(finish_steps, bool) or not isinstance(finish_steps, int)):
+            raise ValueError(f"finish_steps={finish_steps!r} is invalid: pass 'auto' or an int >= 0.")
+        if finish_steps != "auto" and finish_steps < 0:
+            raise ValueError(f"finish_steps={finish_steps!r} is invalid: pass 'auto' or an int >= 0.")
+        try:
+            unit = CostUnit(group_cost)
+        except ValueError:
+            raise ValueError(f"group_cost={group_cost!r} is invalid: pass 'params' or 'flops'.") from None
+        self.dgate_budget: int | None = None
+        self.dgate_cost_weights: dict[str, torch.Tensor] | None = None
+        if target_params is not None:
+            if target_sparsity is not None:
+                raise ValueError("Pass target_params or target_sparsity, not both: each steers lam.")
+            if bank.method != "dgate":
+                raise ValueError(
+                    f"target_params steers D-Gating's penalty; this model is gated with method={bank.method!r} "
+                    "(for L0 use DGateConfig(l0_target_sparsity=...))."
+                )
+            if bank.lam <= 0:
+                raise ValueError("target_params needs a starting lam > 0 (the controller scales lam geometrically).")
+            total, floor = params_after(bank, {t: torch.ones(n, dtype=torch.bool) for t, n in bank.sizes.items()})
+            self.dgate_budget = ParamBudget(target_params).resolve(total)
+            if self.dgate_budget < floor:
+                raise ValueError(
+                    f"target_params={target_params!r} asks for {self.dgate_budget:,} parameters, but removing every "
+                    f"gated group still leaves {floor:,} of {total:,} (embeddings, norms, ungated parts): gate more "
+                    "targets or ask for more."
+                )
+            self.dgate_cost_weights = cost_weights(group_costs(bank, unit))
+            # the controller steers the removed fraction of the parameters toward the budget's
+            self.lam_controller.target_sparsity = 1.0 - self.dgate_budget / total
+            self.lam_controller.__post_init__()
+        if bank.method != "dgate" and finish_steps not in ("auto", 0):
+            raise ValueError(f"finish_steps holds gates at zero; method={bank.method!r} has no such gates: pass 0.")
+        self.dgate_group_cost = unit
+        self.dgate_finish_steps = finish_steps
+        self.dgate_finish: FinishRecord | None = None
+        self._dgate_zero_masks: dict[str, torch.Tensor] | None = None
+        self._dgate_last_norms: dict[str, torch.Tensor] | None = None
+
+    def _dgate_penalty(self, lam: float | None = None) -> torch.Tensor:
+        """The penalty training adds: cost-weighted with a budget, the bank's own otherwise; 0 while finishing."""
+        bank = self.dgate_bank
+        lam = bank.lam if lam is None else lam
+        if self._dgate_zero_masks is not None:
+            return bank.penalty(0.0)
+        if self.dgate_cost_weights is not None:
+            return weighted_penalty(bank, self.dgate_cost_weights, lam)
+        return bank.penalty(lam)
 
     # ---- the loss -------------------------------------------------------------------------------------------
     def _loss_scaled_for_ga(self, num_items_in_batch: Any) -> bool:
@@ -167,7 +251,7 @@ class DGateTrainer(Trainer):
         bank = self.dgate_bank
         bank.lam = self.lam_controller.lam_at(self.state.global_step)
         k = max(1, int(getattr(self, "current_gradient_accumulation_steps", 1) or 1))
-        pen = bank.penalty()
+        pen = self._dgate_penalty()
         added = pen / k if self._loss_scaled_for_ga(num_items_in_batch) else pen
         self._dgate_pen_in_loss = pen.detach() / k  # what this micro-batch's returned loss holds after scaling
         total = loss + added.to(device=loss.device, dtype=loss.dtype)
@@ -247,7 +331,7 @@ class DGateTrainer(Trainer):
         bank = self.dgate_bank
         rep = self._checked_report("log D-Gating metrics")
         metrics = {
-            "dgate/penalty": float(bank.penalty()),
+            "dgate/penalty": float(self._dgate_penalty()),
             "dgate/misalignment": float(bank.misalignment()),
             "dgate/lam": float(bank.lam),
         }
@@ -261,6 +345,9 @@ class DGateTrainer(Trainer):
             metrics[f"dgate/{t}_grey"] = float(ts.grey)
         metrics["dgate/params_kept"] = float(rep.params_kept)
         metrics["dgate/params_kept_fraction"] = rep.params_kept_fraction
+        if self.dgate_budget is not None:
+            metrics["dgate/params_budget"] = float(self.dgate_budget)
+        metrics["dgate/finishing"] = float(self._dgate_zero_masks is not None)
         return metrics
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -283,9 +370,15 @@ class DGateTrainer(Trainer):
             self._restore_dgate_state(ckpt)
         result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         self.dgate_bank.lam = self.lam_controller.lam_at(self.state.global_step)
+        if self.dgate_finish is None and (self.dgate_budget is not None or self._dgate_finish_len() > 0):
+            self.dgate_start_finish()  # a budget with finish_steps=0: cut at the end, without recovery
+        if self.dgate_finish is not None:
+            self._dgate_end_finish()
         report = self.write_sparsity_report(self.args.output_dir)  # every rank: FSDP norms are collectives
         if self.is_world_process_zero():
             print(report)
+            if self.dgate_finish is not None:
+                print("Finish: " + self.dgate_finish.describe())
             grey = {t: ts for t, ts in report.targets.items() if ts.grey > max(1, GREY_WARN_FRACTION * ts.zero)}
             if grey:
                 which = ", ".join(f"{ts.grey} of {ts.zero} zero {t}" for t, ts in grey.items())
@@ -296,7 +389,9 @@ class DGateTrainer(Trainer):
                     stacklevel=2,
                 )
             ctl, got = self.lam_controller, report.targets[self.sparsity_target].sparsity
-            if ctl.target_sparsity is not None and abs(got - ctl.target_sparsity) > 5 * ctl.tolerance:
+            if self.dgate_budget is not None:
+                self._dgate_warn_budget(report)
+            elif ctl.target_sparsity is not None and abs(got - ctl.target_sparsity) > 5 * ctl.tolerance:
                 warnings.warn(
                     f"target_sparsity={ctl.target_sparsity} was not reached: {self.sparsity_target} ended at "
                     f"{got:.3f} (lam {ctl.lam:.3g}). Zero groups do not come back and groups that play the same role "
@@ -305,6 +400,108 @@ class DGateTrainer(Trainer):
                     stacklevel=2,
                 )
         return result
+
+    # ---- the budget and the finish -------------------------------------------------------------------------
+    def _dgate_finish_len(self) -> int:
+        """Optimizer steps of the finish: finish_steps, or under "auto" a tenth of the run with a budget."""
+        n = self.dgate_finish_steps
+        if n == "auto":
+            return max(1, self.state.max_steps // 10) if self.dgate_budget is not None and self.state.max_steps else 0
+        return int(n)
+
+    def _dgate_observe_budget(self, step: int) -> None:
+        """Every controller interval: the removed share of the parameters (zero groups, and zero or falling ones)
+        steers lam toward the budget, with the same rule as `target_sparsity`."""
+        bank = self.dgate_bank
+        zero, comm, norms, settled = committed(bank, self._dgate_last_norms)
+        self._dgate_last_norms = norms
+        total, kept_zero = params_after(bank, zero)
+        _, kept_comm = params_after(bank, comm)
+        self.lam_controller.update(step, 1 - kept_zero / total, settled=settled, committed=1 - kept_comm / total)
+
+    @torch.no_grad()
+    def _dgate_probe_loss(self, batches: int = 4) -> float | None:
+        """Mean data loss on the first `batches` evaluation batches (training batches without an eval set), in eval
+        mode: what the finish reports before and after zeroing. None when the trainer has no dataset."""
+        dataset = self.eval_dataset if self.eval_dataset is not None else self.train_dataset
+        if dataset is None:
+            return None
+        if isinstance(dataset, dict):
+            dataset = next(iter(dataset.values()))
+        loader = self.get_eval_dataloader(dataset)
+        model, was_training = self.model, self.model.training
+        model.eval()
+        losses = []
+        try:
+            for i, inputs in enumerate(loader):
+                if i >= batches:
+                    break
+                loss = self.compute_loss(model, self._prepare_inputs(inputs))
+                losses.append(float(loss.detach().float().mean()))
+        finally:
+            model.train(was_training)
+        return sum(losses) / len(losses) if losses else None
+
+    def dgate_start_finish(self) -> FinishRecord:
+        """Zero every group under the threshold (with a budget: and the weakest others until the export fits it)
+        exactly, measure the loss before and after, and hold them at zero from now on with the penalty off."""
+        bank = self.dgate_bank
+        with torch.no_grad():
+            below = {t: bank.zero_groups(t).detach().cpu() for t in bank.targets}
+            if self.dgate_budget is not None:
+                masks, _ = budget_cut(bank, self.dgate_budget)
+            else:
+                masks = below
+        before = self._dgate_probe_loss()
+        zero_exactly(bank, masks, self.optimizer)
+        after = self._dgate_probe_loss()
+        self._dgate_zero_masks = masks
+        self.dgate_finish = FinishRecord(
+            start_step=self.state.global_step,
+            steps=max(0, self.state.max_steps - self.state.global_step),
+            zeroed={t: int(m.sum()) for t, m in masks.items()},
+            cut_by_budget={t: int((masks[t] & ~below[t]).sum()) for t in masks},
+            loss_before=before,
+            loss_after=after,
+            budget=self.dgate_budget,
+        )
+        return self.dgate_finish
+
+    def _dgate_hold(self) -> None:
+        """After every optimizer step of the finish: the zeroed groups back to exactly zero."""
+        if self._dgate_zero_masks is not None:
+            zero_exactly(self.dgate_bank, self._dgate_zero_masks, self.optimizer)
+
+    def _dgate_end_finish(self) -> None:
+        """End of training: kept groups that fell under the threshold while the rest trained are zeroed too (and
+        counted), so that the export removes only exact zeros; the parameters kept go into the record."""
+        bank, rec = self.dgate_bank, self.dgate_finish
+        with torch.no_grad():
+            late = {t: bank.zero_groups(t).detach().cpu() & ~(bank.scale(t).detach() == 0).cpu() for t in bank.targets}
+            if any(bool(m.any()) for m in late.values()):
+                zero_exactly(bank, late, self.optimizer)
+                rec.late_zeros = {t: int(m.sum()) for t, m in late.items()}
+            total, kept = params_after(bank, exact_zero_masks(bank))
+        rec.params_kept, rec.params_total = kept, total
+
+    def _dgate_warn_budget(self, report: SparsityReport) -> None:
+        """The budget is met when the export keeps it to within 2% of the model's parameters; else say by how much
+        it missed and why."""
+        budget, kept, total = self.dgate_budget, report.params_kept, report.params_total
+        miss = kept - budget
+        if abs(miss) <= 0.02 * total:
+            return
+        why = (
+            "the penalty removed more than the budget asks before the finish (zero groups do not come back): start "
+            "from a smaller lam or give the ramp more steps"
+            if miss < 0
+            else "removing every gated group is not enough, or the finish was not reached"
+        )
+        warnings.warn(
+            f"target_params missed: the export keeps {kept:,} parameters, budget {budget:,} "
+            f"({100 * miss / total:+.1f}% of {total:,}); {why}.",
+            stacklevel=3,
+        )
 
     def write_sparsity_report(self, output_dir: str) -> SparsityReport:
         """The per-layer table of active groups, saved as `dgate_sparsity.json` in `output_dir`.
@@ -319,6 +516,8 @@ class DGateTrainer(Trainer):
         data = report.to_dict()
         data["global_step"] = self.state.global_step
         data["lam"] = self.dgate_bank.lam
+        data["params_budget"] = self.dgate_budget
+        data["finish"] = None if self.dgate_finish is None else self.dgate_finish.to_dict()
         with open(os.path.join(output_dir, SPARSITY_NAME), "w") as f:
             json.dump(data, f, indent=2, allow_nan=False)
         return report
@@ -339,6 +538,8 @@ class DGateTrainer(Trainer):
             self.dgate_bank.config.save_pretrained(output_dir)
             write_manifest(self.dgate_bank, output_dir, written_weight_files(output_dir, before))
             state = {"lam_controller": self.lam_controller.state_dict(), "lam": self.dgate_bank.lam}
+            if self.dgate_finish is not None:
+                state["finish"] = self.dgate_finish.to_dict()
             with open(os.path.join(output_dir, TRAINER_STATE_NAME), "w") as f:
                 json.dump(state, f, indent=2, allow_nan=False)
 
@@ -370,6 +571,12 @@ class DGateTrainer(Trainer):
             self.lam_controller.load_state_dict(state["lam_controller"])
         except ValueError as e:
             raise ValueError(f"{path!r}: field 'lam_controller': {e} Fix the file or delete it.") from None
+        if state.get("finish") is not None:  # the finish had begun: hold what the checkpoint holds at zero
+            try:
+                self.dgate_finish = FinishRecord.from_dict(state["finish"])
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{path!r}: field 'finish': {e} Fix the file or delete it.") from None
+            self._dgate_restore_masks = True
 
     def export_pruned(
         self,
@@ -401,28 +608,76 @@ class DGateTrainer(Trainer):
             return {}
         # the run's output folder and its checkpoints are never replaced (`<output_dir>/pruned` inside it is fine)
         keep = [self.args.output_dir, *checkpoint_dirs(self.args.output_dir), *kwargs.pop("protected_dirs", ())]
+        if self.dgate_finish is not None and "compression" not in kwargs:
+            kwargs["compression"] = self.dgate_finish.to_dict() | {"text": self.dgate_finish.describe()}
         return export_to_dir(
             self.model, output_dir, push_to_hub=push_to_hub, hub_model_id=hub_model_id, threshold=threshold,
             protected_dirs=keep, allow_inexact=allow_inexact, **kwargs,
         )  # fmt: skip
 
 
+_CLASSES: dict[type, type] = {}
+
+
+def with_dgate(trainer_cls: type) -> type:
+    """`trainer_cls` with D-Gating: the penalty, the budget (`target_params`), the finish, logging and checkpoints.
+
+        SFTTrainer = hf_dgate.with_dgate(trl.SFTTrainer)
+        trainer = SFTTrainer(model, args, train_dataset=ds, dgate_config=DGateConfig(...), target_params=0.5)
+
+    Works for `transformers.Trainer` and its subclasses that keep its `compute_loss`/`training_step` contract
+    (Seq2SeqTrainer, TRL's SFTTrainer). The same class object is returned for the same `trainer_cls`.
+    """
+    if not (isinstance(trainer_cls, type) and issubclass(trainer_cls, Trainer)):
+        raise TypeError(f"with_dgate needs a transformers.Trainer subclass, not {trainer_cls!r}.")
+    if issubclass(trainer_cls, DGateMixin):
+        return trainer_cls
+    if trainer_cls not in _CLASSES:
+        name = f"DGate{trainer_cls.__name__}"
+        _CLASSES[trainer_cls] = type(name, (DGateMixin, trainer_cls), {"__module__": __name__, "__qualname__": name})
+    return _CLASSES[trainer_cls]
+
+
+class DGateTrainer(DGateMixin, Trainer):
+    """`transformers.Trainer` with D-Gating (`with_dgate(Trainer)`): see `DGateMixin` for the arguments."""
+
+
+_CLASSES[Trainer] = DGateTrainer
+
+
 class _DGateCallback(TrainerCallback):
     """Moves the lam controller after every optimizer step (same decision on every process: parameters agree)."""
 
-    def __init__(self, trainer: DGateTrainer) -> None:
+    def __init__(self, trainer: DGateMixin) -> None:
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
         tr = self.trainer
+        n = tr._dgate_finish_len()
+        if n and state.max_steps and n >= state.max_steps:
+            raise ValueError(f"finish_steps={n} leaves no training before the finish (max_steps={state.max_steps}).")
         if tr._dgate_auto_ramp and state.max_steps > 0:  # the same value again when a run resumes
-            tr.lam_controller.target_ramp_steps = max(0, state.max_steps - tr.lam_controller.warmup_steps) // 2
+            end = state.max_steps - n  # the penalty phase ends where the finish begins
+            tr.lam_controller.target_ramp_steps = max(0, end - tr.lam_controller.warmup_steps) // 2
+        if getattr(tr, "_dgate_restore_masks", False):
+            tr._dgate_zero_masks = exact_zero_masks(tr.dgate_bank)
+            tr._dgate_restore_masks = False
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
         tr = self.trainer
         ctl = tr.lam_controller
-        if ctl.target_sparsity is not None and state.global_step % ctl.interval == 0:
+        if tr._dgate_zero_masks is not None:
+            tr._dgate_hold()
+            return control
+        n = tr._dgate_finish_len()
+        if n and state.global_step >= state.max_steps - n:
+            tr.dgate_start_finish()
+            return control
+        if tr.dgate_budget is not None:
+            if state.global_step % ctl.interval == 0:
+                tr._dgate_observe_budget(state.global_step)
+        elif ctl.target_sparsity is not None and state.global_step % ctl.interval == 0:
             bank = tr.dgate_bank
             with torch.no_grad():
                 ctl.observe(

@@ -1,0 +1,198 @@
+"""Compressing to a budget: group prices, the parameter budget, the finish that makes zeros exact, with_dgate."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+import hf_dgate
+from hf_dgate.budget import ParamBudget, budget_cut, cost_weights, group_costs, params_after
+from hf_dgate.trainer import DGateTrainer, with_dgate
+
+V, T = 32, 16
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=T,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def copy_data(n: int = 128, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    """A task that needs attention (the second half copies the first)."""
+    x = torch.randint(0, V, (n, T // 2), generator=torch.Generator().manual_seed(seed))
+    return [{"input_ids": r, "labels": r} for r in torch.cat([x, x], 1)]
+
+
+def targs(out, **kw) -> TrainingArguments:
+    base = dict(
+        output_dir=str(out),
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=5,
+        disable_tqdm=True,
+        per_device_train_batch_size=16,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        max_steps=40,
+    )
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def gated(target=("heads", "neurons"), lam=1e-3):
+    model = tiny_llama()
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target=list(target), lam=lam))
+    return model
+
+
+def test_group_costs_are_what_the_export_count_loses():
+    """A group's price is exactly what the report's (and so the export's) count loses when it alone is removed."""
+    model = gated(("heads", "neurons", "layers"))
+    bank = hf_dgate.get_bank(model)
+    costs = group_costs(bank)
+    total, kept_all = params_after(bank, {t: torch.zeros(n, dtype=torch.bool) for t, n in bank.sizes.items()})
+    assert kept_all == total
+    for t, n in bank.sizes.items():
+        for g in {0, n // 2, n - 1}:
+            dead = {u: torch.zeros(m, dtype=torch.bool) for u, m in bank.sizes.items()}
+            dead[t][g] = True
+            assert total - params_after(bank, dead)[1] == int(costs[t][g]), (t, g)
+    # a kv group of this Llama: k, v rows (2 x 8 x 32) + its 2 query heads' q rows and o columns (4 x 8 x 32)
+    assert int(costs["heads"][0]) == 6 * 8 * 32
+    assert int(costs["neurons"][0]) == 3 * 32  # gate and up rows, down column
+    flops = group_costs(bank, "flops")
+    assert float(flops["neurons"][0]) == 2 * 3 * 32
+    assert float(flops["heads"][0]) > 2 * float(costs["heads"][0])  # attention scores on top
+    w = cost_weights(costs)
+    allc = torch.cat(list(w.values()))
+    assert allc.mean().item() == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("bad", [0, -0.5, 1.5, float("nan"), True, "half"])
+def test_bad_budgets_are_refused(bad):
+    with pytest.raises(ValueError, match="target_params"):
+        ParamBudget(bad)
+
+
+def test_budget_fraction_and_count_and_an_unreachable_budget(tmp_path):
+    assert ParamBudget(0.5).resolve(1000) == 500
+    assert ParamBudget(300).resolve(1000) == 300
+    with pytest.raises(ValueError, match="above the model"):
+        ParamBudget(2000).resolve(1000)
+    model = gated()
+    with pytest.raises(ValueError, match="still leaves"):  # embeddings and lm_head stay: 0.05 cannot be met
+        DGateTrainer(model, targs(tmp_path), target_params=0.05, train_dataset=copy_data(16))
+    with pytest.raises(ValueError, match="not both"):
+        DGateTrainer(gated(), targs(tmp_path), target_params=0.5, target_sparsity=0.5, train_dataset=copy_data(16))
+    with pytest.raises(ValueError, match="finish_steps"):
+        DGateTrainer(gated(), targs(tmp_path), finish_steps=-1, train_dataset=copy_data(16))
+
+
+def test_budget_cut_meets_the_budget_exactly_by_the_reports_count():
+    model = gated()
+    bank = hf_dgate.get_bank(model)
+    total, _ = params_after(bank, {t: torch.zeros(n, dtype=torch.bool) for t, n in bank.sizes.items()})
+    for frac in (0.9, 0.7, 0.5):
+        budget = int(frac * total)
+        dead, kept = budget_cut(bank, budget)
+        assert kept == params_after(bank, dead)[1] <= budget
+        # minimal: undoing the last group cut would exceed the budget by less than the dearest group
+        assert budget - kept < max(float(c.max()) for c in group_costs(bank).values())
+
+
+@pytest.mark.parametrize("target_params", [0.6, 12000])
+def test_a_budgeted_run_exports_that_many_parameters_exactly(tmp_path, target_params):
+    """The default path of compressing to a budget: the export keeps the budget (within 2% of the total, counted by
+    the export itself), removes only exact zeros (no allow_inexact) and its card says the finish ran."""
+    model = gated()
+    tr = DGateTrainer(model, targs(tmp_path / "run"), target_params=target_params, train_dataset=copy_data(),
+                      eval_dataset=copy_data(32, seed=2))  # fmt: skip
+    tr.train()
+    rec = tr.dgate_finish
+    assert rec is not None and rec.steps == 4 and rec.start_step == 36  # "auto": the last tenth of 40 steps
+    assert rec.loss_before is not None and rec.loss_after is not None
+    bank = tr.dgate_bank
+    for t in bank.targets:  # every group the export removes is exactly zero
+        zero = bank.zero_groups(t)
+        assert bool((bank.scale(t)[zero] == 0).all())
+        assert int(bank.grey_groups(t).sum()) == 0
+    summary = tr.export_pruned(str(tmp_path / "pruned"))
+    total = summary["params_before"]
+    assert summary["params_after"] == rec.params_kept
+    assert abs(summary["params_after"] - tr.dgate_budget) <= 0.02 * total
+    assert summary["params_after"] <= tr.dgate_budget
+    assert summary["verification"]["exact"] and summary["max_abs_diff"] < 1e-5
+    card = open(os.path.join(summary["path"], "README.md")).read()
+    assert "## Compression run" in card and "set to exactly zero" in card and "budget" in card
+    with open(os.path.join(tmp_path / "run", "dgate_sparsity.json")) as f:
+        saved = json.load(f)
+    assert saved["finish"]["zeroed"] == rec.zeroed and saved["params_budget"] == tr.dgate_budget
+
+
+def test_finish_without_a_budget_holds_zeros_exactly_and_lets_the_rest_train(tmp_path):
+    model = gated(("neurons",), lam=0.3)
+    tr = DGateTrainer(model, targs(tmp_path, max_steps=30), finish_steps=10, train_dataset=copy_data())
+    tr.train()
+    rec = tr.dgate_finish
+    assert rec.start_step == 20 and rec.steps == 10 and rec.cut_by_budget == {"neurons": 0}
+    bank = tr.dgate_bank
+    z = bank.zero_groups("neurons")
+    assert rec.zeroed["neurons"] > 0
+    assert int(z.sum()) == rec.zeroed["neurons"] + rec.late_zeros.get("neurons", 0)
+    assert bool((bank.scale("neurons")[z] == 0).all()) and int(bank.grey_groups("neurons").sum()) == 0
+    logs = [h for h in tr.state.log_history if "dgate/finishing" in h]
+    assert logs[-1]["dgate/finishing"] == 1.0 and logs[-1]["dgate/penalty"] == 0.0
+
+
+def test_finish_resumes_from_a_checkpoint_holding_the_same_zeros(tmp_path):
+    kw = dict(max_steps=30, save_strategy="steps", save_steps=25)
+
+    def run():
+        model = gated(("neurons",), lam=0.3)
+        return DGateTrainer(model, targs(tmp_path, **kw), finish_steps=10, train_dataset=copy_data())
+
+    tr = run()
+    tr.train()
+    tr2 = run()
+    tr2.train(resume_from_checkpoint=str(tmp_path / "checkpoint-25"))
+    assert tr2.dgate_finish.start_step == 20 and tr2.dgate_finish.zeroed == tr.dgate_finish.zeroed
+    z = tr2.dgate_bank.scale("neurons") == 0
+    assert bool(z.any()) and torch.equal(z, tr.dgate_bank.scale("neurons") == 0)
+
+
+def test_with_dgate_makes_one_class_per_trainer_class():
+    assert with_dgate(Trainer) is DGateTrainer
+    from transformers import Seq2SeqTrainer
+
+    cls = with_dgate(Seq2SeqTrainer)
+    assert cls is with_dgate(Seq2SeqTrainer) and issubclass(cls, Seq2SeqTrainer)
+    assert cls.__name__ == "DGateSeq2SeqTrainer"
+    assert with_dgate(cls) is cls
+    with pytest.raises(TypeError, match="Trainer subclass"):
+        with_dgate(dict)
+
+
+def test_an_overshot_budget_is_said_at_the_end(tmp_path):
+    """Zero groups do not come back: a lam so large that the penalty removes far more than the budget before the
+    controller can react ends in a warning that says by how much and why, and the export is still exact."""
+    tr = DGateTrainer(gated(("neurons",), lam=0.3), targs(tmp_path, max_steps=30), target_params=0.9,
+                      train_dataset=copy_data())  # fmt: skip
+    with pytest.warns(UserWarning, match=r"target_params missed: .* the penalty removed more"):
+        tr.train()
+    assert tr.dgate_finish.params_kept < tr.dgate_budget - 0.02 * tr.dgate_finish.params_total
+    assert tr.export_pruned(str(tmp_path / "p"))["verification"]["exact"]
