@@ -20,7 +20,7 @@ from math import prod
 import torch
 
 from .controller import FALLING_RATIO, SETTLE_TOL
-from .groups import GateBank
+from .groups import GateBank, HeadInfo
 from .report import _param_counts
 
 
@@ -64,10 +64,9 @@ def group_costs(bank: GateBank, unit: CostUnit | str = CostUnit.PARAMS) -> dict[
     """
     unit = CostUnit(unit)
     costs = {t: torch.zeros(n, dtype=torch.float64) for t, n in bank.sizes.items()}
-    for gs, off in zip(bank.group_sets, bank.offsets):
-        c = costs[gs.target]
+    for gs, c in bank.per_set(costs):
         for sl in gs.removable:
-            w = getattr(bank._modules_by_name[sl.module], sl.param)
+            w = getattr(bank.module(sl.module), sl.param)
             idx = sl.index.reshape(-1).cpu()
             if sl.axis is None:
                 per = float(w.numel())
@@ -75,12 +74,13 @@ def group_costs(bank: GateBank, unit: CostUnit | str = CostUnit.PARAMS) -> dict[
                 axes = sl.axis if isinstance(sl.axis, tuple) else (sl.axis,)
                 per = w.numel() / prod(w.shape[a] for a in axes)
             keep = idx >= 0
-            c.index_add_(0, idx[keep] + off, torch.full((int(keep.sum()),), per, dtype=torch.float64))
+            c.index_add_(0, idx[keep], torch.full((int(keep.sum()),), per, dtype=torch.float64))
         if unit is CostUnit.FLOPS:
-            c[off : off + gs.n_groups] *= 2.0  # a multiply-add per weight and token
-            if gs.target == "heads" and gs.meta.get("head_dim"):
-                rep = gs.meta["n_heads"] // max(1, gs.meta["n_kv"])
-                c[off : off + gs.n_groups] += 4.0 * FLOPS_SEQ_LEN * gs.meta["head_dim"] * rep  # q.k and attn.v
+            c *= 2.0  # a multiply-add per weight and token
+            info = gs.info
+            if isinstance(info, HeadInfo) and info.head_dim:
+                rep = info.n_heads // max(1, info.n_kv)
+                c += 4.0 * FLOPS_SEQ_LEN * info.head_dim * rep  # q.k and attn.v of the group's query heads
     return costs
 
 
