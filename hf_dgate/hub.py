@@ -173,20 +173,27 @@ def outputs_statement(summary: dict[str, Any]) -> str:
             f"({v.get('reason') or 'no probe batch'}), so it is not known to compute the same outputs."
         )
     probe = f" on a probe batch ({v['probe']})" if v.get("probe") else ""
-    if v.get("exact"):
-        return (
-            f"It computes the same outputs as the gated model: max |output difference| {_fmt(v['max_abs_diff'])}"
-            f"{probe}, tolerance {_fmt(v['tolerance'])}."
-        )
+    if v.get("compared_in"):
+        probe += f", compared in {v['compared_in']}"
+    if isinstance(v.get("changed_argmax"), int) and v.get("positions"):
+        probe += f"; the argmax changed at {v['changed_argmax']} of {v['positions']} positions"
     removed = [
         f"{r['not_zero']} {t} (norms {_fmt(r['norm_min'])} to {_fmt(r['norm_max'])})"
         for t, r in (v.get("removed") or {}).items()
         if r.get("not_zero")
     ]
+    if v.get("exact") and not removed:  # certified from what was removed, confirmed by the probe
+        return (
+            "It computes the same outputs as the gated model: every removed group was zero, and the outputs differ "
+            f"by at most {_fmt(v['max_abs_diff'])}{probe} (tolerance {_fmt(v['tolerance'])})."
+        )
+    diff, tol = v.get("max_abs_diff"), v.get("tolerance")
+    within = diff is not None and tol is not None and diff <= tol
     return (
-        f"> **This export is NOT exact:** its outputs differ from the gated model's by up to "
-        f"{_fmt(v['max_abs_diff'])}{probe}, above the tolerance {_fmt(v['tolerance'])}; removed groups that were not "
-        f"zero: {', '.join(removed) if removed else 'none'}. It was written with `allow_inexact=True`."
+        f"> **This export is NOT exact:** removed groups that were not zero: {', '.join(removed) or 'none'}; "
+        f"its outputs differ from the gated model's by up to {_fmt(v['max_abs_diff'])}{probe}, "
+        f"{'within' if within else 'above'} the tolerance {_fmt(v['tolerance'])}. It was written with "
+        "`allow_inexact=True`."
     )
 
 

@@ -85,7 +85,7 @@ def test_exact_export_passes_and_the_card_says_so(tmp_path):
         summary = export_to_dir(model, tmp_path / "out", measure=False, seq_len=16)
     assert summary["exact"] and summary["max_abs_diff"] < 1e-5 and summary["verification"]["tolerance"] > 1e-4
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "It computes the same outputs as the gated model: max |output difference|" in card
+    assert "It computes the same outputs as the gated model: every removed group was zero" in card
     assert "NOT exact" not in card and "unchanged" not in card
 
 

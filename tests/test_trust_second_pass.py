@@ -184,3 +184,52 @@ def test_a_gated_save_that_fails_midway_keeps_the_previous_save(tmp_path, monkey
     hf_dgate.save_gated(new, tmp_path / "g")
     assert torch.equal(hf_dgate.load_gated(tmp_path / "g")(**inputs).logits, new(**inputs).logits)
     assert (tmp_path / "g" / "tokenizer.json").read_text() == "{}" and (tmp_path / "g" / "runs" / "log.txt").exists()
+
+
+# ---- 4. exactness in half precision ---------------------------------------------------------------------------
+def _half_llama(dtype, grey: bool):
+    """Removed neurons that are not zero (norm 5e-4, large inputs) change the logits by less than the bf16
+    tolerance (atol + rtol * max|logits|), yet change predictions; or removed groups that are exactly zero."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=128, vocab_size=1000)  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target=["heads", "neurons"], depth=3))
+    bank = hf_dgate.get_bank(model)
+    with torch.no_grad():
+        for g in bank.gammas.values():
+            g.uniform_(0.6, 1.4)
+        bank.gammas["heads"][0, [0, 3]] = 0.0
+        if grey:
+            for layer in model.model.layers:
+                w = layer.mlp.down_proj.weight
+                w[:, :30] *= 5e-4 / w[:, :30].norm(dim=0, keepdim=True)
+                layer.mlp.up_proj.weight[:30] *= 100.0
+        else:
+            bank.gammas["neurons"][1, :30] = 0.0
+    return model.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_exactness_is_certified_from_what_was_removed(tmp_path, dtype):
+    from hf_dgate.verify import ExportNotVerifiedWarning
+
+    model = _half_llama(dtype, grey=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ExportError, match="60 neurons") as e:
+        hf_dgate.export_pruned(model)
+    assert all(torch.equal(v, before[k]) and v.dtype == before[k].dtype for k, v in model.state_dict().items())
+    if dtype == torch.bfloat16:  # the case the old rule passed: within bf16's tolerance, predictions changed
+        assert "within it" in str(e.value) and "argmax changed" in str(e.value)
+    with pytest.warns(ExportNotVerifiedWarning):
+        summary = export_to_dir(model, tmp_path / "out", measure=False, allow_inexact=True)
+    v = summary["verification"]
+    assert not v["exact"] and not v["certified"] and v["compared_in"] == "float32" and v["changed_argmax"] > 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "NOT exact" in card and "same outputs" not in card and "argmax changed at" in card
+
+    exact = _half_llama(dtype, grey=False)
+    v = hf_dgate.export_pruned(exact).dgate_verification
+    assert v.exact and v.certified and v.compared_in == "float32" and next(exact.parameters()).dtype == dtype
