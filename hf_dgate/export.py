@@ -37,14 +37,14 @@ from .errors import ExportError
 from .groups import GroupSet
 from .patch import _unwrap, get_bank, remove_dgate
 from .pruned_modules import ZeroHeadAttention, ZeroInputConv1D
+from .record import HF_PRUNED_HEADS, RECORD_KEY, PruningRecord
 from .registry import spec_for
 from .targets import BUILTIN, get_target
 from .targets.base import MISSING, merge_edits, settable
 from .targets.heads import head_set, prune_head_group_set
 from .targets.layers import drop_layers
 
-PRUNING_KEY = "dgate_pruning"
-HF_PRUNED_HEADS = "hf_pruned_heads"  # record flag: heads were removed by transformers' own prune_heads (4.x)
+PRUNING_KEY = RECORD_KEY  # (the names earlier code imported from here)
 
 __all__ = ["ExportError", "export_pruned", "prune_heads", "pruned_structure"]
 
@@ -214,8 +214,14 @@ def prune_heads(model: nn.Module, heads_to_prune: dict[int, list[int]], dconfig:
 
 
 def pruned_structure(model: nn.Module) -> dict[str, Any] | None:
-    """What export removed, as recorded in the config (None for a model that was not pruned)."""
+    """What export removed, as recorded in the config (None for a model that was not pruned); as a dict."""
     return _record(_unwrap(model))
+
+
+def pruning_record(model: nn.Module) -> PruningRecord | None:
+    """What export removed, as the typed record (None for a model that was not pruned)."""
+    cfg = getattr(_unwrap(model), "config", None)
+    return PruningRecord.read(cfg) if cfg is not None else None
 
 
 # ---- the plan -------------------------------------------------------------------------------------------------
@@ -411,8 +417,8 @@ def _block_geometry(
             down_rel = None
     o = block.get_submodule(parts["o"])
     in_o = o.weight.shape[0] if type(o).__name__.endswith("Conv1D") else o.weight.shape[1]
-    rec = _record(model)
-    hd = (rec or {}).get("head_dim") or getattr(cfg, "head_dim", None)
+    rec = PruningRecord.read(model.config)
+    hd = (rec.single.head_dim if rec is not None else None) or getattr(cfg, "head_dim", None)
     if not hd:
         hd = cfg.hidden_size // cfg.num_attention_heads
     n_q = in_o // hd
@@ -438,6 +444,8 @@ def _record(model: nn.Module) -> dict[str, Any] | None:
 
 
 def _write_record(model: nn.Module, structure: dict[str, Any]) -> None:
+    """Store the record (through `PruningRecord`, which checks it and keeps the layout) and whether it is native."""
+    structure = PruningRecord.from_dict(structure).to_dict()
     cfg = model.config
     setattr(cfg, PRUNING_KEY, structure)
     structure["native"] = _make_native(model, structure)

@@ -16,6 +16,7 @@ from torch import nn
 from .export import ExportError, _export, pruned_structure
 from .outdir import OutputDir, local_source, resolve
 from .patch import _unwrap, get_bank, remove_dgate
+from .record import PruningRecord, StackRecord
 
 CARD_TEMPLATE = """---
 {card_data}
@@ -208,40 +209,41 @@ def _describe_targets(dgate_config: dict[str, Any]) -> str:
     return "; ".join(parts) or "nothing"
 
 
-def structure_table(structure: dict[str, Any]) -> str:
+def structure_table(structure: dict[str, Any] | PruningRecord) -> str:
     """Markdown: per kept layer, its original index and the heads / key-value heads / neurons (and cross-attention
     heads, experts) it keeps; one table per block stack for multi-stack models."""
-    if "stacks" in structure:
-        parts = [f"### {path}\n\n{_stack_table(record)}" for path, record in structure["stacks"].items()]
+    record = structure if isinstance(structure, PruningRecord) else PruningRecord.from_dict(structure or {})
+    if record.multi_stack:
+        parts = [f"### {path}\n\n{_stack_table(stack)}" for path, stack in record.stacks.items()]
         return "\n\n".join(parts) if parts else "(no per-layer structure recorded)"
-    return _stack_table(structure)
+    return _stack_table(record.single)
 
 
-def _stack_table(record: dict[str, Any]) -> str:
-    heads, kv, neurons = record.get("heads"), record.get("kv_heads"), record.get("neurons")
+def _stack_table(record: StackRecord) -> str:
+    heads, kv, neurons = record.heads, record.kv_heads, record.neurons
     if heads is None:
         return "(no per-layer structure recorded)"
-    layers = record.get("layers") or list(range(len(heads)))
-    n_orig = record.get("num_hidden_layers_original", len(layers))
+    layers = record.layers or list(range(len(heads)))
+    n_orig = record.num_hidden_layers_original if record.num_hidden_layers_original is not None else len(layers)
     dropped = sorted(set(range(n_orig)) - set(layers))
     columns = [("heads kept", lambda i: f"{len(heads[i])}: {heads[i]}"), ("key/value heads kept", lambda i: kv[i])]
-    if record.get("cross_heads"):
-        columns.append(("cross-attention heads kept", lambda i: len(record["cross_heads"][i])))
+    if record.cross_heads:
+        columns.append(("cross-attention heads kept", lambda i: len(record.cross_heads[i])))
     if any(n is not None for n in neurons or []):
         columns.append(("neurons kept", lambda i: neurons[i] if neurons[i] is not None else "-"))
-    if record.get("experts"):
+    if record.experts:
         for title, key in (("experts kept", "experts"), ("units per expert", "expert_units")):  # "-": a dense layer
-            columns.append((title, lambda i, key=key: "-" if record[key][i] is None else record[key][i]))
+            columns.append((title, lambda i, key=key: "-" if record.kept(key)[i] is None else record.kept(key)[i]))
     rows = ["| layer (original) | " + " | ".join(c for c, _ in columns) + " |", "|---:|" + "---|" * len(columns)]
     for i in range(len(heads)):
         cells = " | ".join(str(f(i)) for _, f in columns)
         rows.append(f"| {i} ({layers[i] if i < len(layers) else '?'}) | {cells} |")
     rows.append("")
     rows.append(f"Layers removed entirely: {dropped if dropped else 'none'}.")
-    if record.get("dead_layers_kept"):
+    if record.dead_layers_kept:
         rows.append(
             f"Layers zeroed but kept as identity blocks (no other layer can take their place): "
-            f"{record['dead_layers_kept']}."
+            f"{record.dead_layers_kept}."
         )
     return "\n".join(rows)
 

@@ -14,31 +14,32 @@ from .architectures import StructureNotFoundError
 from .choices import AttentionKind
 from .compat import build_on_meta, config_value
 from .config import DGateConfig
-from .export import HF_PRUNED_HEADS, PRUNING_KEY, ExportError, pruned_structure
+from .export import ExportError, pruned_structure
 from .groups import ExpertUnitInfo
 from .pruned_modules import ZeroHeadAttention, ZeroInputConv1D
+from .record import RECORD_KEY, VERSIONS, PruningRecord, RecordError, StackRecord
 from .registry import PRUNED_MODEL_TYPE_PREFIX
 from .targets import find_group_sets, get_target
 
 
 # ---- reload ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def rebuild_structure(model: nn.Module, structure: dict[str, Any]) -> nn.Module:
+def rebuild_structure(model: nn.Module, structure: dict[str, Any] | PruningRecord) -> nn.Module:
     """Shrink a freshly built model to a recorded pruned structure (which positions stay is irrelevant here:
-    the weights are loaded afterwards). Multi-stack records ("stacks") hold one such record per block stack."""
-    if "stacks" in structure:
-        for path, record in structure["stacks"].items():
-            _rebuild_stack(model, record, {**(structure.get("module_names") or {}), "layers": path})
-        return model
-    return _rebuild_stack(model, structure, structure.get("module_names"))
+    the weights are loaded afterwards), stack by stack; records of every known version take this one path."""
+    record = structure if isinstance(structure, PruningRecord) else PruningRecord.from_dict(structure)
+    for path, stack in record.stacks.items():
+        names = record.module_names if path is None else {**(record.module_names or {}), "layers": path}
+        _rebuild_stack(model, stack, names)
+    return model
 
 
-def _rebuild_stack(model: nn.Module, record: dict[str, Any], module_names: dict[str, Any] | None) -> nn.Module:
-    dense = any(isinstance(n, int) for n in record.get("neurons") or [])
+def _rebuild_stack(model: nn.Module, record: StackRecord, module_names: dict[str, Any] | None) -> nn.Module:
+    dense = any(isinstance(n, int) for n in record.kept("neurons"))
     # heads that transformers' own prune_heads removed (4.x) are re-applied from config.pruned_heads at construction
-    heads = record.get("heads") and not record.get(HF_PRUNED_HEADS)
-    present = {"heads": heads, "neurons": dense or record.get("expert_units")}
-    targets = [t for t, on in {**present, "experts": record.get("experts")}.items() if on]
+    heads = record.heads and not record.hf_pruned_heads
+    present = {"heads": heads, "neurons": dense or record.expert_units}
+    targets = [t for t, on in {**present, "experts": record.experts}.items() if on]
     if not targets:
         return model
     sets = []
@@ -52,7 +53,7 @@ def _rebuild_stack(model: nn.Module, record: dict[str, Any], module_names: dict[
             # with it; an export from another line that did shrink it then fails loudly on the weights' shapes
             continue
     for gs in sets:
-        counts = record.get(_record_key(gs)) or []
+        counts = record.kept(_record_key(gs))
         layer = int(gs.layer)
         if layer >= len(counts) or not isinstance(counts[layer], int):
             continue
@@ -102,8 +103,11 @@ class AutoPrunedModel:
             path = snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.md"])
         config = kwargs.pop("config", None) or _base_config(path)
         model_class = model_class or _architecture_class(config, path)
-        structure = getattr(config, PRUNING_KEY, None)
-        if not isinstance(structure, dict) or structure.get("native", False):
+        try:
+            structure = PruningRecord.read(config)
+        except RecordError as e:
+            raise ExportError(f"{path!r}: {e}") from None
+        if structure is None or structure.native:
             return model_class.from_pretrained(path, config=config, **kwargs)
         # transformers' own loader (key renaming, shards, dtype, device_map) on a class that shrinks itself to the
         # recorded structure right after construction; the instance gets its plain class back afterwards.
@@ -127,8 +131,11 @@ def _base_config(path: str) -> Any:
     model_type = config_dict.get("model_type")
     if not isinstance(model_type, str) or not model_type.startswith(PRUNED_MODEL_TYPE_PREFIX):
         return transformers.AutoConfig.from_pretrained(path)
-    record = config_dict.get(PRUNING_KEY)
-    base = record.get("base_model_type") if isinstance(record, dict) else None
+    try:
+        record = PruningRecord.read(config_dict)
+    except RecordError as e:
+        raise ExportError(f"{path!r}: {e}") from None
+    base = record.base_model_type if record is not None else None
     if base not in CONFIG_MAPPING or PRUNED_MODEL_TYPE_PREFIX + base != model_type:
         raise ExportError(
             f"{path!r} has model type {model_type!r} but records base model type {base!r}, which does not match it "
@@ -137,7 +144,7 @@ def _base_config(path: str) -> Any:
     return CONFIG_MAPPING[base].from_dict({**config_dict, "model_type": base})
 
 
-def _shrinking_init(model_class: type, structure: dict[str, Any]):
+def _shrinking_init(model_class: type, structure: PruningRecord):
     def __init__(self, config, *args, **kwargs):  # noqa: N807
         model_class.__init__(self, config, *args, **kwargs)
         rebuild_structure(self, structure)
@@ -212,7 +219,10 @@ class {cls}(_Base):
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
-        shrink(self, config.dgate_pruning["remote"])
+        record = config.dgate_pruning  # (the layout of hf_dgate/record.py, versions {versions_literal})
+        if not isinstance(record, dict) or record.get("version", 1) not in {versions_literal}:
+            raise ValueError("config.dgate_pruning is not a pruning record this loader reads; re-export the model.")
+        shrink(self, record["remote"])
 
 
 try:  # transformers >= 5 renames legacy checkpoint keys only for its own classes unless a mapping is registered
@@ -246,6 +256,7 @@ def remote_code_source(base: str, cls: str, model_type: str, config_base: str) -
         model_type_literal=repr(model_type),
         pruned_type_literal=repr(PRUNED_MODEL_TYPE_PREFIX + model_type),
         cls_literal=repr(cls),
+        versions_literal=repr(VERSIONS),
     )
     return REMOTE_CODE_HEADER + shared + footer
 
@@ -312,7 +323,7 @@ def _own_model_type(model: nn.Module, directory: str | os.PathLike) -> None:
     module, _, cls = saved["auto_map"][next(iter(saved["auto_map"]))].rpartition(".")
     saved["model_type"] = PRUNED_MODEL_TYPE_PREFIX + base
     saved["auto_map"] = {"AutoConfig": f"{module}.{cls}Config", **saved["auto_map"]}
-    saved[PRUNING_KEY]["base_model_type"] = base
+    saved[RECORD_KEY]["base_model_type"] = base
     with open(path, "w") as f:
         json.dump(saved, f, indent=2, sort_keys=True)
         f.write("\n")
@@ -336,7 +347,7 @@ def write_remote_code(model: nn.Module, directory: str | os.PathLike) -> str | N
     auto_class = next((cls for table, cls in AUTO_CLASSES.items() if base in getattr(auto, table, {}).values()), None)
     if auto_class is None or not base.isidentifier() or getattr(transformers, base, None) is not type(model):
         return None
-    structure = getattr(model.config, PRUNING_KEY, None)
+    structure = getattr(model.config, RECORD_KEY, None)
     if not isinstance(structure, dict):
         return None
     # the class's model type, not the instance's: a config.json loaded with an explicit class may carry any string

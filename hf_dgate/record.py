@@ -1,0 +1,147 @@
+"""The pruning record: what an export removed, stored as `config.dgate_pruning` in the export's config.json.
+
+One typed class for every reader (AutoPrunedModel's rebuild, the native-config edit, the model card, the CLI
+report): `PruningRecord.from_dict` reads both layouts written so far, and `to_dict` writes the same layout back
+(key for key, unknown keys kept), so exports made by earlier versions load unchanged.
+- version 1: one block stack; the per-layer lists sit at the top level next to the export's settings;
+- version 2: several block stacks (encoder/decoder, text/vision towers); `stacks` maps each stack's module path
+  to its per-layer lists.
+A record of a version this code does not know is refused: guessing its meaning could rebuild the wrong shapes.
+Plain data only (no torch): the CLI reads it without loading a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+RECORD_KEY = "dgate_pruning"
+SINGLE_STACK, MULTI_STACK = 1, 2  # the layouts' version numbers
+VERSIONS = (SINGLE_STACK, MULTI_STACK)
+HF_PRUNED_HEADS = "hf_pruned_heads"  # heads removed by transformers' own prune_heads (4.x): config.pruned_heads
+
+
+class RecordError(ValueError):
+    """A `config.dgate_pruning` that cannot be read as written (another version, a malformed field)."""
+
+
+@dataclass
+class StackRecord:
+    """Per current layer of one block stack, what the export kept (head numbers in the original numbering)."""
+
+    heads: list[list[int]] | None = None  # kept query heads
+    kv_heads: list[int] | None = None  # kept key/value heads (GQA groups)
+    head_dim: int | None = None
+    neurons: list[int | None] | None = None  # dense MLP width (None: a layer without one)
+    cross_heads: list[list[int]] | None = None
+    cross_kv_heads: list[int] | None = None
+    experts: list[int | None] | None = None  # routed experts kept (None: a dense layer of a mixed family)
+    expert_units: list[int | None] | None = None  # units per expert
+    layers: list[int] | None = None  # original index of each kept layer
+    num_hidden_layers_original: int | None = None
+    dead_layers_kept: list[int] | None = None  # zeroed layers kept as identity blocks
+    hf_pruned_heads: bool | None = None  # heads removed by transformers' prune_heads: config.pruned_heads has them
+    extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, written back as read
+    present: frozenset[str] = field(default=frozenset(), repr=False, compare=False)  # keys read, even if None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = RECORD_KEY) -> StackRecord:
+        if not isinstance(data, dict):
+            raise RecordError(f"{where} is {type(data).__name__}, not a mapping; re-export the model with hf_dgate.")
+        known = _field_names(cls)
+        for key in ("heads", "cross_heads", "kv_heads", "neurons", "layers", "experts", "expert_units"):
+            if data.get(key) is not None and not isinstance(data[key], list):
+                raise RecordError(f"{where}[{key!r}] is not a list; re-export the model with hf_dgate.")
+        values = {k: data[k] for k in known if k in data}
+        extra = {k: v for k, v in data.items() if k not in known}
+        return cls(**values, extra=extra, present=frozenset(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        return _dump(self)
+
+    def kept(self, key: str) -> list[Any]:
+        """The per-layer list `key` ("kv_heads", "neurons", "expert_units", ...), empty when not recorded."""
+        return list(getattr(self, key, None) or [])
+
+
+# the export's settings; everything else at the top of a version-1 record belongs to its one stack
+_TOP = ("version", "module_names", "threshold", "not_removed", "native", "base_model_type", "remote", "stacks")
+
+
+@dataclass
+class PruningRecord:
+    """What one export removed from a model, per block stack, and how it was made."""
+
+    version: int = SINGLE_STACK
+    stacks: dict[str | None, StackRecord] = field(default_factory=dict)  # None: the one stack of a version 1
+    module_names: dict[str, Any] | None = None  # DGateConfig.module_names the export used
+    threshold: float | None = None
+    not_removed: list[str] | None = None  # targets whose zeros were kept (custom GroupRules)
+    native: bool | None = None  # the rewritten config builds these shapes by itself
+    base_model_type: str | None = None  # set when saved under its own model type ("dgate_pruned_<type>")
+    remote: dict[str, Any] | None = None  # the generated loader's shape spec (pruned_modules.shrink reads it)
+    extra: dict[str, Any] = field(default_factory=dict)
+    present: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> PruningRecord:
+        """Read a record of any known version; a RecordError that says what to do otherwise."""
+        if not isinstance(data, dict):
+            raise RecordError(f"config.{RECORD_KEY} is not a mapping; re-export the model with hf_dgate.")
+        version = data.get("version", SINGLE_STACK)
+        if isinstance(version, bool) or version not in VERSIONS:
+            raise RecordError(
+                f"config.{RECORD_KEY} has version {version!r}, which this hf_dgate cannot read (it reads "
+                f"{VERSIONS}); upgrade hf_dgate to load this export."
+            )
+        top = {k: data[k] for k in _TOP if k in data and k not in ("version", "stacks")}
+        if version == MULTI_STACK:
+            raw = data.get("stacks")
+            if not isinstance(raw, dict):
+                raise RecordError(f"config.{RECORD_KEY} (version 2) has no 'stacks' mapping; re-export the model.")
+            stacks = {str(p): StackRecord.from_dict(r, f"{RECORD_KEY}['stacks'][{p!r}]") for p, r in raw.items()}
+            extra = {k: v for k, v in data.items() if k not in _TOP}
+        else:
+            stacks = {None: StackRecord.from_dict({k: v for k, v in data.items() if k not in _TOP})}
+            extra = {}  # (unknown top-level keys of a version 1 sit with its stack)
+        return cls(version=version, stacks=stacks, **top, extra=extra, present=frozenset(data))
+
+    @classmethod
+    def read(cls, config: Any) -> PruningRecord | None:
+        """The record of a model config (or its dict), None when the model was not pruned by hf_dgate."""
+        data = config.get(RECORD_KEY) if isinstance(config, dict) else getattr(config, RECORD_KEY, None)
+        return None if data is None else cls.from_dict(data)
+
+    @property
+    def multi_stack(self) -> bool:
+        return self.version == MULTI_STACK
+
+    @property
+    def single(self) -> StackRecord:
+        """The one stack of a version-1 record (an empty StackRecord for version 2)."""
+        return self.stacks.get(None, StackRecord()) if not self.multi_stack else StackRecord()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The layout `from_dict` read (or that this version writes): version 1 flat, version 2 with `stacks`."""
+        out: dict[str, Any] = {"version": self.version}
+        out.update(_dump(self, skip=("version", "stacks")))
+        if self.multi_stack:
+            out["stacks"] = {path: rec.to_dict() for path, rec in self.stacks.items()}
+        elif None in self.stacks:
+            out.update(self.stacks[None].to_dict())
+        return out
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in fields(cls)} - {"extra", "present"}
+
+
+def _dump(obj: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Fields that were read or are set, then the unknown keys: the layout as it came in."""
+    out = {
+        f.name: getattr(obj, f.name)
+        for f in fields(obj)
+        if f.name not in ("extra", "present", *skip) and (getattr(obj, f.name) is not None or f.name in obj.present)
+    }
+    out.update(obj.extra)
+    return out

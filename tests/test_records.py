@@ -1,0 +1,84 @@
+"""The typed pruning record: exports written by earlier versions (record versions 1 and 2, fixtures made with the
+code of commit 4e1bde0, see fixtures/records/make_fixtures.py) reload through the one rebuild path, and the record
+reads and writes their layout key for key."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import hf_dgate
+from hf_dgate.errors import ExportError
+from hf_dgate.hub import structure_table
+from hf_dgate.record import RECORD_KEY, PruningRecord, RecordError
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "records")
+
+
+def _raw(name: str) -> dict:
+    with open(os.path.join(FIXTURES, name, "config.json")) as f:
+        return json.load(f)[RECORD_KEY]
+
+
+@pytest.mark.parametrize("name,version", [("record_v1_llama", 1), ("record_v2_bart", 2)])
+def test_earlier_exports_reload_with_their_outputs(name, version):
+    path = os.path.join(FIXTURES, name)
+    record = PruningRecord.from_dict(_raw(name))
+    assert record.version == version and record.native is False
+    assert record.to_dict() == _raw(name)  # the layout round-trips key for key
+    with open(os.path.join(path, "expected.json")) as f:
+        expected = json.load(f)
+    model = hf_dgate.AutoPrunedModel.from_pretrained(path).float().eval()
+    inputs = {k: torch.tensor(v) for k, v in expected["inputs"].items()}
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    torch.testing.assert_close(logits, torch.tensor(expected["logits"]), atol=1e-4, rtol=1e-4)
+
+
+def test_record_versions_are_read_into_one_typed_shape():
+    v1, v2 = PruningRecord.from_dict(_raw("record_v1_llama")), PruningRecord.from_dict(_raw("record_v2_bart"))
+    assert list(v1.stacks) == [None] and v1.single.kv_heads == [1, 2] and v1.single.neurons == [8, 5]
+    assert set(v2.stacks) == {"model.encoder.layers", "model.decoder.layers"}
+    assert v2.stacks["model.encoder.layers"].heads == [[1]] and v2.stacks["model.decoder.layers"].cross_kv_heads == [1]
+    assert "| 0 (0) | 1: [1] | 1 | 8 |" in structure_table(_raw("record_v2_bart"))  # the card's and CLI's table
+    assert "| 0 (0) | 2: [0, 1] | 1 | 8 |" in structure_table(v1)
+    extra = {**_raw("record_v1_llama"), "from_a_newer_minor": [1]}  # unknown keys survive a rewrite
+    assert PruningRecord.from_dict(extra).to_dict() == extra
+
+
+def test_a_record_of_an_unknown_version_is_refused(tmp_path):
+    with pytest.raises(RecordError, match="version 3.*upgrade hf_dgate"):
+        PruningRecord.from_dict({**_raw("record_v1_llama"), "version": 3})
+    with pytest.raises(RecordError, match="not a list"):
+        PruningRecord.from_dict({**_raw("record_v1_llama"), "kv_heads": 2})
+    copy = tmp_path / "export"
+    shutil.copytree(os.path.join(FIXTURES, "record_v1_llama"), copy)
+    config = json.loads((copy / "config.json").read_text())
+    config[RECORD_KEY]["version"] = 3
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match="version 3"):
+        hf_dgate.AutoPrunedModel.from_pretrained(str(copy))
+
+
+def test_the_generated_loader_refuses_a_record_version_it_does_not_know(tmp_path):
+    import transformers as T
+    from conftest import make_model
+
+    from hf_dgate.loading import save_pruned
+
+    model = make_model("llama")
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="heads", lam=0.1))
+    with torch.no_grad():
+        hf_dgate.get_bank(model).gammas["heads"][:, 0] = 0.0  # one layer loses a key/value head: non-native
+    out = tmp_path / "out"
+    assert save_pruned(hf_dgate.export_pruned(model), out) == "AutoModelForCausalLM"
+    T.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)  # loads as written
+    config = json.loads((out / "config.json").read_text())
+    config[RECORD_KEY]["version"] = 3
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="not a pruning record this loader reads"):
+        T.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
