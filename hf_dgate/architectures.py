@@ -344,9 +344,26 @@ def attention_parts(name: str, block: nn.Module, config: DGateConfig, hf_config:
         parts["q"] = names.get("query") or _match(leaves, QUERY_NAMES, taken)
         parts["k"] = names.get("key") or _match(leaves, KEY_NAMES, taken)
     parts["o"] = names.get("out") or _match(leaves, OUT_NAMES, taken)
+    if not set(ATTENTION_KEYS) & set(names):  # a guess from common names: checked numerically before gating
+        parts["guessed"] = True
+    if parts["o"] is None or (parts.get("qkv") is None and parts.get("v") is None):
+        found = discovered_attention(block, hf_config)
+        if found is not None:
+            return found
     if parts["o"] is None:
         raise not_found("attention output projection", name, block, "out", "attn.o_proj")
     return parts
+
+
+def discovered_attention(block: nn.Module, hf_config: Any) -> dict[str, Any] | None:
+    """The attention as its shapes propose it (discover.py); None without a head count or a fitting layer."""
+    from .discover import propose_attention
+
+    n_heads = getattr(hf_config, "num_attention_heads", None)
+    if not isinstance(n_heads, int) or n_heads <= 0:
+        return None
+    n_kv = kv_head_count(hf_config) or n_heads
+    return propose_attention(block, hf_config, n_heads, n_kv if n_heads % n_kv == 0 else n_heads)
 
 
 def cross_attention_parts(block: nn.Module, hf_config: Any) -> dict[str, Any] | None:
@@ -411,17 +428,24 @@ def mlp_parts(name: str, block: nn.Module, config: DGateConfig, hf_config: Any =
         if all(has_module(block, rel) for rel in (mlp.down, *ups)):
             return mlp.down, ups
     leaves = _leaves(block)
-    taken = {p for p in (_attention_out_name(name, block, config, hf_config),) if p}
+    o_rel = _attention_out_name(name, block, config, hf_config)
+    taken = {p for p in (o_rel,) if p}
     down = names.get("down") or _match(leaves, DOWN_NAMES, taken)
-    if down is None:
-        raise not_found("MLP down (second) projection", name, block, "down", "mlp.down_proj")
     ups = names.get("up")
-    if ups is None:
+    if ups is None and down is not None:
         for group in UP_NAMES:
             found = [_match(leaves, (p,), taken) for p in group]
             if all(found):
                 ups = found
                 break
+    if (down is None or not ups) and not {"up", "down"} & set(names):
+        from .discover import propose_mlp
+
+        found_mlp = propose_mlp(block, hf_config, exclude=o_rel.rpartition(".")[0] if o_rel else None)
+        if found_mlp is not None:
+            return found_mlp
+    if down is None:
+        raise not_found("MLP down (second) projection", name, block, "down", "mlp.down_proj")
     if not ups:
         raise not_found("MLP up (first) projection", name, block, "up", "['mlp.up_proj']")
     return down, [ups] if isinstance(ups, str) else list(ups)

@@ -78,6 +78,9 @@ class SetInfo:
     stack: str | None = None
     stack_name: str | None = None
     refuse: str | None = None
+    # found from common names or shapes (no registry row, no module_names): checked numerically before gating
+    guessed: bool = False
+    dense_blocks: tuple[int, ...] = ()  # blocks of the stack left dense (no such structure there, or it failed)
 
     def block_parts(self) -> tuple[str | None, ...]:
         """Module names relative to the set's block that locate the block (see `targets.base.block_name`)."""
@@ -96,6 +99,8 @@ class HeadInfo(SetInfo):
     qkv: str | None = None
     layout: str | None = None
     per_head: tuple[str, ...] = ()
+    per_kv_head: tuple[str, ...] = ()  # projections with one block of outputs per key/value head (found from shapes)
+    discovered: bool = False  # found from shapes: gated at o's input, removed from o and every per-head projection
     config_heads: bool = False
     n_heads: int = 0
     n_kv: int = 0

@@ -3,13 +3,17 @@ groups. A new built-in target is one module in this package plus one line in `BU
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
+import torch
 from torch import nn
 
-from ..architectures import BlockStack, block_stacks, layer_config
+from ..architectures import BlockStack, StructureNotFoundError, block_stacks, layer_config
 from ..config import DGateConfig
+from ..discover import verify
+from ..flops import example_inputs as probe_batch
 from ..groups import GroupSet
 from ..registry import spec_for
 from .base import Target
@@ -18,6 +22,8 @@ from .heads import Heads
 from .layers import Layers
 from .modules import Features, Filters, Rule
 from .neurons import Neurons
+
+logger = logging.getLogger(__name__)
 
 BUILTIN: dict[str, Target] = {t.name: t for t in (Heads(), Neurons(), Layers(), Experts(), Filters(), Features())}
 
@@ -41,7 +47,7 @@ def find_group_sets(
     sets: list[GroupSet] = []
     if per_block:
         for stack in block_stacks(model, config):
-            sets += _stack_group_sets(model, config, stack, per_block, refuse)
+            sets += _stack_group_sets(model, config, stack, per_block, refuse, example_inputs)
     for target in targets:
         if not target.per_block:
             sets += target.find(model, config, example_inputs)
@@ -57,7 +63,12 @@ def find_group_sets(
 
 
 def _stack_group_sets(
-    model: nn.Module, config: DGateConfig, stack: BlockStack, targets: list[Target], refuse: bool
+    model: nn.Module,
+    config: DGateConfig,
+    stack: BlockStack,
+    targets: list[Target],
+    refuse: bool,
+    example_inputs: Any = None,
 ) -> list[GroupSet]:
     spec = spec_for(stack.config)
     sets: list[GroupSet] = []
@@ -67,11 +78,79 @@ def _stack_group_sets(
         if why and refuse:
             where = f"the stack {stack.path!r}" if stack_why else f"'{stack.config.model_type}' models"
             raise ValueError(f"target={target.name!r} is not available for {where}: {why}.")
+        found: list[GroupSet] = []
+        missing: dict[int, str] = {}  # blocks without this kind of group (a hybrid's Mamba blocks have no heads)
         for layer, (name, block) in enumerate(stack.blocks):
-            new = target.find_in_block(model, layer_config(stack.config, layer), config, layer, name, block)
+            try:
+                new = target.find_in_block(model, layer_config(stack.config, layer), config, layer, name, block)
+            except StructureNotFoundError as e:
+                if spec is not None or config.module_names:
+                    raise
+                missing[layer] = str(e)
+                continue
             for gs in new:
                 if refuse and gs.info.refuse:  # found, but the installed transformers cannot run it pruned
                     raise ValueError(gs.info.refuse)
                 gs.info.stack, gs.info.stack_name = stack.path, stack.name
-            sets += new
+            found += new
+        if refuse:
+            found = _checked(model, target.name, stack, found, missing, example_inputs)
+        elif missing and not found:
+            raise StructureNotFoundError(next(iter(missing.values())))
+        sets += found
+    return sets
+
+
+def _checked(
+    model: nn.Module, target: str, stack: BlockStack, sets: list[GroupSet], missing: dict[int, str], inputs: Any
+) -> list[GroupSet]:
+    """Check every guessed group set numerically (discover.verify); blocks whose sets fail, or where nothing was
+    found, stay dense when other blocks of the stack pass (a hybrid), else the target is refused with the reason."""
+    guessed = [gs for gs in sets if gs.info.guessed]
+    failed: dict[int | str, str] = dict(missing)
+    if guessed:
+        probe = inputs if isinstance(inputs, (dict, torch.Tensor)) else None
+        if probe is None:
+            try:
+                probe = probe_batch(model, seq_len=8, batch_size=2)
+            except Exception:  # noqa: BLE001 - no probe: the guess cannot be checked, so it is refused
+                probe = None
+        if probe is None:
+            raise ValueError(
+                f"target={target!r}: the structure of {stack.path!r} was found from names and shapes and needs a "
+                "numerical check, but no probe batch could be built; pass example_inputs=... to apply_dgate."
+            )
+        bad = verify(model, guessed, probe)
+        if bad and target == "heads":  # a name-based guess that failed: try the shapes' proposal for those blocks
+            from .heads import alternative_head_set
+
+            for i in list(bad):
+                gs = guessed[i]
+                if gs.info.discovered or not isinstance(gs.layer, int):
+                    continue
+                name, block = stack.blocks[gs.layer]
+                alt = alternative_head_set(layer_config(stack.config, gs.layer), gs.layer, name, block)
+                if alt is not None and not verify(model, [alt], probe):
+                    alt.info.stack, alt.info.stack_name = stack.path, stack.name
+                    sets = [alt if s is gs else s for s in sets]
+                    del bad[i]
+        for i, why in bad.items():
+            failed[guessed[i].layer] = why
+        dropped = {id(guessed[i]) for i in bad}
+        sets = [gs for gs in sets if id(gs) not in dropped]
+    if missing and not sets and not guessed:  # nothing found anywhere: say how to name the parts
+        raise StructureNotFoundError(next(iter(missing.values())))
+    if failed and not sets:
+        layer, why = next(iter(failed.items()))
+        raise ValueError(
+            f"target={target!r} is not available for {stack.path!r}: no block passed (block {layer}: {why}). Name "
+            "the parts with DGateConfig(module_names={...}) if they exist."
+        )
+    if failed:
+        logger.warning(
+            "target=%r: blocks %s of %r stay dense (%s); the other %d blocks are gated.",
+            target, sorted(failed), stack.path, next(iter(failed.values()))[:160], len(stack.blocks) - len(failed),
+        )
+        for gs in sets:
+            gs.info.dense_blocks = tuple(sorted(failed))
     return sets

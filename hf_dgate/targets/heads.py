@@ -13,7 +13,9 @@ from ..architectures import (
     StructureNotFoundError,
     attention_parts,
     cross_attention_parts,
+    discovered_attention,
     head_geometry,
+    kv_head_count,
     not_found,
     out_features,
 )
@@ -53,6 +55,10 @@ def head_set(
     cross = parts is not None
     parts = parts if cross else attention_parts(name, block, config, hf_config)
     get = block.get_submodule
+    if parts.get("guessed") and not _names_fit(hf_config, block, parts, name):  # ask the shapes instead
+        parts = discovered_attention(block, hf_config) or parts
+    if parts.get("discovered"):
+        return _discovered_head_set(hf_config, layer, name, block, parts)
     o = get(parts["o"])
     n_heads, n_kv, hd = head_geometry(hf_config, o, name)
     n_rep = n_heads // n_kv
@@ -120,8 +126,56 @@ def head_set(
     return GroupSet("heads", layer, n_kv, sites, primary, removable, info)
 
 
+def _names_fit(hf_config: Any, block: nn.Module, parts: dict[str, Any], name: str) -> bool:
+    """Whether projections found by common names have the widths the config's head counts say."""
+    try:
+        n_heads, n_kv, hd = head_geometry(hf_config, block.get_submodule(parts["o"]), name)
+    except StructureNotFoundError:
+        return False
+    want = {"q": n_heads * hd, "k": n_kv * hd, "v": n_kv * hd}
+    return all(not parts.get(k) or out_features(block.get_submodule(parts[k])) == w for k, w in want.items())
+
+
+def alternative_head_set(hf_config: Any, layer: int, name: str, block: nn.Module) -> GroupSet | None:
+    """The heads as the shapes propose them, for a block whose name-based guess failed its numerical check."""
+    parts = discovered_attention(block, hf_config)
+    return None if parts is None else _discovered_head_set(hf_config, layer, name, block, parts)
+
+
+def _discovered_head_set(hf_config: Any, layer: int, name: str, block: nn.Module, parts: dict[str, Any]) -> GroupSet:
+    """Heads of an attention found from its shapes: gated at the output projection's input, one block of outputs
+    per (query or key/value) head removed from every sibling projection. Checked numerically before gating."""
+    get = block.get_submodule
+    o = get(parts["o"])
+    n_heads = hf_config.num_attention_heads
+    n_kv = kv_head_count(hf_config) or n_heads
+    n_kv = n_kv if n_heads % n_kv == 0 else n_heads
+    n_rep, hd = n_heads // n_kv, parts["head_dim"]
+    q_group = slice_index(n_heads * hd, hd * n_rep)
+    full = lambda rel: f"{name}.{rel}"  # noqa: E731
+    removable = input_slices(full(parts["o"]), o, q_group)
+    for rel in parts["per_head"]:
+        width = out_features(get(rel)) // n_heads
+        removable += output_slices(full(rel), get(rel), slice_index(n_heads * width, width * n_rep))
+    for rel in parts["per_kv_head"]:
+        width = out_features(get(rel)) // n_kv
+        removable += output_slices(full(rel), get(rel), slice_index(n_kv * width, width))
+    sites = [Site(full(parts["o"]), "input", -1, q_group)]
+    primary = input_slices(full(parts["o"]), o, q_group)
+    info = HeadInfo(
+        o=parts["o"], per_head=tuple(parts["per_head"]), per_kv_head=tuple(parts["per_kv_head"]), discovered=True,
+        guessed=True, n_heads=n_heads, n_kv=n_kv, head_dim=hd, side=HeadSide.OUTPUT, attention=AttentionKind.SELF,
+    )
+    return GroupSet("heads", layer, n_kv, sites, primary, removable, info)
+
+
 def prune_head_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -> None:
     info = gs.info
+    if info.discovered:
+        for sl in gs.removable:
+            keep_slice(model, sl, dead)
+        _set_head_counts(model, gs, dead, info.o.rpartition(".")[0])
+        return
     if not info.v and not info.qkv:
         raise ExportError(
             f"Cannot remove heads of layer {gs.layer}: its query/key/value projections were not found. Name them "
@@ -129,8 +183,13 @@ def prune_head_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -> 
         )
     for sl in gs.removable:
         keep_slice(model, sl, dead)
+    _set_head_counts(model, gs, dead, (info.v or info.qkv).rpartition(".")[0])
+
+
+def _set_head_counts(model: nn.Module, gs: GroupSet, dead: torch.Tensor, core_rel: str) -> None:
+    """The attention module's own head counts and widths follow the kept heads."""
+    info = gs.info
     block = block_name(gs)
-    core_rel = (info.v or info.qkv).rpartition(".")[0]
     core = model.get_submodule(f"{block}.{core_rel}" if core_rel else block)
     n_rep = info.n_heads // info.n_kv
     n_kv = int((~dead).sum())

@@ -22,6 +22,7 @@ from ..architectures import (
 )
 from ..compat import experts_list, rekey_per_layer_config
 from ..config import DGateConfig
+from ..discover import residual_branches
 from ..errors import ExportError
 from ..groups import GroupSet, LayerInfo, Site, TensorSlice, whole_module_slices, whole_weight_slices
 from ..registry import spec_for
@@ -69,18 +70,25 @@ def _layer_set(
     # a MoE block: attention output + the whole MoE block's output (a family may mix dense and MoE blocks)
     if spec is not None and spec.experts is not None and not dense_mlp_block(spec, block):
         return _moe_layer_set(layer, name, block, config, hf_config, spec.experts)
+    guessed = False
     if spec is not None and spec.branches:
         branches = spec.branches
-    else:
+    elif spec is not None or config.module_names:
         o_rel = attention_parts(name, block, config, hf_config)["o"]
         cross_o = (cross["o"],) if cross is not None else ()
         branches = (o_rel, *cross_o, mlp_parts(name, block, config, hf_config)[0])
+    else:  # no registry entry: the last layer writing the hidden size in each child (checked numerically)
+        branches, guessed = tuple(residual_branches(block, hf_config)), True
+        if not branches:
+            o_rel = attention_parts(name, block, config, hf_config)["o"]
+            branches = (o_rel, mlp_parts(name, block, config, hf_config)[0])
     sites, primary = [], []
     for rel in branches:
         m = block.get_submodule(rel)
         sites.append(Site(f"{name}.{rel}", "output", -1, torch.zeros(out_features(m), dtype=torch.long)))
         primary += whole_weight_slices(f"{name}.{rel}", m)
-    return GroupSet("layers", layer, 1, sites, primary, whole_module_slices(name, block), LayerInfo(block=name))
+    info = LayerInfo(block=name, guessed=guessed)
+    return GroupSet("layers", layer, 1, sites, primary, whole_module_slices(name, block), info)
 
 
 def _moe_layer_set(layer: int, name: str, block: nn.Module, config: DGateConfig, hf_config: Any, moe: Any) -> GroupSet:

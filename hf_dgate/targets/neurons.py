@@ -10,6 +10,7 @@ from torch import nn
 
 from ..architectures import (
     StructureNotFoundError,
+    _attention_out_name,
     dense_mlp_block,
     has_module,
     in_features,
@@ -19,6 +20,7 @@ from ..architectures import (
 )
 from ..compat import config_value
 from ..config import DGateConfig
+from ..discover import propose_mlp
 from ..groups import ExpertUnitInfo, GroupSet, NeuronInfo, Site, TensorSlice, input_slices, output_slices, slice_index
 from ..registry import spec_for
 from .base import MISSING, Target, block_name, keep_slice, merge_edits, per_layer_edit
@@ -64,15 +66,23 @@ def _neuron_set(
     parts: tuple[str, list[str]] | None = None,
 ) -> GroupSet:
     down_rel, up_rels = parts or mlp_parts(name, block, config, hf_config)
+    spec = spec_for(hf_config)
+    registered = spec is not None and any(m.down == down_rel for m in spec.mlps())
+    named = {"up", "down"} & set(config.module_names or {})
+    guessed = parts is None and not registered and not named  # checked numerically before gating
+    width = in_features(block.get_submodule(down_rel))
+    if guessed and any(out_features(block.get_submodule(r)) not in (width, 2 * width) for r in up_rels):
+        o_rel = _attention_out_name(name, block, config, hf_config)  # names that do not fit: ask the shapes
+        exclude = o_rel.rpartition(".")[0] if o_rel else None
+        down_rel, up_rels = propose_mlp(block, hf_config, exclude=exclude) or (down_rel, up_rels)
     down = block.get_submodule(down_rel)
     n = in_features(down)
     idx = slice_index(n)
     removable = input_slices(f"{name}.{down_rel}", down, idx)
-    spec = spec_for(hf_config)
     fused = {m.fused_up for m in spec.mlps()} if spec is not None else set()
     for rel in up_rels:
         up = block.get_submodule(rel)
-        if rel in fused and out_features(up) == 2 * n:  # [gate | up] halves: unit j is rows j and n + j
+        if (rel in fused or guessed) and out_features(up) == 2 * n:  # [gate | up] halves: unit j is rows j, n + j
             removable += output_slices(f"{name}.{rel}", up, torch.arange(2 * n) % n)
             continue
         if out_features(up) != n:
@@ -83,7 +93,8 @@ def _neuron_set(
         removable += output_slices(f"{name}.{rel}", up, idx)
     site = Site(f"{name}.{down_rel}", "input", -1, idx)
     primary = input_slices(f"{name}.{down_rel}", down, idx)
-    return GroupSet("neurons", layer, n, [site], primary, removable, NeuronInfo(down=down_rel, up=tuple(up_rels)))
+    info = NeuronInfo(down=down_rel, up=tuple(up_rels), guessed=guessed)
+    return GroupSet("neurons", layer, n, [site], primary, removable, info)
 
 
 def prune_neuron_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -> None:

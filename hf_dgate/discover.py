@@ -1,0 +1,261 @@
+"""Structure from shapes, checked numerically: what a block's attention, MLP and residual branches are when neither
+the registry nor common module names say it.
+
+Proposals come from module shapes and the config's sizes (hidden size, head counts): the attention output
+projection takes `heads x head_dim` inputs and writes the hidden size, its sibling projections have one block of
+outputs per head; the MLP's down projection writes the hidden size from `intermediate` inputs that sibling up
+projections produce (or twice as many: a fused gate/up); a residual branch is the last layer of a block's child
+that writes the hidden size. A hooked forward pass tells which layers run, and in which order.
+
+A proposal is never trusted: `verify` runs the model on a probe with a random half of each group set's groups
+gated, and checks that (1) a zero gate on the activation equals zeroing every slice the export would remove and
+(2) a gate of 0.5 equals scaling the slices the gate folds into. A proposal that fails is refused with the reason
+(for hybrid stacks: that block stays dense and the others are gated).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .groups import GroupSet, in_axis, out_axis
+
+logger = logging.getLogger(__name__)
+
+
+def hidden_size(hf_config: Any) -> int | None:
+    for key in ("hidden_size", "n_embd", "d_model", "dim", "embed_dim"):
+        val = getattr(hf_config, key, None)
+        if isinstance(val, int) and val > 0:
+            return val
+    return None
+
+
+def _linears(block: nn.Module) -> dict[str, nn.Module]:
+    """Leaves with a 2-D weight (Linear, Conv1D and look-alikes), by relative name."""
+    out: dict[str, nn.Module] = {}
+    for n, m in block.named_modules():
+        w = getattr(m, "weight", None)
+        if n and isinstance(w, torch.Tensor) and w.dim() == 2 and not isinstance(m, nn.Embedding):
+            if not any(True for _ in m.children()) or isinstance(getattr(m, "base_layer", None), nn.Module):
+                out[n] = m
+    return out
+
+
+def _shape(m: nn.Module) -> tuple[int, int]:
+    """(inputs, outputs)."""
+    return m.weight.shape[in_axis(m)], m.weight.shape[out_axis(m)]
+
+
+def _parent(rel: str) -> str:
+    return rel.rpartition(".")[0]
+
+
+def _under(rel: str, parent: str) -> bool:
+    return not parent or rel.startswith(parent + ".")
+
+
+def propose_attention(block: nn.Module, hf_config: Any, n_heads: int, n_kv: int) -> dict[str, Any] | None:
+    """{'o', 'per_head', 'per_kv_head', 'head_dim'} from shapes: the output projection writes the hidden size from
+    a multiple of the head count; its siblings with one block of outputs per head are sliced by head."""
+    hidden = hidden_size(hf_config)
+    leaves = _linears(block)
+    if hidden is None or not n_heads:
+        return None
+    cands = []
+    for order, (rel, m) in enumerate(leaves.items()):
+        fan_in, fan_out = _shape(m)
+        if fan_out != hidden or fan_in % n_heads or not _parent(rel):
+            continue
+        siblings = [r for r in leaves if r != rel and _under(r, _parent(rel))]
+        if not siblings:
+            continue
+        attn_like = any(k in type(block.get_submodule(_parent(rel))).__name__.lower() for k in ("attn", "attention"))
+        cands.append((not attn_like, -order, rel, siblings))  # the output projection is usually registered last
+    for _, _, o_rel, siblings in sorted(cands):
+        hd = _shape(leaves[o_rel])[0] // n_heads
+        per_head, per_kv = [], []
+        for rel in siblings:
+            fan_in, fan_out = _shape(leaves[rel])
+            if fan_out % n_heads == 0 and fan_out // n_heads >= 1:
+                per_head.append(rel)
+            elif fan_out % n_kv == 0:
+                per_kv.append(rel)
+        if per_head or per_kv:
+            return {"o": o_rel, "per_head": tuple(per_head), "per_kv_head": tuple(per_kv), "head_dim": hd,
+                    "discovered": True}
+    return None
+
+
+def propose_mlp(block: nn.Module, hf_config: Any, exclude: str | None = None) -> tuple[str, list[str]] | None:
+    """(down, ups) from shapes: down writes the hidden size from I inputs; its siblings reading the hidden size write
+    I outputs (up, gate) or 2I (a fused gate/up, as halves). Layers under `exclude` (the attention) are skipped."""
+    hidden = hidden_size(hf_config)
+    if hidden is None:
+        return None
+    leaves = {r: m for r, m in _linears(block).items() if not (exclude and (r == exclude or _under(r, exclude)))}
+    want = getattr(hf_config, "intermediate_size", None)
+    downs = []
+    for rel, m in leaves.items():
+        fan_in, fan_out = _shape(m)
+        if fan_out == hidden and fan_in != hidden:
+            downs.append((fan_in != want, -fan_in, rel))
+    for _, _, down in sorted(downs):
+        units = _shape(leaves[down])[0]
+        parent = _parent(down)
+        ups = [
+            r for r, m in leaves.items()
+            if r != down and _under(r, parent) and _shape(m)[0] == hidden and _shape(m)[1] in (units, 2 * units)
+        ]
+        if ups:
+            return down, ups
+    return None
+
+
+def residual_branches(block: nn.Module, hf_config: Any, inputs_seen: list[str] | None = None) -> list[str]:
+    """The last layer writing the hidden size in each direct child of the block (in call order when known)."""
+    hidden = hidden_size(hf_config)
+    out = []
+    for child, _ in block.named_children():
+        leaves = [r for r, m in _linears(block).items() if _under(r, child) and _shape(m)[1] == hidden]
+        if not leaves:
+            continue
+        order = [r for r in (inputs_seen or []) if r in leaves]
+        out.append(order[-1] if order else leaves[-1])
+    return out
+
+
+# ---- the numerical check --------------------------------------------------------------------------------------
+class _Scale:
+    """A forward (pre-)hook multiplying the feature axis of an activation by a fixed factor vector."""
+
+    def __init__(self, factor: torch.Tensor, axis: int, output: bool):
+        self.factor, self.axis, self.output = factor, axis, output
+
+    def _apply(self, x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.shape[self.axis] == self.factor.numel():
+            shape = [1] * x.dim()
+            shape[self.axis] = -1
+            return x * self.factor.to(x.dtype).reshape(shape)
+        return x
+
+    def __call__(self, module: nn.Module, args: Any, out: Any = None) -> Any:
+        if self.output:
+            return (self._apply(out[0]), *out[1:]) if isinstance(out, tuple) else self._apply(out)
+        return (self._apply(args[0]), *args[1:]) if args else args
+
+
+def _factors(index: torch.Tensor, dead: torch.Tensor, value: float) -> torch.Tensor:
+    f = torch.ones(index.shape, dtype=torch.float32)
+    hit = (index >= 0) & dead[index.clamp(min=0)]
+    f[hit] = value
+    return f
+
+
+def _forward(model: nn.Module, inputs: Any) -> torch.Tensor:
+    from .verify import first_output
+
+    with torch.no_grad():
+        out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    return first_output(out).float()
+
+
+def _run_gated(model: nn.Module, sets: list[tuple[GroupSet, torch.Tensor]], inputs: Any, value: float) -> torch.Tensor:
+    handles = []
+    try:
+        for gs, dead in sets:
+            for site in gs.sites:
+                m = model.get_submodule(site.module)
+                hook = _Scale(_factors(site.index, dead, value), site.axis, site.where == "output")
+                reg = m.register_forward_hook if site.where == "output" else m.register_forward_pre_hook
+                handles.append(reg(hook))
+        return _forward(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _run_sliced(model: nn.Module, sets: list[tuple[GroupSet, torch.Tensor]], inputs: Any, value: float,
+                which: str) -> torch.Tensor:
+    saved = []
+    try:
+        with torch.no_grad():
+            for gs, dead in sets:
+                for sl in getattr(gs, which):
+                    p = getattr(model.get_submodule(sl.module), sl.param)
+                    saved.append((p, p.detach().clone()))
+                    if sl.axis is None:
+                        if bool(dead[int(sl.index.reshape(-1)[0])]):
+                            p.mul_(value)
+                        continue
+                    f = _factors(sl.index, dead, value).to(p.device, p.dtype)
+                    if isinstance(sl.axis, tuple) or f.numel() != p.shape[sl.axis]:
+                        raise ValueError(f"{sl.module}.{sl.param} has {tuple(p.shape)}, the slice {f.numel()}")
+                    shape = [1] * p.dim()
+                    shape[sl.axis] = -1
+                    p.mul_(f.reshape(shape))
+        return _forward(model, inputs)
+    finally:
+        with torch.no_grad():
+            for p, old in saved:
+                p.copy_(old)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and float((a - b).abs().max()) <= 1e-4 + 1e-4 * float(b.abs().max())
+
+
+def _dead(gs: GroupSet, k: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(17 + k)
+    if gs.n_groups == 1:
+        return torch.tensor([True])
+    dead = torch.rand(gs.n_groups, generator=g) < 0.5
+    dead[0], dead[-1] = True, False
+    return dead
+
+
+def check(model: nn.Module, sets: list[GroupSet], inputs: Any) -> str | None:
+    """None when zeroing and halving the gates of `sets` acts like the slices they stand for, else why not."""
+    try:
+        return _check(model, sets, inputs)
+    except (RuntimeError, IndexError, ValueError) as e:
+        return f"the proposed slices do not fit the layers ({str(e).splitlines()[0][:100]})"
+
+
+def _check(model: nn.Module, sets: list[GroupSet], inputs: Any) -> str | None:
+    plan = [(gs, _dead(gs, k)) for k, gs in enumerate(sets)]
+    ref = _forward(model, inputs)
+    zero = _run_gated(model, plan, inputs, 0.0)
+    if _close(zero, ref):
+        return "gating its groups changes nothing in the outputs (the proposed layers are not on the forward path)"
+    if not _close(zero, _run_sliced(model, plan, inputs, 0.0, "removable")):
+        return ("a zero gate does not equal removing its slices (something else reads them, e.g. a norm over all "
+                "heads or a branch beside it)")
+    if not _close(_run_gated(model, plan, inputs, 0.5), _run_sliced(model, plan, inputs, 0.5, "primary")):
+        return "scaling the gated activation does not equal scaling its weights (a norm or nonlinearity between them)"
+    return None
+
+
+def verify(model: nn.Module, sets: list[GroupSet], inputs: Any) -> dict[int, str]:
+    """Check discovered group sets: {index in `sets`: why it fails} (empty: all pass). One joint check first;
+    on failure each set alone."""
+    if not sets:
+        return {}
+    was = model.training
+    model.eval()
+    try:
+        if check(model, sets, inputs) is None:
+            return {}
+        failed = {}
+        for i, gs in enumerate(sets):
+            why = check(model, [gs], inputs)
+            if why is not None:
+                failed[i] = why
+        if not failed:  # each passes alone but not together: trust none
+            failed = dict.fromkeys(range(len(sets)), "the groups pass one layer at a time but not together")
+        return failed
+    finally:
+        model.train(was)

@@ -1,0 +1,73 @@
+"""A fixed sample of the zoo sweep (hf_dgate/zoo.py; the whole zoo: `python -m hf_dgate.zoo`), and the numerical
+check that decides whether a structure found from names and shapes is gated."""
+
+import pytest
+import torch
+from torch import nn
+
+from hf_dgate import zoo
+
+# families in no registry row: found from common names or from shapes, and checked numerically
+SAMPLE = [
+    ("causal-lm", "glm"),  # no registry row: a fused gate/up found from its width (twice the down projection's inputs)
+    ("masked-lm", "camembert"),  # post-norm: layers refused for that named reason
+    ("image-classification", "data2vec-vision"),  # no registry row: a vision encoder found by names, checked
+    ("seq2seq-lm", "bart"),  # encoder-decoder from the registry
+]
+
+
+@pytest.mark.parametrize("mapping,family", SAMPLE)
+def test_zoo_sample_is_exact_or_refused_for_a_named_reason(mapping, family):
+    if family not in zoo.model_types(mapping):
+        pytest.skip(f"{family} is not in this transformers' {mapping} mapping")
+    fam = zoo.run_family(mapping, family)
+    assert fam.builds, fam.why
+    bad = [c for c in fam.cells if c.outcome not in (zoo.Outcome.EXACT.value, zoo.Outcome.INHERENT.value)]
+    assert not bad, bad
+    assert any(c.outcome == zoo.Outcome.EXACT.value for c in fam.cells)
+
+
+def test_refusals_are_classified_by_named_reasons():
+    assert zoo.inherent_reason("target='layers' needs pre-norm blocks (x + f(x))") is zoo.Inherent.POST_NORM
+    assert zoo.inherent_reason("Could not find the MLP down (second) projection") is None
+
+
+def test_tiny_config_shrinks_nested_configs_and_keeps_one_layer_of_each_kind():
+    cfg = zoo.tiny_config("qwen3_next") if "qwen3_next" in zoo.model_types("causal-lm") else None
+    if cfg is None:
+        pytest.skip("qwen3_next is not in this transformers")
+    assert cfg.hidden_size == zoo.HIDDEN
+    assert len(set(cfg.layer_types)) == 2 and cfg.num_hidden_layers == len(cfg.layer_types)
+
+
+class _QKNormAttention(nn.Module):
+    """Attention whose queries are normalised over all heads together (no head can go alone)."""
+
+    def __init__(self, d: int = 32, h: int = 4):
+        super().__init__()
+        self.h = h
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.qn = nn.LayerNorm(d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        split = lambda y: y.view(b, t, self.h, -1).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.qn(self.q(x))), split(self.k(x)), split(self.v(x))
+        y = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, -1) @ v
+        return self.o(y.transpose(1, 2).reshape(b, t, d))
+
+
+def test_numerical_check_refuses_a_proposal_that_is_not_removable():
+    """A query norm over all heads: a zero head gate does not equal removing the head's rows, so the check says no."""
+    from hf_dgate.discover import verify
+    from hf_dgate.groups import GroupSet, Site, input_slices, output_slices, slice_index
+
+    torch.manual_seed(0)
+    model = _QKNormAttention()
+    idx = slice_index(32, 8)
+    removable = input_slices("o", model.o, idx) + sum((output_slices(n, getattr(model, n), idx) for n in "qkv"), [])
+    gs = GroupSet("heads", 0, 4, [Site("o", "input", -1, idx)], input_slices("o", model.o, idx), removable)
+    assert verify(model, [gs], torch.randn(2, 5, 32))
+    plain = GroupSet("heads", 0, 4, [Site("o", "input", -1, idx)], input_slices("o", model.o, idx),
+                     input_slices("o", model.o, idx) + output_slices("v", model.v, idx))
+    assert not verify(model, [plain], torch.randn(2, 5, 32))
