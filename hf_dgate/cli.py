@@ -475,9 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
     _threads_option(p)
     p.add_argument(
         "--format",
-        choices=["native", "gguf"],
+        choices=["native", "gguf", "decilm"],
         default="native",
-        help="native: transformers folder; gguf: llama.cpp (per-layer shapes, Llama/Mistral/Qwen2).",
+        help="native: transformers folder; gguf: llama.cpp (per-layer shapes, Llama/Mistral/Qwen2); decilm: vLLM's "
+        "DeciLMForCausalLM block_configs (Llama/Mistral/Qwen2).",
     )
     p.add_argument(
         "--shape",

@@ -208,6 +208,62 @@ def test_cli_export_gguf_and_uniform(tmp_path, capsys):
                  "--no-measure"]) == 2  # fmt: skip
 
 
+# ---- DeciLM (vLLM) ---------------------------------------------------------------------------------------------
+def _vllm_width(ffn: dict, hidden: int) -> int:
+    """The FFN width vLLM's DeciLM layer builds from a block config (ffn_mult first, as nemotron_nas.py reads it)."""
+    if ffn.get("ffn_mult") is None:
+        return ffn["intermediate_size"]
+    return -(-int(2 * ffn["ffn_mult"] * hidden / 3) // 256) * 256
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_decilm_block_configs_reload_like_the_export(tmp_path, family):
+    from hf_dgate.formats.decilm import compare_with_pytorch, load_decilm, write_decilm
+
+    # 8 query heads in 4 key/value groups; layers keep 4, 3, 1 and 0 groups (3 does not divide 8: one zero group)
+    tiny = _tiny(family, num_attention_heads=8, num_key_value_heads=4, head_dim=4, num_hidden_layers=4)
+    model = _gated(tiny, [0, 1, 3, 4], [10, 48, 0, 0])
+    pruned = hf_dgate.export_pruned(model, example_inputs={"input_ids": _probe()})
+    info = write_decilm(pruned, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["model_type"] == "nemotron-nas" and cfg["architectures"] == ["DeciLMForCausalLM"]
+    assert cfg["num_attention_heads"] == 8 and info["kv_heads"] == [4, 4, 1, 0]
+    blocks = cfg["block_configs"]
+    assert [b["attention"]["n_heads_in_group"] for b in blocks] == [2, 2, 8, None]
+    assert [b["attention"]["no_op"] for b in blocks] == [False, False, False, True]
+    assert [b["ffn"]["no_op"] for b in blocks] == [False, True, False, False]
+    assert [_vllm_width(b["ffn"], 32) for b in blocks if not b["ffn"]["no_op"]] == [256, 256, 256]
+    assert all(b["ffn"]["intermediate_size"] == 256 for b in blocks if not b["ffn"]["no_op"])
+    assert compare_with_pytorch(pruned, tmp_path)["verified"]
+    again = load_decilm(tmp_path)
+    x = _probe()
+    with torch.no_grad():
+        assert (again(input_ids=x).logits - pruned(input_ids=x).logits).abs().max() <= 1e-5
+        out = again.generate(x[:1, :4], max_new_tokens=4, do_sample=False, pad_token_id=0)
+        ref = pruned.generate(x[:1, :4], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref)
+    # the generated config class gives vLLM's attribute access to block_configs
+    ns: dict = {}
+    exec((tmp_path / "configuration_decilm.py").read_text(), ns)
+    conf = ns["DeciLMConfig"](**{k: v for k, v in cfg.items() if k not in ("model_type", "auto_map")})
+    assert conf.block_configs[2].attention.n_heads_in_group == 8 and conf.block_configs[3].attention.no_op
+    assert conf.to_dict()["block_configs"] == blocks
+
+
+def test_decilm_from_the_cli_and_refusals(tmp_path):
+    from hf_dgate.cli import main
+    from hf_dgate.formats.decilm import write_decilm
+
+    hf_dgate.save_gated(_gated(_tiny()), tmp_path / "gated")
+    assert main(["export", str(tmp_path / "gated"), "--out", str(tmp_path / "d"), "--format", "decilm",
+                 "--no-measure", "--seq-len", "16"]) == 0  # fmt: skip
+    summary = json.loads((tmp_path / "d" / "dgate_export.json").read_text())
+    assert summary["decilm"]["check"]["verified"] and "zero query heads" in summary["decilm"]["statement"]
+    assert "DeciLM" in (tmp_path / "d" / "README.md").read_text()
+    with pytest.raises(ExportError, match="Llama-family.*'qwen3'"):
+        write_decilm(_tiny("qwen3"), tmp_path / "q")
+
+
 # ---- llama.cpp itself ------------------------------------------------------------------------------------------
 def _need_llama_cpp():
     from hf_dgate.formats.llama_cpp import INSTALL, have_llama_cpp

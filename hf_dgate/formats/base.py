@@ -29,7 +29,7 @@ class ExportFormat(ABC):
 
 
 FORMATS: dict[str, ExportFormat] = {}
-_BUILTIN = {"native": ".native", "gguf": ".gguf"}
+_BUILTIN = {"native": ".native", "gguf": ".gguf", "decilm": ".decilm"}
 
 
 def register_format(fmt: ExportFormat) -> ExportFormat:
