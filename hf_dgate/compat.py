@@ -47,7 +47,7 @@ TRANSFORMERS_VERSION: str = transformers.__version__
 HAS_HF_PRUNE_HEADS: bool = callable(getattr(PreTrainedModel, "prune_heads", None))
 
 # transformers 5.x (recent): `config.per_layer_config` overrides fields per layer for the families whose modeling
-# code reads it; whether a family does is found by building it (export._make_native), not assumed.
+# code reads it; whether a family does is found by building it (native.make_native), not assumed.
 HAS_PER_LAYER_CONFIG: bool = isinstance(getattr(_ConfigBase, "per_layer_config", None), property)
 
 

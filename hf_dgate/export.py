@@ -21,32 +21,22 @@ import torch
 from torch import nn
 
 from .architectures import BlockStack, block_stacks, find_blocks
-from .choices import AttentionKind
-from .compat import (
-    HAS_HF_PRUNE_HEADS,
-    HAS_PER_LAYER_CONFIG,
-    build_on_meta,
-    config_value,
-    hf_prune_heads,
-    per_layer_overrides,
-    rekey_pruned_heads,
-    set_per_layer_overrides,
-)
+from .compat import hf_prune_heads, rekey_pruned_heads
 from .config import TRANSFORMER_TARGETS, DGateConfig
 from .errors import ExportError
 from .groups import GroupSet
+from .legacy_heads import prune_with_transformers
+from .native import make_native
 from .patch import _unwrap, get_bank, remove_dgate
-from .pruned_modules import ZeroHeadAttention, ZeroInputConv1D
 from .record import HF_PRUNED_HEADS, RECORD_KEY, PruningRecord
 from .registry import spec_for
-from .targets import BUILTIN, get_target
-from .targets.base import MISSING, merge_edits, settable
+from .targets import get_target
 from .targets.heads import head_set, prune_head_group_set
 from .targets.layers import drop_layers
 
 PRUNING_KEY = RECORD_KEY  # (the names earlier code imported from here)
 
-__all__ = ["ExportError", "export_pruned", "prune_heads", "pruned_structure"]
+__all__ = ["ExportError", "export_checked", "export_pruned", "prune_heads", "pruned_structure", "pruning_record"]
 
 
 # ---- public API -----------------------------------------------------------------------------------------------
@@ -82,7 +72,7 @@ def export_pruned(
     lets a plain `from_pretrained` load the export wherever the config has one count. What padding kept is
     `pruned.dgate_padding` (counts before/after, parameters added).
     """
-    pruned, result = _export(
+    pruned, result = export_checked(
         model,
         threshold,
         inplace,
@@ -96,7 +86,7 @@ def export_pruned(
     return pruned
 
 
-def _export(
+def export_checked(
     model: nn.Module,
     threshold: float | None,
     inplace: bool,
@@ -107,8 +97,8 @@ def _export(
     shape: str = "per_layer",
     multiple_of: int | dict[str, int] | str | None = None,
 ) -> tuple[nn.Module, Any]:
-    """export_pruned's work: the pruned model and its `hf_dgate.verify.Verification` (export_to_dir passes its
-    own batch as `inputs` so the outputs are measured once)."""
+    """export_pruned's work: the pruned model and its verification result (`hf_dgate.verify.Verification`);
+    export_to_dir passes its own batch as `inputs` so the outputs are measured once."""
     from .formats.shape import ExportShape, parse_multiple_of, parse_shape
     from .verify import ExportCheck
 
@@ -255,7 +245,7 @@ def _prune_stack(
     spec = spec_for(st.config)
     kept_dead = sorted(dead_layers & {0}) if spec is not None and spec.keeps_first_layer else []
     dead_layers -= set(kept_dead)
-    by_hf = _hf_prune_heads(model, st, plan, dead_layers, kept["self"], single=not prev.get("stacks"))
+    by_hf = prune_with_transformers(model, st, plan, dead_layers, kept["self"], single=not prev.get("stacks"))
     for gs, dead in sorted(plan, key=lambda p: get_target(p[0].target).order):
         if gs.layer in dead_layers or not bool(dead.any()) or id(gs) in by_hf:
             continue
@@ -281,33 +271,6 @@ def _prune_stack(
     if by_hf or prev.get(HF_PRUNED_HEADS):
         record[HF_PRUNED_HEADS] = True  # config.pruned_heads holds the heads; reloading must not shrink them again
     return record
-
-
-def _hf_prune_heads(
-    model: nn.Module,
-    st: BlockStack,
-    plan: list[tuple[GroupSet, torch.Tensor]],
-    dead_layers: set[int],
-    kept: list[list[int]],
-    single: bool,
-) -> set[int]:
-    """Remove dead heads with the model's own `prune_heads` where its transformers has one (4.x), so that
-    `config.pruned_heads` records them and a plain `from_pretrained` rebuilds the model. Returns the ids of the
-    group sets it handled (none elsewhere, and none where a layer would lose every head: transformers' attention
-    cannot run without heads, hf_dgate's bias-only attention can)."""
-    if not HAS_HF_PRUNE_HEADS or not single or st.name != st.path:
-        return set()
-    sets = [(gs, d) for gs, d in plan if gs.target == "heads" and gs.layer not in dead_layers and bool(d.any())]
-    if not sets or any(gs.info.attention != AttentionKind.SELF or gs.info.n_heads != gs.info.n_kv for gs, _ in sets):
-        return set()
-    if any(bool(d.all()) for _, d in sets):
-        return set()
-    heads = {gs.layer: [kept[gs.layer][j] for j in range(len(d)) if d[j]] for gs, d in sets}
-    if not hf_prune_heads(model, heads):
-        return set()
-    for gs, d in sets:
-        kept[gs.layer] = [h for j, h in enumerate(kept[gs.layer]) if not d[j]]
-    return {id(gs) for gs, _ in sets}
 
 
 def _current_heads(
@@ -432,11 +395,6 @@ def _block_geometry(
     return n_q, n_q // n_rep, hd, n_neur
 
 
-def _text_cfg(model: nn.Module) -> Any:
-    cfg = model.config
-    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-
-
 def _record(model: nn.Module) -> dict[str, Any] | None:
     cfg = getattr(model, "config", None)
     rec = getattr(cfg, PRUNING_KEY, None) if cfg is not None else None
@@ -448,77 +406,5 @@ def _write_record(model: nn.Module, structure: dict[str, Any]) -> None:
     structure = PruningRecord.from_dict(structure).to_dict()
     cfg = model.config
     setattr(cfg, PRUNING_KEY, structure)
-    structure["native"] = _make_native(model, structure)
+    structure["native"] = make_native(model, structure)
     setattr(cfg, PRUNING_KEY, structure)
-
-
-def _make_native(model: nn.Module, structure: dict[str, Any]) -> bool:
-    """Rewrite the config so a plain `from_pretrained` builds exactly these shapes, when the config can say so.
-
-    Each target proposes the config fields that would express what is left of it: one count for every layer, the
-    family's own per-layer list, or 5.x `per_layer_config` overrides (targets/base.py `per_layer_edit`). Every
-    combination, largest first, is verified by validating the rewritten config and building the model class from it
-    on the meta device, comparing every tensor shape; so a form counts only where the installed transformers really
-    builds it. Multi-stack records are only checked as they are (their layer counts were set on removal).
-    """
-    cfg = _text_cfg(model)
-    if cfg is None or "stacks" in structure or not structure.get("heads"):
-        return _shapes_match(model)
-    edits = [e for e in (t.native_edit(cfg, structure) for t in BUILTIN.values() if t.per_block) if e]
-    fields = {k for e in edits for k in e if k != "per_layer_config"}
-    originals = {k: config_value(cfg, k, MISSING) for k in fields}
-    original_overrides = per_layer_overrides(cfg)
-    for edit in [merge_edits(*edits), *edits, {}]:
-        _set_cfg(cfg, originals)
-        _set_cfg(cfg, edit, original_overrides)
-        if _config_valid(model.config) and _shapes_match(model):
-            return True
-    _set_cfg(cfg, originals, original_overrides)
-    return False
-
-
-def _set_cfg(cfg: Any, values: dict[str, Any], overrides: dict[int, dict[str, Any]] | None = None) -> None:
-    """Set config fields, then the per-layer overrides: `overrides` with `values["per_layer_config"]` on top
-    (nothing changes them when both are None)."""
-    for k, v in values.items():
-        if k == "per_layer_config" or not settable(cfg, k):
-            continue
-        if v is MISSING:  # a field the config did not have before a candidate set it
-            vars(cfg).pop(k, None)
-        else:
-            setattr(cfg, k, v)
-    extra = values.get("per_layer_config")
-    if HAS_PER_LAYER_CONFIG and (extra or overrides is not None or per_layer_overrides(cfg) is not None):
-        merged = merge_edits({"per_layer_config": overrides or {}}, {"per_layer_config": extra or {}})
-        try:
-            set_per_layer_overrides(cfg, merged["per_layer_config"])
-        except (ValueError, TypeError):  # the config refuses these overrides: the candidate cannot be native
-            set_per_layer_overrides(cfg, overrides)
-
-
-def _config_valid(cfg: Any) -> bool:
-    """Would `save_pretrained`/`from_pretrained` accept the config? (strict configs validate, e.g. that
-    hidden_size is a multiple of num_attention_heads, even where head_dim is explicit)."""
-    try:
-        if hasattr(cfg, "validate"):
-            cfg.validate()
-    except Exception:
-        return False
-    return True
-
-
-def _shapes_match(model: nn.Module) -> bool:
-    """Would `type(model)(model.config)` have exactly the parameter shapes of `model`?"""
-    if _has_patched_modules(model):
-        return False
-    try:
-        fresh = build_on_meta(type(model), model.config)
-    except Exception:
-        return False
-    mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    theirs = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
-    return mine == theirs
-
-
-def _has_patched_modules(model: nn.Module) -> bool:
-    return any(isinstance(m, (ZeroHeadAttention, ZeroInputConv1D)) for m in model.modules())

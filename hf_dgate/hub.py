@@ -8,15 +8,17 @@ import json
 import os
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .export import ExportError, _export, pruned_structure
+from .export import ExportError, export_checked, pruned_structure
 from .outdir import OutputDir, local_source, resolve
 from .patch import _unwrap, get_bank, remove_dgate
 from .record import PruningRecord, StackRecord
+from .verify import Verification
 
 CARD_TEMPLATE = """---
 {card_data}
@@ -404,9 +406,91 @@ def export_to_dir(
     """
     from tqdm.auto import tqdm
 
+    plan = plan_export(
+        model,
+        output_dir,
+        hub_model_id=hub_model_id,
+        push_to_hub=push_to_hub,
+        threshold=threshold,
+        seq_len=seq_len,
+        overwrite=overwrite,
+        force=force,
+        source_dirs=source_dirs,
+        protected_dirs=protected_dirs,
+        base_model=base_model,
+        remote_code=remote_code,
+        format=format,
+        gguf_dtype=gguf_dtype,
+        tokenizer=tokenizer,
+    )
+    steps = tqdm(total=5, desc="hf-dgate export", disable=not progress, unit="step")
+    steps.set_postfix_str("pruning")
+    try:
+        pruned, verification = export_checked(
+            model,
+            plan.threshold,
+            False,
+            allow_inexact=allow_inexact,
+            inputs=plan.inputs,
+            shape=shape,
+            multiple_of=multiple_of,
+        )
+    except BaseException:
+        steps.close()  # before the error is printed: a refusal is the last line the user sees
+        raise
+    steps.update()
+    steps.set_postfix_str("measuring")
+    summary = measure_export(plan, pruned, verification, measure=measure, compression=compression)
+    steps.update(2)
+    steps.set_postfix_str("writing")
+    write_export(plan, pruned, summary)
+    steps.update()
+    if push_to_hub:
+        steps.set_postfix_str("uploading")
+        summary["hub_repo"] = push_folder(plan.target.path, hub_model_id, private=private, token=token)
+    steps.update()
+    steps.close()
+    return summary
+
+
+@dataclass
+class ExportPlan:
+    """What `plan_export` checked before any work: the gated model, the threshold, the writer and its options,
+    the output folder (not yet touched) and the probe batch that both the check and the FLOPs count use."""
+
+    model: nn.Module
+    base: nn.Module
+    bank: Any
+    threshold: float
+    format: Any
+    format_options: dict[str, Any]
+    target: OutputDir
+    inputs: Any
+    base_model: str | None
+
+
+def plan_export(
+    model: nn.Module,
+    output_dir: str | os.PathLike,
+    *,
+    hub_model_id: str | None = None,
+    push_to_hub: bool = False,
+    threshold: float | None = None,
+    seq_len: int = 128,
+    overwrite: bool = False,
+    force: bool = False,
+    source_dirs: Iterable[str | os.PathLike] = (),
+    protected_dirs: Iterable[str | os.PathLike] = (),
+    base_model: str | None = None,
+    remote_code: bool = True,
+    format: str = "native",
+    gguf_dtype: str = "f16",
+    tokenizer: Any = None,
+) -> ExportPlan:
+    """Every check that needs no pruning: Hub names, a finite model, the threshold, whether the format can write
+    this model, and the output folder's rules (`hf_dgate.outdir`). Refuses before any work is done."""
     from . import flops as F
     from .formats import get_format
-    from .formats.shape import padding_statement  # noqa: F401  (the card reads the summary's padding)
 
     if push_to_hub and not hub_model_id:
         raise ExportError("push_to_hub=True needs hub_model_id='user/name'.")
@@ -436,41 +520,48 @@ def export_to_dir(
         overwrite=overwrite,
         force=force,
     )
-    steps = tqdm(total=5, desc="hf-dgate export", disable=not progress, unit="step")
-    steps.set_postfix_str("pruning")
     inputs = F.example_inputs(base, seq_len=seq_len)  # the probe of the shared check and the FLOPs batch
-    try:
-        pruned, verification = _export(
-            model, thr, False, allow_inexact=allow_inexact, inputs=inputs, shape=shape, multiple_of=multiple_of
-        )
-    except BaseException:
-        steps.close()  # before the error is printed: a refusal is the last line the user sees
-        raise
-    steps.update()
+    name = base_model or hub_model_name(getattr(getattr(base, "config", None), "_name_or_path", None))
+    return ExportPlan(model, base, bank, float(thr), fmt, fmt_options, target, inputs, name)
+
+
+def measure_export(
+    plan: ExportPlan,
+    pruned: nn.Module,
+    verification: Verification,
+    *,
+    measure: bool = True,
+    compression: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The summary: settings, kept structure, parameters and FLOPs before and after (and what padding cost), the
+    verification result, and with `measure` the latency of the folded dense model against the pruned one."""
+    from . import flops as F
+    from .formats.shape import padding_statement  # noqa: F401  (the card reads the summary's padding)
+
+    base, inputs, record = plan.base, plan.inputs, pruned_structure(pruned)
     summary: dict[str, Any] = {
-        "base_model": base_model or hub_model_name(getattr(getattr(base, "config", None), "_name_or_path", None)),
-        "dgate_config": bank.config.to_dict(),
-        "threshold": float(thr),
-        "structure": pruned_structure(pruned),
-        "native": bool((pruned_structure(pruned) or {}).get("native")),
+        "base_model": plan.base_model,
+        "dgate_config": plan.bank.config.to_dict(),
+        "threshold": plan.threshold,
+        "structure": record,
+        "native": bool((record or {}).get("native")),
         "params_before": F.count_params(base),
         "params_after": F.count_params(pruned),
-        "format": fmt.name,
+        "format": plan.format.name,
         "padding": getattr(pruned, "dgate_padding", None),
     }
     if compression is not None:  # what the training run's finish did (hf_dgate.finish.FinishRecord), for the card
         summary["compression"] = compression
-    steps.set_postfix_str("measuring")
     with torch.no_grad():
         # the dense reference for timing is the folded model without hooks (a second copy, only when measuring)
         dense = _folded_copy(base) if measure else None
         summary["flops_input"] = ", ".join(f"{k} {tuple(v.shape)}" for k, v in inputs.items())
-        summary["flops_before"] = F.count_flops(dense if dense is not None else model, inputs)
+        summary["flops_before"] = F.count_flops(dense if dense is not None else plan.model, inputs)
         summary["flops_after"] = F.count_flops(pruned, inputs)
         if summary["padding"] and summary["padding"]["groups_added"]:  # what padding costs, measured
             with warnings.catch_warnings():  # unverified on purpose: only its size is measured
                 warnings.simplefilter("ignore")
-                unpadded, _ = _export(model, thr, False, allow_inexact=True, verify=False)
+                unpadded, _ = export_checked(plan.model, plan.threshold, False, allow_inexact=True, verify=False)
             summary["padding"]["params_unpadded"] = F.count_params(unpadded)
             summary["padding"]["flops_unpadded"] = F.count_flops(unpadded, inputs)
             del unpadded
@@ -478,7 +569,6 @@ def export_to_dir(
         summary["max_abs_diff"] = verification.max_abs_diff
         summary["exact"] = verification.exact
         summary["verification"] = verification.to_dict()
-        steps.update()
         if dense is not None:
             summary["device"] = str(next(pruned.parameters()).device)
             summary["latency_before_s"] = F.forward_latency(dense, inputs, repeats=5)
@@ -486,22 +576,23 @@ def export_to_dir(
             summary["speedup"] = summary["latency_before_s"] / summary["latency_after_s"]
         del dense
     summary["flops_ratio"] = summary["flops_before"] / max(summary["flops_after"], 1)
-    steps.update()
-    steps.set_postfix_str("writing")
+    return summary
+
+
+def write_export(plan: ExportPlan, pruned: nn.Module, summary: dict[str, Any]) -> dict[str, Any]:
+    """Write the model in the planned format, `dgate_export.json` and the model card into a temporary folder that
+    replaces the output folder only when complete; `summary` gains what the writer reports and `path`."""
+    target = plan.target
     with target.writing() as tmp:
-        summary.update(fmt.write(pruned, tmp, **fmt_options))
+        summary.update(plan.format.write(pruned, tmp, **plan.format_options))
         summary.setdefault("remote_code", None)
-        summary = scrub_paths(summary, _local_roots([target.path, *target.sources]))  # it is published as is
+        scrubbed = scrub_paths(summary, _local_roots([target.path, *target.sources]))  # it is published as is
+        summary.clear()
+        summary.update(scrubbed)
         with open(os.path.join(tmp, SUMMARY_NAME), "w") as f:
             json.dump(summary, f, indent=2, allow_nan=False)
         build_model_card(summary).save(os.path.join(tmp, "README.md"))
-    steps.update()
     summary["path"] = target.path
-    if push_to_hub:
-        steps.set_postfix_str("uploading")
-        summary["hub_repo"] = push_folder(target.path, hub_model_id, private=private, token=token)
-    steps.update()
-    steps.close()
     return summary
 
 

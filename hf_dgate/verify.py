@@ -213,8 +213,7 @@ class ExportCheck:
             within = ", within it" + (f", {result.changed_argmax}/{result.positions} argmax changed" if (
                 result.positions) else "")  # fmt: skip
         head = (
-            f"Export not exact: outputs differ by {result.max_abs_diff:.2e} (tolerance {result.tolerance:.1e}"
-            f"{within})"
+            f"Export not exact: outputs differ by {result.max_abs_diff:.2e} (tolerance {result.tolerance:.1e}{within})"
         )
         if self.removed.get("experts", {}).get("removed"):
             return (

@@ -55,7 +55,7 @@ def per_layer_edit(cfg: Any, rows: dict[str, list[int]], fixed: dict[str, Any] |
     """The config edit that would say "layer i has rows[field][i]" for each field, in the first form the config
     has: one value for every layer, the family's own per-layer list (Gemma 3n's `intermediate_size`), or 5.x
     `per_layer_config` overrides. Whether the family's modeling code reads that form is not assumed: the export
-    builds the model from the edited config and compares every shape (export._make_native). {} when no form fits."""
+    builds the model from the edited config and compares every shape (native.make_native). {} when no form fits."""
     edit = dict(fixed or {})
     overridden = {k for layer in (per_layer_overrides(cfg) or {}).values() for k in layer}
     overrides: dict[int, dict[str, Any]] = {}

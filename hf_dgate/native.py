@@ -1,0 +1,100 @@
+"""Native configs: rewrite an export's config so that a plain `from_pretrained` builds exactly its shapes, where
+the config can say so (one count for every layer, the family's per-layer lists, or 5.x `per_layer_config`).
+
+Each target proposes the fields that would express what is left of it (`Target.native_edit`); a proposal counts
+only where the installed transformers validates the config and builds these shapes from it (on the meta device).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .compat import (
+    HAS_PER_LAYER_CONFIG,
+    build_on_meta,
+    config_value,
+    per_layer_overrides,
+    set_per_layer_overrides,
+)
+from .pruned_modules import ZeroHeadAttention, ZeroInputConv1D
+from .targets import BUILTIN
+from .targets.base import MISSING, merge_edits, settable
+
+
+def text_config(model: nn.Module) -> Any:
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def make_native(model: nn.Module, structure: dict[str, Any]) -> bool:
+    """Rewrite the config so a plain `from_pretrained` builds exactly these shapes, when the config can say so.
+
+    Each target proposes the config fields that would express what is left of it: one count for every layer, the
+    family's own per-layer list, or 5.x `per_layer_config` overrides (targets/base.py `per_layer_edit`). Every
+    combination, largest first, is verified by validating the rewritten config and building the model class from it
+    on the meta device, comparing every tensor shape; so a form counts only where the installed transformers really
+    builds it. Multi-stack records are only checked as they are (their layer counts were set on removal).
+    """
+    cfg = text_config(model)
+    if cfg is None or "stacks" in structure or not structure.get("heads"):
+        return shapes_match(model)
+    edits = [e for e in (t.native_edit(cfg, structure) for t in BUILTIN.values() if t.per_block) if e]
+    fields = {k for e in edits for k in e if k != "per_layer_config"}
+    originals = {k: config_value(cfg, k, MISSING) for k in fields}
+    original_overrides = per_layer_overrides(cfg)
+    for edit in [merge_edits(*edits), *edits, {}]:
+        set_config_fields(cfg, originals)
+        set_config_fields(cfg, edit, original_overrides)
+        if config_valid(model.config) and shapes_match(model):
+            return True
+    set_config_fields(cfg, originals, original_overrides)
+    return False
+
+
+def set_config_fields(cfg: Any, values: dict[str, Any], overrides: dict[int, dict[str, Any]] | None = None) -> None:
+    """Set config fields, then the per-layer overrides: `overrides` with `values["per_layer_config"]` on top
+    (nothing changes them when both are None)."""
+    for k, v in values.items():
+        if k == "per_layer_config" or not settable(cfg, k):
+            continue
+        if v is MISSING:  # a field the config did not have before a candidate set it
+            vars(cfg).pop(k, None)
+        else:
+            setattr(cfg, k, v)
+    extra = values.get("per_layer_config")
+    if HAS_PER_LAYER_CONFIG and (extra or overrides is not None or per_layer_overrides(cfg) is not None):
+        merged = merge_edits({"per_layer_config": overrides or {}}, {"per_layer_config": extra or {}})
+        try:
+            set_per_layer_overrides(cfg, merged["per_layer_config"])
+        except (ValueError, TypeError):  # the config refuses these overrides: the candidate cannot be native
+            set_per_layer_overrides(cfg, overrides)
+
+
+def config_valid(cfg: Any) -> bool:
+    """Would `save_pretrained`/`from_pretrained` accept the config? (strict configs validate, e.g. that
+    hidden_size is a multiple of num_attention_heads, even where head_dim is explicit)."""
+    try:
+        if hasattr(cfg, "validate"):
+            cfg.validate()
+    except Exception:
+        return False
+    return True
+
+
+def shapes_match(model: nn.Module) -> bool:
+    """Would `type(model)(model.config)` have exactly the parameter shapes of `model`?"""
+    if has_patched_modules(model):
+        return False
+    try:
+        fresh = build_on_meta(type(model), model.config)
+    except Exception:
+        return False
+    mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    return mine == theirs
+
+
+def has_patched_modules(model: nn.Module) -> bool:
+    return any(isinstance(m, (ZeroHeadAttention, ZeroInputConv1D)) for m in model.modules())
