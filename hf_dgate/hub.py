@@ -400,7 +400,8 @@ def export_to_dir(
 
     `format` picks the writer (hf_dgate.formats): "native" (transformers), "gguf" (llama.cpp's deci architecture,
     `gguf_dtype` f32/f16/bf16, `tokenizer` a tokenizer or folder; run and compared in llama.cpp where
-    llama-cpp-python is installed) or "decilm" (vLLM's DeciLMForCausalLM). `shape="uniform"` and `multiple_of` pad
+    llama-cpp-python is installed; neuron counts rounded up to multiples of 32 unless `multiple_of` is given, e.g.
+    1 to keep them exact) or "decilm" (vLLM's DeciLMForCausalLM). `shape="uniform"` and `multiple_of` pad
     layers with their own zero groups (see `export_pruned`); the summary's `padding` and the card state what that
     costs in parameters and FLOPs against the non-uniform export.
     """
@@ -513,6 +514,8 @@ def plan_export(
     fmt = get_format(format)
     fmt_options = dict(remote_code=remote_code, gguf_dtype=gguf_dtype, tokenizer=tokenizer)
     fmt.check(base, **fmt_options)  # a format that cannot write this model refuses before any work
+    if multiple_of is None:
+        multiple_of = fmt.default_multiple_of  # GGUF: neuron counts in multiples of 32 (formats/gguf.py)
     target = OutputDir.plan(
         output_dir,
         sources=[*source_dirs, local_source(base)],

@@ -200,6 +200,13 @@ def test_cli_export_gguf_and_uniform(tmp_path, capsys):
     assert "model-f32.gguf" in out and os.path.isfile(tmp_path / "g" / "model-f32.gguf")
     summary = json.loads((tmp_path / "g" / "dgate_export.json").read_text())
     assert summary["format"] == "gguf" and summary["gguf"]["layout"]["head_count"] == [2, 0, 4]
+    # GGUF rounds neurons to 32 by default (ggml's fast matmul; capped at the layer's 48); 1 keeps them exact
+    assert summary["gguf"]["layout"]["feed_forward_length"] == [48, 32, 1]
+    assert summary["padding"]["multiple_of"] == {"neurons": 32}
+    assert main(["export", str(tmp_path / "gated"), "--out", str(tmp_path / "g1"), "--format", "gguf",
+                 "--multiple-of", "1", "--no-measure", "--seq-len", "16"]) == 0  # fmt: skip
+    exact = json.loads((tmp_path / "g1" / "dgate_export.json").read_text())
+    assert exact["gguf"]["layout"]["feed_forward_length"] == [38, 8, 1]
     assert main(["export", str(tmp_path / "gated"), "--out", str(tmp_path / "u"), "--shape", "uniform",
                  "--multiple-of", "neurons=16,heads=2", "--no-measure", "--seq-len", "16"]) == 0  # fmt: skip
     assert "vs the non-uniform export" in capsys.readouterr().out

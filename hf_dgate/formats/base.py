@@ -19,6 +19,7 @@ class ExportFormat(ABC):
     name: str = ""
     description: str = ""  # one line for the CLI help and the card
     loads_with: str = ""  # how a user loads or runs the written files (card, README)
+    default_multiple_of: dict[str, int] | None = None  # rounding export_to_dir applies unless given multiple_of
 
     def check(self, model: nn.Module, **options: Any) -> None:  # noqa: B027 (optional hook: most formats write anything)
         """Raise ExportError when this format cannot represent `model` (the pruned model) with `options`."""

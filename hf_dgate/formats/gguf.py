@@ -343,6 +343,10 @@ class GGUFFormat(ExportFormat):
     name = "gguf"
     description = "llama.cpp GGUF (deci architecture: per-layer head, key/value-head and FFN counts)"
     loads_with = "llama.cpp / llama-cpp-python"
+    # ggml's fast CPU matmul (tinyBLAS) declines a contraction that is not a whole number of SIMD vectors and the
+    # whole matmul falls back to a generic kernel: FFN widths such as 1182 made prompt processing 25-30 % slower
+    # than the FLOPs say (benchmarks/serving.py); rounding to 32 with zero neurons costs < 1 % of parameters
+    default_multiple_of = {"neurons": 32}
 
     def check(self, model: nn.Module, *, gguf_dtype: str = "f16", **_: Any) -> None:
         _need_gguf()
