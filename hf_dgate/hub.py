@@ -434,7 +434,8 @@ def export_to_dir(
             allow_inexact=allow_inexact,
             inputs=plan.inputs,
             shape=shape,
-            multiple_of=multiple_of,
+            # GGUF: neuron counts in multiples of 32 unless the caller says otherwise (formats/gguf.py)
+            multiple_of=plan.format.default_multiple_of if multiple_of is None else multiple_of,
         )
     except BaseException:
         steps.close()  # before the error is printed: a refusal is the last line the user sees
@@ -514,8 +515,6 @@ def plan_export(
     fmt = get_format(format)
     fmt_options = dict(remote_code=remote_code, gguf_dtype=gguf_dtype, tokenizer=tokenizer)
     fmt.check(base, **fmt_options)  # a format that cannot write this model refuses before any work
-    if multiple_of is None:
-        multiple_of = fmt.default_multiple_of  # GGUF: neuron counts in multiples of 32 (formats/gguf.py)
     target = OutputDir.plan(
         output_dir,
         sources=[*source_dirs, local_source(base)],
