@@ -89,8 +89,9 @@ def build_model_card(summary: dict[str, Any]) -> Any:
     from huggingface_hub import ModelCard, ModelCardData
 
     base = hub_model_name(summary.get("base_model"))
+    fmt = summary.get("format") or "native"
     data = ModelCardData(
-        library_name="transformers",
+        library_name="gguf" if fmt == "gguf" else "transformers",
         base_model=base,
         tags=["hf-dgate", "d-gating", "pruned", "structured-sparsity"],
     )
@@ -102,9 +103,12 @@ def build_model_card(summary: dict[str, Any]) -> Any:
     if not summary.get("native") and summary.get("remote_code"):
         auto = summary["remote_code"]
         loading += f", or without hf_dgate `transformers.{auto}.from_pretrained(..., trust_remote_code=True)`"
+    section = "" if summary.get("native") else _loading_section(summary.get("remote_code"))
+    if fmt != "native":  # the folder holds another engine's files: say how that engine runs them
+        loading, section = _format_loading(summary)
     lat_b, lat_a = summary.get("latency_before_s"), summary.get("latency_after_s")
     text = CARD_TEMPLATE.format(
-        loading_section="" if summary.get("native") else _loading_section(summary.get("remote_code")),
+        loading_section=section,
         card_data=data.to_yaml(),
         title=summary.get("title") or f"Pruned {base or 'model'} (D-Gating)",
         outputs=outputs_statement(summary),
@@ -128,6 +132,36 @@ def build_model_card(summary: dict[str, Any]) -> Any:
         dgate_config=json.dumps(summary.get("dgate_config", {}), indent=2, allow_nan=False),
     )
     return ModelCard(text)
+
+
+def _format_loading(summary: dict[str, Any]) -> tuple[str, str]:
+    """(the card's loading line, its "How to run" section) for a GGUF or DeciLM export."""
+    if summary.get("gguf"):
+        name = summary["gguf"]["file"]
+        code = [
+            "```bash",
+            f"llama-cli -m {name} -p 'Hello'   # llama.cpp",
+            "```",
+            "",
+            "```python",
+            "from llama_cpp import Llama",
+            f'llm = Llama("{name}")',
+            "```",
+        ]
+        line = f"llama.cpp (`{name}`, architecture `deci`: per-layer head and FFN counts)"
+    else:
+        code = [
+            "```bash",
+            "vllm serve <this folder or repo> --trust-remote-code   # DeciLMForCausalLM",
+            "```",
+            "",
+            "```python",
+            "from hf_dgate.formats.decilm import load_decilm",
+            'model = load_decilm("<this folder>")   # PyTorch, for checking',
+            "```",
+        ]
+        line = "vLLM's `DeciLMForCausalLM` (`--trust-remote-code`), or `hf_dgate.formats.decilm.load_decilm`"
+    return line, "\n".join(["", "## How to run", "", *code, ""])
 
 
 def _serving_statement(summary: dict[str, Any]) -> str:

@@ -198,6 +198,8 @@ def test_cli_export_gguf_and_uniform(tmp_path, capsys):
                  "--gguf-dtype", "f32", "--no-measure", "--seq-len", "16"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "model-f32.gguf" in out and os.path.isfile(tmp_path / "g" / "model-f32.gguf")
+    card = (tmp_path / "g" / "README.md").read_text()
+    assert "library_name: gguf" in card and "llama-cli -m model-f32.gguf" in card and "AutoPrunedModel" not in card
     summary = json.loads((tmp_path / "g" / "dgate_export.json").read_text())
     assert summary["format"] == "gguf" and summary["gguf"]["layout"]["head_count"] == [2, 0, 4]
     # GGUF rounds neurons to 32 by default (ggml's fast matmul; capped at the layer's 48); 1 keeps them exact
@@ -266,7 +268,8 @@ def test_decilm_from_the_cli_and_refusals(tmp_path):
                  "--no-measure", "--seq-len", "16"]) == 0  # fmt: skip
     summary = json.loads((tmp_path / "d" / "dgate_export.json").read_text())
     assert summary["decilm"]["check"]["verified"] and "zero query heads" in summary["decilm"]["statement"]
-    assert "DeciLM" in (tmp_path / "d" / "README.md").read_text()
+    card = (tmp_path / "d" / "README.md").read_text()
+    assert "vllm serve" in card and "AutoPrunedModel" not in card
     with pytest.raises(ExportError, match="Llama-family.*'qwen3'"):
         write_decilm(_tiny("qwen3"), tmp_path / "q")
 
