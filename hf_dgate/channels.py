@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .choices import Where
 from .groups import GroupSet, ModuleInfo, Site, input_slices, output_slices, slice_index
 
 UNGATED = -1
@@ -138,3 +139,41 @@ def example_inputs_for(config_shape: list[int] | None, model: nn.Module) -> torc
         return None
     ref = next(model.parameters(), None)
     return torch.randn(*config_shape, device=ref.device if ref is not None else None)
+
+
+# ---- removal (the module targets' `remove`) ---------------------------------------------------------------------
+def prune_channels(model: nn.Module, graph: Any, gs: GroupSet, dead: torch.Tensor) -> None:
+    """Remove the dead groups of `gs` with everything that depends on them, through Torch-Pruning's graph."""
+    modules = dict(model.named_modules())
+    root_name = getattr(gs.info, "root", None) or gs.sites[0].module
+    root = modules[root_name]
+    fn = _pruning_fn(root, gs)
+    idxs = dead.nonzero().flatten().tolist()
+    if len(idxs) == gs.n_groups:
+        idxs = idxs[1:]  # a layer keeps at least one (zero) channel so shapes stay valid
+    with torch.enable_grad():
+        graph.get_pruning_group(root, fn, idxs=idxs).prune()
+
+
+def _pruning_fn(module: nn.Module, gs: GroupSet):
+    import torch_pruning as tp
+
+    site = gs.sites[0]
+    outputs = site.where == Where.OUTPUT
+    if isinstance(module, nn.Conv2d):
+        return tp.prune_conv_out_channels if outputs else tp.prune_conv_in_channels
+    if isinstance(module, nn.Linear):
+        return tp.prune_linear_out_channels if outputs else tp.prune_linear_in_channels
+    raise ValueError(f"Cannot remove groups of {type(module).__name__} '{site.module}': implement dgate_prune().")
+
+
+def drop_input_features(model: nn.Module, linear: nn.Linear, keep: torch.Tensor) -> None:
+    """Slice the first layer's input columns; the model records which original features it still reads."""
+    keep = keep.to(linear.weight.device)
+    linear.weight = nn.Parameter(linear.weight[:, keep].clone())
+    linear.in_features = int(keep.sum())
+    previous = getattr(model, "dgate_kept_features", None)
+    kept = torch.arange(len(keep), device=keep.device) if previous is None else previous
+    if "dgate_kept_features" in getattr(model, "_buffers", {}):
+        del model._buffers["dgate_kept_features"]
+    model.register_buffer("dgate_kept_features", kept[keep])

@@ -309,6 +309,7 @@ def plot_norms(model, path: str, threshold: float | None = None) -> str:
     import torch
 
     from .patch import get_bank
+    from .targets import get_target
 
     bank = get_bank(model)
     target = "heads" if "heads" in bank.targets else bank.targets[0]
@@ -326,7 +327,7 @@ def plot_norms(model, path: str, threshold: float | None = None) -> str:
     im = ax.imshow(np.log10(np.maximum(grid, 1e-12)), aspect="auto", cmap="viridis", interpolation="nearest")
     dead = np.argwhere(removed)
     ax.scatter(dead[:, 1], dead[:, 0], marker="x", color="red", s=20, label="zero (removed on export)")
-    ax.set_xlabel("key/value group" if target == "heads" else target)
+    ax.set_xlabel(get_target(target, bank.config).unit or target)
     ax.set_ylabel("layer")
     ax.set_yticks(range(len(rows)), [name for name, _, _ in rows])
     ax.set_title(f"log10 effective norm per {target[:-1] if target.endswith('s') else target}")

@@ -22,7 +22,7 @@ from torch import nn
 
 from .architectures import BlockStack, block_stacks, find_blocks
 from .compat import hf_prune_heads, rekey_pruned_heads
-from .config import TRANSFORMER_TARGETS, DGateConfig
+from .config import DGateConfig
 from .errors import ExportError
 from .groups import GroupSet
 from .legacy_heads import prune_with_transformers
@@ -109,8 +109,9 @@ def export_checked(
         thr = bank.check_threshold(threshold)
     except ValueError as e:
         raise ExportError(str(e)) from None
-    transformer = any(t in TRANSFORMER_TARGETS for t in bank.targets)
-    removed = tuple(t for t in bank.targets if t in TRANSFORMER_TARGETS) if transformer else None
+    per_block = tuple(t for t in bank.targets if get_target(t, bank.config).per_block)
+    transformer = bool(per_block)
+    removed = per_block if transformer else None
     # the reference outputs come from the gated model before anything (PEFT merge, in-place pruning) changes it
     check = ExportCheck(model, bank, thr, inputs=inputs, verify=verify, targets=removed)
     if hasattr(model, "peft_config") and hasattr(model, "merge_and_unload"):  # PEFT: merge adapters, then prune
@@ -218,8 +219,9 @@ def pruning_record(model: nn.Module) -> PruningRecord | None:
 def _apply_plan(model: nn.Module, plan: list[tuple[GroupSet, torch.Tensor]], dconfig: DGateConfig, thr: float) -> None:
     """Remove the dead groups of every gated stack and record what is left (per stack for multi-stack models)."""
     prev = _record(model) or {}
-    skipped = sorted({gs.target for gs, d in plan if gs.target not in TRANSFORMER_TARGETS and d.any()})
-    stacks = block_stacks(model, dconfig) if any(t in TRANSFORMER_TARGETS for t in dconfig.targets) else []
+    block_targets = {t for t in dconfig.targets if get_target(t, dconfig).per_block}
+    skipped = sorted({gs.target for gs, d in plan if gs.target not in block_targets and d.any()})
+    stacks = block_stacks(model, dconfig) if block_targets else []
     # one record per stack wherever the model has several (even when one is gated): reloading must know which
     multi = len(stacks) > 1 or "stacks" in prev or any(st.name != st.path for st in stacks)
     records = {}
@@ -241,7 +243,7 @@ def _prune_stack(
 ) -> dict[str, Any]:
     n_before = len(st.blocks)
     kept = {kind: _current_heads(model, st.blocks, dconfig, prev, kind) for kind in ("self", "cross")}
-    dead_layers = {gs.layer for gs, d in plan if gs.target == "layers" and bool(d.all())}
+    dead_layers = {gs.layer for gs, d in plan if get_target(gs.target).removes_blocks and bool(d.all())}
     spec = spec_for(st.config)
     kept_dead = sorted(dead_layers & {0}) if spec is not None and spec.keeps_first_layer else []
     dead_layers -= set(kept_dead)
@@ -249,11 +251,9 @@ def _prune_stack(
     for gs, dead in sorted(plan, key=lambda p: get_target(p[0].target).order):
         if gs.layer in dead_layers or not bool(dead.any()) or id(gs) in by_hf:
             continue
-        get_target(gs.target).remove(model, gs, dead)
-        if gs.target == "heads":  # which original heads are left, for the record
-            n_rep = gs.info.n_heads // gs.info.n_kv
-            heads = kept[gs.info.attention]
-            heads[gs.layer] = [h for j, h in enumerate(heads[gs.layer]) if not dead[j // n_rep]]
+        target = get_target(gs.target)
+        target.remove(model, gs, dead)
+        target.track_kept(gs, dead, kept)  # (heads: which original heads are left, for the record)
     kept_layers = [i for i in range(n_before) if i not in dead_layers]
     if dead_layers:
         drop_layers(model, st, dead_layers)

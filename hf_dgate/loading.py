@@ -11,11 +11,9 @@ import torch
 from torch import nn
 
 from .architectures import StructureNotFoundError
-from .choices import AttentionKind
 from .compat import build_on_meta, config_value
 from .config import DGateConfig
 from .export import ExportError, pruned_structure
-from .groups import ExpertUnitInfo
 from .pruned_modules import ZeroHeadAttention, ZeroInputConv1D
 from .record import RECORD_KEY, VERSIONS, PruningRecord, RecordError, StackRecord
 from .registry import PRUNED_MODEL_TYPE_PREFIX
@@ -53,34 +51,16 @@ def _rebuild_stack(model: nn.Module, record: StackRecord, module_names: dict[str
             # with it; an export from another line that did shrink it then fails loudly on the weights' shapes
             continue
     for gs in sets:
-        counts = record.kept(_record_key(gs))
+        target = get_target(gs.target)
+        key = target.record_field(gs)
+        counts = record.kept(key) if key else []
         layer = int(gs.layer)
         if layer >= len(counts) or not isinstance(counts[layer], int):
             continue
-        want = counts[layer]
-        per = gs.info.units if isinstance(gs.info, ExpertUnitInfo) else gs.n_groups
-        if want > per:
-            raise ExportError(
-                f"The recorded structure keeps {want} {gs.target} in layer {layer} but the config builds only "
-                f"{per}: the config does not match the weights."
-            )
-        if want == per:
-            continue
-        dead = torch.arange(per, device="cpu") >= want
-        if _record_key(gs) == "expert_units":  # every expert keeps `want` units (the export pads to the fullest)
-            dead = dead.repeat(gs.info.n_experts)
-        # (a layer left with no head gets its bias-only forward here, as in the export)
-        get_target(gs.target).remove(model, gs, dead)
+        dead = target.rebuild_dead(gs, counts[layer])
+        if dead is not None:  # (a layer left with no head gets its bias-only forward here, as in the export)
+            target.remove(model, gs, dead)
     return model
-
-
-def _record_key(gs: Any) -> str:
-    """The list of the pruned-structure record that counts what `gs` keeps per layer."""
-    if gs.target == "heads":
-        return "kv_heads" if gs.info.attention == AttentionKind.SELF else "cross_kv_heads"
-    if gs.target == "neurons":
-        return "expert_units" if isinstance(gs.info, ExpertUnitInfo) else "neurons"
-    return gs.target
 
 
 class AutoPrunedModel:

@@ -17,9 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .channels import dependency_graph, example_inputs_for
-from .choices import Where
+from .channels import example_inputs_for
 from .patch import BANK_NAME, get_bank
+from .targets import get_target
+from .targets.base import RemovalContext
+from .targets.modules import Rule
 
 
 @torch.no_grad()
@@ -44,32 +46,14 @@ def prune_torch_model(
 
     modules = dict(model.named_modules())
     owners: dict[tuple[int, str], tuple[nn.Module, list[torch.Tensor]]] = {}
-    graph = None
+    ctx = RemovalContext(model, example_inputs)
+    rules = {rule.name: Rule(rule) for rule in bank.config.groups}
     for gs, dead in plan:
         owner = _prune_owner(modules, gs.sites[0].module)
         if owner is not None:  # the model knows its own structure (trees, shape functions, modalities)
             owners.setdefault((id(owner), gs.target), (owner, []))[1].append(dead)
             continue
-        if gs.target == "features":  # recorded even when nothing is dropped, so callers can always index with it
-            _drop_input_features(model, modules[gs.sites[0].module], ~dead)
-            continue
-        if not bool(dead.any()):
-            continue
-        if graph is None:
-            if example_inputs is None:
-                raise ValueError(
-                    f"Removing '{gs.target}' groups needs the model traced: pass example_inputs=... or set "
-                    "DGateConfig(example_input_shape=[...])."
-                )
-            graph = dependency_graph(model, example_inputs)
-        root_name = getattr(gs.info, "root", None) or gs.sites[0].module
-        root = modules[root_name]
-        fn = _pruning_fn(root, gs)
-        idxs = dead.nonzero().flatten().tolist()
-        if len(idxs) == gs.n_groups:
-            idxs = idxs[1:]  # a layer keeps at least one (zero) channel so shapes stay valid
-        with torch.enable_grad():
-            graph.get_pruning_group(root, fn, idxs=idxs).prune()
+        (rules.get(gs.target) or get_target(gs.target)).remove(model, gs, dead, ctx)
     for (_, target), (owner, deads) in owners.items():
         dead = torch.cat(deads)
         if bool(dead.any()):
@@ -84,27 +68,3 @@ def _prune_owner(modules: dict[str, nn.Module], name: str) -> nn.Module | None:
         if m is not None and callable(getattr(m, "dgate_prune", None)):
             return m
     return None
-
-
-def _pruning_fn(module: nn.Module, gs: Any):
-    import torch_pruning as tp
-
-    site = gs.sites[0]
-    outputs = site.where == Where.OUTPUT
-    if isinstance(module, nn.Conv2d):
-        return tp.prune_conv_out_channels if outputs else tp.prune_conv_in_channels
-    if isinstance(module, nn.Linear):
-        return tp.prune_linear_out_channels if outputs else tp.prune_linear_in_channels
-    raise ValueError(f"Cannot remove groups of {type(module).__name__} '{site.module}': implement dgate_prune().")
-
-
-def _drop_input_features(model: nn.Module, linear: nn.Linear, keep: torch.Tensor) -> None:
-    """Slice the first layer's input columns; the model records which original features it still reads."""
-    keep = keep.to(linear.weight.device)
-    linear.weight = nn.Parameter(linear.weight[:, keep].clone())
-    linear.in_features = int(keep.sum())
-    previous = getattr(model, "dgate_kept_features", None)
-    kept = torch.arange(len(keep), device=keep.device) if previous is None else previous
-    if "dgate_kept_features" in getattr(model, "_buffers", {}):
-        del model._buffers["dgate_kept_features"]
-    model.register_buffer("dgate_kept_features", kept[keep])

@@ -55,12 +55,14 @@ from .saving import (
 TRAINER_STATE_NAME = "dgate_trainer_state.json"
 GREY_WARN_FRACTION = 0.25  # warn at the end of training when more than this share of the zero groups is grey
 SPARSITY_NAME = "dgate_sparsity.json"
-_METRIC_NAMES = {"heads": "head_sparsity", "neurons": "neuron_sparsity", "layers": "layer_sparsity"}
 
 
 def sparsity_metric_name(target: str) -> str:
-    """Log key of a target's sparsity: heads -> head_sparsity; a custom group type `g` -> g_sparsity."""
-    return _METRIC_NAMES.get(target, f"{target}_sparsity")
+    """Log key of a target's sparsity, as the target names it (heads -> head_sparsity; a custom group type `g` ->
+    g_sparsity)."""
+    from .targets import BUILTIN
+
+    return BUILTIN[target].metric_name() if target in BUILTIN else f"{target}_sparsity"
 
 
 class DGateMixin:

@@ -287,11 +287,12 @@ def describe_inputs(inputs: Any) -> str:
 def _feature_width(model: nn.Module, bank: Any) -> int | None:
     """Input width of the Linear whose input features are gated (None without a features target)."""
     from .patch import _unwrap
+    from .targets import get_target
 
     for gs in bank.group_sets:
-        if gs.target == "features":
-            width = getattr(_unwrap(model).get_submodule(gs.sites[0].module), "in_features", None)
-            return width if isinstance(width, int) else None
+        width = get_target(gs.target, bank.config).probe_width(_unwrap(model), gs)
+        if width is not None:
+            return width
     return None
 
 

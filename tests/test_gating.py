@@ -207,3 +207,29 @@ def test_group_sets_carry_typed_info_and_split_per_group_vectors():
     everything = bank.per_set({t: torch.zeros(n) for t, n in bank.sizes.items()})
     assert [gs for gs, _ in everything] == bank.group_sets
     assert [len(p) for _, p in everything] == [gs.n_groups for gs in bank.group_sets]
+
+
+def test_every_builtin_target_implements_the_whole_contract():
+    """Targets are the extension point: removal is abstract, and every built-in answers what export, reload, the
+    trainer and the CLI ask it (no caller tests a target's name)."""
+    from hf_dgate.targets import BUILTIN
+    from hf_dgate.targets.base import Target
+
+    class NoRemoval(Target):
+        name = "incomplete"
+
+    with pytest.raises(TypeError):
+        NoRemoval()
+    for name, target in BUILTIN.items():
+        method = "find_in_block" if target.per_block else "find"
+        assert getattr(type(target), method) is not getattr(Target, method), name  # overridden
+        assert target.description and target.metric_name().endswith("_sparsity")
+    model = make_model("llama")
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target=["heads", "neurons", "layers"], lam=0.1))
+    fields = {gs.target: BUILTIN[gs.target].record_field(gs) for gs in hf_dgate.get_bank(model).group_sets}
+    assert fields == {"heads": "kv_heads", "neurons": "neurons", "layers": None}
+    heads = hf_dgate.get_bank(model).group_sets[0]
+    assert BUILTIN["heads"].rebuild_dead(heads, heads.n_groups) is None
+    assert BUILTIN["heads"].rebuild_dead(heads, 1).tolist() == [False] + [True] * (heads.n_groups - 1)
+    with pytest.raises(hf_dgate.export.ExportError, match="config does not match the weights"):
+        BUILTIN["heads"].rebuild_dead(heads, heads.n_groups + 1)

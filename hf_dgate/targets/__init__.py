@@ -28,8 +28,14 @@ logger = logging.getLogger(__name__)
 BUILTIN: dict[str, Target] = {t.name: t for t in (Heads(), Neurons(), Layers(), Experts(), Filters(), Features())}
 
 
-def get_target(name: str) -> Target:
-    return BUILTIN[name]
+def get_target(name: str, config: DGateConfig | None = None) -> Target:
+    """The target called `name`: a built-in one, or one of `config`'s user rules."""
+    if name in BUILTIN:
+        return BUILTIN[name]
+    for rule in config.groups if config is not None else ():
+        if rule.name == name:
+            return Rule(rule)
+    raise KeyError(f"no target named {name!r}")
 
 
 def describe_targets() -> str:

@@ -2,12 +2,17 @@
 the tensor surgery every target's removal is made of.
 
 A target finds its groups (as `GroupSet`s: tensor slices plus index vectors, see groups.py), removes the dead
-ones from a folded model, proposes the config edit that expresses what is left, and describes itself for
-reports, cards and the CLI. Adding a built-in target is one module here plus a line in `targets/__init__.py`.
+ones from a folded model, proposes the config edit that expresses what is left, names the list of the pruning record
+that counts what it keeps, and describes itself for reports, cards, logs and the CLI. Export, reload, verification,
+the optimizer recipe, the trainer, reports and the CLI ask the target instead of testing its name. Adding a
+built-in target is one module here plus a line in `targets/__init__.py`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,32 +25,85 @@ from ..groups import GroupSet, TensorSlice
 from ..pruned_modules import make_no_input
 
 
-class Target:
-    """One kind of group. Transformer targets (`per_block`) are found in every block of every gated stack;
-    the others on the whole model."""
+@dataclass
+class RemovalContext:
+    """What removals in one model share: the probe batch and, built once on first use, Torch-Pruning's
+    dependency graph of the model (module targets remove through it)."""
+
+    model: nn.Module
+    example_inputs: Any = None
+    _graph: Any = dataclasses.field(default=None, repr=False)
+
+    def graph(self, target: str) -> Any:
+        if self._graph is None:
+            from ..channels import dependency_graph
+
+            if self.example_inputs is None:
+                raise ValueError(
+                    f"Removing '{target}' groups needs the model traced: pass example_inputs=... or set "
+                    "DGateConfig(example_input_shape=[...])."
+                )
+            self._graph = dependency_graph(self.model, self.example_inputs)
+        return self._graph
+
+
+class Target(ABC):
+    """One kind of group. Transformer targets (`per_block`) are found in every block of every gated stack
+    (`find_in_block`); the others on the whole model (`find`). Every target implements `remove`."""
 
     name: str = ""
     description: str = ""  # one line for reports, model cards and the CLI
+    unit: str = ""  # what one group is called on plots and tables ("key/value group"); default the name
     per_block: bool = True
     removed_by_export: bool = True  # False: zero groups are folded into the weights but stay (custom rules)
+    removes_blocks: bool = False  # a dead group is a whole block of its stack (drop the block, renumber the rest)
     order: int = 5  # removal order inside a block stack (expert units index the experts as they were)
 
     def find_in_block(
         self, model: nn.Module, hf_config: Any, dconfig: DGateConfig, layer: int, name: str, block: nn.Module
     ) -> list[GroupSet]:
-        raise NotImplementedError
+        """The group sets of one block (per-block targets)."""
+        raise NotImplementedError(f"target {self.name!r} is not found per block")
 
     def find(self, model: nn.Module, dconfig: DGateConfig, example_inputs: Any = None) -> list[GroupSet]:
-        raise NotImplementedError
+        """The group sets of the whole model (targets that are not per block)."""
+        raise NotImplementedError(f"target {self.name!r} is found per block")
 
-    def remove(self, model: nn.Module, gs: GroupSet, dead: torch.Tensor) -> None:
+    @abstractmethod
+    def remove(self, model: nn.Module, gs: GroupSet, dead: torch.Tensor, ctx: RemovalContext | None = None) -> None:
         """Physically remove the dead groups of `gs` (and what only fed them) from a folded, ungated model."""
-        raise NotImplementedError
 
     def native_edit(self, cfg: Any, record: dict[str, Any]) -> dict[str, Any]:
         """Config fields that would make a fresh build match the pruned shapes (checked by the caller); per-layer
         values go under "per_layer_config" as {layer: {field: value}} (see `per_layer_edit`)."""
         return {}
+
+    def record_field(self, gs: GroupSet) -> str | None:
+        """The per-layer list of the pruning record (`record.StackRecord`) that counts what `gs` keeps in its
+        layer; None when the record does not count this target per layer."""
+        return None
+
+    def rebuild_dead(self, gs: GroupSet, kept: int) -> torch.Tensor | None:
+        """On reload: which groups of a freshly built `gs` to remove so that `kept` remain (their positions do not
+        matter, the weights are loaded afterwards); None when nothing goes."""
+        if kept > gs.n_groups:
+            raise ExportError(
+                f"The recorded structure keeps {kept} {gs.target} in layer {gs.layer} but the config builds only "
+                f"{gs.n_groups}: the config does not match the weights."
+            )
+        return None if kept == gs.n_groups else torch.arange(gs.n_groups, device="cpu") >= kept  # (reloads: meta)
+
+    def track_kept(self, gs: GroupSet, dead: torch.Tensor, kept: dict[str, list[list[int]]]) -> None:
+        """After `remove`: update the original numbers of what is kept, per layer, where the record lists them."""
+        return None
+
+    def probe_width(self, model: nn.Module, gs: GroupSet) -> int | None:
+        """The input width a probe batch must have for `gs`'s module (targets that gate model inputs)."""
+        return None
+
+    def metric_name(self) -> str:
+        """The key training logs this target's sparsity under."""
+        return f"{self.name}_sparsity"
 
 
 MISSING = object()

@@ -71,7 +71,12 @@ class Experts(Target):
     order = 2
 
     find_in_block = staticmethod(_expert_sets)
-    remove = staticmethod(prune_expert_group_set)
+
+    def remove(self, model, gs, dead, ctx=None):
+        prune_expert_group_set(model, gs, dead)
+
+    def record_field(self, gs):
+        return "experts"
 
     def native_edit(self, cfg, record):
         spec = spec_for(cfg)

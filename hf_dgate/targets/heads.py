@@ -215,9 +215,24 @@ class Heads(Target):
     name = "heads"
     description = "attention heads (key/value groups under GQA; cross-attention heads on their own)"
     order = 0
+    unit = "key/value group"
 
     find_in_block = staticmethod(_head_sets)
-    remove = staticmethod(prune_head_group_set)
+
+    def remove(self, model, gs, dead, ctx=None):
+        prune_head_group_set(model, gs, dead)
+
+    def record_field(self, gs):
+        return "kv_heads" if gs.info.attention == AttentionKind.SELF else "cross_kv_heads"
+
+    def track_kept(self, gs, dead, kept):
+        """The record lists kept query heads in their original numbering; a key/value group takes its queries."""
+        n_rep = gs.info.n_heads // gs.info.n_kv
+        heads = kept[gs.info.attention]
+        heads[gs.layer] = [h for j, h in enumerate(heads[gs.layer]) if not dead[j // n_rep]]
+
+    def metric_name(self):
+        return "head_sparsity"
 
     def native_edit(self, cfg, record):
         heads = [len(h) for h in record.get("heads") or []]

@@ -166,8 +166,12 @@ class Layers(Target):
     name = "layers"
     description = "whole blocks (pre-norm only: every residual branch gated together)"
     order = 9
+    removes_blocks = True
 
     find_in_block = staticmethod(_layer_sets)
 
-    def remove(self, model, gs, dead):
+    def metric_name(self):
+        return "layer_sparsity"
+
+    def remove(self, model, gs, dead, ctx=None):
         """Nothing per group set: dead blocks leave their stack together (`drop_layers`)."""

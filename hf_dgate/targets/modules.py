@@ -13,7 +13,7 @@ from ..architectures import StructureNotFoundError, in_features, out_features
 from ..choices import GroupKind
 from ..config import GroupRule
 from ..groups import GroupSet, ModuleInfo, Site, TensorSlice, input_slices, output_slices, slice_index
-from .base import Target
+from .base import RemovalContext, Target
 
 
 def _feature_axis(m: nn.Module) -> int:
@@ -48,10 +48,22 @@ def _rule_sets(model: nn.Module, rule: GroupRule) -> list[GroupSet]:
     return sets
 
 
-class Filters(Target):
+class ModuleTarget(Target):
+    """Groups of whole-model modules (channels, input columns, user rules): removed through Torch-Pruning's
+    dependency graph, so whatever reads a removed channel loses it too."""
+
+    per_block = False
+
+    def remove(self, model, gs, dead, ctx=None):
+        if not bool(dead.any()):
+            return
+        ctx = ctx or RemovalContext(model)
+        channels.prune_channels(model, ctx.graph(gs.target), gs, dead)
+
+
+class Filters(ModuleTarget):
     name = "filters"
     description = "Conv2d output channels (the BatchNorm channel when one follows; skip-tied channels together)"
-    per_block = False
 
     def find(self, model, dconfig, example_inputs=None):
         if example_inputs is None:
@@ -59,19 +71,26 @@ class Filters(Target):
         return channels.filter_sets(model, example_inputs)
 
 
-class Features(Target):
+class Features(ModuleTarget):
     name = "features"
     description = "input columns of the first Linear"
-    per_block = False
 
     def find(self, model, dconfig, example_inputs=None):
         return [channels.feature_set(model)]
 
+    def remove(self, model, gs, dead, ctx=None):
+        """Slice the Linear's input columns (also when none go: the model always records what it reads)."""
+        channels.drop_input_features(model, model.get_submodule(gs.sites[0].module), ~dead)
 
-class Rule(Target):
-    """A user's `GroupRule`: rows, columns, blocks of them, or whole modules of the matching modules."""
+    def probe_width(self, model, gs):
+        width = getattr(model.get_submodule(gs.sites[0].module), "in_features", None)
+        return width if isinstance(width, int) else None
 
-    per_block = False
+
+class Rule(ModuleTarget):
+    """A user's `GroupRule`: rows, columns, blocks of them, or whole modules of the matching modules (removed from
+    plain torch models; in transformers their zeros are folded into the weights and stay)."""
+
     removed_by_export = False
 
     def __init__(self, rule: GroupRule):

@@ -21,6 +21,7 @@ from ..architectures import (
 from ..compat import config_value
 from ..config import DGateConfig
 from ..discover import propose_mlp
+from ..errors import ExportError
 from ..groups import ExpertUnitInfo, GroupSet, NeuronInfo, Site, TensorSlice, input_slices, output_slices, slice_index
 from ..registry import spec_for
 from .base import MISSING, Target, block_name, keep_slice, merge_edits, per_layer_edit
@@ -143,9 +144,27 @@ class Neurons(Target):
 
     find_in_block = staticmethod(_neuron_sets)
 
-    def remove(self, model, gs, dead):
+    def metric_name(self):
+        return "neuron_sparsity"
+
+    def remove(self, model, gs, dead, ctx=None):
         units = isinstance(gs.info, ExpertUnitInfo)
         (prune_expert_unit_group_set if units else prune_neuron_group_set)(model, gs, dead)
+
+    def record_field(self, gs):
+        return "expert_units" if isinstance(gs.info, ExpertUnitInfo) else "neurons"
+
+    def rebuild_dead(self, gs, kept):
+        """Expert units: every expert keeps `kept` units (the export pads each to the fullest)."""
+        info = gs.info
+        if not isinstance(info, ExpertUnitInfo):
+            return super().rebuild_dead(gs, kept)
+        if kept > info.units:
+            raise ExportError(
+                f"The recorded structure keeps {kept} neurons per expert in layer {gs.layer} but the config builds "
+                f"only {info.units}: the config does not match the weights."
+            )
+        return None if kept == info.units else (torch.arange(info.units, device="cpu") >= kept).repeat(info.n_experts)
 
     def native_edit(self, cfg, record):
         edit: dict[str, Any] = {}
