@@ -114,6 +114,18 @@ def group_set_label(gs: Any, multi_stack: bool = False) -> str:
     return label + ".cross" if getattr(info, "attention", None) == AttentionKind.CROSS else label
 
 
+def _adapter_param_ids(bank: GateBank) -> set[int]:
+    """Parameters of PEFT adapter layers (LoRA A/B, DoRA magnitudes, ...): the export merges them into the weights
+    they adapt, so the parameters left after export do not include them."""
+    ids: set[int] = set()
+    for module in bank._modules_by_name.values():
+        for attr in getattr(module, "adapter_layer_names", ()) or ():
+            sub = getattr(module, attr, None)
+            if isinstance(sub, nn.Module):
+                ids |= {id(p) for p in sub.parameters()}
+    return ids
+
+
 def _param_counts(bank: GateBank, dead: dict[str, torch.Tensor]) -> tuple[int, int]:
     """Exact count of parameters left once dead groups (and what only fed them) are removed.
 
@@ -142,6 +154,7 @@ def _param_counts(bank: GateBank, dead: dict[str, torch.Tensor]) -> tuple[int, i
             mask &= ~removed
     total = kept = 0
     seen = {id(p) for p in bank.parameters()}  # gates fold into the weights; tied tensors count once
+    seen |= _adapter_param_ids(bank)  # PEFT adapters are merged into the base weights by the export
     for module in bank._modules_by_name.values():
         for pname, p in module.named_parameters(recurse=False):
             if id(p) in seen:

@@ -196,3 +196,54 @@ def test_an_overshot_budget_is_said_at_the_end(tmp_path):
         tr.train()
     assert tr.dgate_finish.params_kept < tr.dgate_budget - 0.02 * tr.dgate_finish.params_total
     assert tr.export_pruned(str(tmp_path / "p"))["verification"]["exact"]
+
+
+def _word_tokenizer():
+    """A word-level tokenizer built in memory (no Hub): w0 .. w29, <pad>, <eos>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(V - 2)} | {"<pad>": V - 2, "<eos>": V - 1}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>")
+
+
+def test_trl_sft_trainer_gets_the_budget_the_finish_and_an_exact_export(tmp_path):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    halves = [torch.randint(0, V - 2, (7,), generator=g).tolist() for _ in range(64)]
+    ds = Dataset.from_dict({"text": [" ".join(f"w{i}" for i in h + h) for h in halves]})
+    sft = with_dgate(trl.SFTTrainer)
+    # bf16=False: SFTConfig defaults to bf16, and under transformers 4.57 that autocast state outlives the trainer
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path), max_steps=20, per_device_train_batch_size=8, learning_rate=3e-3, report_to=[],
+        use_cpu=True, logging_steps=5, save_strategy="no", disable_tqdm=True, max_length=T, bf16=False,
+    )  # fmt: skip
+    tr = sft(tiny_llama(), args=args, train_dataset=ds, processing_class=_word_tokenizer(),
+             dgate_config=hf_dgate.DGateConfig(target="neurons", lam=0.3), target_params=0.7)  # fmt: skip
+    assert isinstance(tr, trl.SFTTrainer)
+    tr.train()
+    assert any("dgate/penalty" in h for h in tr.state.log_history)
+    rec = tr.dgate_finish
+    assert rec.steps == 2 and rec.zeroed["neurons"] > 0 and rec.loss_before is not None
+    summary = tr.export_pruned(str(tmp_path / "pruned"))
+    assert summary["verification"]["exact"] and abs(summary["params_after"] - tr.dgate_budget) <= 0.02 * 20640
+
+
+def test_peft_lora_with_a_budget_trains_gates_and_adapters_and_exports_exactly(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny_llama()
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+    model = peft.get_peft_model(base, lora)
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target=["heads", "neurons"], lam=0.3))
+    frozen = base.model.layers[0].mlp.down_proj.weight.detach().clone()
+    tr = DGateTrainer(model, targs(tmp_path, max_steps=30), target_params=0.7, train_dataset=copy_data())
+    tr.train()
+    assert torch.equal(base.model.layers[0].mlp.down_proj.weight, frozen)  # the base stays frozen
+    assert tr.dgate_finish.steps == 3 and sum(tr.dgate_finish.zeroed.values()) > 0
+    summary = tr.export_pruned(str(tmp_path / "pruned"))  # adapters merged, then pruned
+    assert summary["verification"]["exact"]
+    assert abs(summary["params_after"] - tr.dgate_budget) <= 0.02 * summary["params_before"]
