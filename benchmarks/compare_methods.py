@@ -27,8 +27,8 @@ Methods (``method`` column of the CSV):
 Outputs under --output-dir: ``compare_methods.csv`` (one row per task, method, lam, prune ratio: sparsity,
 accuracy), per-task CSVs, ``compare_methods.json`` (meta) and ``compare_methods.png`` (both panels).
 
-    python benchmarks/compare_methods.py --data-dir /work/shared/data/fashion-mnist \
-        --data-file /work/shared/data/shakespeare.txt                       # default scale (CPU tens of minutes)
+    python benchmarks/compare_methods.py --data-dir $DATA/fashion-mnist \
+        --data-file $DATA/shakespeare.txt                       # default scale (CPU tens of minutes)
     python benchmarks/compare_methods.py --quick --dataset digits --data-file FILE --output-dir /tmp/cm   # seconds
     python benchmarks/compare_methods.py --task lenet ... ; ... --task nanogpt ... ; ... --merge-only
     python benchmarks/compare_methods.py --task lenet --methods l0 "l0 target" ...   # re-run only L0, keep the rest
@@ -57,6 +57,7 @@ from common import cosine_lr, load_images, markdown_table, pyplot, subset  # noq
 
 import hf_dgate  # noqa: E402
 from hf_dgate.models import LeNet300100  # noqa: E402
+from hf_dgate.threads import THREADS_HELP, configure_threads  # noqa: E402
 
 COLUMNS = [
     "task",
@@ -80,7 +81,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", default="both", choices=["both", "lenet", "nanogpt"])
     p.add_argument("--merge-only", action="store_true", help="only merge per-task CSVs into the table and plot")
-    p.add_argument("--output-dir", default="results/compare_methods")
+    p.add_argument(
+        "--output-dir",
+        default="runs/compare_methods",
+        help="where result files go (results/compare_methods holds the committed ones: pass it to regenerate them)",
+    )
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--depths", type=int, nargs="+", default=[2, 3, 4])
     p.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     p.add_argument("--threshold", type=float, default=1e-3)
@@ -291,6 +297,7 @@ def run_nanogpt(args):
                 eos_token_id=0,
             )
         )
+        model.loss_type = "ForCausalLM"  # transformers cannot tell from the name GPT2LMHeadModel and warns
         droprate = args.gpt_l0_droprate
         hf_dgate.apply_dgate(model, run_config("heads", method, depth, lam, l0_target, args, len(train_ds), droprate))
         bank = hf_dgate.get_bank(model)
@@ -427,6 +434,7 @@ def merge(args, meta):
 
 def main(argv=None):
     args = parse_args(argv)
+    configure_threads(args.threads)
     os.makedirs(args.output_dir, exist_ok=True)
     t_start = time.time()
     meta = {**vars(args), "torch_threads": torch.get_num_threads()}

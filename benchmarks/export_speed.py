@@ -23,6 +23,7 @@ import transformers as T
 
 import hf_dgate
 from hf_dgate.flops import count_flops, count_params
+from hf_dgate.threads import THREADS_HELP, configure_threads
 
 T.logging.set_verbosity_error()
 
@@ -171,12 +172,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="4 layers, sequence 64, fewer repeats.")
     ap.add_argument("--seq", type=int, default=None, help="Tokens per forward pass (default 128; 64 with --quick).")
     ap.add_argument("--rounds", type=int, default=None, help="Timed forward passes per model (best is kept).")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice).")
+    ap.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     ap.add_argument("--json", default=None, help="Also write the rows to this JSON file.")
     ap.add_argument("--device", default="cpu", help="cpu or cuda.")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    configure_threads(args.threads)
     layers = 4 if args.quick else 12
     seq = args.seq or (64 if args.quick else 128)
     rounds = args.rounds or (4 if args.quick else 8)

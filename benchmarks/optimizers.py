@@ -5,7 +5,7 @@ the loss, gates and gated weights without weight decay), and with `hf_dgate.opti
 and gated weights into a momentum-SGD group of the same optimizer. Targets: input features of LeNet-300-100 on
 Fashion-MNIST (paper Sec. 5.2.1) and filters of a narrow VGG-16 on scikit-learn digits (Sec. 5.2.2).
 
-    python benchmarks/optimizers.py --data-dir ../shared/data/fashion-mnist            # features, ~10 min on CPU
+    python benchmarks/optimizers.py --data-dir $DATA/fashion-mnist            # features, ~10 min on CPU
     python benchmarks/optimizers.py --targets filters                                   # VGG filters on digits
     python benchmarks/optimizers.py --quick                                             # seconds, digits features
 """
@@ -28,6 +28,7 @@ from feature_selection import accuracy  # noqa: E402
 import hf_dgate  # noqa: E402
 from hf_dgate.models import VGG16, LeNet300100  # noqa: E402
 from hf_dgate.optim import dgate_optimizer, gated_parameters  # noqa: E402
+from hf_dgate.threads import THREADS_HELP, configure_threads  # noqa: E402
 
 # name -> (constructor over parameter groups, peak lr); weight decay is given per group below
 OPTIMIZERS = {
@@ -41,8 +42,14 @@ OPTIMIZERS = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data-dir", default=os.path.join(ROOT, "..", "shared", "data", "fashion-mnist"))
-    p.add_argument("--output-dir", default=os.path.join(ROOT, "results", "optimizers"))
+    data = os.environ.get("DATA", os.path.join(ROOT, "..", "shared", "data"))  # README: where local data lives
+    p.add_argument("--data-dir", default=os.path.join(data, "fashion-mnist"), help="Fashion-MNIST IDX files")
+    p.add_argument(
+        "--output-dir",
+        default="runs/optimizers",
+        help="where result files go (results/optimizers holds the committed ones: pass it to regenerate them)",
+    )
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--targets", nargs="+", default=["features"], choices=["features", "filters"])
     p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
     p.add_argument("--recipes", nargs="+", default=["plain", "dgate"], choices=["plain", "dgate"])
@@ -151,7 +158,7 @@ def run(target, data, name, recipe, lam, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    configure_threads(args.threads)
     torch.set_flush_denormal(True)  # decaying groups pass through denormal floats, 10x slower on CPU
     rows, t_start = [], time.time()
     for target in args.targets:

@@ -21,6 +21,8 @@ import torch
 import transformers as T
 
 import hf_dgate
+from hf_dgate.flops import penalty_op_counts
+from hf_dgate.threads import THREADS_HELP, configure_threads
 
 
 def build(kind: str, layers: int) -> torch.nn.Module:
@@ -35,7 +37,9 @@ def build(kind: str, layers: int) -> torch.nn.Module:
             embd_pdrop=0.0,
             attn_pdrop=0.0,
         )
-        return T.GPT2LMHeadModel(cfg)
+        model = T.GPT2LMHeadModel(cfg)
+        model.loss_type = "ForCausalLM"  # transformers cannot tell from the name GPT2LMHeadModel and warns
+        return model
     cfg = T.LlamaConfig(
         num_hidden_layers=layers,
         hidden_size=768,
@@ -117,6 +121,7 @@ def measure(kind: str, layers: int, batch: int, seq: int, steps: int, device, co
         for name in order if i % 2 == 0 else order[::-1]:
             times[name].append(timed(runs[name][0], device))
     t_v, t_g = statistics.median(times["vanilla"]), statistics.median(times["gated"])
+    ratios = [g / v for g, v in zip(times["gated"], times["vanilla"])]
     return {
         "model": kind,
         "layers": layers,
@@ -125,59 +130,74 @@ def measure(kind: str, layers: int, batch: int, seq: int, steps: int, device, co
         "t_vanilla": t_v,
         "t_gated": t_g,
         # paired: each round's gated step over the vanilla step next to it, so slow drifts of a shared machine cancel
-        "time_ratio": statistics.median(g / v for g, v in zip(times["gated"], times["vanilla"])),
+        "time_ratio": statistics.median(ratios),
+        "time_ratio_middle_half": _middle_half(ratios),
         "mem_vanilla": mem["vanilla"],
         "mem_gated": mem["gated"],
         "mem_ratio": mem["gated"] / mem["vanilla"],
     }
 
 
-def penalty_op_counts(layers: int) -> list[tuple[int, int]]:
-    """(groups, aten ops per penalty call) for two MLP widths: the op count must not depend on the group count."""
-    from torch.profiler import ProfilerActivity, profile
+def _middle_half(values: list[float]) -> tuple[float, float]:
+    """25th and 75th percentiles (the whole range for fewer than 4 values)."""
+    if len(values) < 4:
+        return min(values), max(values)
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
 
-    out = []
-    for inner in (256, 1024):
-        model = T.GPT2LMHeadModel(T.GPT2Config(n_layer=layers, n_embd=64, n_head=4, n_inner=inner, vocab_size=100))
-        hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target=["heads", "neurons"]))
-        hf_dgate.penalty(model)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            hf_dgate.penalty(model)
-        ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
-        out.append((sum(hf_dgate.get_bank(model).sizes.values()), ops))
-    return out
+
+COLUMNS = """\
+columns: vanilla s / gated s = median seconds per step of each model on its own (unpaired); time x = median over
+rounds of (gated step / the vanilla step beside it), paired and ABBA-ordered, with its middle half (25th-75th
+percentile) in brackets. On a busy machine the unpaired medians drift with the load, so their quotient can differ
+from time x: read time x. vanilla MB / gated MB = peak CUDA memory, or on CPU the bytes autograd saves plus
+parameters, gradients and AdamW state; mem x = gated / vanilla."""
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2 layers, 3 timed steps")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 layers, 256 tokens, 3 rounds: a smoke run of the script (at that size the ratios are mostly noise)",
+    )
     parser.add_argument("--layers", type=int, default=None, help="override the number of layers (default 12)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096], help="tokens per step")
+    parser.add_argument("--tokens", type=int, nargs="+", default=None, help="tokens per step (default 1024 4096)")
     parser.add_argument("--models", nargs="+", default=["gpt2", "llama"])
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd steps")
+    parser.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     args = parser.parse_args()
+    configure_threads(args.threads)
     layers = args.layers or (2 if args.quick else 12)
     steps = args.steps or (3 if args.quick else 5)
+    token_counts = args.tokens or ([256] if args.quick else [1024, 4096])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"device {device}, torch {torch.__version__}, {layers} layers, median of {steps} alternating steps")
     print(
-        f"{'model':6} {'tokens':>6} {'compiled':>8} {'vanilla s':>10} {'gated s':>9} {'time x':>7} "
+        f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {layers} layers, "
+        f"{steps} ABBA rounds"
+    )
+    print(COLUMNS)
+    print(
+        f"{'model':6} {'tokens':>6} {'compiled':>8} {'vanilla s':>10} {'gated s':>9} {'time x [middle half]':>22} "
         f"{'vanilla MB':>11} {'gated MB':>9} {'mem x':>6}"
     )
     for kind in args.models:
-        for tokens in args.tokens:
+        for tokens in token_counts:
             for compiled in [False, True] if args.compile else [False]:
                 r = measure(kind, layers, max(1, tokens // args.seq), min(args.seq, tokens), steps, device, compiled)
+                lo, hi = r["time_ratio_middle_half"]
+                ratio = f"{r['time_ratio']:.3f} [{lo:.3f}, {hi:.3f}]"
                 print(
                     f"{kind:6} {r['tokens']:>6} {str(compiled):>8} {r['t_vanilla']:>10.3f} {r['t_gated']:>9.3f} "
-                    f"{r['time_ratio']:>7.3f} {r['mem_vanilla'] / 2**20:>11.1f} {r['mem_gated'] / 2**20:>9.1f} "
+                    f"{ratio:>22} {r['mem_vanilla'] / 2**20:>11.1f} {r['mem_gated'] / 2**20:>9.1f} "
                     f"{r['mem_ratio']:>6.3f}",
                     flush=True,
                 )
     print(
-        "penalty profile (groups -> aten ops per call):", ", ".join(f"{g} -> {n}" for g, n in penalty_op_counts(layers))
+        "penalty (groups -> aten ops dispatched per call, hf_dgate.flops.penalty_op_counts):",
+        ", ".join(f"{g} -> {n}" for g, n in penalty_op_counts(layers)),
     )
 
 

@@ -118,7 +118,8 @@ def load_images(name: str, data_dir: str | None) -> dict[str, tuple[torch.Tensor
     elif not hub_online():
         raise SystemExit(
             f"Cannot download '{name}': no network (or HF_HUB_OFFLINE is set). Pass --data-dir with the gzipped "
-            "IDX files (Fashion-MNIST/MNIST, e.g. ../shared/data/fashion-mnist) or a datasets.save_to_disk folder."
+            "IDX files (Fashion-MNIST/MNIST, e.g. $DATA/fashion-mnist, README 'Set-up') or a datasets.save_to_disk "
+            "folder."
         )
     else:
         repo, cfg, _, _ = HUB_IMAGE_DATASETS[name]
@@ -180,3 +181,27 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def lam_axis(ax, lams=None, label: str = "lam") -> None:
+    """A log lam axis whose labels do not collide. Over two decades or more: decade labels only (minor ticks
+    unlabelled). Over a narrower range (a --quick run): the lam values themselves, at most 8, slanted."""
+    from matplotlib.ticker import FixedLocator, LogLocator, NullFormatter, NullLocator
+
+    ax.set_xscale("log")
+    ax.set_xlabel(label)
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    values = sorted({float(v) for v in lams or [] if v > 0})
+    if values and values[-1] / values[0] < 100:
+        shown = values[:: max(1, -(-len(values) // 8))]
+        ax.xaxis.set_major_locator(FixedLocator(shown))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([f"{v:.2g}" for v in shown], rotation=30, ha="right")
+    else:
+        ax.xaxis.set_major_locator(LogLocator(base=10, numticks=8))
+
+
+def count_axis(ax) -> None:
+    """A log-like count axis that still shows 0 (a plain log axis drops lines that reach zero off the plot)."""
+    ax.set_yscale("symlog", linthresh=1)
+    ax.set_ylim(bottom=0)

@@ -9,7 +9,7 @@ Data: scikit-learn digits (8x8 = 64 features, bundled, offline), Fashion-MNIST a
 gzipped IDX files in --data-dir or, when online, from the Hugging Face Hub.
 
     python examples/feature_selection.py --dataset digits --output-dir results/feature_selection
-    python examples/feature_selection.py --dataset fashion-mnist --data-dir ../shared/data/fashion-mnist \
+    python examples/feature_selection.py --dataset fashion-mnist --data-dir $DATA/fashion-mnist \
         --train-subset 10000 --epochs 5 --output-dir results/feature_selection
     python examples/feature_selection.py --dataset digits --trainer   # same, trained by hf_dgate.DGateTrainer
     python examples/feature_selection.py --quick --output-dir /tmp/fs  # seconds
@@ -41,13 +41,19 @@ from common import (  # noqa: E402
 import hf_dgate  # noqa: E402
 from hf_dgate.models import LeNet300100  # noqa: E402
 from hf_dgate.surgery import prune_torch_model  # noqa: E402
+from hf_dgate.threads import THREADS_HELP, configure_threads  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="digits", choices=["digits", "fashion-mnist", "mnist"])
     p.add_argument("--data-dir", default=None, help="folder with the gzipped IDX files (offline Fashion-MNIST/MNIST)")
-    p.add_argument("--output-dir", default="results/feature_selection")
+    p.add_argument(
+        "--output-dir",
+        default="runs/feature_selection",
+        help="where result files go (results/feature_selection holds the committed ones: pass it to regenerate them)",
+    )
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--train-subset", type=int, default=None, help="use a random subset of the training set")
     p.add_argument("--depths", type=int, nargs="+", default=[2, 3, 4])
     p.add_argument("--lams", type=float, nargs="+", default=None, help="explicit lam values (else a log grid)")
@@ -176,6 +182,7 @@ def run(xtr, ytr, xte, yte, n_classes, depth, lam, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    configure_threads(args.threads)
     t_start = time.time()
     data = load_images(args.dataset, args.data_dir)
     xtr, ytr = subset(*data["train"], args.train_subset, args.seed)
@@ -219,7 +226,15 @@ def main(argv=None):
     mask[[int(i) for i in best["kept_features"].split()]] = 1
     if side * side == xtr.shape[1]:
         axes[1].imshow(mask.reshape(side, side), cmap="gray", vmin=0, vmax=1)
-    axes[1].set_title(f"kept pixels: D={best['depth']}, {best['selected_features']} feat.")
+        from matplotlib.patches import Patch
+
+        key = [Patch(facecolor="white", edgecolor="black", label="kept"), Patch(facecolor="black", label="removed")]
+        axes[1].legend(handles=key, loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=2, fontsize=8)
+    axes[1].set_title(
+        f"pixels kept at D={best['depth']}, lam={best['lam']:.2g}:\n{best['selected_features']} of "
+        f"{xtr.shape[1]} ({best['test_acc']:.3f} test acc.)",
+        fontsize=9,
+    )
     axes[1].axis("off")
     fig.tight_layout()
     fig.savefig(os.path.join(args.output_dir, f"{name}.png"), dpi=120)

@@ -11,7 +11,7 @@ Images: scikit-learn digits (8x8, bundled, offline, the default), or MNIST / Fas
 PyTorch loop with `hf_dgate.penalty(model)` added to the loss.
 
     python examples/late_fusion.py --output-dir results/late_fusion
-    python examples/late_fusion.py --dataset fashion-mnist --data-dir ../shared/data/fashion-mnist --train-subset 5000
+    python examples/late_fusion.py --dataset fashion-mnist --data-dir $DATA/fashion-mnist --train-subset 5000
     python examples/late_fusion.py --quick --output-dir /tmp/lf     # seconds
 """
 
@@ -26,11 +26,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cosine_lr, load_images, markdown_table, pyplot, subset, write_results  # noqa: E402
+from common import cosine_lr, lam_axis, load_images, markdown_table, pyplot, subset, write_results  # noqa: E402
 
 import hf_dgate  # noqa: E402
 from hf_dgate.models import LateFusion  # noqa: E402
 from hf_dgate.surgery import prune_torch_model  # noqa: E402
+from hf_dgate.threads import THREADS_HELP, configure_threads  # noqa: E402
 
 TABULAR_FUNCTIONS = [torch.sin, lambda x: x**2 - 1, lambda x: torch.tanh(2 * x), lambda x: 0.5 * x]
 
@@ -39,7 +40,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="digits", choices=["digits", "mnist", "fashion-mnist"])
     p.add_argument("--data-dir", default=None, help="gzipped IDX files (MNIST / Fashion-MNIST)")
-    p.add_argument("--output-dir", default="results/late_fusion")
+    p.add_argument(
+        "--output-dir",
+        default="runs/late_fusion",
+        help="where result files go (results/late_fusion holds the committed ones: pass it to regenerate them)",
+    )
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--train-subset", type=int, default=None)
     p.add_argument("--test-subset", type=int, default=2000)
     p.add_argument("--tabular-features", type=int, default=8, help="covariates; the first 4 carry the signal")
@@ -121,6 +127,7 @@ def run(train, test, depth, lam, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    configure_threads(args.threads)
     t_start = time.time()
     data = load_images(args.dataset, args.data_dir)
     g = torch.Generator().manual_seed(args.seed)
@@ -165,10 +172,9 @@ def main(argv=None):
             lams = [r["lam"] for r in rs]
             ax.plot(lams, [max(r["image_norm"], 1e-8) for r in rs], "-o", ms=3, label=f"image D={depth}")
             ax.plot(lams, [max(r["tabular_norm"], 1e-8) for r in rs], "--s", ms=3, label=f"tabular D={depth}")
-        ax.axhline(args.threshold, color="gray", lw=1)
-        ax.set_xscale("log")
+        ax.axhline(args.threshold, color="gray", lw=1, label=f"threshold {args.threshold:g} (below: removed)")
+        lam_axis(ax, [r["lam"] for r in rows])
         ax.set_yscale("log")
-        ax.set_xlabel("lam")
         ax.set_title(sc)
     axes[0][0].set_ylabel("fusion head norm ||theta_g||")
     axes[0][-1].legend(fontsize=7)

@@ -23,6 +23,7 @@ import torch
 import transformers as T
 
 import hf_dgate
+from hf_dgate.threads import THREADS_HELP, configure_threads
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default=None, help="a causal LM to fine-tune (default: a random small Llama)")
@@ -35,7 +36,9 @@ parser.add_argument("--rank", type=int, default=8)
 parser.add_argument("--pretrain-steps", type=int, default=400, help="full training of the random base model")
 parser.add_argument("--output-dir", default="runs/lora-heads")
 parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
 args = parser.parse_args()
+configure_threads(args.threads)
 torch.manual_seed(args.seed)
 
 # 1. A base model. Offline default: a small random Llama (GQA: 8 query heads share 4 key/value heads).

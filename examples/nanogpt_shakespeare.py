@@ -3,8 +3,8 @@
 A nanoGPT-style script to read top to bottom: configuration, data, model, training with `DGateTrainer`,
 evaluation, report. It runs as a plain script or under `accelerate launch` (one or several processes):
 
-    python examples/nanogpt_shakespeare.py --preset tiny --data-file ../shared/data/shakespeare.txt
-    accelerate launch examples/nanogpt_shakespeare.py --preset tiny --data-file ../shared/data/shakespeare.txt
+    python examples/nanogpt_shakespeare.py --preset tiny --data-file $DATA/shakespeare.txt
+    accelerate launch examples/nanogpt_shakespeare.py --preset tiny --data-file $DATA/shakespeare.txt
     accelerate launch --multi_gpu --num_processes 2 examples/nanogpt_shakespeare.py --preset tiny --data-file ...
 
 (the last one also on a CPU-only machine: the script then sets `use_cpu` and the processes use gloo; accelerate's
@@ -30,6 +30,7 @@ import yaml
 from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments, set_seed
 
 import hf_dgate
+from hf_dgate.threads import configure_threads
 from hf_dgate.trainer import DGateTrainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -205,6 +206,7 @@ def char_accuracy(eval_pred) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    configure_threads()  # a small model: a user's OMP_NUM_THREADS, else the idle cores (at most 4; hf_dgate.threads)
     set_seed(args.seed)
     text = read_text(args.data_file)
     chars, train_ds, val_ds = make_datasets(text, args)
@@ -226,6 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
             eos_token_id=0,
         )
     )
+    model.loss_type = "ForCausalLM"  # transformers cannot tell from the name GPT2LMHeadModel and warns
     dgate_config = hf_dgate.DGateConfig(target=args.target, depth=args.depth, lam=args.lam, method=args.method)
 
     # --------------------------------------------------------------------------------------------------------------

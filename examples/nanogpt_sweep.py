@@ -4,7 +4,7 @@ Each run is `examples/nanogpt_shakespeare.py` in its own process (run directorie
 are skipped, so the sweep can be resumed). The table (CSV + JSON) and the plot of validation character accuracy
 against head sparsity go to --results-dir.
 
-    nice python examples/nanogpt_sweep.py --data-file ../shared/data/shakespeare.txt --preset tiny
+    nice python examples/nanogpt_sweep.py --data-file $DATA/shakespeare.txt --preset tiny
     python examples/nanogpt_sweep.py --table-only      # rebuild table and plot from finished runs
 """
 

@@ -29,11 +29,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import accuracy_score, cosine_lr, lam_grid, markdown_table, pyplot, write_results  # noqa: E402
+from common import accuracy_score, cosine_lr, count_axis, lam_axis, lam_grid, markdown_table, pyplot, write_results  # noqa: E402
 
 import hf_dgate  # noqa: E402
 from hf_dgate.models import NODE  # noqa: E402
 from hf_dgate.surgery import prune_torch_model  # noqa: E402
+from hf_dgate.threads import THREADS_HELP, configure_threads  # noqa: E402
 
 WINE_QUALITY_URL = "https://archive.ics.uci.edu/ml/machine-learning-databases/wine-quality/winequality-red.csv"
 
@@ -42,7 +43,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="wine", choices=["wine", "wine-quality"])
     p.add_argument("--data-file", default=None, help="local winequality-red.csv (UCI, ';'-separated)")
-    p.add_argument("--output-dir", default="results/node_trees")
+    p.add_argument(
+        "--output-dir",
+        default="runs/node_trees",
+        help="where result files go (results/node_trees holds the committed ones: pass it to regenerate them)",
+    )
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--n-trees", type=int, default=500)
     p.add_argument("--tree-depth", type=int, default=4)
     p.add_argument("--depths", type=int, nargs="+", default=[2, 3, 4], help="D-Gating depths")
@@ -156,6 +162,7 @@ def run(Xtr, ytr, Xte, yte, task, depth, lam, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    configure_threads(args.threads)
     t_start = time.time()
     Xtr, ytr, Xte, yte, task = load_data(args)
     print(f"{args.dataset} ({task}): {len(ytr)} train / {len(yte)} test, {Xtr.shape[1]} features")
@@ -182,10 +189,9 @@ def main(argv=None):
         axes[1].plot(lams, [r["active_trees"] for r in rs], "-o", ms=3, label=f"D={depth}")
     axes[0].set_ylabel(f"test {rows[0]['metric']}")
     axes[1].set_ylabel("active trees")
-    axes[1].set_yscale("log")
+    count_axis(axes[1])
     for ax in axes:
-        ax.set_xscale("log")
-        ax.set_xlabel("lam")
+        lam_axis(ax, [r["lam"] for r in rows])
         ax.legend()
     fig.suptitle(f"NODE, {args.n_trees} gated trees, {args.dataset}")
     fig.tight_layout()

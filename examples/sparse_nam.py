@@ -25,11 +25,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import lam_grid, markdown_table, pyplot, write_results  # noqa: E402
+from common import lam_axis, lam_grid, markdown_table, pyplot, write_results  # noqa: E402
 
 import hf_dgate  # noqa: E402
 from hf_dgate.models import NAM  # noqa: E402
 from hf_dgate.surgery import prune_torch_model  # noqa: E402
+from hf_dgate.threads import THREADS_HELP, configure_threads  # noqa: E402
 
 SHAPE_FUNCTIONS = [  # centred on U(-1, 1)
     lambda x: 2 * x,
@@ -42,7 +43,12 @@ SHAPE_FUNCTIONS = [  # centred on U(-1, 1)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--output-dir", default="results/sparse_nam")
+    p.add_argument(
+        "--output-dir",
+        default="runs/sparse_nam",
+        help="where result files go (results/sparse_nam holds the committed ones: pass it to regenerate them)",
+    )
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--n", type=int, default=1000, help="samples drawn from the data-generating process")
     p.add_argument("--noise-features", type=int, default=15)
     p.add_argument("--noise-sd", type=float, default=0.5)
@@ -120,6 +126,7 @@ def run(Xtr, ytr, Xte, yte, depth, lam, method, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    configure_threads(args.threads)
     t_start = time.time()
     X, y = simulate(args)
     folds = torch.arange(args.n) % args.folds
@@ -171,8 +178,7 @@ def main(argv=None):
     axes[0].set_ylabel("CV test MSE")
     axes[1].set_ylabel("selected shape functions")
     for ax in axes:
-        ax.set_xscale("log")
-        ax.set_xlabel("lam")
+        lam_axis(ax, [s["lam"] for s in summary])
         ax.legend(fontsize=7)
     fig.suptitle(f"Sparse NAM, {len(SHAPE_FUNCTIONS)} informative + {args.noise_features} noise features")
     fig.tight_layout()

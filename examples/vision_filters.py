@@ -11,7 +11,7 @@ several (`accelerate launch`). Data: CIFAR-10/100 and SVHN from the Hugging Face
 `datasets.save_to_disk` folder via --data-dir), Fashion-MNIST/MNIST from gzipped IDX files via --data-dir,
 scikit-learn digits always offline.
 
-    python examples/vision_filters.py --model vgg16 --dataset fashion-mnist --data-dir ../shared/data/fashion-mnist \
+    python examples/vision_filters.py --model vgg16 --dataset fashion-mnist --data-dir $DATA/fashion-mnist \
         --width 0.25 --train-subset 10000 --epochs 4 --output-dir results/vision_filters
     accelerate launch examples/vision_filters.py --model resnet18 --dataset cifar10 --width 1 --epochs 200
     python examples/vision_filters.py --quick --output-dir /tmp/vf    # seconds, digits
@@ -37,6 +37,7 @@ from common import accuracy_score, cosine_lr, load_images, markdown_table, pyplo
 import hf_dgate  # noqa: E402
 from hf_dgate.models import VGG16, ResNet18  # noqa: E402
 from hf_dgate.surgery import prune_torch_model  # noqa: E402
+from hf_dgate.threads import THREADS_HELP, configure_threads  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -48,7 +49,12 @@ def parse_args(argv=None):
         choices=["fashion-mnist", "mnist", "cifar10", "cifar100", "svhn", "digits"],
     )
     p.add_argument("--data-dir", default=None, help="IDX files (Fashion-MNIST/MNIST) or a datasets.save_to_disk folder")
-    p.add_argument("--output-dir", default="results/vision_filters")
+    p.add_argument(
+        "--output-dir",
+        default="runs/vision_filters",
+        help="where result files go (results/vision_filters holds the committed ones: pass it to regenerate them)",
+    )
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--width", type=float, default=0.25, help="channel multiplier (1.0 = the paper's network)")
     p.add_argument("--train-subset", type=int, default=None)
     p.add_argument("--test-subset", type=int, default=None)
@@ -189,6 +195,7 @@ def run(data, depth, lam, args, accelerator):
 
 def main(argv=None):
     args = parse_args(argv)
+    configure_threads(args.threads)
     t_start = time.time()
     accelerator = Accelerator()
     data = load_images(args.dataset, args.data_dir)

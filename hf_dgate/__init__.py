@@ -33,6 +33,7 @@ _LAZY = {
     "save_gated": "saving",
     "DGateTrainer": "trainer",
     "with_dgate": "trainer",
+    "configure_threads": "threads",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ below imports on first use
@@ -56,6 +57,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ below i
     from .pruning import magnitude_prune  # noqa: F401
     from .report import SparsityReport, sparsity_report  # noqa: F401
     from .saving import load_gated, save_gated  # noqa: F401
+    from .threads import configure_threads  # noqa: F401
     from .trainer import DGateTrainer, with_dgate  # noqa: F401
 
 
@@ -95,6 +97,7 @@ __all__ = [
     "GroupRule",
     "SparsityReport",
     "apply_dgate",
+    "configure_threads",
     "effective_norms",
     "get_bank",
     "induced_penalty",

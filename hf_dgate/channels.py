@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .choices import Where
+from .extras import require
 from .groups import GroupSet, ModuleInfo, Site, input_slices, output_slices, slice_index
 
 UNGATED = -1
@@ -22,7 +23,7 @@ UNGATED = -1
 
 def dependency_graph(model: nn.Module, example_inputs: Any):
     """Torch-Pruning's DependencyGraph of `model`, traced once on `example_inputs`."""
-    import torch_pruning as tp
+    tp = require("torch_pruning", "target='filters' and prune_torch_model (channels are traced with Torch-Pruning)")
 
     was_training = model.training
     model.eval()
@@ -35,7 +36,7 @@ def dependency_graph(model: nn.Module, example_inputs: Any):
 
 def filter_sets(model: nn.Module, example_inputs: Any) -> list[GroupSet]:
     """One GroupSet per coupled set of Conv2d output channels."""
-    import torch_pruning as tp
+    tp = require("torch_pruning", "target='filters' and prune_torch_model (channels are traced with Torch-Pruning)")
 
     if example_inputs is None:
         raise ValueError(
@@ -156,7 +157,7 @@ def prune_channels(model: nn.Module, graph: Any, gs: GroupSet, dead: torch.Tenso
 
 
 def _pruning_fn(module: nn.Module, gs: GroupSet):
-    import torch_pruning as tp
+    tp = require("torch_pruning", "target='filters' and prune_torch_model (channels are traced with Torch-Pruning)")
 
     site = gs.sites[0]
     outputs = site.where == Where.OUTPUT

@@ -32,6 +32,7 @@ def demo(args: argparse.Namespace) -> int:
             eos_token_id=0,
         )
     )
+    model.loss_type = "ForCausalLM"  # transformers cannot tell from the name GPT2LMHeadModel and warns
     hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="heads", depth=args.depth, lam=args.lam))
     # Synthetic language: each sequence repeats a random 8-token motif, so a couple of heads suffice.
     motifs = torch.randint(0, vocab, (4096, 8))
@@ -156,7 +157,7 @@ def export(args: argparse.Namespace) -> int:
         f"{summary['flops_before']:,} -> {summary['flops_after']:,} ({summary['flops_ratio']:.2f}x fewer)"
     )
     if "speedup" in summary:
-        print(f"  measured speed-up {summary['speedup']:.2f}x on {summary['device']}")
+        print(f"  measured forward speed-up on {summary['device']}: {summary['speedup_text']}")
     check = Verification(**summary["verification"])
     print(f"  {'' if check.exact else 'WARNING: '}the export {check.describe()}")
     pad = summary.get("padding")
@@ -299,10 +300,12 @@ def plot_norms(model, path: str, threshold: float | None = None) -> str:
 
     Returns the file written: `path`, or `path`/norms.png for a directory."""
     path = _plot_path(path)
+    from .extras import MissingExtraError, require
+
     try:
-        import matplotlib
-    except ImportError:
-        raise CLIError("--plot needs matplotlib: pip install matplotlib (or hf-dgate[examples]).") from None
+        matplotlib = require("matplotlib", "--plot")
+    except MissingExtraError as e:
+        raise CLIError(str(e)) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
@@ -313,27 +316,47 @@ def plot_norms(model, path: str, threshold: float | None = None) -> str:
 
     bank = get_bank(model)
     target = "heads" if "heads" in bank.targets else bank.targets[0]
+    thr = bank.check_threshold(threshold)
+    relative = bank.config.threshold_mode == "relative"
     with torch.no_grad():
         norms = bank.effective_norms(target).float().cpu().numpy()
         zero = bank.zero_groups(target, threshold).cpu().numpy()
-    rows = [(str(gs.layer), n, z) for (gs, n), (_, z) in zip(bank.per_set(norms, target), bank.per_set(zero, target))]
-    width = max(len(r) for _, r, _ in rows)
+        grey = bank.grey_groups(target, threshold).cpu().numpy()
+    per_set = zip(bank.per_set(norms, target), bank.per_set(zero, target), bank.per_set(grey, target))
+    rows = [(str(gs.layer), n, z, g) for (gs, n), (_, z), (_, g) in per_set]
+    width = max(len(r) for _, r, _, _ in rows)
     grid = np.full((len(rows), width), np.nan)
-    removed = np.zeros((len(rows), width), dtype=bool)
-    for i, (_, r, z) in enumerate(rows):
+    settled = np.zeros((len(rows), width), dtype=bool)
+    unsettled = np.zeros((len(rows), width), dtype=bool)
+    for i, (_, r, z, g) in enumerate(rows):
         grid[i, : len(r)] = r
-        removed[i, : len(z)] = z
-    fig, ax = plt.subplots(figsize=(min(3 + 0.4 * width, 16), 2.2 + 0.35 * len(rows)))
+        settled[i, : len(z)] = z & ~g
+        unsettled[i, : len(g)] = g
+    fig, ax = plt.subplots(figsize=(min(4 + 0.4 * width, 16), 2.6 + 0.35 * len(rows)))
     im = ax.imshow(np.log10(np.maximum(grid, 1e-12)), aspect="auto", cmap="viridis", interpolation="nearest")
-    dead = np.argwhere(removed)
-    ax.scatter(dead[:, 1], dead[:, 0], marker="x", color="red", s=20, label="zero (removed on export)")
+    marks = [
+        (settled, "x", "red", "zero: settled below the threshold (removed on export)"),
+        (unsettled, "o", "orange", "grey: below the threshold but not settled (export checks it, may refuse)"),
+    ]
+    for mask, marker, color, label in marks:
+        where = np.argwhere(mask)
+        if len(where):
+            style = {"c": color} if marker == "x" else {"facecolors": "none", "edgecolors": color}
+            ax.scatter(where[:, 1], where[:, 0], marker=marker, s=28, label=label, **style)
     ax.set_xlabel(get_target(target, bank.config).unit or target)
     ax.set_ylabel("layer")
-    ax.set_yticks(range(len(rows)), [name for name, _, _ in rows])
-    ax.set_title(f"log10 effective norm per {target[:-1] if target.endswith('s') else target}")
-    fig.colorbar(im, ax=ax)
-    if len(dead):
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), fontsize="small", frameon=False)
+    if width <= 32:
+        ax.set_xticks(range(width))
+    ax.set_yticks(range(len(rows)), [name for name, _, _, _ in rows])
+    rule = f"{thr:g} x its layer's largest" if relative else f"{thr:g}"
+    unit = target[:-1] if target.endswith("s") else target
+    ax.set_title(f"effective norm ||theta_g|| per {unit}; zero below {rule}", fontsize="medium")
+    bar = fig.colorbar(im, ax=ax)
+    bar.set_label("log10 ||theta_g||" + ("" if relative else "; red: threshold"))
+    if not relative:
+        bar.ax.axhline(np.log10(thr), color="red", linewidth=2)
+    if settled.any() or unsettled.any():
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), fontsize="small", frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -407,12 +430,13 @@ def _float_above(low: float, strict: bool):
 
 
 def _threads_option(parser: argparse.ArgumentParser) -> None:
+    from .threads import THREADS_HELP  # plain Python: no torch
+
     parser.add_argument(
         "--threads",
         type=_int_at_least(1),
         default=None,
-        help="torch intra-op threads (None: OMP_NUM_THREADS if set, else min(4, cores, idle cores); small models "
-        "run slower with more threads on a busy machine).",
+        help=THREADS_HELP + ".",
     )
 
 

@@ -6,6 +6,7 @@ import contextlib
 import statistics
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -93,6 +94,101 @@ def forward_latency(model: nn.Module, inputs: dict[str, torch.Tensor], repeats: 
         model(**inputs)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def aten_op_count(fn: Any) -> int:
+    """How many aten operators `fn()` dispatches (a TorchDispatchMode, so no profiler and none of its log lines).
+    train_overhead and the README use it to show that the penalty's op count does not grow with the groups."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            _Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count():
+        fn()
+    return _Count.n
+
+
+def penalty_op_counts(layers: int = 2) -> list[tuple[int, int]]:
+    """(groups, aten ops per hf_dgate.penalty call) of a gated GPT-2 (heads + neurons) at two MLP widths: the count
+    must be the same for both (no per-group Python work)."""
+    import transformers as T
+
+    from .config import DGateConfig
+    from .patch import apply_dgate, get_bank, penalty
+
+    out = []
+    for inner in (256, 1024):
+        model = T.GPT2LMHeadModel(
+            T.GPT2Config(
+                n_layer=layers, n_embd=64, n_head=4, n_inner=inner, vocab_size=100, bos_token_id=0, eos_token_id=0
+            )
+        )
+        apply_dgate(model, DGateConfig(target=["heads", "neurons"]))
+        penalty(model)  # warm-up: caches built on first use are not counted
+        out.append((sum(get_bank(model).sizes.values()), aten_op_count(lambda m=model: penalty(m))))
+    return out
+
+
+@dataclass
+class SpeedUp:
+    """A measured forward speed-up, dense / pruned, as a median over paired runs with its middle half. A speed-up
+    above the FLOPs ratio is not something removing groups can cause: it is flagged as timing noise."""
+
+    median: float
+    low: float  # 25th percentile of the paired ratios
+    high: float  # 75th percentile
+    pairs: int
+    threads: int
+    latency_before_s: float  # median seconds per forward pass
+    latency_after_s: float
+    flops_ratio: float | None = None
+
+    @property
+    def noise(self) -> bool:
+        return self.flops_ratio is not None and self.median > self.flops_ratio
+
+    def describe(self) -> str:
+        text = (
+            f"{self.median:.2f}x (middle half {self.low:.2f}-{self.high:.2f} over {self.pairs} paired runs, "
+            f"{self.threads} torch thread{'s' if self.threads != 1 else ''})"
+        )
+        if self.noise:
+            text += f", above the {self.flops_ratio:.2f}x FLOPs ratio: timing noise, not a gain to expect"
+        return text
+
+
+@torch.no_grad()
+def paired_speedup(
+    before: nn.Module,
+    after: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    pairs: int = 9,
+    warmup: int = 2,
+    flops_ratio: float | None = None,
+) -> SpeedUp:
+    """Time `before` and `after` back to back `pairs` times (alternating which goes first, after `warmup` passes of
+    each), so that load on a shared machine hits both alike; the speed-up is the median of the per-pair ratios."""
+    for m in (before, after):
+        m.eval()
+        for _ in range(warmup):
+            m(**inputs)
+    t_before, t_after = [], []
+    for i in range(pairs):
+        for m, times in ((before, t_before), (after, t_after))[:: 1 if i % 2 == 0 else -1]:
+            t0 = time.perf_counter()
+            m(**inputs)
+            times.append(time.perf_counter() - t0)
+    ratios = sorted(b / max(a, 1e-12) for b, a in zip(t_before, t_after))
+    q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
+    return SpeedUp(
+        statistics.median(ratios), q[0], q[2], pairs, torch.get_num_threads(),
+        statistics.median(t_before), statistics.median(t_after), flops_ratio,
+    )  # fmt: skip
 
 
 @torch.no_grad()

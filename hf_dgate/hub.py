@@ -56,13 +56,13 @@ Gated: {targets}.
 """
 
 
-def _loading_section(auto: str | None) -> str:
+def _loading_section(auto: str | None, reason: str) -> str:
     """First thing in the card of a non-native export: the folder transformers' trust_remote_code error points to."""
     lines = [
         "",
         "## How to load",
         "",
-        "Its layers keep different numbers of heads or neurons, which the plain transformers classes cannot build"
+        f"The plain transformers classes cannot build this model ({reason})"
         + (
             " (config.json has its own model type, so a plain `from_pretrained` asks for `trust_remote_code=True`):"
             if auto
@@ -98,12 +98,13 @@ def build_model_card(summary: dict[str, Any]) -> Any:
     loading = (
         "`transformers.AutoModel*.from_pretrained` (the config expresses the pruned shape)"
         if summary.get("native")
-        else "`hf_dgate.AutoPrunedModel.from_pretrained` (layers keep different numbers of heads/neurons)"
+        else f"`hf_dgate.AutoPrunedModel.from_pretrained` ({nonnative_reason(summary.get('structure') or {})})"
     )
     if not summary.get("native") and summary.get("remote_code"):
         auto = summary["remote_code"]
         loading += f", or without hf_dgate `transformers.{auto}.from_pretrained(..., trust_remote_code=True)`"
-    section = "" if summary.get("native") else _loading_section(summary.get("remote_code"))
+    reason = "" if summary.get("native") else nonnative_reason(summary.get("structure") or {})
+    section = "" if summary.get("native") else _loading_section(summary.get("remote_code"), reason)
     if fmt != "native":  # the folder holds another engine's files: say how that engine runs them
         loading, section = _format_loading(summary)
     lat_b, lat_a = summary.get("latency_before_s"), summary.get("latency_after_s")
@@ -125,7 +126,7 @@ def build_model_card(summary: dict[str, Any]) -> Any:
         device=summary.get("device", "cpu"),
         lat_before=f"{1e3 * lat_b:.2f} ms" if lat_b else "not measured",
         lat_after=f"{1e3 * lat_a:.2f} ms" if lat_a else "not measured",
-        speedup=f"{lat_b / lat_a:.2f}x measured" if lat_b and lat_a else "-",
+        speedup=summary.get("speedup_text") or (f"{lat_b / lat_a:.2f}x measured" if lat_b and lat_a else "-"),
         structure_table=structure_table(summary.get("structure") or {}),
         compression_section=_compression_section(summary.get("compression")),
         targets=_describe_targets(summary.get("dgate_config") or {}),
@@ -243,6 +244,31 @@ def _describe_targets(dgate_config: dict[str, Any]) -> str:
     parts = [f"{n} ({BUILTIN[n].description})" if n in BUILTIN else n for n in names]
     parts += [f"{g.get('name')} (user rule)" for g in dgate_config.get("groups") or []]
     return "; ".join(parts) or "nothing"
+
+
+def nonnative_reason(structure: dict[str, Any] | PruningRecord) -> str:
+    """Why a plain `from_pretrained` cannot build this export, read from its recorded structure (the card states
+    it; native.py tried every config form the installed transformers accepts)."""
+    if isinstance(structure, PruningRecord):
+        structure = structure.to_dict()
+    if "stacks" in structure:
+        return "the model has several block stacks, whose pruned shapes its config cannot state"
+    heads, neurons = structure.get("heads") or [], structure.get("neurons") or []
+    counts = [len(h) for h in heads]
+    if structure.get("cross_heads"):
+        return "cross-attention heads were removed, which no config field can state"
+    if counts and 0 in counts:
+        return "some layers keep no attention heads, and the model's attention cannot be built with none"
+    if len(set(counts)) > 1:
+        return "layers keep different numbers of heads, and this transformers cannot state per-layer counts for it"
+    if len({n for n in neurons if n is not None}) > 1:
+        return "layers keep different numbers of MLP neurons, and this transformers cannot state per-layer counts"
+    if structure.get("experts"):
+        return "experts were removed, and the config cannot state the kept experts per layer"
+    return (
+        "the config cannot state the pruned shape: e.g. it derives the head size from hidden size / heads, so fewer "
+        "heads would change the head size"
+    )
 
 
 def structure_table(structure: dict[str, Any] | PruningRecord) -> str:
@@ -605,13 +631,17 @@ def measure_export(
         summary["max_abs_diff"] = verification.max_abs_diff
         summary["exact"] = verification.exact
         summary["verification"] = verification.to_dict()
+        summary["flops_ratio"] = summary["flops_before"] / max(summary["flops_after"], 1)
         if dense is not None:
+            speed = F.paired_speedup(dense, pruned, inputs, flops_ratio=summary["flops_ratio"])
             summary["device"] = str(next(pruned.parameters()).device)
-            summary["latency_before_s"] = F.forward_latency(dense, inputs, repeats=5)
-            summary["latency_after_s"] = F.forward_latency(pruned, inputs, repeats=5)
-            summary["speedup"] = summary["latency_before_s"] / summary["latency_after_s"]
+            summary["latency_before_s"], summary["latency_after_s"] = speed.latency_before_s, speed.latency_after_s
+            summary["speedup"] = speed.median
+            summary["speedup_middle_half"] = [speed.low, speed.high]
+            summary["speedup_pairs"], summary["speedup_threads"] = speed.pairs, speed.threads
+            summary["speedup_noise"] = speed.noise  # above the FLOPs ratio: not caused by the removal
+            summary["speedup_text"] = speed.describe()
         del dense
-    summary["flops_ratio"] = summary["flops_before"] / max(summary["flops_after"], 1)
     return summary
 
 

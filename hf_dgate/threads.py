@@ -56,3 +56,9 @@ def describe_threads() -> str:
     import torch
 
     return f"{torch.get_num_threads()} torch threads on {available_cores()} cores"
+
+
+THREADS_HELP = (
+    "torch intra-op threads (None: OMP_NUM_THREADS if set, else min(4, cores, idle cores); small models run slower "
+    "with more threads on a busy machine)"
+)

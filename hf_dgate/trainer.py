@@ -39,6 +39,7 @@ from .budget import (
 from .config import DGateConfig
 from .controller import LamController
 from .errors import NonFiniteError
+from .extras import require
 from .finish import FinishRecord, exact_zero_masks, zero_exactly
 from .groups import GateBank
 from .patch import apply_dgate, get_bank
@@ -124,6 +125,7 @@ class DGateMixin:
         finish_steps: int | str = "auto",
         **trainer_kwargs: Any,
     ) -> None:
+        require("accelerate", "hf_dgate.DGateTrainer (transformers' Trainer runs on accelerate)")
         if model is None or isinstance(model, str):
             raise ValueError(
                 f"{type(self).__name__} needs the model object (not a name or model_init): load it, then pass it."

@@ -41,6 +41,9 @@ def test_export_then_reload(gated_dir, tmp_path, capsys):
     model = hf_dgate.AutoPrunedModel.from_pretrained(tmp_path / "small")
     torch.testing.assert_close(logits(model, make_inputs("gpt2")), ref, rtol=0, atol=1e-5)
     assert model.config.dgate_pruning["heads"] == [[1, 2, 3], [0, 3]]
+    card = (tmp_path / "small" / "README.md").read_text()
+    if not model.config.dgate_pruning.get("native"):  # the card's reason is the real one: 3 and 2 heads kept
+        assert "layers keep different numbers of heads" in card
 
     rc, out, _ = run(["report", tmp_path / "small"], capsys)  # an export: its kept structure
     assert rc == 0 and "| 0 (0) | 3: [1, 2, 3] | 3 | 0 |" in out
@@ -190,3 +193,29 @@ def test_threshold_mode_flag_overrides_the_saved_mode(gated_dir, capsys):
     assert rc == 0 and "x its layer's largest" not in out
     rc, _, err = run(["report", src, "--threshold-mode", "relative", "--threshold", "2"], capsys)
     _assert_one_line_error(rc, err, "(0, 1)", "--threshold-mode relative")
+
+
+def test_card_loader_reason_names_the_real_cause():
+    from hf_dgate.hub import nonnative_reason
+
+    assert "keep no attention heads" in nonnative_reason({"heads": [[], []], "neurons": [48, 48]})
+    assert "different numbers of heads" in nonnative_reason({"heads": [[0, 1], [2]]})
+    assert "different numbers of MLP neurons" in nonnative_reason({"heads": [[0], [1]], "neurons": [48, 12]})
+    assert "hidden size / heads" in nonnative_reason({"heads": [[0, 1], [2, 3]], "neurons": [48, 48]})
+
+
+def test_export_speedup_is_paired_with_spread_and_flags_noise(gated_dir, tmp_path, capsys):
+    from hf_dgate.flops import SpeedUp
+
+    src, _ = gated_dir
+    rc, out, err = run(["export", src, "--out", tmp_path / "m", "--seq-len", "8", "--threads", "1"], capsys)
+    assert rc == 0, err
+    assert "paired runs, 1 torch thread" in out and "middle half" in out
+    summary = json.loads((tmp_path / "m" / "dgate_export.json").read_text())
+    low, high = summary["speedup_middle_half"]
+    assert low <= summary["speedup"] <= high and summary["speedup_pairs"] >= 5
+    assert summary["speedup_noise"] == (summary["speedup"] > summary["flops_ratio"])
+    assert summary["speedup_text"] in (tmp_path / "m" / "README.md").read_text()
+    # the case: 7.31x measured for a 1.70x FLOPs reduction is not a gain
+    assert "timing noise" in SpeedUp(7.31, 6.0, 8.0, 9, 2, 1.0, 0.14, flops_ratio=1.70).describe()
+    assert "noise" not in SpeedUp(1.5, 1.4, 1.6, 9, 2, 1.0, 0.66, flops_ratio=1.70).describe()

@@ -78,7 +78,7 @@ def test_export_to_dir_uploads_weights_config_and_card(gated_llama, hub_calls, t
     text = card.text
     assert f"{summary['params_before']:,}" in text and f"{summary['params_after']:,}" in text
     assert f"{summary['flops_before']:,}" in text and f"{summary['flops_after']:,}" in text
-    assert "x measured" in text  # the measured speed-up
+    assert summary["speedup_text"] in text and "paired runs" in text  # the measured speed-up, with its spread
     assert "| 0 (0) | 2: [2, 3] | 1 | 8 |" in text  # per-layer kept heads and neurons
     assert "Layers removed entirely: [1]" in text
     assert '"depth": 3' in text and '"lam": 0.01' in text  # the DGateConfig
