@@ -177,7 +177,8 @@ def export(args: argparse.Namespace) -> int:
         )
         print(f"  run with llama.cpp: {os.path.join(summary['path'], g['file'])} ({ran})")
     elif summary.get("decilm"):
-        print(f"  serve with vLLM (DeciLMForCausalLM) or load with hf_dgate.AutoPrunedModel: {summary['path']!r}")
+        print(f"  serve with vLLM: vllm serve {summary['path']} --trust-remote-code (DeciLMForCausalLM)")
+        print(f"  or load in PyTorch: hf_dgate.formats.decilm.load_decilm({summary['path']!r})")
     else:
         loader = "transformers.AutoModel*" if summary["native"] else "hf_dgate.AutoPrunedModel"
         print(f"  load with {loader}.from_pretrained({summary['path']!r})")

@@ -27,12 +27,26 @@ def have_llama_cpp() -> bool:
     return True
 
 
+_QUIET: list[Any] = []  # the ctypes log callback must outlive every call into llama.cpp
+
+
+def _quiet_llama_cpp() -> None:
+    """llama.cpp logs warnings to stderr even with verbose=False (e.g. a probe context longer than a tiny model's
+    training context); an export prints its own one-line outcome instead."""
+    import llama_cpp
+
+    if not _QUIET:
+        _QUIET.append(llama_cpp.llama_log_callback(lambda level, text, user_data: None))
+        llama_cpp.llama_log_set(_QUIET[0], None)
+
+
 def load(path: str | os.PathLike, n_ctx: int = 256, n_threads: int = 1, n_batch: int | None = None) -> Any:
     """A llama_cpp.Llama for `path` that keeps the logits of every position."""
     try:
         from llama_cpp import Llama
     except ImportError:
         raise ExportError(f"Running the GGUF needs llama-cpp-python: {INSTALL}.") from None
+    _quiet_llama_cpp()
     kw = dict(n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, logits_all=True, verbose=False)
     if n_batch:
         kw.update(n_batch=n_batch, n_ubatch=n_batch)
