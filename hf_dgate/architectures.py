@@ -138,7 +138,7 @@ def block_stacks(model: nn.Module, config: DGateConfig) -> list[BlockStack]:
             "DGateConfig(module_names={'layers': 'model.layers'})."
         )
     stacks = [_stack(model, path, blocks) for path, blocks in found]
-    if len(stacks) > 1 and any(st.name == st.path for st in stacks):
+    if len(stacks) > 1 and any(st.name == st.path for st in stacks) and not _checkable(model, stacks):
         raise StructureNotFoundError(
             f"{type(model).__name__} has {len(found)} block stacks: {describe_stacks(found)}, and hf_dgate has no "
             "registry entry that says how each is configured; it will not gate a subset silently. Choose one "
@@ -158,6 +158,12 @@ def block_stacks(model: nn.Module, config: DGateConfig) -> list[BlockStack]:
     return stacks
 
 
+def _checkable(model: nn.Module, stacks: list[BlockStack]) -> bool:
+    """Several stacks without a registry row can all be gated when each has its own head count in the config (an
+    encoder and a decoder, or one count for both); every group found there is checked numerically before gating."""
+    return all(getattr(st.config, "num_attention_heads", None) for st in stacks) and len(stacks) <= 2
+
+
 def _stack(model: nn.Module, path: str, blocks: nn.ModuleList) -> BlockStack:
     cfg = getattr(model, "config", None)
     spec = spec_for(cfg)
@@ -169,7 +175,11 @@ def _stack(model: nn.Module, path: str, blocks: nn.ModuleList) -> BlockStack:
             unique.append((f"{path}.{i}", block))
     if entry is None:
         text = _text_config(model)
-        return BlockStack(path, path, unique, stack_config(model, path), text, "num_hidden_layers")
+        field = "num_hidden_layers"
+        for side in ("encoder", "decoder"):  # an encoder-decoder config counts each side's blocks
+            if side in path.split(".") and getattr(cfg, f"{side}_layers", None) == len(blocks):
+                field = f"{side}_layers"
+        return BlockStack(path, path, unique, stack_config(model, path), text, field)
     if entry.config:
         sub = getattr(cfg, entry.config)
         return BlockStack(entry.name, path, unique, sub, sub, entry.layers_field, entry.refuse)

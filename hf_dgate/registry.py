@@ -311,6 +311,7 @@ SPECS: dict[str, ArchSpec] = {
 }
 for _t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite", "smollm3"):
     SPECS[_t] = _llama_like()
+SPECS["mt5"] = SPECS["t5"]  # the same blocks and the same shared relative position bias
 SPECS["olmo2"] = _llama_like(refuse=(("heads", QK_NORM_SPANS_HEADS),))
 SPECS["olmoe"] = _moe(units_field="intermediate_size", refuse=(("heads", QK_NORM_SPANS_HEADS),))
 SPECS["clip_text_model"] = ArchSpec(

@@ -12,6 +12,7 @@ from torch import nn
 from ..architectures import (
     POST_NORM_TYPES,
     BlockStack,
+    StructureNotFoundError,
     attention_parts,
     cross_attention_parts,
     dense_mlp_block,
@@ -22,7 +23,7 @@ from ..architectures import (
 )
 from ..compat import experts_list, rekey_per_layer_config
 from ..config import DGateConfig
-from ..discover import residual_branches
+from ..discover import hidden_size, residual_branches
 from ..errors import ExportError
 from ..groups import GroupSet, LayerInfo, Site, TensorSlice, whole_module_slices, whole_weight_slices
 from ..registry import spec_for
@@ -61,6 +62,8 @@ def _layer_set(
         )
     cross = cross_attention_parts(block, hf_config)
     attentions = _attention_modules(block)
+    if spec is None and not config.module_names:  # every branch found from shapes, checked numerically
+        return _guessed_layer_set(layer, name, block, hf_config)
     if len(attentions) > 1 + (cross is not None):
         raise ValueError(
             f"target='layers' cannot make '{name}' exact: it has {len(attentions)} attention branches "
@@ -70,24 +73,40 @@ def _layer_set(
     # a MoE block: attention output + the whole MoE block's output (a family may mix dense and MoE blocks)
     if spec is not None and spec.experts is not None and not dense_mlp_block(spec, block):
         return _moe_layer_set(layer, name, block, config, hf_config, spec.experts)
-    guessed = False
     if spec is not None and spec.branches:
         branches = spec.branches
-    elif spec is not None or config.module_names:
+    else:
         o_rel = attention_parts(name, block, config, hf_config)["o"]
         cross_o = (cross["o"],) if cross is not None else ()
         branches = (o_rel, *cross_o, mlp_parts(name, block, config, hf_config)[0])
-    else:  # no registry entry: the last layer writing the hidden size in each child (checked numerically)
-        branches, guessed = tuple(residual_branches(block, hf_config)), True
-        if not branches:
-            o_rel = attention_parts(name, block, config, hf_config)["o"]
-            branches = (o_rel, mlp_parts(name, block, config, hf_config)[0])
     sites, primary = [], []
     for rel in branches:
         m = block.get_submodule(rel)
         sites.append(Site(f"{name}.{rel}", "output", -1, torch.zeros(out_features(m), dtype=torch.long)))
         primary += whole_weight_slices(f"{name}.{rel}", m)
-    info = LayerInfo(block=name, guessed=guessed)
+    return GroupSet("layers", layer, 1, sites, primary, whole_module_slices(name, block), LayerInfo(block=name))
+
+
+def _guessed_layer_set(layer: int, name: str, block: nn.Module, hf_config: Any) -> GroupSet:
+    """A block of a family without a registry row: each child writing the hidden size is a residual branch, gated at
+    its output; its scale folds into that branch's last layer (discover.residual_branches). The numerical check
+    then asks whether zero branches make the block the identity."""
+    branches = residual_branches(block, hf_config)
+    if not branches:
+        raise StructureNotFoundError(f"No residual branch writing the hidden size was found in '{name}'.")
+    hidden = hidden_size(hf_config)
+    sites, primary = [], []
+    for child, params in branches:
+        sites.append(Site(f"{name}.{child}", "output", -1, torch.zeros(hidden, dtype=torch.long)))
+        for rel in params:
+            owner, _, pname = rel.rpartition(".")
+            m = block.get_submodule(rel) if pname not in dict(block.get_submodule(owner).named_parameters(
+                recurse=False)) else None
+            if m is not None:
+                primary += whole_weight_slices(f"{name}.{rel}", m)
+            else:
+                primary.append(TensorSlice(f"{name}.{owner}", pname, None, torch.tensor([0])))
+    info = LayerInfo(block=name, guessed=True)
     return GroupSet("layers", layer, 1, sites, primary, whole_module_slices(name, block), info)
 
 
