@@ -86,14 +86,24 @@ def find_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     A stack is an `nn.ModuleList` whose entries are blocks with attention or MLP projections of their own and
     that does not sit inside another stack (T5's per-block `layer` lists, MoE expert lists).
     """
-    n_layers = getattr(_text_config(model), "num_hidden_layers", None)
+    text = _text_config(model)
+    n_layers = next((v for k in LAYER_COUNT_FIELDS if isinstance(v := getattr(text, k, None), int)), None)
     stacks: list[tuple[str, nn.ModuleList]] = []
     for n, m in model.named_modules():
         if not isinstance(m, nn.ModuleList) or len(m) == 0 or any(n.startswith(p + ".") for p, _ in stacks):
             continue
         if all(_is_block(b, named=len(m) != n_layers) for b in m):
             stacks.append((n, m))
+    if not stacks and getattr(model, "config", None) is None or not stacks and n_layers is None:
+        # no names and no layer count: the first list of two or more blocks built alike (checked numerically later)
+        for n, m in model.named_modules():
+            if isinstance(m, nn.ModuleList) and len(m) >= 2 and all(len(_leaves(b)) >= 2 for b in m):
+                if len({type(b) for b in m}) == 1:
+                    return [(n, m)]
     return stacks
+
+
+LAYER_COUNT_FIELDS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
 
 
 def _is_block(block: nn.Module, named: bool) -> bool:
@@ -161,6 +171,8 @@ def block_stacks(model: nn.Module, config: DGateConfig) -> list[BlockStack]:
 def _checkable(model: nn.Module, stacks: list[BlockStack]) -> bool:
     """Several stacks without a registry row can all be gated when each has its own head count in the config (an
     encoder and a decoder, or one count for both); every group found there is checked numerically before gating."""
+    if spec_for(getattr(model, "config", None)) is not None:  # a registered family: its entry must name the stacks
+        return False
     return all(getattr(st.config, "num_attention_heads", None) for st in stacks) and len(stacks) <= 2
 
 
@@ -369,10 +381,12 @@ def discovered_attention(block: nn.Module, hf_config: Any) -> dict[str, Any] | N
     """The attention as its shapes propose it (discover.py); None without a head count or a fitting layer."""
     from .discover import propose_attention
 
-    n_heads = getattr(hf_config, "num_attention_heads", None)
-    if not isinstance(n_heads, int) or n_heads <= 0:
+    # head counts: the config's (under any common name), else the attention module's own attributes
+    modules = [m for _, m in block.named_modules()]
+    n_heads = _count([hf_config], HEAD_FIELDS) or _count(modules, HEAD_FIELDS)
+    if n_heads is None:
         return None
-    n_kv = kv_head_count(hf_config) or n_heads
+    n_kv = _count([hf_config], KV_HEAD_FIELDS) or _count(modules, KV_HEAD_FIELDS) or n_heads
     return propose_attention(block, hf_config, n_heads, n_kv if n_heads % n_kv == 0 else n_heads)
 
 
@@ -410,6 +424,19 @@ def kv_head_count(hf_config: Any) -> int | None:
     if spec is not None and spec.kv_heads is not None and n_heads is not None:
         return spec.kv_heads(hf_config)
     return getattr(hf_config, "num_key_value_heads", None) or n_heads
+
+
+HEAD_FIELDS = ("num_attention_heads", "n_head", "n_heads", "num_heads", "heads")
+KV_HEAD_FIELDS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head", "kv_heads")
+
+
+def _count(sources: list[Any], fields: tuple[str, ...]) -> int | None:
+    for src in sources:
+        for key in fields:
+            val = getattr(src, key, None)
+            if isinstance(val, int) and not isinstance(val, bool) and val > 0:
+                return val
+    return None
 
 
 def head_geometry(hf_config: Any, o: nn.Module, name: str) -> tuple[int, int, int]:

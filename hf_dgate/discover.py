@@ -27,11 +27,16 @@ from .groups import GroupSet, in_axis, out_axis
 logger = logging.getLogger(__name__)
 
 
-def hidden_size(hf_config: Any) -> int | None:
-    for key in ("hidden_size", "n_embd", "d_model", "dim", "embed_dim"):
+def hidden_size(hf_config: Any, block: nn.Module | None = None) -> int | None:
+    """The residual stream's width: the config's (under any common name), else the input width most of the
+    block's layers share."""
+    for key in ("hidden_size", "n_embd", "d_model", "dim", "embed_dim", "width"):
         val = getattr(hf_config, key, None)
         if isinstance(val, int) and val > 0:
             return val
+    if block is not None:
+        widths = [_shape(m)[0] for m in _linears(block).values()]
+        return max(set(widths), key=widths.count) if widths else None
     return None
 
 
@@ -62,7 +67,7 @@ def _under(rel: str, parent: str) -> bool:
 def propose_attention(block: nn.Module, hf_config: Any, n_heads: int, n_kv: int) -> dict[str, Any] | None:
     """{'o', 'per_head', 'per_kv_head', 'head_dim'} from shapes: the output projection writes the hidden size from
     a multiple of the head count; its siblings with one block of outputs per head are sliced by head."""
-    hidden = hidden_size(hf_config)
+    hidden = hidden_size(hf_config, block)
     leaves = _linears(block)
     if hidden is None or not n_heads:
         return None
@@ -75,8 +80,10 @@ def propose_attention(block: nn.Module, hf_config: Any, n_heads: int, n_kv: int)
         if not siblings:
             continue
         attn_like = any(k in type(block.get_submodule(_parent(rel))).__name__.lower() for k in ("attn", "attention"))
-        cands.append((not attn_like, -order, rel, siblings))  # the output projection is usually registered last
-    for _, _, o_rel, siblings in sorted(cands):
+        # an attention-named module first, then heads x head_dim == hidden (an MLP's down reads more), then the
+        # layer registered last (the output projection usually is)
+        cands.append((not attn_like, fan_in != hidden, -order, rel, siblings))
+    for *_, o_rel, siblings in sorted(cands):
         hd = _shape(leaves[o_rel])[0] // n_heads
         per_head, per_kv = [], []
         for rel in siblings:
@@ -87,14 +94,14 @@ def propose_attention(block: nn.Module, hf_config: Any, n_heads: int, n_kv: int)
                 per_kv.append(rel)
         if per_head or per_kv:
             return {"o": o_rel, "per_head": tuple(per_head), "per_kv_head": tuple(per_kv), "head_dim": hd,
-                    "discovered": True}
+                    "n_heads": n_heads, "n_kv": n_kv, "discovered": True}
     return None
 
 
 def propose_mlp(block: nn.Module, hf_config: Any, exclude: str | None = None) -> tuple[str, list[str]] | None:
     """(down, ups) from shapes: down writes the hidden size from I inputs; its siblings reading the hidden size write
     I outputs (up, gate) or 2I (a fused gate/up, as halves). Layers under `exclude` (the attention) are skipped."""
-    hidden = hidden_size(hf_config)
+    hidden = hidden_size(hf_config, block)
     if hidden is None:
         return None
     leaves = {r: m for r, m in _linears(block).items() if not (exclude and (r == exclude or _under(r, exclude)))}
@@ -120,7 +127,7 @@ def residual_branches(block: nn.Module, hf_config: Any) -> list[tuple[str, list[
     """Each direct child of the block that writes the hidden size (attention, cross-attention, MLP, mixture of
     experts, a recurrent mixer), with the weights whose scale is the branch's scale: its last layer writing the
     hidden size (every copy of it in a list of experts) and stacked expert tensors (E, hidden, units)."""
-    hidden = hidden_size(hf_config)
+    hidden = hidden_size(hf_config, block)
     leaves = _linears(block)
     out = []
     for child, module in block.named_children():

@@ -257,7 +257,7 @@ def _prune_stack(
     kept_layers = [i for i in range(n_before) if i not in dead_layers]
     if dead_layers:
         drop_layers(model, st, dead_layers)
-        rekey_pruned_heads(model.config, kept_layers)
+        rekey_pruned_heads(getattr(model, "config", None), kept_layers)
     blocks = model.get_submodule(st.path)
     now = [(f"{st.path}.{i}", b) for i, b in enumerate(blocks)]
     record = _structure(model, now, dconfig, {k: [v[i] for i in kept_layers] for k, v in kept.items()})
@@ -397,14 +397,17 @@ def _block_geometry(
 
 def _record(model: nn.Module) -> dict[str, Any] | None:
     cfg = getattr(model, "config", None)
-    rec = getattr(cfg, PRUNING_KEY, None) if cfg is not None else None
+    rec = getattr(cfg, PRUNING_KEY, None) if cfg is not None else model.__dict__.get(PRUNING_KEY)
     return copy.deepcopy(rec) if isinstance(rec, dict) else None
 
 
 def _write_record(model: nn.Module, structure: dict[str, Any]) -> None:
     """Store the record (through `PruningRecord`, which checks it and keeps the layout) and whether it is native."""
     structure = PruningRecord.from_dict(structure).to_dict()
-    cfg = model.config
+    cfg = getattr(model, "config", None)
+    if cfg is None:  # a plain nn.Module: no config to carry the record, kept on the model (not native)
+        model.__dict__[PRUNING_KEY] = {**structure, "native": False}
+        return
     setattr(cfg, PRUNING_KEY, structure)
     structure["native"] = make_native(model, structure)
     setattr(cfg, PRUNING_KEY, structure)

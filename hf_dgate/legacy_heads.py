@@ -30,6 +30,8 @@ def prune_with_transformers(
     sets = [(gs, d) for gs, d in plan if gs.target == "heads" and gs.layer not in dead_layers and bool(d.any())]
     if not sets or any(gs.info.attention != AttentionKind.SELF or gs.info.n_heads != gs.info.n_kv for gs, _ in sets):
         return set()
+    if any(gs.info.discovered for gs, _ in sets):  # found from shapes: transformers' prune_heads may not know it
+        return set()
     if any(bool(d.all()) for _, d in sets):
         return set()
     heads = {gs.layer: [kept[gs.layer][j] for j in range(len(d)) if d[j]] for gs, d in sets}

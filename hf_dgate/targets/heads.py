@@ -15,7 +15,6 @@ from ..architectures import (
     cross_attention_parts,
     discovered_attention,
     head_geometry,
-    kv_head_count,
     not_found,
     out_features,
 )
@@ -147,9 +146,7 @@ def _discovered_head_set(hf_config: Any, layer: int, name: str, block: nn.Module
     per (query or key/value) head removed from every sibling projection. Checked numerically before gating."""
     get = block.get_submodule
     o = get(parts["o"])
-    n_heads = hf_config.num_attention_heads
-    n_kv = kv_head_count(hf_config) or n_heads
-    n_kv = n_kv if n_heads % n_kv == 0 else n_heads
+    n_heads, n_kv = parts["n_heads"], parts["n_kv"]
     n_rep, hd = n_heads // n_kv, parts["head_dim"]
     q_group = slice_index(n_heads * hd, hd * n_rep)
     full = lambda rel: f"{name}.{rel}"  # noqa: E731
@@ -197,7 +194,7 @@ def _set_head_counts(model: nn.Module, gs: GroupSet, dead: torch.Tensor, core_re
     for attr in HEAD_COUNT_ATTRS:
         if isinstance(getattr(core, attr, None), int):
             setattr(core, attr, n_q)
-    for attr in ("num_key_value_heads", "num_kv_heads"):
+    for attr in ("num_key_value_heads", "num_kv_heads", "n_kv_heads"):
         if isinstance(getattr(core, attr, None), int):
             setattr(core, attr, n_kv)
     if info.config_heads and getattr(core, "config", None) is not None:

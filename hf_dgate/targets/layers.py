@@ -94,7 +94,7 @@ def _guessed_layer_set(layer: int, name: str, block: nn.Module, hf_config: Any) 
     branches = residual_branches(block, hf_config)
     if not branches:
         raise StructureNotFoundError(f"No residual branch writing the hidden size was found in '{name}'.")
-    hidden = hidden_size(hf_config)
+    hidden = hidden_size(hf_config, block)
     sites, primary = [], []
     for child, params in branches:
         sites.append(Site(f"{name}.{child}", "output", -1, torch.zeros(hidden, dtype=torch.long)))
