@@ -13,7 +13,7 @@ alternating order, so load from other processes hits all alike; speed-ups are me
 the dense model, beside the FLOPs ratio (torch.utils.flop_counter: the 128-token prompt for prompt processing, one
 token for generation).
 
-    nice python benchmarks/serving.py                  # ~10 minutes on a loaded 2-core machine
+    nice python benchmarks/serving.py                  # ~5 minutes on a loaded 2-core machine
     nice python benchmarks/serving.py --quick          # 2 layers, 5 rounds (a smoke test, ~1-2 minutes)
 
 Writes results/serving/serving.json and results/serving/serving.md.

@@ -75,6 +75,29 @@ def test_uniform_export_is_exact_and_loads_with_plain_transformers(tmp_path):
         assert (again(input_ids=x).logits - gated).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gpt2"])
+def test_uniform_is_native_wherever_the_config_has_one_count(tmp_path, family):
+    if family == "gpt2":  # GPT-2 derives the head size from hidden_size / n_head: uniform neurons only
+        torch.manual_seed(0)
+        model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=V, n_embd=32, n_layer=3, n_head=4, n_inner=48)).eval()
+        hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="neurons"))
+        bank = hf_dgate.get_bank(model)
+        with torch.no_grad():
+            for off, n in zip(bank.offsets, NEURONS):
+                bank.gammas["neurons"][:, off : off + n] = 0
+    else:
+        model = _gated(_tiny(family))
+    x = _probe()
+    with torch.no_grad():
+        gated = model(input_ids=x).logits
+    uni = hf_dgate.export_pruned(model, example_inputs={"input_ids": x}, shape="uniform")
+    assert pruned_structure(uni)["native"]
+    uni.save_pretrained(tmp_path)
+    with torch.no_grad():
+        again = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()(input_ids=x).logits
+    assert (again - gated).abs().max() <= 1e-5
+
+
 def test_multiple_of_rounds_up_and_stops_at_the_layer_width():
     model = _gated(_tiny())
     x = _probe()
