@@ -439,20 +439,45 @@ def _count(sources: list[Any], fields: tuple[str, ...]) -> int | None:
     return None
 
 
-def head_geometry(hf_config: Any, o: nn.Module, name: str) -> tuple[int, int, int]:
-    n_heads = getattr(hf_config, "num_attention_heads", None)
-    if n_heads is None:
+HEAD_SIZE_ATTRS = ("head_dim", "attention_head_size", "head_size")
+
+
+def head_geometry(
+    hf_config: Any,
+    o: nn.Module,
+    name: str,
+    core: nn.Module | None = None,
+    kv_width: int | None = None,
+    recorded_head_dim: int | None = None,
+) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head size) of one attention as its weights have them now.
+
+    The head size is fixed by the family (the config's `head_dim`, the pruning record's, the attention module's
+    own, else hidden_size / heads); the counts are read off the projections, so a model pruned earlier (an export,
+    `prune_heads`) is gated with its real heads, not the config's. `kv_width`: the value projection's output width
+    (None: the config's ratio of query to key/value heads). Anything that does not fit is refused."""
+    n_cfg = getattr(hf_config, "num_attention_heads", None)
+    if n_cfg is None:
         raise StructureNotFoundError(
             f"The config of '{name}' has no num_attention_heads; heads cannot be gated without it."
         )
-    n_kv = kv_head_count(hf_config)
-    head_dim = getattr(hf_config, "head_dim", None) or in_features(o) // n_heads
-    if n_heads * head_dim != in_features(o) or n_heads % n_kv:
+    kv_cfg = kv_head_count(hf_config) or n_cfg
+    width = in_features(o)
+    hd = getattr(hf_config, "head_dim", None) or recorded_head_dim
+    hd = hd or next((getattr(core, a) for a in HEAD_SIZE_ATTRS if isinstance(getattr(core, a, None), int)), None)
+    hd = hd or (getattr(hf_config, "hidden_size", None) or width) // n_cfg
+    n_heads = width // hd if hd else 0
+    n_kv = kv_width // hd if kv_width is not None and hd else (n_heads * kv_cfg // n_cfg if n_cfg else 0)
+    if not hd or n_heads * hd != width or n_heads == 0 or not n_kv or n_heads % n_kv or n_cfg % kv_cfg or (
+        n_heads // n_kv != n_cfg // kv_cfg
+    ):  # fmt: skip
+        left = " (none left: an earlier export removed them all)" if width == 0 else ""
         raise StructureNotFoundError(
-            f"Head geometry of '{name}' does not fit its output projection: {n_heads} heads x {head_dim} dims, "
-            f"{n_kv} key/value heads, but the projection takes {in_features(o)} inputs."
+            f"Head geometry of '{name}' does not fit its weights{left}: its output projection takes {width} inputs, "
+            f"the head size is {hd}, the config says {n_cfg} heads sharing {kv_cfg} key/value heads. Gate 'neurons' "
+            "or 'layers' of this model, or gate the model before it was pruned."
         )
-    return n_heads, n_kv, head_dim
+    return n_heads, n_kv, hd
 
 
 # ---- MLP neurons -------------------------------------------------------------------------------------------------

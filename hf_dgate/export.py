@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .architectures import BlockStack, block_stacks, find_blocks
-from .compat import hf_prune_heads, rekey_pruned_heads
+from .compat import HAS_HF_PRUNE_HEADS, hf_prune_heads, rekey_pruned_heads
 from .config import DGateConfig
 from .errors import ExportError
 from .groups import GroupSet
@@ -280,10 +280,15 @@ def _current_heads(
     key = "heads" if kind == "self" else "cross_heads"
     if prev.get(key) and len(prev[key]) == len(blocks):
         return [list(h) for h in prev[key]]
+    # heads that transformers' own prune_heads removed (4.x, no hf_dgate record) keep their original numbers
+    pruned = getattr(model.config, "pruned_heads", None) if HAS_HF_PRUNE_HEADS and kind == "self" else None
     out = []
-    for name, block in blocks:
+    for i, (name, block) in enumerate(blocks):
         geo = _block_geometry(model, name, block, dconfig, kind)
-        out.append(list(range(geo[0])) if geo else [])
+        n = geo[0] if geo else 0
+        gone = set((pruned or {}).get(i, ()) or (pruned or {}).get(str(i), ()))
+        kept = [h for h in range(n + len(gone)) if h not in gone]
+        out.append(kept if len(kept) == n else list(range(n)))
     return out
 
 

@@ -233,3 +233,69 @@ def test_half_precision_exactness_is_certified_from_what_was_removed(tmp_path, d
     exact = _half_llama(dtype, grey=False)
     v = hf_dgate.export_pruned(exact).dgate_verification
     assert v.exact and v.certified and v.compared_in == "float32" and next(exact.parameters()).dtype == dtype
+
+
+# ---- 5. gating an already pruned model ------------------------------------------------------------------------
+def _exported(tmp_path, family, kills):
+    model = make_model(family)
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="heads"))
+    for layer, groups in kills.items():
+        _kill(hf_dgate.get_bank(model), "heads", layer, groups)
+    export_to_dir(model, tmp_path / "first", measure=False)
+    return tmp_path / "first"
+
+
+def _pruned(tmp_path, case):
+    """A pruned model and the original head numbers each layer keeps."""
+    import transformers as T
+
+    from hf_dgate.compat import HAS_HF_PRUNE_HEADS
+
+    family, how = case.split("-")
+    if how == "export":  # GPT-2 / BERT keep 3 and 2 heads (non-uniform); Llama keeps one kv group of two in layer 0
+        kills = {0: [0]} if family == "llama" else {0: [0], 1: [0, 1]}
+        model = hf_dgate.AutoPrunedModel.from_pretrained(_exported(tmp_path, family, kills))
+        return model, ([[2, 3], [0, 1, 2, 3]] if family == "llama" else [[1, 2, 3], [2, 3]])
+    if how == "plain":  # 4.x: transformers' own prune_heads recorded in config.pruned_heads, uniform
+        return T.AutoModelForCausalLM.from_pretrained(_exported(tmp_path, family, {0: [0], 1: [3]})), [
+            [1, 2, 3], [0, 1, 2]]  # fmt: skip
+    model = make_model(family)
+    if HAS_HF_PRUNE_HEADS:
+        model.prune_heads({0: [1], 1: [0, 2]})  # transformers' own (4.x)
+    else:
+        hf_dgate.prune_heads(model, {0: [1], 1: [0, 2]})
+    return model, [[0, 2, 3], [1, 3]]
+
+
+CASES = ["gpt2-export", "bert-export", "llama-export", "gpt2-prune", "bert-prune", "gpt2-plain"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_pruned_model_is_gated_with_its_real_heads(tmp_path, case):
+    from hf_dgate.compat import HAS_HF_PRUNE_HEADS
+
+    if case.endswith("plain") and not HAS_HF_PRUNE_HEADS:
+        pytest.skip("transformers 5 has no prune_heads: such an export is not native")
+    model, kept = _pruned(tmp_path, case)
+    family = case.split("-")[0]
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="heads"))
+    bank = hf_dgate.get_bank(model)
+    n_rep = 2 if family == "llama" else 1
+    assert [gs.n_groups for gs in bank.group_sets] == [len(k) // n_rep for k in kept]
+    assert hf_dgate.sparsity_report(model).targets["heads"].groups == sum(len(k) // n_rep for k in kept)
+    _kill(bank, "heads", 1, [1])  # the second remaining group of layer 1
+    inputs = make_inputs(family)
+    ref = model(**inputs).logits
+    summary = export_to_dir(model, tmp_path / "second", measure=False)
+    assert summary["verification"]["exact"] and summary["params_after"] < summary["params_before"]
+    expect = [kept[0], [h for j, h in enumerate(kept[1]) if j // n_rep != 1]]
+    assert summary["structure"]["heads"] == expect
+    back = hf_dgate.AutoPrunedModel.from_pretrained(tmp_path / "second")
+    torch.testing.assert_close(back(**inputs).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_pruning_record_that_disagrees_with_the_weights_is_refused_when_gating(tmp_path):
+    model = hf_dgate.AutoPrunedModel.from_pretrained(_exported(tmp_path, "gpt2", {0: [0], 1: [0, 1]}))
+    model.config.dgate_pruning["heads"][1] = [0, 1, 2]  # the weights hold 2 heads there
+    with pytest.raises(ValueError, match="pruning record .* says 'transformer.h.1' keeps 3 heads"):
+        hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="heads"))

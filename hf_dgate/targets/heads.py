@@ -15,6 +15,7 @@ from ..architectures import (
     cross_attention_parts,
     discovered_attention,
     head_geometry,
+    in_features,
     not_found,
     out_features,
 )
@@ -59,7 +60,11 @@ def head_set(
     if parts.get("discovered"):
         return _discovered_head_set(hf_config, layer, name, block, parts)
     o = get(parts["o"])
-    n_heads, n_kv, hd = head_geometry(hf_config, o, name)
+    core_rel = (parts.get("v") or parts.get("qkv") or "").rpartition(".")[0]
+    row = None if cross else _recorded_row(model, name, layer)
+    n_heads, n_kv, hd = head_geometry(
+        hf_config, o, name, get(core_rel) if core_rel else block, _kv_width(parts, get, o), (row or {}).get("head_dim")
+    )
     n_rep = n_heads // n_kv
     q_group = slice_index(n_heads * hd, hd * n_rep)  # query head -> its key/value group
     kv_group = slice_index(n_kv * hd, hd)
@@ -122,6 +127,12 @@ def head_set(
             f"{TRANSFORMERS_VERSION} reshapes its output to the width of its input, so it cannot run with fewer "
             "heads; gate 'neurons' or 'layers', or upgrade to transformers 5"
         )
+    if info.refuse is None and row and "heads" in row and (len(row["heads"]), row["kv_heads"]) != (n_heads, n_kv):
+        info.refuse = (  # apply_dgate refuses; rebuilding the export from this record (on full weights) goes on
+            f"The pruning record (config.dgate_pruning) says '{name}' keeps {len(row['heads'])} heads and "
+            f"{row['kv_heads']} key/value heads, its weights hold {n_heads} and {n_kv}: the record does not describe "
+            "these weights. Re-export the model from its gated source."
+        )
     return GroupSet("heads", layer, n_kv, sites, primary, removable, info)
 
 
@@ -164,6 +175,35 @@ def _discovered_head_set(hf_config: Any, layer: int, name: str, block: nn.Module
         guessed=True, n_heads=n_heads, n_kv=n_kv, head_dim=hd, side=HeadSide.OUTPUT, attention=AttentionKind.SELF,
     )
     return GroupSet("heads", layer, n_kv, sites, primary, removable, info)
+def _kv_width(parts: dict[str, Any], get: Any, o: nn.Module) -> int | None:
+    """Output width of the key/value heads' value slice (None where only the config can tell)."""
+    if parts.get("v"):
+        return out_features(get(parts["v"]))
+    if parts.get("qkv") and parts.get("layout") != "interleaved":
+        return (out_features(get(parts["qkv"])) - in_features(o)) // 2  # [q | k | v] with k, v equally wide
+    return None
+
+
+def _recorded_row(model: nn.Module, name: str, layer: int) -> dict[str, Any] | None:
+    """This layer's row of the model's pruning record (kept heads, kv heads, head size), if it was exported."""
+    from ..record import PruningRecord, RecordError
+
+    try:
+        rec = PruningRecord.read(getattr(model, "config", None) or {})
+    except RecordError:
+        return None
+    if rec is None:
+        return None
+    st = rec.single if not rec.multi_stack else next(
+        (r for p, r in rec.stacks.items() if p and name.startswith(f"{p}.")), None)  # fmt: skip
+    if st is None:
+        return None
+    row: dict[str, Any] = {"head_dim": st.head_dim if isinstance(st.head_dim, int) else None}
+    heads, kv = st.kept("heads"), st.kept("kv_heads")
+    if len(kv) == len(heads) and 0 <= layer < len(heads) and isinstance(heads[layer], list):
+        if isinstance(kv[layer], int):
+            row.update(heads=heads[layer], kv_heads=kv[layer])
+    return row
 
 
 def prune_head_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -> None:
