@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from . import optim
 from .budget import (
@@ -44,6 +43,7 @@ from .finish import FinishRecord, exact_zero_masks, zero_exactly
 from .groups import GateBank
 from .patch import apply_dgate, get_bank
 from .report import SparsityReport, sparsity_report
+from .resume import SETUP_KEY, check_resume, last_complete_checkpoint, trainer_setup
 from .saving import (
     gate_record,
     read_manifest,
@@ -126,6 +126,12 @@ class DGateMixin:
         **trainer_kwargs: Any,
     ) -> None:
         require("accelerate", "hf_dgate.DGateTrainer (transformers' Trainer runs on accelerate)")
+        self._dgate_setup_args = {  # what steers the lam controller: recorded with every checkpoint (resume.py)
+            "lam_warmup_steps": lam_warmup_steps, "target_sparsity": target_sparsity,
+            "target_ramp_steps": target_ramp_steps, "sparsity_target": sparsity_target,
+            "controller_interval": controller_interval, "controller_gain": controller_gain,
+            "target_params": target_params, "group_cost": group_cost, "finish_steps": finish_steps,
+        }  # fmt: skip
         if model is None or isinstance(model, str):
             raise ValueError(
                 f"{type(self).__name__} needs the model object (not a name or model_init): load it, then pass it."
@@ -368,8 +374,14 @@ class DGateMixin:
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         """`Trainer.train`; restores the lam controller from the checkpoint, writes the sparsity table at the end."""
         ckpt = resume_from_checkpoint
-        if ckpt is True or (isinstance(ckpt, str) and ckpt == ""):
-            ckpt = get_last_checkpoint(self.args.output_dir)
+        if ckpt is True or (isinstance(ckpt, str) and ckpt == ""):  # the newest checkpoint whose save finished
+            ckpt = last_complete_checkpoint(self.args.output_dir)
+            if ckpt is None:
+                raise ValueError(
+                    f"resume_from_checkpoint=True found no complete checkpoint in {self.args.output_dir!r}; pass a "
+                    "checkpoint folder, or start without resuming."
+                )
+            resume_from_checkpoint = ckpt
         if isinstance(ckpt, str):
             self._restore_dgate_state(ckpt)
         result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
@@ -542,6 +554,7 @@ class DGateMixin:
             self.dgate_bank.config.save_pretrained(output_dir)
             write_manifest(self.dgate_bank, output_dir, written_weight_files(output_dir, before))
             state = {"lam_controller": self.lam_controller.state_dict(), "lam": self.dgate_bank.lam}
+            state[SETUP_KEY] = trainer_setup(self)
             if self.dgate_finish is not None:
                 state["finish"] = self.dgate_finish.to_dict()
             with open(os.path.join(output_dir, TRAINER_STATE_NAME), "w") as f:
@@ -560,6 +573,12 @@ class DGateMixin:
             )
         path = os.path.join(checkpoint, TRAINER_STATE_NAME)
         if not os.path.isfile(path):
+            if manifest is not None and self.is_world_process_zero():
+                warnings.warn(
+                    f"{checkpoint!r} holds gates but no {TRAINER_STATE_NAME}, so the lam controller's state is lost: "
+                    f"lam restarts at {self.lam_controller.lam:g} and the controller from its first step.",
+                    stacklevel=3,
+                )
             return
         try:
             with open(path) as f:
@@ -572,9 +591,11 @@ class DGateMixin:
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
             raise ValueError(f"{path!r}: field 'lam'={lam!r} is invalid (expected a finite float >= 0); fix the file.")
         try:
-            self.lam_controller.load_state_dict(state["lam_controller"])
+            LamController(lam=0.0).load_state_dict(state["lam_controller"])  # validated even when not restored
         except ValueError as e:
             raise ValueError(f"{path!r}: field 'lam_controller': {e} Fix the file or delete it.") from None
+        if check_resume(checkpoint, state, trainer_setup(self)):  # refuses a changed setup, names what steers anew
+            self.lam_controller.load_state_dict(state["lam_controller"])
         if state.get("finish") is not None:  # the finish had begun: hold what the checkpoint holds at zero
             try:
                 self.dgate_finish = FinishRecord.from_dict(state["finish"])

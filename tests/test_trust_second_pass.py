@@ -299,3 +299,53 @@ def test_a_pruning_record_that_disagrees_with_the_weights_is_refused_when_gating
     model.config.dgate_pruning["heads"][1] = [0, 1, 2]  # the weights hold 2 heads there
     with pytest.raises(ValueError, match="pruning record .* says 'transformer.h.1' keeps 3 heads"):
         hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="heads"))
+
+
+# ---- 6. resuming with a changed setup -------------------------------------------------------------------------
+def _run(tmp_path, steps=2, resume=None, config=None, **trainer_kw):
+    """A tiny GPT-2 trained `steps` optimizer steps with a checkpoint after each; the trainer is returned."""
+    from test_trainer import targs, tiny_gpt2, token_data
+
+    args = targs(tmp_path / "run", max_steps=steps, save_strategy="steps", save_steps=1, per_device_train_batch_size=2,
+                 optim="adamw_torch", learning_rate=1e-3)  # fmt: skip
+    cfg = config or hf_dgate.DGateConfig(target=["heads", "neurons"], lam=0.01)
+    trainer = hf_dgate.DGateTrainer(tiny_gpt2(), args, dgate_config=cfg, train_dataset=token_data(8), **trainer_kw)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"config": {"head_side": "output"}}, {"trainer": {"gated_lr": 0.05}}, {"trainer": {"gated_weights": True}}],
+)
+def test_a_resume_whose_setup_shapes_the_state_differently_is_refused_by_field(tmp_path, change):
+    _run(tmp_path)
+    cfg = hf_dgate.DGateConfig(**{"target": ["heads", "neurons"], "lam": 0.01, **change.get("config", {})})
+    field = next(iter({**change.get("config", {}), **change.get("trainer", {})}))
+    with pytest.raises(ValueError, match=f"Cannot resume from .*checkpoint-2.*{field}="):
+        _run(tmp_path, steps=3, resume=True, config=cfg, **change.get("trainer", {}))
+
+
+def test_a_resume_with_a_new_lam_or_target_uses_it_and_says_so(tmp_path):
+    _run(tmp_path)
+    cfg = hf_dgate.DGateConfig(target=["heads", "neurons"], lam=0.02)
+    with pytest.warns(UserWarning, match=r"lam=0\.02 \(checkpoint: 0\.01\)"):
+        trainer = _run(tmp_path, steps=3, resume=True, config=cfg)
+    assert trainer.lam_controller.lam == 0.02 and trainer.dgate_bank.lam == 0.02
+    saved = json.loads((tmp_path / "run" / "checkpoint-3" / "dgate_config.json").read_text())
+    assert saved["lam"] == 0.02  # what the resumed steps used
+    with pytest.warns(UserWarning, match=r"target_sparsity=0\.5 \(checkpoint: None\)"):
+        _run(tmp_path, steps=4, resume=True, config=cfg, target_sparsity=0.5)
+
+
+def test_incomplete_checkpoints_are_skipped_and_a_lost_controller_state_is_said(tmp_path):
+    _run(tmp_path, steps=3)
+    os.remove(tmp_path / "run" / "checkpoint-3" / "trainer_state.json")  # killed while saving
+    os.remove(tmp_path / "run" / "checkpoint-2" / "model.safetensors")
+    with pytest.warns(UserWarning, match="Skipping the checkpoint .*checkpoint-3.*no trainer_state.json") as rec:
+        trainer = _run(tmp_path, steps=4, resume=True)
+    assert any("checkpoint-2" in str(w.message) and "missing" in str(w.message) for w in rec)
+    assert trainer.state.global_step == 4
+    os.remove(tmp_path / "run" / "checkpoint-4" / "dgate_trainer_state.json")
+    with pytest.warns(UserWarning, match="no dgate_trainer_state.json, so the lam controller's state is lost"):
+        _run(tmp_path, steps=5, resume=str(tmp_path / "run" / "checkpoint-4"))
