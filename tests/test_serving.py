@@ -195,6 +195,22 @@ def test_gguf_qwen2_biases_are_permuted_and_qwen3_is_refused_by_name(tmp_path):
         write_gguf(_tiny(rope_scaling={"rope_type": "yarn", "factor": 2.0}), tmp_path / "y.gguf")
 
 
+def test_a_headless_layer_with_an_output_bias_is_refused_by_both_engines_formats(tmp_path):
+    from hf_dgate.formats.decilm import write_decilm
+    from hf_dgate.formats.gguf import write_gguf
+
+    model = _gated(_tiny(attention_bias=True, mlp_bias=True), heads=[0, 2, 0], neurons=[0, 0, 48])
+    pruned = hf_dgate.export_pruned(model, example_inputs={"input_ids": _probe()})  # exact: bias-only attention
+    with pytest.raises(ExportError, match="Layer 1 has no attention heads but a non-zero output bias"):
+        write_gguf(pruned, tmp_path / "b.gguf")
+    with pytest.raises(ExportError, match="Layer 1 has no attention heads but a non-zero output bias"):
+        write_decilm(pruned, tmp_path / "d")
+    with torch.no_grad():
+        pruned.model.layers[1].self_attn.o_proj.bias.zero_()
+    with pytest.raises(ExportError, match="Layer 2 has no neurons but a non-zero MLP output bias"):
+        write_decilm(pruned, tmp_path / "d")
+
+
 def test_gguf_writes_a_byte_level_bpe_tokenizer(tmp_path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
