@@ -211,17 +211,46 @@ def test_a_headless_layer_with_an_output_bias_is_refused_by_both_engines_formats
         write_decilm(pruned, tmp_path / "d")
 
 
-def test_gguf_writes_a_byte_level_bpe_tokenizer(tmp_path):
+def _byte_level_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    from hf_dgate.formats.gguf import write_gguf
 
     vocab = {t: i for i, t in enumerate(["<s>", "</s>", "a", "b", "ab", *[f"t{i}" for i in range(40)]])}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    tok = T.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
-    info = write_gguf(_tiny(), tmp_path / "t.gguf", dtype="f32", tokenizer=tok)
+    return T.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+
+
+def _llama2_style_tokenizer():
+    """A tokenizer.json BPE with byte fallback and "▁" word marks, as Llama 2 and Mistral ship."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{i:02X}>": 3 + i for i in range(256)}}
+    for t in ["\u2581", "a", "b", "\u2581a", "ab", "\u2581ab"]:
+        vocab[t] = len(vocab)
+    merges = [("\u2581", "a"), ("a", "b"), ("\u2581a", "b")]
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return T.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_gguf_writes_a_llama2_style_tokenizer(tmp_path):
+    from hf_dgate.formats.gguf import write_gguf
+
+    info = write_gguf(_tiny(vocab_size=272), tmp_path / "t.gguf", dtype="f32", tokenizer=_llama2_style_tokenizer())
+    fields, _ = _fields(tmp_path / "t.gguf")
+    assert info["vocab"] == "llama-hf" and fields["tokenizer.ggml.model"] == "llama"
+    assert fields["tokenizer.ggml.tokens"][3] == "<0x00>" and fields["tokenizer.ggml.token_type"][3] == 6  # byte
+    assert len(fields["tokenizer.ggml.tokens"]) == 272 and fields["tokenizer.ggml.tokens"][-1] == "[PAD271]"
+
+
+def test_gguf_writes_a_byte_level_bpe_tokenizer(tmp_path):
+    from hf_dgate.formats.gguf import write_gguf
+
+    info = write_gguf(_tiny(), tmp_path / "t.gguf", dtype="f32", tokenizer=_byte_level_tokenizer())
     fields, _ = _fields(tmp_path / "t.gguf")
     assert info["vocab"] == "bpe" and fields["tokenizer.ggml.model"] == "gpt2"
     assert fields["tokenizer.ggml.tokens"][:5] == ["<s>", "</s>", "a", "b", "ab"]
@@ -346,3 +375,17 @@ def test_llama_cpp_check_catches_a_wrong_file(tmp_path, monkeypatch):
     G.write_gguf(pruned, tmp_path / "bad.gguf", dtype="f32")
     with pytest.raises(ExportError, match="differ from the PyTorch export"):
         compare_with_llama_cpp(pruned, tmp_path / "bad.gguf", "f32")
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "llama2"])
+def test_llama_cpp_tokenizes_like_transformers(tmp_path, kind):
+    _need_llama_cpp()
+    from llama_cpp import Llama
+
+    from hf_dgate.formats.gguf import write_gguf
+
+    tok = _byte_level_tokenizer() if kind == "byte-level" else _llama2_style_tokenizer()
+    write_gguf(_tiny(vocab_size=272), tmp_path / "t.gguf", dtype="f32", tokenizer=tok)
+    llm = Llama(model_path=str(tmp_path / "t.gguf"), vocab_only=True, verbose=False)
+    for text in ("ab ab", "a b ab", "abab"):
+        assert llm.tokenize(text.encode(), add_bos=False) == tok(text, add_special_tokens=False).input_ids

@@ -220,9 +220,10 @@ def write_gguf(
 ) -> dict[str, Any]:
     """Write a pruned Llama-like causal LM as a `deci` GGUF; returns what was written (layout, tokenizer, dtype).
 
-    `tokenizer` (a transformers tokenizer or a folder holding one) is written when its vocabulary is a byte-level BPE
-    (Llama 3, Mistral's newer tokenizers, Qwen2, GPT-2 style); otherwise a placeholder vocabulary of the right size
-    is written (llama.cpp needs one) and the summary says so: token ids then still mean the same thing."""
+    `tokenizer` (a transformers tokenizer or a folder holding one) is written when it is a byte-level BPE (Llama 3,
+    Qwen2, GPT-2 style) or a tokenizer.json BPE with byte fallback (Llama 2, Mistral); otherwise a placeholder
+    vocabulary of the right size is written (llama.cpp needs one) and the summary says so: token ids then still
+    mean the same thing."""
     gguf = _need_gguf()
     if dtype not in DTYPES:
         raise ExportError(f"dtype={dtype!r} is not a GGUF float type written here; choose one of {list(DTYPES)}.")
@@ -269,14 +270,17 @@ def write_gguf(
 
 
 def _write_vocab(gguf: Any, w: Any, cfg: Any, tokenizer: Any) -> str:
-    """Write the tokenizer; returns "bpe", or "placeholder: <why>" when a stand-in vocabulary was written."""
+    """Write the tokenizer; returns "bpe" (byte-level BPE: Llama 3, Qwen2, GPT-2 style), "llama-hf" (SentencePiece-
+    style BPE with byte fallback in tokenizer.json: Llama 2, Mistral), or "placeholder: <why>" when a stand-in
+    vocabulary was written."""
     n = int(cfg.vocab_size)
     why = "no tokenizer was given"
-    if isinstance(tokenizer, (str, os.PathLike)):
+    folder = os.fspath(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else None
+    if folder is not None:
         try:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
+            tokenizer = AutoTokenizer.from_pretrained(folder)
         except Exception as e:  # a folder without a tokenizer: the placeholder below, said in the summary
             why, tokenizer = f"no tokenizer could be read from the folder ({type(e).__name__})", None
     if tokenizer is not None:
@@ -286,12 +290,41 @@ def _write_vocab(gguf: Any, w: Any, cfg: Any, tokenizer: Any) -> str:
             return "bpe"
         except ExportError as e:
             why = str(e)
+        try:
+            _write_llama_hf(gguf, w, tokenizer, n)
+            _special_ids(w, cfg, tokenizer)
+            return "llama-hf"
+        except ExportError as e:
+            why = f"{why}; {e}"
     w.add_tokenizer_model("llama")
     w.add_token_list([f"<dgate_{i}>" for i in range(n)])
     w.add_token_scores([0.0] * n)
     w.add_token_types([gguf.TokenType.NORMAL] * n)
     _special_ids(w, cfg, None)
     return f"placeholder: {why}"
+
+
+def _write_llama_hf(gguf: Any, w: Any, tok: Any, n: int) -> None:
+    """A tokenizer.json BPE with byte fallback, read by gguf's own `LlamaHfVocab` (llama.cpp's "llama" model)."""
+    import tempfile
+    from pathlib import Path
+
+    if not hasattr(tok, "save_pretrained"):
+        raise ExportError("the tokenizer cannot be saved to be read")
+    with tempfile.TemporaryDirectory() as d:
+        tok.save_pretrained(d)
+        try:
+            vocab = gguf.vocab.LlamaHfVocab(Path(d))
+            entries = list(vocab.all_tokens())
+        except (FileNotFoundError, TypeError, ValueError, KeyError) as e:
+            raise ExportError(f"not a Llama-style BPE with byte fallback either ({type(e).__name__})") from None
+    if len(entries) > n:
+        raise ExportError(f"the tokenizer has {len(entries)} tokens, more than the model's vocab_size {n}")
+    entries += [(f"[PAD{i}]".encode(), -1000.0, gguf.TokenType.UNUSED) for i in range(len(entries), n)]
+    w.add_tokenizer_model("llama")
+    w.add_token_list([t for t, _, _ in entries])
+    w.add_token_scores([s for _, s, _ in entries])
+    w.add_token_types([t for _, _, t in entries])
 
 
 def _write_bpe(gguf: Any, w: Any, tok: Any, n: int) -> None:
