@@ -274,8 +274,17 @@ def _report_export(args: argparse.Namespace) -> int:
             f"hf-dgate export {args.dir} (threshold {summary['threshold']:g})",
             f"  parameters {summary['params_before']:,} -> {summary['params_after']:,}",
             f"  forward FLOPs {summary['flops_before']:,} -> {summary['flops_after']:,}",
-            structure_table(summary.get("structure") or {}),
         ]
+        pad = summary.get("padding")
+        if pad and pad.get("params_unpadded"):  # a uniform / rounded export: what the zero groups cost
+            lines.append(
+                f"  padding ({pad['shape']}, multiple_of {pad['multiple_of'] or '-'}): {pad['groups_added']} zero "
+                f"groups kept; the non-uniform export has {pad['params_unpadded']:,} parameters and "
+                f"{pad['flops_unpadded']:,} FLOPs"
+            )
+        if summary.get("format", "native") != "native":
+            lines.append(f"  format {summary['format']}")
+        lines.append(structure_table(summary.get("structure") or {}))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CLIError(
             f"{summary_path!r} is incomplete or malformed ({type(e).__name__}: {_one_line(e)}); re-run `hf-dgate "

@@ -280,6 +280,8 @@ def test_cli_export_gguf_and_uniform(tmp_path, capsys):
     assert main(["export", str(tmp_path / "gated"), "--out", str(tmp_path / "u"), "--shape", "uniform",
                  "--multiple-of", "neurons=16,heads=2", "--no-measure", "--seq-len", "16"]) == 0  # fmt: skip
     assert "vs the non-uniform export" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "u")]) == 0
+    assert "padding (uniform" in capsys.readouterr().out
     assert T.AutoConfig.from_pretrained(tmp_path / "u").intermediate_size == 48
     assert main(["export", str(tmp_path / "gated"), "--out", str(tmp_path / "x"), "--multiple-of", "experts=2",
                  "--no-measure"]) == 2  # fmt: skip
