@@ -187,6 +187,33 @@ def export(args: argparse.Namespace) -> int:
     return 0
 
 
+def compress(args: argparse.Namespace) -> int:
+    """Gate a trained causal LM, train it to --budget, finish, verify and export it (hf_dgate.compress)."""
+    import json
+
+    from .compress import compress as run
+    from .compress import summary_dict
+    from .errors import ExportError
+
+    budget = args.budget if args.budget < 1 else int(args.budget)
+    if args.budget >= 1 and not float(args.budget).is_integer():
+        raise CLIError(f"--budget {args.budget} is invalid: pass a fraction in (0, 1) or a parameter count.")
+    try:
+        s = run(
+            args.model_dir, budget, args.data, args.steps, args.out, target=args.target.split(","), lam=args.lam,
+            learning_rate=args.lr, batch_size=args.batch_size, seq_len=args.seq_len, text_column=args.text_column,
+            teacher=args.distill, overwrite=args.overwrite, seed=args.seed,
+        )  # fmt: skip
+    except ExportError as e:
+        raise CLIError(cli_spelling(str(e))) from None
+    print(s.table())
+    print(f"finish: {s.finish}")
+    print(f"wrote {s.out}")
+    if args.json:
+        print(json.dumps(summary_dict(s), indent=2))
+    return 0
+
+
 def _with_threshold_mode(model, mode: str | None):
     """--threshold-mode overrides the mode saved in dgate_config.json (what zero_groups reads)."""
     if mode is not None:
@@ -559,6 +586,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="Machine-readable output.")
     _threads_option(p)
     p.set_defaults(func=report)
+
+    p = sub.add_parser(
+        "compress",
+        help="Compress a trained causal LM to a parameter budget (gate, train, finish, verify, export).",
+        description="Gate the heads and neurons of a trained causal LM, train it on --data toward --budget "
+        "(penalty weighted by each group's parameters), hold the removed groups at exactly zero while the rest "
+        "recovers, verify and export the smaller model with its card to --out, and print a summary table.",
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="A transformers causal-LM folder (with its tokenizer).")
+    p.add_argument(
+        "--budget", type=_float_above(0.0, strict=True), required=True,
+        help="Parameters the export keeps: a fraction in (0, 1) of the model's, or a count.",
+    )  # fmt: skip
+    p.add_argument("--data", required=True, help="A text/json/jsonl/csv/parquet file or a `datasets` name.")
+    p.add_argument("--steps", type=_int_at_least(2), required=True, help="Optimizer steps (the last tenth: finish).")
+    p.add_argument("--out", required=True, help="Output directory of the export (written atomically).")
+    p.add_argument("--target", default="heads,neurons", help="Comma-separated targets to gate.")
+    p.add_argument("--lam", type=_float_above(0.0, strict=True), default=1e-3, help="Starting lam (then steered).")
+    p.add_argument("--lr", type=_float_above(0.0, strict=True), default=1e-4, help="AdamW peak learning rate.")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=8, help="Blocks per optimizer step.")
+    p.add_argument("--seq-len", type=_int_at_least(2), default=256, help="Tokens per block.")
+    p.add_argument("--text-column", default="text", help="Column of a json/csv/parquet file or dataset.")
+    p.add_argument("--distill", action="store_true", help="Distil from the model as loaded (logit KL, T = 2).")
+    p.add_argument("--overwrite", action="store_true", help="Replace --out if it holds a previous export.")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="Seed for gating order and data shuffling.")
+    p.add_argument("--json", action="store_true", help="Also print the summary as JSON.")
+    _threads_option(p)
+    p.set_defaults(func=compress)
     return parser
 
 

@@ -100,6 +100,12 @@ class DGateMixin:
             after is measured on a few evaluation batches. "auto" (default): a tenth of the run with
             `target_params`, off otherwise; an int: that many steps (0: off; with a budget the cut then happens at
             the end). The record is `trainer.dgate_finish`, saved with checkpoints and written into the export card.
+        teacher: a model with the same vocabulary (e.g. a copy of the model before gating) to distil from: the
+            loss gains `distill_weight * T^2 * KL(teacher || student)` at temperature `distill_temperature`, plus
+            `distill_hidden` times the relative MSE of the last hidden states when their shapes agree. The teacher
+            runs under no_grad in eval mode (its memory: its weights and one forward's activations, no gradients or
+            optimizer state). Counted like the penalty (once per optimizer step); the logged `loss` stays the data
+            loss, and `dgate/distill_kl` is logged.
 
     The logged `loss` is the data loss alone (comparable with `eval_loss`); the penalty is logged as
     `dgate/penalty`. Gates and gated primary weights get no optimizer weight decay: the penalty already is an L2
@@ -123,6 +129,10 @@ class DGateMixin:
         target_params: float | int | None = None,
         group_cost: str = "params",
         finish_steps: int | str = "auto",
+        teacher: nn.Module | None = None,
+        distill_weight: float = 1.0,
+        distill_temperature: float = 2.0,
+        distill_hidden: float = 0.0,
         **trainer_kwargs: Any,
     ) -> None:
         require("accelerate", "hf_dgate.DGateTrainer (transformers' Trainer runs on accelerate)")
@@ -136,6 +146,17 @@ class DGateMixin:
             raise ValueError(
                 f"{type(self).__name__} needs the model object (not a name or model_init): load it, then pass it."
             )
+        for name, value in (("distill_weight", distill_weight), ("distill_temperature", distill_temperature),
+                            ("distill_hidden", distill_hidden)):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name}={value!r} is invalid: pass a finite float >= 0.")
+        if distill_temperature <= 0:
+            raise ValueError(f"distill_temperature={distill_temperature!r} is invalid: pass a float > 0 (e.g. 2.0).")
+        if teacher is not None and (teacher is model or get_bank(teacher, required=False) is not None):
+            raise ValueError("teacher= must be a separate, ungated model (e.g. a copy of the model before gating).")
+        self.dgate_distill_weight, self.dgate_distill_temperature = float(distill_weight), float(distill_temperature)
+        self.dgate_distill_hidden = float(distill_hidden)
+        self._dgate_last_kl: float | None = None
         bank = get_bank(model, required=False)
         if bank is None:
             apply_dgate(model, dgate_config if dgate_config is not None else DGateConfig())
@@ -175,6 +196,10 @@ class DGateMixin:
         self._dgate_pen_in_loss: torch.Tensor | None = None
         self._dgate_init_budget(target_params, group_cost, finish_steps, target_sparsity)
         super().__init__(model=model, args=args, **trainer_kwargs)
+        self.dgate_teacher = None
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            self.dgate_teacher = teacher.to(self.args.device).eval()
         self.add_callback(_DGateCallback(self))
 
     def _dgate_init_budget(
@@ -254,20 +279,62 @@ class DGateMixin:
         A NaN/inf loss or penalty stops training here, before backward, with a NonFiniteError naming the step: one
         NaN gradient would make every gate NaN while the Trainer's `logging_nan_inf_filter` hides it from the log.
         """
-        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        distill = self.dgate_teacher is not None and model.training and torch.is_grad_enabled()
+        if distill and self.dgate_distill_hidden > 0:
+            inputs = {**inputs, "output_hidden_states": True}
+        out = super().compute_loss(
+            model, inputs, return_outputs=return_outputs or distill, num_items_in_batch=num_items_in_batch
+        )
         if not (model.training and torch.is_grad_enabled()):
             return out
-        loss, outputs = out if return_outputs else (out, None)
+        loss, outputs = out if (return_outputs or distill) else (out, None)
         bank = self.dgate_bank
         bank.lam = self.lam_controller.lam_at(self.state.global_step)
         k = max(1, int(getattr(self, "current_gradient_accumulation_steps", 1) or 1))
+        scaled = self._loss_scaled_for_ga(num_items_in_batch)
         pen = self._dgate_penalty()
-        added = pen / k if self._loss_scaled_for_ga(num_items_in_batch) else pen
+        if distill:  # the teacher's term counts like the penalty: once per optimizer step
+            pen = pen + self._dgate_distill_loss(inputs, outputs).to(pen.device)
+        added = pen / k if scaled else pen
         self._dgate_pen_in_loss = pen.detach() / k  # what this micro-batch's returned loss holds after scaling
         total = loss + added.to(device=loss.device, dtype=loss.dtype)
         if not bool(torch.isfinite(total.detach()).all()):  # one scalar check per micro-batch
             self._stop_non_finite(loss.detach().float().mean(), pen.detach().float())
         return (total, outputs) if return_outputs else total
+
+    def _dgate_distill_loss(self, inputs: dict[str, Any], outputs: Any) -> torch.Tensor:
+        """distill_weight * T^2 * KL(teacher || student) of the temperature-softened next-token distributions, mean
+        over tokens (those with attention_mask 1), plus distill_hidden * the relative MSE of the last hidden states
+        where their shapes agree. The teacher runs under no_grad in eval mode."""
+        teacher, temp = self.dgate_teacher, self.dgate_distill_temperature
+        t_in = {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch")}
+        with torch.no_grad():
+            t_out = teacher(**t_in)
+        s_logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
+        t_logits = t_out["logits"] if isinstance(t_out, dict) else t_out.logits
+        if s_logits.shape[-1] != t_logits.shape[-1]:
+            raise ValueError(
+                f"teacher= predicts {t_logits.shape[-1]} classes/tokens, the model {s_logits.shape[-1]}: the teacher "
+                "must share the student's vocabulary."
+            )
+        s = torch.log_softmax(s_logits.float() / temp, dim=-1)
+        t = torch.log_softmax(t_logits.float().to(s.device) / temp, dim=-1)
+        kl = (t.exp() * (t - s)).sum(-1)
+        mask = inputs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.shape == kl.shape:
+            kl = (kl * mask).sum() / mask.sum().clamp_min(1)
+        else:
+            kl = kl.mean()
+        loss = self.dgate_distill_weight * temp**2 * kl
+        self._dgate_last_kl = float(kl.detach())
+        if self.dgate_distill_hidden > 0:
+            hs = getattr(outputs, "hidden_states", None)
+            ht = getattr(t_out, "hidden_states", None)
+            if hs is not None and ht is not None and hs[-1].shape == ht[-1].shape:
+                h_t = ht[-1].float().to(hs[-1].device)
+                mse = (hs[-1].float() - h_t).pow(2).mean() / h_t.pow(2).mean().clamp_min(1e-12)
+                loss = loss + self.dgate_distill_hidden * mse
+        return loss
 
     def _stop_non_finite(self, loss: torch.Tensor, pen: torch.Tensor) -> None:
         """Raise NonFiniteError naming the optimizer step and what is NaN/inf (data loss, gates, penalty)."""
@@ -358,6 +425,8 @@ class DGateMixin:
         if self.dgate_budget is not None:
             metrics["dgate/params_budget"] = float(self.dgate_budget)
         metrics["dgate/finishing"] = float(self._dgate_zero_masks is not None)
+        if self._dgate_last_kl is not None:
+            metrics["dgate/distill_kl"] = self._dgate_last_kl
         return metrics
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -173,7 +173,7 @@ def test_every_option_has_help_and_its_default_and_the_target_list_is_current():
     assert TARGETS_HELP == describe_targets()  # written out in cli.py so that --help need not import torch
     parser = build_parser()
     verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(verbs) == {"demo", "export", "report"}
+    assert set(verbs) == {"demo", "export", "report", "compress"}
     for name, sub in verbs.items():
         text = sub.format_help()
         for action in sub._actions:

@@ -247,3 +247,71 @@ def test_peft_lora_with_a_budget_trains_gates_and_adapters_and_exports_exactly(t
     summary = tr.export_pruned(str(tmp_path / "pruned"))  # adapters merged, then pruned
     assert summary["verification"]["exact"]
     assert abs(summary["params_after"] - tr.dgate_budget) <= 0.02 * summary["params_before"]
+
+
+def test_teacher_distillation_adds_the_kl_once_and_leaves_the_teacher_alone(tmp_path):
+    import copy
+
+    student = tiny_llama()
+    teacher = copy.deepcopy(student)
+    before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    with pytest.raises(ValueError, match="separate, ungated"):
+        DGateTrainer(student, targs(tmp_path), teacher=student, train_dataset=copy_data(16))
+    with pytest.raises(ValueError, match="distill_temperature"):
+        DGateTrainer(tiny_llama(), targs(tmp_path), teacher=teacher, distill_temperature=0, train_dataset=copy_data(16))
+    cfg = hf_dgate.DGateConfig(target="neurons", lam=0.0)
+    tr = DGateTrainer(student, targs(tmp_path, max_steps=3, logging_steps=1), teacher=teacher, distill_hidden=1.0,
+                      dgate_config=cfg, train_dataset=copy_data(48))  # fmt: skip
+    # the teacher is a copy of the student: at step 0 the KL is zero, the term adds nothing
+    batch = {"input_ids": torch.stack([d["input_ids"] for d in copy_data(4)])}
+    batch["labels"] = batch["input_ids"]
+    student.train()
+    total = tr.compute_loss(student, batch)
+    plain = student(**batch).loss
+    assert float(total) == pytest.approx(float(plain), abs=1e-5) and tr._dgate_last_kl == pytest.approx(0.0, abs=1e-6)
+    tr.train()
+    assert all(torch.equal(p, before[n]) for n, p in teacher.named_parameters())  # never updated
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    logs = [h for h in tr.state.log_history if "dgate/distill_kl" in h]
+    assert logs and logs[-1]["dgate/distill_kl"] > 0  # the student moved away from the teacher
+    # the KL term by hand, on a student that differs from the teacher
+    with torch.no_grad():
+        s, t = student(**batch).logits, teacher(**batch).logits
+    ls, lt = torch.log_softmax(s / 2, -1), torch.log_softmax(t / 2, -1)
+    expect = 4 * (lt.exp() * (lt - ls)).sum(-1).mean()
+    tr.dgate_distill_hidden = 0.0
+    student.eval()
+    with torch.no_grad():
+        got = tr._dgate_distill_loss(batch, student(**batch))
+    assert float(got) == pytest.approx(float(expect), rel=1e-4)
+
+
+def test_compress_cli_gates_trains_finishes_and_exports_to_the_budget(tmp_path, capsys):
+    """`hf-dgate compress` on a saved tiny Llama + tokenizer and a text file: the export keeps the budget, is exact,
+    and the summary table is printed."""
+    from hf_dgate.cli import main
+
+    model_dir = tmp_path / "model"
+    tiny_llama().save_pretrained(model_dir)
+    _word_tokenizer().save_pretrained(model_dir)
+    g = torch.Generator().manual_seed(0)
+    lines = []
+    for _ in range(200):
+        h = torch.randint(0, V - 2, (7,), generator=g).tolist()
+        lines.append(" ".join(f"w{i}" for i in h + h))
+    data = tmp_path / "corpus.txt"
+    data.write_text("\n".join(lines))
+    out = tmp_path / "small"
+    rc = main([
+        "compress", str(model_dir), "--budget", "0.7", "--data", str(data), "--steps", "20", "--out", str(out),
+        "--seq-len", "16", "--lr", "3e-3", "--lam", "0.3", "--threads", "1", "--json",
+    ])  # fmt: skip
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "validation loss" in text and "export exact" in text and "yes" in text
+    summary = json.loads(text[text.rindex("\n{\n") :])
+    assert summary["exact"] and abs(summary["params_after"] - summary["budget"]) <= 0.02 * summary["params_before"]
+    assert "## Compression run" in (out / "README.md").read_text()
+    # a bad --out is refused before any work, in one line
+    rc = main(["compress", str(model_dir), "--budget", "0.5", "--data", str(data), "--steps", "4", "--out", str(out)])
+    assert rc == 2
