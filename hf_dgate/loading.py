@@ -17,7 +17,7 @@ from .export import ExportError, pruned_structure
 from .pruned_modules import ZeroHeadAttention, ZeroInputConv1D
 from .record import RECORD_KEY, VERSIONS, PruningRecord, RecordError, StackRecord
 from .registry import PRUNED_MODEL_TYPE_PREFIX
-from .targets import find_group_sets, get_target
+from .targets import BUILTIN, find_group_sets, get_target
 
 
 # ---- reload ---------------------------------------------------------------------------------------------------
@@ -33,11 +33,7 @@ def rebuild_structure(model: nn.Module, structure: dict[str, Any] | PruningRecor
 
 
 def _rebuild_stack(model: nn.Module, record: StackRecord, module_names: dict[str, Any] | None) -> nn.Module:
-    dense = any(isinstance(n, int) for n in record.kept("neurons"))
-    # heads that transformers' own prune_heads removed (4.x) are re-applied from config.pruned_heads at construction
-    heads = record.heads and not record.hf_pruned_heads
-    present = {"heads": heads, "neurons": dense or record.expert_units}
-    targets = [t for t, on in {**present, "experts": record.experts}.items() if on]
+    targets = [name for name, t in BUILTIN.items() if t.per_block and t.recorded_in(record)]
     if not targets:
         return model
     sets = []

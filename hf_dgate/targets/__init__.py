@@ -1,5 +1,6 @@
 """Every built-in target, registered by name; `find_group_sets` asks each target the config selects for its
-groups. A new built-in target is one module in this package plus one line in `BUILTIN`."""
+groups. A new built-in target is one module in this package plus one line in `BUILTIN` (its name is also listed in
+config.py's BUILTIN_TARGETS and cli.py's TARGETS_HELP, kept free of torch imports; tests check they agree)."""
 
 from __future__ import annotations
 

@@ -83,6 +83,10 @@ class Target(ABC):
         layer; None when the record does not count this target per layer."""
         return None
 
+    def recorded_in(self, record: Any) -> bool:
+        """Whether a stack's pruning record (`record.StackRecord`) holds per-layer counts a reload must rebuild."""
+        return False
+
     def rebuild_dead(self, gs: GroupSet, kept: int) -> torch.Tensor | None:
         """On reload: which groups of a freshly built `gs` to remove so that `kept` remain (their positions do not
         matter, the weights are loaded afterwards); None when nothing goes."""

@@ -78,6 +78,9 @@ class Experts(Target):
     def record_field(self, gs):
         return "experts"
 
+    def recorded_in(self, record):
+        return bool(record.experts)
+
     def native_edit(self, cfg, record):
         spec = spec_for(cfg)
         if not record.get("experts") or spec is None or spec.experts is None:

@@ -262,6 +262,10 @@ class Heads(Target):
     def record_field(self, gs):
         return "kv_heads" if gs.info.attention == AttentionKind.SELF else "cross_kv_heads"
 
+    def recorded_in(self, record):
+        # heads that transformers' own prune_heads removed (4.x) come back from config.pruned_heads at construction
+        return bool(record.heads) and not record.hf_pruned_heads
+
     def track_kept(self, gs, dead, kept):
         """The record lists kept query heads in their original numbering; a key/value group takes its queries."""
         n_rep = gs.info.n_heads // gs.info.n_kv

@@ -154,6 +154,9 @@ class Neurons(Target):
     def record_field(self, gs):
         return "expert_units" if isinstance(gs.info, ExpertUnitInfo) else "neurons"
 
+    def recorded_in(self, record):
+        return any(isinstance(n, int) for n in record.kept("neurons")) or bool(record.expert_units)
+
     def rebuild_dead(self, gs, kept):
         """Expert units: every expert keeps `kept` units (the export pads each to the fullest)."""
         info = gs.info
