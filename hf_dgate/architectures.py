@@ -368,7 +368,7 @@ def attention_parts(name: str, block: nn.Module, config: DGateConfig, hf_config:
     parts["o"] = names.get("out") or _match(leaves, OUT_NAMES, taken)
     if not set(ATTENTION_KEYS) & set(names):  # a guess from common names: checked numerically before gating
         parts["guessed"] = True
-    if parts["o"] is None or (parts.get("qkv") is None and parts.get("v") is None):
+    if parts["o"] is None and not set(ATTENTION_KEYS) & set(names):
         found = discovered_attention(block, hf_config)
         if found is not None:
             return found

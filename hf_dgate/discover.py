@@ -238,48 +238,98 @@ def check(model: nn.Module, sets: list[GroupSet], inputs: Any) -> str | None:
     """None when zeroing and halving the gates of `sets` acts like the slices they stand for, else why not."""
     try:
         return _check(model, sets, inputs)
+    except NoProbe:
+        raise
     except (RuntimeError, IndexError, ValueError) as e:
         return f"the proposed slices do not fit the layers ({str(e).splitlines()[0][:100]})"
 
 
+class NoProbe(ValueError):
+    """The probe batch does not run through the model (it needs other inputs): nothing can be checked."""
+
+
+class OffPath(ValueError):
+    """Gating a stack changes nothing in the probe's outputs: the probe does not reach it (a tower it does not feed)."""
+
+
+OFF_PATH = "gating its groups changes nothing in the outputs (the probe does not reach these layers)"
+
+
 def _check(model: nn.Module, sets: list[GroupSet], inputs: Any) -> str | None:
     plan = [(gs, _dead(gs, k)) for k, gs in enumerate(sets)]
-    ref = _forward(model, inputs)
+    try:
+        ref = _forward(model, inputs)
+    except Exception as e:  # noqa: BLE001 - a probe the model does not take: say so, check nothing
+        raise NoProbe(
+            f"the structure was found from names and shapes and must be checked on a batch, but the model does not run "
+            f"on the probe ({str(e).splitlines()[0][:80]}); pass example_inputs=<a batch> to apply_dgate"
+        ) from None
     zero = _run_gated(model, plan, inputs, 0.0)
     scale = float(ref.abs().max())
     effect = float((zero - ref).abs().max()) if zero.shape == ref.shape else float("inf")
     if not effect > 1e-6 * scale:
-        return "gating its groups changes nothing in the outputs (the proposed layers are not on the forward path)"
+        return OFF_PATH
     # a wrong proposal is off by about as much as the gate's own effect; float rounding by far less
     tol = max(1e-2 * effect, 1e-6 * scale)
-    if not _close(zero, _run_sliced(model, plan, inputs, 0.0, "removable"), tol):
+    if sets[0].target == "layers":
+        if not _blocks_are_residual(model, plan, inputs):
+            return ("the block's output is not its input plus its branches (it normalises after the residual add, or "
+                    "has a branch beside them), so a zero gate does not remove the layer")
+    elif not _close(zero, _run_sliced(model, plan, inputs, 0.0, "removable"), tol):
         return ("a zero gate does not equal removing its slices (something else reads them, e.g. a norm over all "
                 "heads or a branch beside it)")
     if not _close(_run_gated(model, plan, inputs, 0.5), _run_sliced(model, plan, inputs, 0.5, "primary"), tol):
         return "scaling the gated activation does not equal scaling its weights (a norm or nonlinearity between them)"
-    if sets[0].target == "layers" and not _zero_blocks_are_identity(model, plan, inputs):
-        return ("with every residual branch at zero the block is not the identity (it normalises after the residual "
-                "add, or has a branch beside them), so dropping it is not exact")
     return None
 
 
-def _zero_blocks_are_identity(model: nn.Module, plan: list[tuple[GroupSet, torch.Tensor]], inputs: Any) -> bool:
-    """With the layer gates of `plan` at zero, each of those blocks returns its input hidden states."""
-    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+def _first(x: Any) -> Any:
+    return x[0] if isinstance(x, (tuple, list)) and x else x
 
-    def record(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-        x = args[0] if args else kwargs.get("hidden_states")
-        y = out[0] if isinstance(out, (tuple, list)) else out
-        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
-            seen.append((x.detach().float(), y.detach().float()))
 
-    handles = [model.get_submodule(gs.info.block).register_forward_hook(record, with_kwargs=True) for gs, _ in plan]
+def _blocks_are_residual(model: nn.Module, plan: list[tuple[GroupSet, torch.Tensor]], inputs: Any) -> bool:
+    """Each gated block returns its input plus the outputs of its gated branches (x + sum_b f_b(x)): then zero
+    gates make it the identity, which is what dropping it computes."""
+    calls: dict[str, list[Any]] = {}
+    handles = []
+
+    def block_hook(name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            x = args[0] if args else kwargs.get("hidden_states")
+            calls.setdefault(name, []).append(("block", x, _first(out)))
+        return hook
+
+    def site_hook(name: str):
+        def hook(module: nn.Module, args: tuple, out: Any) -> None:
+            calls.setdefault(name, []).append(("site", None, _first(out)))
+        return hook
+
     try:
-        _run_gated(model, plan, inputs, 0.0)
+        for gs, _ in plan:
+            block = gs.info.block
+            handles.append(model.get_submodule(block).register_forward_hook(block_hook(block), with_kwargs=True))
+            for site in gs.sites:
+                handles.append(model.get_submodule(site.module).register_forward_hook(site_hook(block)))
+        _forward(model, inputs)
     finally:
         for h in handles:
             h.remove()
-    return bool(seen) and all(_close(y, x, 1e-5 * float(x.abs().max()) + 1e-7) for x, y in seen)
+    if not calls:
+        return False
+    for seq in calls.values():
+        total = None
+        for kind, x, y in seq:
+            if not isinstance(y, torch.Tensor):
+                return False
+            if kind == "site":
+                total = y.float() if total is None else total + y.float()
+                continue
+            if not isinstance(x, torch.Tensor) or total is None or total.shape != y.shape or x.shape != y.shape:
+                return False
+            if not _close(y.float(), x.float() + total, 1e-5 * float(y.abs().max()) + 1e-6):
+                return False
+            total = None
+    return True
 
 
 def verify(model: nn.Module, sets: list[GroupSet], inputs: Any) -> dict[int, str]:

@@ -391,6 +391,8 @@ def _block_geometry(
         hd = cfg.hidden_size // cfg.num_attention_heads
     n_q = in_o // hd
     n_heads_cfg = cfg.num_attention_heads
+    if isinstance(parts, dict) and parts.get("guessed") and n_q > n_heads_cfg:
+        n_q = n_heads_cfg  # a common name on a wider, head-less mixer (a hybrid's linear attention): not heads
     n_kv_cfg = kv_head_count(cfg) or n_heads_cfg
     n_rep = n_heads_cfg // n_kv_cfg
     if down_rel is None:

@@ -70,7 +70,7 @@ class Inherent(str, Enum):
 
 
 PHRASES: dict[Inherent, tuple[str, ...]] = {
-    Inherent.POST_NORM: ("pre-norm", "post-norm"),
+    Inherent.POST_NORM: ("pre-norm", "post-norm", "normalises after the residual add"),
     Inherent.QK_NORM: ("norm spans all heads", "RMSNorm spans"),
     Inherent.SHARED_POSITION_BIAS: ("relative position bias", "position bias shared"),
     Inherent.NO_HEADS: ("no attention heads",),
@@ -312,7 +312,8 @@ def run_cell(mapping: str, family: str, target: str) -> Cell:
         return Cell(mapping, family, target, outcome.value, detail, reload, round(time.time() - t0, 2))
 
     try:
-        hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target=target))
+        # the batch goes along as a user's would: the numerical check of a guessed structure runs on it
+        hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target=target), example_inputs=batch)
     except ValueError as e:
         return _refused(e, done)
     except Exception as e:  # noqa: BLE001 - a crash is a result of the sweep

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..architectures import BlockStack, StructureNotFoundError, block_stacks, layer_config
 from ..config import DGateConfig
-from ..discover import verify
+from ..discover import OFF_PATH, OffPath, verify
 from ..flops import example_inputs as probe_batch
 from ..groups import GroupSet
 from ..registry import spec_for
@@ -53,8 +53,22 @@ def find_group_sets(
     per_block = [t for t in targets if t.per_block]
     sets: list[GroupSet] = []
     if per_block:
-        for stack in block_stacks(model, config):
-            sets += _stack_group_sets(model, config, stack, per_block, refuse, example_inputs)
+        stacks = block_stacks(model, config)
+        off_path: list[str] = []
+        for stack in stacks:
+            try:
+                sets += _stack_group_sets(model, config, stack, per_block, refuse, example_inputs)
+            except OffPath as e:  # a tower the probe does not feed: dense when another stack is gated
+                if len(stacks) == 1:
+                    raise ValueError(f"{e} Pass example_inputs=<a batch that uses it> to apply_dgate.") from None
+                off_path.append(stack.path)
+        if off_path and not sets:
+            raise ValueError(
+                f"No gated stack is reached by the probe batch ({', '.join(off_path)}); pass example_inputs=<a batch> "
+                "to apply_dgate."
+            )
+        if off_path:
+            logger.warning("Stacks %s stay dense: the probe batch does not reach them.", off_path)
     for target in targets:
         if not target.per_block:
             sets += target.find(model, config, example_inputs)
@@ -141,6 +155,17 @@ def _checked(
                     alt.info.stack, alt.info.stack_name = stack.path, stack.name
                     sets = [alt if s is gs else s for s in sets]
                     del bad[i]
+        if bad and target == "layers":  # children that add the residual themselves: gate their last layers
+            from .layers import alternative_layer_set
+
+            for i in list(bad):
+                gs = guessed[i]
+                name, block = stack.blocks[gs.layer]
+                alt = alternative_layer_set(gs.layer, name, block, layer_config(stack.config, gs.layer))
+                if not verify(model, [alt], probe):
+                    alt.info.stack, alt.info.stack_name = stack.path, stack.name
+                    sets = [alt if s is gs else s for s in sets]
+                    del bad[i]
         for i, why in bad.items():
             failed[guessed[i].layer] = why
         dropped = {id(guessed[i]) for i in bad}
@@ -149,6 +174,8 @@ def _checked(
         raise StructureNotFoundError(next(iter(missing.values())))
     if failed and not sets:
         layer, why = next(iter(failed.items()))
+        if all(w == OFF_PATH for w in failed.values()):
+            raise OffPath(f"target={target!r}: {stack.path!r} is not reached by the probe batch ({why}).")
         raise ValueError(
             f"target={target!r} is not available for {stack.path!r}: no block passed (block {layer}: {why}). Name "
             "the parts with DGateConfig(module_names={...}) if they exist."

@@ -270,6 +270,8 @@ class Heads(Target):
         """The record lists kept query heads in their original numbering; a key/value group takes its queries."""
         n_rep = gs.info.n_heads // gs.info.n_kv
         heads = kept[gs.info.attention]
+        if len(heads[gs.layer]) != gs.info.n_heads:  # read off other layers (a hybrid's head-less blocks): restart
+            heads[gs.layer] = list(range(gs.info.n_heads))
         heads[gs.layer] = [h for j, h in enumerate(heads[gs.layer]) if not dead[j // n_rep]]
 
     def metric_name(self):

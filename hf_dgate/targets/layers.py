@@ -87,7 +87,13 @@ def _layer_set(
     return GroupSet("layers", layer, 1, sites, primary, whole_module_slices(name, block), LayerInfo(block=name))
 
 
-def _guessed_layer_set(layer: int, name: str, block: nn.Module, hf_config: Any) -> GroupSet:
+def alternative_layer_set(layer: int, name: str, block: nn.Module, hf_config: Any) -> GroupSet:
+    """The same branches gated at their last layers instead of at the child's output (for children that add the
+    residual themselves, as BERT's attention output does)."""
+    return _guessed_layer_set(layer, name, block, hf_config, at_child=False)
+
+
+def _guessed_layer_set(layer: int, name: str, block: nn.Module, hf_config: Any, at_child: bool = True) -> GroupSet:
     """A block of a family without a registry row: each child writing the hidden size is a residual branch, gated at
     its output; its scale folds into that branch's last layer (discover.residual_branches). The numerical check
     then asks whether zero branches make the block the identity."""
@@ -96,8 +102,10 @@ def _guessed_layer_set(layer: int, name: str, block: nn.Module, hf_config: Any) 
         raise StructureNotFoundError(f"No residual branch writing the hidden size was found in '{name}'.")
     hidden = hidden_size(hf_config, block)
     sites, primary = [], []
+    zeros = torch.zeros(hidden, dtype=torch.long)
     for child, params in branches:
-        sites.append(Site(f"{name}.{child}", "output", -1, torch.zeros(hidden, dtype=torch.long)))
+        if at_child:
+            sites.append(Site(f"{name}.{child}", "output", -1, zeros))
         for rel in params:
             owner, _, pname = rel.rpartition(".")
             m = block.get_submodule(rel) if pname not in dict(block.get_submodule(owner).named_parameters(
@@ -106,6 +114,10 @@ def _guessed_layer_set(layer: int, name: str, block: nn.Module, hf_config: Any) 
                 primary += whole_weight_slices(f"{name}.{rel}", m)
             else:
                 primary.append(TensorSlice(f"{name}.{owner}", pname, None, torch.tensor([0])))
+            if not at_child:
+                site = f"{name}.{rel if m is not None else owner}"
+                if all(s.module != site for s in sites):
+                    sites.append(Site(site, "output", -1, zeros))
     info = LayerInfo(block=name, guessed=True)
     return GroupSet("layers", layer, 1, sites, primary, whole_module_slices(name, block), info)
 
