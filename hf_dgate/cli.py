@@ -114,7 +114,7 @@ def export(args: argparse.Namespace) -> int:
     from .errors import ExportError
     from .hub import check_repo_id, export_to_dir
     from .outdir import OutputDir
-    from .verify import ExportNotVerifiedWarning, Verification
+    from .verify import ExportInexactWarning, ExportNotVerifiedWarning, Verification
 
     if args.threshold is not None and not args.threshold > 0:
         raise CLIError(f"--threshold {args.threshold} is invalid: pass a float > 0 (e.g. 1e-3).")
@@ -129,6 +129,7 @@ def export(args: argparse.Namespace) -> int:
     try:
         with warnings.catch_warnings():  # the outcome is printed below as one plain line
             warnings.simplefilter("ignore", ExportNotVerifiedWarning)
+            warnings.simplefilter("ignore", ExportInexactWarning)
             summary = export_to_dir(
                 model,
                 args.out,

@@ -44,11 +44,23 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 ZERO_RTOL = 1e-6  # a removed group is "numerically zero" when its norm is <= this fraction of its target's largest
 PROBE_SEQ_LEN, PROBE_BATCH = 32, 2
 
-__all__ = ["ExportCheck", "ExportNotVerifiedWarning", "TOLERANCES", "Verification", "first_output"]
+__all__ = [
+    "ExportCheck",
+    "ExportInexactWarning",
+    "ExportNotVerifiedWarning",
+    "TOLERANCES",
+    "Verification",
+    "first_output",
+]
 
 
 class ExportNotVerifiedWarning(UserWarning):
-    """The export could not be compared with the gated model (no probe batch), or was exported inexact on request."""
+    """The export could not be compared with the gated model (no probe batch, or a probe it does not accept)."""
+
+
+class ExportInexactWarning(UserWarning):
+    """The export was compared with the gated model, differs beyond the tolerance, and was written anyway because
+    the caller passed allow_inexact=True (a verified result, so not an ExportNotVerifiedWarning)."""
 
 
 @dataclass
@@ -192,7 +204,7 @@ class ExportCheck:
         if not allow_inexact:
             raise ExportError(self.error_message(result))
         msg = f"Exported with allow_inexact=True: the export {result.describe()}."
-        warnings.warn(msg, ExportNotVerifiedWarning, stacklevel=3)
+        warnings.warn(msg, ExportInexactWarning, stacklevel=3)
         return result
 
     def _adapt_inputs(self, pruned: nn.Module) -> Any:

@@ -17,7 +17,7 @@ from hf_dgate.cli import main
 from hf_dgate.errors import ExportError, NonFiniteError
 from hf_dgate.hub import outputs_statement
 from hf_dgate.models import LeNet300100, ResNet18
-from hf_dgate.verify import ExportNotVerifiedWarning
+from hf_dgate.verify import ExportInexactWarning, ExportNotVerifiedWarning
 
 GREY = 20  # neurons per layer with a norm just under the 1e-3 threshold
 
@@ -62,7 +62,7 @@ def test_inexact_export_is_refused_with_count_range_and_ways_out():
     for way in ("Train longer", "lower threshold (now 0.001)", "threshold_mode='relative'", "allow_inexact=True"):
         assert way in msg
     assert len(msg) <= 300  # the CLI prints it on one line
-    with pytest.warns(ExportNotVerifiedWarning, match="NOT exact"):
+    with pytest.warns(ExportInexactWarning, match="NOT exact"):  # verified, so not "not verified"
         small = export_pruned(model, allow_inexact=True)
     v = small.dgate_verification
     assert v.verified and not v.exact and v.max_abs_diff > 10 * v.tolerance
@@ -94,7 +94,7 @@ def test_export_to_dir_refuses_inexact_then_states_the_difference(tmp_path):
     with pytest.raises(ExportError, match=f"{2 * GREY} neurons"):
         export_to_dir(model, tmp_path / "out", measure=False, seq_len=16)
     assert not (tmp_path / "out").exists()  # nothing written
-    with pytest.warns(ExportNotVerifiedWarning):
+    with pytest.warns(ExportInexactWarning):
         summary = export_to_dir(model, tmp_path / "out", measure=False, seq_len=16, allow_inexact=True)
     v = summary["verification"]
     assert not summary["exact"] and v["verified"] and v["allowed_inexact"] and v["max_abs_diff"] > v["tolerance"]
@@ -115,7 +115,7 @@ def test_trainer_export_pruned_refuses_and_opts_in(tmp_path):
     make_grey(tr.model)
     with pytest.raises(ExportError, match="allow_inexact=True"):
         tr.export_pruned(measure=False, seq_len=16)
-    with pytest.warns(ExportNotVerifiedWarning):
+    with pytest.warns(ExportInexactWarning):
         summary = tr.export_pruned(measure=False, seq_len=16, allow_inexact=True)
     assert summary["verification"]["verified"] and not summary["exact"]
     assert "NOT exact" in (tmp_path / "run" / "pruned" / "README.md").read_text()
