@@ -219,3 +219,16 @@ def test_export_speedup_is_paired_with_spread_and_flags_noise(gated_dir, tmp_pat
     # the case: 7.31x measured for a 1.70x FLOPs reduction is not a gain
     assert "timing noise" in SpeedUp(7.31, 6.0, 8.0, 9, 2, 1.0, 0.14, flops_ratio=1.70).describe()
     assert "noise" not in SpeedUp(1.5, 1.4, 1.6, 9, 2, 1.0, 0.66, flops_ratio=1.70).describe()
+
+
+def test_a_missing_extra_is_named(gated_dir, tmp_path, capsys, monkeypatch):
+    import sys
+
+    from hf_dgate.extras import MissingExtraError, require
+
+    monkeypatch.setitem(sys.modules, "torch_pruning", None)  # as if not installed: importing it raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(MissingExtraError, match=r"pip install 'hf-dgate\[vision\]'"):
+        require("torch_pruning", "target='filters'")
+    rc, _, err = run(["report", gated_dir[0], "--plot", tmp_path / "n.png"], capsys)
+    _assert_one_line_error(rc, err, "--plot needs matplotlib", "hf-dgate[plot]")
