@@ -94,11 +94,33 @@ def feature_set(model: nn.Module) -> GroupSet:
             "too and export would cut its columns. Gate the module that reads your features instead: "
             "DGateConfig(target=[], groups=[GroupRule('features', r'^<module name>$', kind='in')])."
         )
+    before = _weights_before(model, name)
+    if before is not None:
+        raise ValueError(
+            f"target='features' gates the input columns of the first nn.Linear, {name!r}, but {before!r} "
+            f"({type(model.get_submodule(before)).__name__}) holds weights that come before it, so those columns are "
+            "not the model's input features and an export could not be fed the kept ones. Gate 'heads', 'neurons' "
+            "or 'layers' of a transformer, 'filters' of a CNN, or the Linear that reads your features directly with "
+            "DGateConfig(target=[], groups=[GroupRule('features', r'^<module name>$', kind='in')])."
+        )
     index = slice_index(lin.in_features)
     slices = input_slices(name, lin, index)
     return GroupSet(
         "features", name, lin.in_features, [Site(name, "input", -1, index)], slices, list(slices), ModuleInfo(root=name)
     )
+
+
+def _weights_before(model: nn.Module, name: str) -> str | None:
+    """The first module registered before `name` (and not around it) that holds its own weights (an embedding, a
+    convolution, a norm), else None: only then does the first Linear read the model's input."""
+    for other, m in model.named_modules():
+        if other == name:
+            return None
+        if name.startswith(f"{other}.") if other else True:
+            continue  # a container of the Linear
+        if any(True for _ in m.parameters(recurse=False)):
+            return other
+    return None
 
 
 def _tied_to(model: nn.Module, name: str, module: nn.Module) -> list[str]:

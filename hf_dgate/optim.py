@@ -206,6 +206,12 @@ def _own_group(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], gro
         raise ValueError(f"This optimizer already has the group that {caller} adds ({caller} was called twice).")
     if any(len(s) for s in optimizer.state.values()):
         raise ValueError(f"Call {caller} before the optimizer's first step (its state is not empty).")
+    if any("initial_lr" in g for g in optimizer.param_groups):  # what torch's LR schedulers leave on each group
+        raise ValueError(
+            f"Call {caller} before creating the learning-rate scheduler: this optimizer's groups carry 'initial_lr', "
+            f"so a scheduler already holds one rate per group, which would go to the wrong groups once {caller} "
+            "regroups them. Build the optimizer, call it, then create the scheduler."
+        )
     ids = {id(p) for p in params}
     found: set[int] = set()
     for g in optimizer.param_groups:

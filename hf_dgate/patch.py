@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import types
 from typing import Any
 
 import torch
@@ -45,7 +46,26 @@ def apply_dgate(model: nn.Module, config: DGateConfig | None = None, example_inp
     bank.train(base.training)
     base.add_module(BANK_NAME, bank)
     bank.attach()
+    if _is_peft_model(model):  # PEFT's own merge would drop the gates' hooks with the adapter layers
+        model.merge_and_unload = types.MethodType(_gated_merge_and_unload, model)
     return model
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config") and callable(getattr(model, "merge_and_unload", None))
+
+
+def _gated_merge_and_unload(self: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+    """`merge_and_unload()` of a gated PEFT model: PEFT replaces each adapter layer by a plain one, and the gates'
+    hooks sit on the adapter layers, so the merged model would silently compute without its gates. Here the gates
+    are folded into base and adapter weights first and the merged model is gated again (`merge_adapters`): the
+    outputs stay the same and the zero groups stay zero."""
+    if args or kwargs:
+        raise ValueError(
+            "merge_and_unload() on a gated model takes no arguments (the gates are folded, the adapters merged and "
+            "the merged model gated again); call hf_dgate.remove_dgate(model) first to use PEFT's options."
+        )
+    return merge_adapters(self)
 
 
 def remove_dgate(model: nn.Module, merge: bool = True) -> nn.Module:
@@ -55,6 +75,7 @@ def remove_dgate(model: nn.Module, merge: bool = True) -> nn.Module:
         bank.fold()
     bank.detach()
     delattr(_unwrap(model), BANK_NAME)
+    vars(model).pop("merge_and_unload", None)  # PEFT's own merge applies again
     return model
 
 
@@ -75,7 +96,7 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     check_adapters(_unwrap(model), bank.group_sets)
     config = bank.config
     remove_dgate(model, merge=True)
-    return apply_dgate(model.merge_and_unload(), config)
+    return apply_dgate(model.merge_and_unload(), config)  # PEFT's own: remove_dgate took the gated override away
 
 
 def _is_tuner_layer(module: nn.Module) -> bool:

@@ -166,6 +166,11 @@ class DGateMixin:
                 "or call hf_dgate.remove_dgate(model) first."
             )
         self.dgate_bank: GateBank = get_bank(model)
+        if self.dgate_bank.config.l0_target_sparsity is not None and target_sparsity is not None:
+            raise ValueError(
+                "Pass DGateConfig(l0_target_sparsity=...) or DGateTrainer(target_sparsity=...), not both: the first "
+                "steers the L0 gates through their Lagrange multipliers, the second would steer a lam they do not use."
+            )
         targets = self.dgate_bank.targets
         if sparsity_target is None:
             sparsity_target = targets[0]

@@ -349,3 +349,48 @@ def test_incomplete_checkpoints_are_skipped_and_a_lost_controller_state_is_said(
     os.remove(tmp_path / "run" / "checkpoint-4" / "dgate_trainer_state.json")
     with pytest.warns(UserWarning, match="no dgate_trainer_state.json, so the lam controller's state is lost"):
         _run(tmp_path, steps=5, resume=str(tmp_path / "run" / "checkpoint-4"))
+
+
+# ---- 7. combinations that cannot mean anything ----------------------------------------------------------------
+def test_a_scheduler_created_before_dgate_optimizer_is_refused():
+    from hf_dgate.optim import dgate_optimizer, l0_optimizer
+
+    for method, helper in (("dgate", dgate_optimizer), ("l0", l0_optimizer)):
+        model = make_model("llama")
+        hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="heads", method=method))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+        groups = [dict(g) for g in opt.param_groups]
+        with pytest.raises(ValueError, match="before creating the learning-rate scheduler"):
+            helper(opt, model)
+        assert [len(g["params"]) for g in opt.param_groups] == [len(g["params"]) for g in groups]  # untouched
+
+
+def test_l0_target_sparsity_and_a_trainer_target_together_are_refused(tmp_path):
+    from test_trainer import targs, tiny_gpt2
+
+    cfg = hf_dgate.DGateConfig(target="heads", method="l0", l0_target_sparsity=0.5)
+    with pytest.raises(ValueError, match="l0_target_sparsity.*target_sparsity.*not both"):
+        hf_dgate.DGateTrainer(tiny_gpt2(), targs(tmp_path), dgate_config=cfg, target_sparsity=0.5)
+
+
+def test_peft_merge_and_unload_on_a_gated_model_keeps_its_gates():
+    model, inputs = _lora_gated(), make_inputs("llama")
+    bank = hf_dgate.get_bank(model)
+    _kill(bank, "heads", 0, [1])
+    ref = model(**inputs).logits
+    merged = model.merge_and_unload()
+    assert not hasattr(merged, "peft_config") and hf_dgate.is_gated(merged)
+    torch.testing.assert_close(merged(**inputs).logits, ref, rtol=1e-5, atol=1e-5)
+    assert hf_dgate.export_pruned(merged).dgate_verification.exact
+    with pytest.raises(ValueError, match="takes no arguments"):
+        _lora_gated().merge_and_unload(safe_merge=True)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_features_on_a_model_whose_first_linear_is_not_its_input_is_refused(family):
+    with pytest.raises(ValueError, match="holds weights that come before it"):
+        hf_dgate.apply_dgate(make_model(family), hf_dgate.DGateConfig(target="features"))
+    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(8, 2))
+    with pytest.raises(ValueError, match="'0' \\(Conv2d\\) holds weights"):
+        hf_dgate.apply_dgate(conv, hf_dgate.DGateConfig(target="features"))
