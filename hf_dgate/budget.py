@@ -21,7 +21,7 @@ import torch
 
 from .controller import FALLING_RATIO, SETTLE_TOL
 from .groups import GateBank, HeadInfo
-from .report import _param_counts
+from .report import param_counts
 
 
 class CostUnit(str, Enum):
@@ -105,7 +105,7 @@ def weighted_penalty(bank: GateBank, weights: dict[str, torch.Tensor], lam: floa
 
 def params_after(bank: GateBank, dead: dict[str, torch.Tensor]) -> tuple[int, int]:
     """(total, kept) parameters once the groups in `dead` are removed: the report's exact count."""
-    return _param_counts(bank, {t: d.to(torch.bool).cpu() for t, d in dead.items()})
+    return param_counts(bank, {t: d.to(torch.bool).cpu() for t, d in dead.items()})
 
 
 @torch.no_grad()

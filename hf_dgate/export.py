@@ -27,7 +27,7 @@ from .errors import ExportError
 from .groups import GroupSet
 from .legacy_heads import prune_with_transformers
 from .native import make_native
-from .patch import _unwrap, get_bank, remove_dgate
+from .patch import get_bank, remove_dgate, unwrap
 from .record import HF_PRUNED_HEADS, RECORD_KEY, PruningRecord
 from .registry import spec_for
 from .targets import get_target
@@ -132,7 +132,7 @@ def export_checked(
         dead = {t: bank.zero_groups(t, thr).cpu() for t in bank.targets}
         plan = bank.per_set(dead)
         dconfig = bank.config
-        base = _unwrap(model)
+        base = unwrap(model)
         pruned = base if inplace else copy.deepcopy(base)
         remove_dgate(pruned, merge=True)
         if padded:
@@ -155,7 +155,7 @@ def prune_heads(model: nn.Module, heads_to_prune: dict[int, list[int]], dconfig:
     """
     from types import SimpleNamespace
 
-    base = _unwrap(model)
+    base = unwrap(model)
     dconfig = _with_targets(dconfig or DGateConfig(target="heads"), ["heads"])
     record = _record(base) or {}
     blocks = find_blocks(base, dconfig)
@@ -206,12 +206,12 @@ def prune_heads(model: nn.Module, heads_to_prune: dict[int, list[int]], dconfig:
 
 def pruned_structure(model: nn.Module) -> dict[str, Any] | None:
     """What export removed, as recorded in the config (None for a model that was not pruned); as a dict."""
-    return _record(_unwrap(model))
+    return _record(unwrap(model))
 
 
 def pruning_record(model: nn.Module) -> PruningRecord | None:
     """What export removed, as the typed record (None for a model that was not pruned)."""
-    cfg = getattr(_unwrap(model), "config", None)
+    cfg = getattr(unwrap(model), "config", None)
     return PruningRecord.read(cfg) if cfg is not None else None
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from .export import ExportError, export_checked, pruned_structure
 from .outdir import OutputDir, local_source, resolve
-from .patch import _unwrap, get_bank, remove_dgate
+from .patch import get_bank, remove_dgate, unwrap
 from .record import PruningRecord, StackRecord
 from .verify import Verification
 
@@ -571,7 +571,7 @@ def plan_export(
         thr = bank.check_threshold(threshold)
     except ValueError as e:
         raise ExportError(str(e)) from None
-    base = _unwrap(model)
+    base = unwrap(model)
     fmt = get_format(format)
     fmt_options = dict(remote_code=remote_code, gguf_dtype=gguf_dtype, tokenizer=tokenizer)
     fmt.check(base, **fmt_options)  # a format that cannot write this model refuses before any work

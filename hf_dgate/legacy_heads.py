@@ -10,7 +10,7 @@ from torch import nn
 from .architectures import BlockStack
 from .choices import AttentionKind
 from .compat import HAS_HF_PRUNE_HEADS, hf_prune_heads
-from .groups import GroupSet
+from .groups import GroupSet, HeadInfo
 
 
 def prune_with_transformers(
@@ -27,7 +27,8 @@ def prune_with_transformers(
     cannot run without heads, hf_dgate's bias-only attention can)."""
     if not HAS_HF_PRUNE_HEADS or not single or st.name != st.path:
         return set()
-    sets = [(gs, d) for gs, d in plan if gs.target == "heads" and gs.layer not in dead_layers and bool(d.any())]
+    head_sets = [(gs, d) for gs, d in plan if isinstance(gs.info, HeadInfo)]
+    sets = [(gs, d) for gs, d in head_sets if gs.layer not in dead_layers and bool(d.any())]
     if not sets or any(gs.info.attention != AttentionKind.SELF or gs.info.n_heads != gs.info.n_kv for gs, _ in sets):
         return set()
     if any(gs.info.discovered for gs, _ in sets):  # found from shapes: transformers' prune_heads may not know it

@@ -33,7 +33,7 @@ def apply_dgate(model: nn.Module, config: DGateConfig | None = None, example_inp
         raise TypeError("Pass either a DGateConfig or keyword arguments, not both.")
     if get_bank(model, required=False) is not None:
         raise ValueError("The model is already gated; call hf_dgate.remove_dgate(model) first to re-gate it.")
-    base = _unwrap(model)
+    base = unwrap(model)
     # under `with torch.device("meta")` the index vectors would hold no values: build them on the CPU
     cpu = torch.device("cpu") if torch.get_default_device().type == "meta" else contextlib.nullcontext()
     with cpu:
@@ -74,7 +74,7 @@ def remove_dgate(model: nn.Module, merge: bool = True) -> nn.Module:
     if merge:
         bank.fold()
     bank.detach()
-    delattr(_unwrap(model), BANK_NAME)
+    delattr(unwrap(model), BANK_NAME)
     vars(model).pop("merge_and_unload", None)  # PEFT's own merge applies again
     return model
 
@@ -87,13 +87,13 @@ def merge_adapters(model: nn.Module) -> nn.Module:
         raise ValueError("merge_adapters expects a PEFT model (with merge_and_unload); this model has no adapters.")
     bank = get_bank(model)
     known = {id(m) for m in bank._modules_by_name.values()}
-    added = [n for n, m in _unwrap(model).named_modules() if _is_tuner_layer(m) and id(m) not in known]
+    added = [n for n, m in unwrap(model).named_modules() if _is_tuner_layer(m) and id(m) not in known]
     if added:
         raise ValueError(
             f"The adapters on {added[:3]} were added after apply_dgate, so the gates do not scale them and folding "
             "would be wrong. Gate the PEFT model itself: apply_dgate(get_peft_model(model, ...), config)."
         )
-    check_adapters(_unwrap(model), bank.group_sets)
+    check_adapters(unwrap(model), bank.group_sets)
     config = bank.config
     remove_dgate(model, merge=True)
     return apply_dgate(model.merge_and_unload(), config)  # PEFT's own: remove_dgate took the gated override away
@@ -161,7 +161,7 @@ def _adapter_kind(module: nn.Module) -> str:
 
 def get_bank(model: nn.Module, required: bool = True) -> GateBank | None:
     """The `GateBank` of a gated model (also through PEFT, DDP and compile wrappers)."""
-    for m in (model, _unwrap(model)):
+    for m in (model, unwrap(model)):
         bank = getattr(m, BANK_NAME, None)
         if isinstance(bank, GateBank):
             return bank
@@ -214,7 +214,7 @@ def effective_norms(model: nn.Module, target: str) -> torch.Tensor:
     return get_bank(model).effective_norms(target)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
     """The module whose parameters carry the model's names (through DDP/compile wrappers and PEFT)."""
     while True:
         if hasattr(model, "_orig_mod"):
@@ -225,3 +225,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
             model = model.get_base_model()
         else:
             return model
+
+
+_unwrap = unwrap  # (its name before it was public)

@@ -102,7 +102,7 @@ def sparsity_report(model: nn.Module, threshold: float | None = None) -> Sparsit
     for gs, d in bank.per_set(dead):
         label = group_set_label(gs, multi_stack=len(stacks) > 1)
         targets[gs.target].per_layer[label] = [gs.n_groups - int(d.sum()), gs.n_groups]
-    total, kept = _param_counts(bank, dead)
+    total, kept = param_counts(bank, dead)
     return SparsityReport(thr, targets, total, kept, bank.config.threshold_mode == ThresholdMode.RELATIVE, stacks)
 
 
@@ -126,7 +126,7 @@ def _adapter_param_ids(bank: GateBank) -> set[int]:
     return ids
 
 
-def _param_counts(bank: GateBank, dead: dict[str, torch.Tensor]) -> tuple[int, int]:
+def param_counts(bank: GateBank, dead: dict[str, torch.Tensor]) -> tuple[int, int]:
     """Exact count of parameters left once dead groups (and what only fed them) are removed.
 
     Removing a position along an axis removes its whole hyper-row, so per tensor the kept count is the product

@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import DGateConfig
 from .methods import METHODS, get_method
-from .patch import BANK_NAME, _unwrap, apply_dgate, get_bank
+from .patch import BANK_NAME, apply_dgate, get_bank, unwrap
 
 GATE_PREFIX = BANK_NAME + "."
 MANIFEST_NAME = "dgate_manifest.json"
@@ -33,7 +33,7 @@ def save_gated(model: nn.Module, save_directory: str | os.PathLike, **save_kwarg
     from .outdir import updating
 
     bank = get_bank(model)
-    base = _unwrap(model)
+    base = unwrap(model)
     previous = _previous_save_files(save_directory)
     with updating(save_directory, carry=lambda name: name not in previous) as tmp:
         with no_code_references(base):  # no source model's remote code rides along (hf_dgate/codefree.py)
@@ -291,7 +291,7 @@ def load_gated(directory: str | os.PathLike, model_class: type | None = None, **
     bank = get_bank(model)
     check_gates_match(directory, dconfig, gates, gate_record(bank))
     if adapters is not None:  # every tensor of the files, into the rebuilt adapter model, key for key
-        _load_all(_unwrap(model), directory)
+        _load_all(unwrap(model), directory)
         return model
     missing, unexpected = bank.load_state_dict(gates, strict=False)
     if missing or unexpected:

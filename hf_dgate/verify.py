@@ -273,9 +273,9 @@ def probe_inputs(model: nn.Module, bank: Any) -> Any:
     """A deterministic batch the gated model should accept, or None: token ids / pixels for HF models, else
     `DGateConfig.example_input_shape`, else (input features) a batch as wide as the gated first Linear."""
     from .flops import example_inputs
-    from .patch import _unwrap
+    from .patch import unwrap
 
-    base = _unwrap(model)
+    base = unwrap(model)
     if getattr(base, "config", None) is not None and hasattr(base.config, "to_dict"):
         return example_inputs(base, seq_len=PROBE_SEQ_LEN, batch_size=PROBE_BATCH)
     ref = next(model.parameters(), None)
@@ -298,11 +298,11 @@ def describe_inputs(inputs: Any) -> str:
 
 def _feature_width(model: nn.Module, bank: Any) -> int | None:
     """Input width of the Linear whose input features are gated (None without a features target)."""
-    from .patch import _unwrap
+    from .patch import unwrap
     from .targets import get_target
 
     for gs in bank.group_sets:
-        width = get_target(gs.target, bank.config).probe_width(_unwrap(model), gs)
+        width = get_target(gs.target, bank.config).probe_width(unwrap(model), gs)
         if width is not None:
             return width
     return None
