@@ -1,7 +1,7 @@
 """Training overhead of D-Gating: step time and memory of vanilla against gated training, in one process.
 
     python benchmarks/train_overhead.py            # GPT-2-small size and a small Llama, 1k and 4k tokens/step
-    python benchmarks/train_overhead.py --quick    # 2 layers, for a CPU smoke run
+    python benchmarks/train_overhead.py --quick    # 2 small layers: a smoke run of the script (seconds)
 
 Vanilla and gated steps (heads + neurons, D = 3, AdamW) alternate in ABBA order so noise and order effects hit
 both alike; the table prints median step times and the median of the per-round ratios (gated step over the
@@ -25,13 +25,17 @@ from hf_dgate.flops import penalty_op_counts
 from hf_dgate.threads import THREADS_HELP, configure_threads
 
 
-def build(kind: str, layers: int) -> torch.nn.Module:
+def build(kind: str, layers: int, small: bool = False) -> torch.nn.Module:
+    """GPT-2-small / a small Llama at full width; `small` (--quick): width 128 and a 1000-token vocabulary."""
+    width, vocab = (128, 1000) if small else (768, None)
     if kind == "gpt2":
         cfg = T.GPT2Config(
             n_layer=layers,
-            n_embd=768,
-            n_head=12,
-            vocab_size=50257,
+            n_embd=width,
+            n_head=4 if small else 12,
+            vocab_size=vocab or 50257,
+            bos_token_id=0 if small else 50256,
+            eos_token_id=0 if small else 50256,
             n_positions=1024,
             resid_pdrop=0.0,
             embd_pdrop=0.0,
@@ -42,11 +46,11 @@ def build(kind: str, layers: int) -> torch.nn.Module:
         return model
     cfg = T.LlamaConfig(
         num_hidden_layers=layers,
-        hidden_size=768,
-        intermediate_size=2048,
-        num_attention_heads=12,
-        num_key_value_heads=4,
-        vocab_size=32000,
+        hidden_size=width,
+        intermediate_size=2048 if not small else 256,
+        num_attention_heads=4 if small else 12,
+        num_key_value_heads=2 if small else 4,
+        vocab_size=vocab or 32000,
     )
     return T.LlamaForCausalLM(cfg)
 
@@ -96,12 +100,14 @@ def timed(step, device) -> float:
     return time.perf_counter() - t
 
 
-def measure(kind: str, layers: int, batch: int, seq: int, steps: int, device, compiled: bool) -> dict:
+def measure(
+    kind: str, layers: int, batch: int, seq: int, steps: int, device, compiled: bool, small: bool = False
+) -> dict:
     torch.manual_seed(0)
-    vanilla = build(kind, layers).to(device)
+    vanilla = build(kind, layers, small).to(device)
     torch.manual_seed(0)
     gated = hf_dgate.apply_dgate(
-        build(kind, layers).to(device), hf_dgate.DGateConfig(target=["heads", "neurons"], depth=3, lam=1e-4)
+        build(kind, layers, small).to(device), hf_dgate.DGateConfig(target=["heads", "neurons"], depth=3, lam=1e-4)
     )
     ids = torch.randint(0, 1000, (batch, seq), device=device)
     runs = {"vanilla": make_step(vanilla, ids, False, compiled), "gated": make_step(gated, ids, True, compiled)}
@@ -159,7 +165,8 @@ def main() -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="2 layers, 256 tokens, 3 rounds: a smoke run of the script (at that size the ratios are mostly noise)",
+        help="2 layers of width 128, 256 tokens, 3 rounds: a smoke run of the script (seconds; at that size the "
+        "ratios say nothing about GPT-2-small scale)",
     )
     parser.add_argument("--layers", type=int, default=None, help="override the number of layers (default 12)")
     parser.add_argument("--steps", type=int, default=None)
@@ -186,7 +193,8 @@ def main() -> None:
     for kind in args.models:
         for tokens in token_counts:
             for compiled in [False, True] if args.compile else [False]:
-                r = measure(kind, layers, max(1, tokens // args.seq), min(args.seq, tokens), steps, device, compiled)
+                batch, seq = max(1, tokens // args.seq), min(args.seq, tokens)
+                r = measure(kind, layers, batch, seq, steps, device, compiled, small=args.quick)
                 lo, hi = r["time_ratio_middle_half"]
                 ratio = f"{r['time_ratio']:.3f} [{lo:.3f}, {hi:.3f}]"
                 print(

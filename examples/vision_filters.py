@@ -214,7 +214,7 @@ def main(argv=None):
             rows.append(row)
             accelerator.print(
                 f"D={depth} lam={lam:.1e}: acc {row['test_acc']:.4f}, {row['filters_zero']}/{row['filters_total']} "
-                f"filters zero, FLOP speed-up x{row['speedup']:.2f}, {row['train_s']}s",
+                f"filters zero, FLOPs x{row['speedup']:.2f} fewer, {row['train_s']}s",
                 flush=True,
             )
     if not accelerator.is_main_process:

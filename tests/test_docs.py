@@ -30,3 +30,16 @@ def test_readme_block_runs(section, tmp_path):
         assert re.search(r"heads: [1-9]\d*/16 zero", proc.stdout), proc.stdout
         assert re.search(r"neurons: [1-9]\d*/1024 zero", proc.stdout), proc.stdout
         assert "grey" not in proc.stdout, proc.stdout
+
+
+def test_doccheck_cheap_figures_match_the_readme():
+    """The cheap figure of `python -m hf_dgate.doccheck` (the README's penalty op count); its help-time check is a
+    timing, so it runs only there, never in a test."""
+    from hf_dgate import doccheck
+
+    result = doccheck.check_penalty_ops()
+    assert result.figures and result.ok, [(f.name, f.claimed, f.measured) for f in result.figures]
+    # every expensive check still finds its figure in the README (a reworded sentence would silently skip it)
+    assert doccheck.claim(r"ends with (\d+) of its 32 heads exactly zero") == ("30",)
+    assert doccheck.claim(r"ends with (\d+) of the 16 heads exactly zero and an exact export")
+    assert doccheck.python_block("## Train, export, share").count("export_pruned") == 1
