@@ -4,8 +4,17 @@ Each run is `examples/nanogpt_shakespeare.py` in its own process (run directorie
 are skipped, so the sweep can be resumed). The table (CSV + JSON) and the plot of validation character accuracy
 against head sparsity go to --results-dir.
 
-    nice python examples/nanogpt_sweep.py --data-file $DATA/shakespeare.txt --preset tiny
+    # the paper's setting and the example's default: plain AdamW for the gates too (results/nanogpt)
+    nice python examples/nanogpt_sweep.py --data-file $DATA/shakespeare.txt -- --gated-lr off
+    # DGateTrainer's default recipe (gates on momentum SGD inside AdamW), D = 3 (results/nanogpt_default)
+    nice python examples/nanogpt_sweep.py --data-file $DATA/shakespeare.txt --depths 3 --no-direct \
+        --lams 0.003 0.005 0.01 0.02 0.03 --runs-dir outputs/nanogpt_sweep_default \
+        --results-dir results/nanogpt_default -- --gated-lr auto
     python examples/nanogpt_sweep.py --table-only      # rebuild table and plot from finished runs
+    python examples/nanogpt_sweep.py --update-docs     # rewrite the generated tables in README.md and docs/
+
+The tables in README.md and docs/trainer.md between `<!-- generated: nanogpt_sweep ... -->` markers are written
+by `--update-docs` from the results files (tests/test_docs.py checks that they still match).
 """
 
 from __future__ import annotations
@@ -72,6 +81,7 @@ def collect(runs_dir: str, results_dir: str) -> list[dict]:
             row["method"] = "direct" if r["method"] == "direct" else f"dgate D={r['depth']}"
             row["run"] = name
             row["active_per_layer"] = r["active_per_layer"].get("heads")
+            row["gated_lr"] = r.get("args", {}).get("gated_lr")
             row.update(strict_sparsity(os.path.join(runs_dir, name)))
             rows.append(row)
     rows.sort(key=lambda r: (r["method"], r["lam"]))
@@ -83,11 +93,13 @@ def collect(runs_dir: str, results_dir: str) -> list[dict]:
         w.writeheader()
         for r in rows:
             w.writerow({k: r[k] for k in ["run", *COLUMNS]})
-    plot(rows, os.path.join(results_dir, "accuracy_vs_head_sparsity.png"))
+    recipes = {r["gated_lr"] for r in rows}
+    recipe = "gates: plain AdamW" if recipes == {"off"} else "gates: momentum SGD in AdamW (default)"
+    plot(rows, os.path.join(results_dir, "accuracy_vs_head_sparsity.png"), recipe)
     return rows
 
 
-def plot(rows: list[dict], path: str) -> None:
+def plot(rows: list[dict], path: str, recipe: str = "") -> None:
     """Accuracy against head sparsity at the default threshold (left) and at a strict one (right)."""
     import matplotlib
 
@@ -115,7 +127,7 @@ def plot(rows: list[dict], path: str) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("validation character accuracy")
     axes[0].legend(fontsize=8)
-    fig.suptitle("NanoGPT on TinyShakespeare, tiny preset (CPU, 600 steps); point labels = lam")
+    fig.suptitle(f"NanoGPT on TinyShakespeare, tiny preset (CPU, 600 steps); point labels = lam; {recipe}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -140,6 +152,67 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def pivot(rows: list[dict]) -> str:
+    """README form: one row per lam, one column per method, 'sparsity / accuracy' in each cell."""
+    methods = sorted({r["method"] for r in rows if r["lam"] > 0})
+    lams = sorted({r["lam"] for r in rows if r["lam"] > 0})
+    cells = {(r["method"], r["lam"]): r for r in rows}
+    head = "| lam | " + " | ".join(f"{m.replace('dgate ', '')} sparsity / acc." for m in methods) + " |"
+    lines = [head, "|" + "---|" * (len(methods) + 1)]
+    for lam in lams:
+        parts = []
+        for m in methods:
+            r = cells.get((m, lam))
+            parts.append("-" if r is None else f"{100 * r['head_sparsity']:.1f}% / {r['val_char_accuracy']:.4f}")
+        lines.append(f"| {lam:g} | " + " | ".join(parts) + " |")
+    return "\n".join(lines)
+
+
+GENERATORS = {"table": markdown, "pivot": pivot}
+DOCS = ("README.md", os.path.join("docs", "trainer.md"))
+MARK = "<!-- generated: nanogpt_sweep "
+
+
+def generated_block(results_dir: str, kind: str, root: str) -> str:
+    """The table `kind` (table | pivot) from `<results_dir>/sweep.json`, as --update-docs writes it."""
+    with open(os.path.join(root, results_dir, "sweep.json")) as f:
+        rows = json.load(f)
+    dense = [r for r in rows if r["lam"] == 0]
+    text = GENERATORS[kind](rows)
+    if kind == "pivot" and dense:
+        text = f"(dense, lam = 0: accuracy {dense[0]['val_char_accuracy']:.4f})\n\n" + text
+    return text
+
+
+def update_docs(root: str, check: bool = False) -> list[str]:
+    """Rewrite every marked block in README.md and docs/trainer.md from its results file; with `check`, only return
+    the files whose blocks differ."""
+    stale = []
+    for name in DOCS:
+        path = os.path.join(root, name)
+        with open(path) as f:
+            lines = f.read().split("\n")
+        out, i = [], 0
+        while i < len(lines):
+            line = lines[i]
+            out.append(line)
+            if line.startswith(MARK):
+                results_dir, kind = line[len(MARK) :].rstrip(" ->").split()
+                j = lines.index("<!-- end generated -->", i)
+                out.extend(generated_block(results_dir, kind, root).split("\n"))
+                out.append(lines[j])
+                i = j
+            i += 1
+        text = "\n".join(out)
+        with open(path) as f:
+            if f.read() != text:
+                stale.append(name)
+                if not check:
+                    with open(path, "w") as g:
+                        g.write(text)
+    return stale
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-file", default=None)
@@ -152,8 +225,12 @@ def main() -> None:
     p.add_argument("--results-dir", default="results/nanogpt")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS)")
     p.add_argument("--table-only", action="store_true")
+    p.add_argument("--update-docs", action="store_true", help="rewrite the generated tables in README.md and docs/")
     p.add_argument("extra", nargs="*", help="flags passed to every run, after --")
     args = p.parse_args()
+    if args.update_docs:
+        print("rewrote:", update_docs(os.path.join(HERE, "..")) or "nothing (up to date)")
+        return
 
     if not args.table_only:
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}

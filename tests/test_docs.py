@@ -43,3 +43,15 @@ def test_doccheck_cheap_figures_match_the_readme():
     assert doccheck.claim(r"ends with (\d+) of its 32 heads exactly zero") == ("30",)
     assert doccheck.claim(r"ends with (\d+) of the 16 heads exactly zero and an exact export")
     assert doccheck.python_block("## Train, export, share").count("export_pruned") == 1
+
+
+def test_generated_nanogpt_tables_match_their_results_files():
+    """The NanoGPT tables in README.md and docs/trainer.md are written from results/*/sweep.json by
+    `examples/nanogpt_sweep.py --update-docs`, never retyped: a stale block fails here."""
+    sys.path.insert(0, str(README.parent / "examples"))
+    try:
+        from nanogpt_sweep import MARK, update_docs
+    finally:
+        sys.path.pop(0)
+    assert MARK in README.read_text() and MARK in (README.parent / "docs" / "trainer.md").read_text()
+    assert update_docs(str(README.parent), check=True) == []
