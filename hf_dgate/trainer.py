@@ -225,7 +225,7 @@ class DGateMixin:
         if target_params is not None:
             if target_sparsity is not None:
                 raise ValueError("Pass target_params or target_sparsity, not both: each steers lam.")
-            if bank.method != "dgate":
+            if not bank.strategy.prices_groups:
                 raise ValueError(
                     f"target_params steers D-Gating's penalty; this model is gated with method={bank.method!r} "
                     "(for L0 use DGateConfig(l0_target_sparsity=...))."
@@ -244,7 +244,7 @@ class DGateMixin:
             # the controller steers the removed fraction of the parameters toward the budget's
             self.lam_controller.target_sparsity = 1.0 - self.dgate_budget / total
             self.lam_controller.__post_init__()
-        if bank.method != "dgate" and finish_steps not in ("auto", 0):
+        if not bank.strategy.holds_zeros and finish_steps not in ("auto", 0):
             raise ValueError(f"finish_steps holds gates at zero; method={bank.method!r} has no such gates: pass 0.")
         self.dgate_group_cost = unit
         self.dgate_finish_steps = finish_steps

@@ -40,6 +40,8 @@ class Method(ABC):
     depth_in_gates: ClassVar[bool] = False  # the saved gates' rows encode the depth (D-Gating: D - 1 rows)
     options: ClassVar[tuple[str, ...]] = ()  # DGateConfig fields only this method reads (None for the others)
     optimizer: ClassVar[OptimizerPolicy | None] = None
+    prices_groups: ClassVar[bool] = False  # its penalty takes a price per group (DGateTrainer(target_params=...))
+    holds_zeros: ClassVar[bool] = False  # removed groups can be held at exactly zero (DGateTrainer's finish)
 
     def init_gates(self, config: Any, n_groups: int) -> torch.Tensor:
         """The gates of `n_groups` groups as a fresh model holds them ((rows, G)); default D - 1 rows of ones."""

@@ -17,6 +17,8 @@ class DGate(Method):
     name = "dgate"
     depth_in_gates = True
     optimizer = OptimizerPolicy(helper="dgate_optimizer", group_key="dgate", takes_weights=True)
+    prices_groups = True  # (budget.weighted_penalty: the surrogate with a price per group)
+    holds_zeros = True
 
     def penalty(self, bank: GateBank, lam: float) -> torch.Tensor:
         """R = (lam / D) sum_g (||w_g||^2 + sum_d gamma_{g,d}^2)."""
