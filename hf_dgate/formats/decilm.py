@@ -82,10 +82,11 @@ def check_family(model: nn.Module) -> None:
 
 
 def _head_dim(model: nn.Module) -> int:
-    from ..export import pruned_structure
+    from ..export import pruning_record
 
     cfg = _text_config(model)
-    hd = (pruned_structure(model) or {}).get("head_dim") or getattr(cfg, "head_dim", None)
+    rec = pruning_record(model)  # a version-1 record's head size (a multi-stack one has none at the top)
+    hd = (rec.single.head_dim if rec is not None else None) or getattr(cfg, "head_dim", None)
     return int(hd or cfg.hidden_size // cfg.num_attention_heads)
 
 
@@ -182,9 +183,9 @@ def decilm_state_dict(model: nn.Module, p: dict[str, Any]) -> dict[str, torch.Te
 
 def decilm_config(model: nn.Module, p: dict[str, Any]) -> dict[str, Any]:
     cfg = _text_config(model)
-    from ..export import PRUNING_KEY
+    from ..record import RECORD_KEY
 
-    out = {k: v for k, v in cfg.to_dict().items() if k not in (PRUNING_KEY, "auto_map", "per_layer_config")}
+    out = {k: v for k, v in cfg.to_dict().items() if k not in (RECORD_KEY, "auto_map", "per_layer_config")}
     widths = [x["ff_written"] for x in p["layers"]]
     kv = [x.get("kv_written", 0) for x in p["layers"]]
     out.update(

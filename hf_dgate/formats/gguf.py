@@ -118,9 +118,10 @@ def _rope_theta(model: nn.Module) -> float:
 
 def _head_dim(model: nn.Module) -> int:
     cfg = _text_config(model)
-    from ..export import pruned_structure
+    from ..export import pruning_record
 
-    hd = (pruned_structure(model) or {}).get("head_dim") or getattr(cfg, "head_dim", None)
+    rec = pruning_record(model)  # a version-1 record's head size (a multi-stack one has none at the top)
+    hd = (rec.single.head_dim if rec is not None else None) or getattr(cfg, "head_dim", None)
     return int(hd or cfg.hidden_size // cfg.num_attention_heads)
 
 

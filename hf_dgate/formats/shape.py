@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..choices import AttentionKind
 from ..errors import ExportError
-from ..groups import GroupSet
+from ..groups import GroupSet, HeadInfo, LayerInfo, NeuronInfo
 
 PADDABLE = ("heads", "neurons")  # key/value groups of self-attention; neurons of a dense MLP
 
@@ -83,10 +84,12 @@ def parse_shape(shape: ExportShape | str) -> ExportShape:
         raise ExportError(f"shape={shape!r} is invalid; pass one of {[s.value for s in ExportShape]}.") from None
 
 
-def _paddable(gs: GroupSet) -> bool:
-    if gs.target == "heads":
-        return gs.meta.get("attention", "self") == "self"
-    return gs.target == "neurons" and "n_experts" not in gs.meta
+def _paddable(gs: GroupSet) -> str | None:
+    """The `multiple_of` key a group set pads under, from its typed descriptor: key/value groups of a
+    self-attention ("heads") or a dense MLP's neurons ("neurons", routed experts' units are not); else None."""
+    if isinstance(gs.info, HeadInfo):
+        return "heads" if gs.info.attention == AttentionKind.SELF else None
+    return "neurons" if isinstance(gs.info, NeuronInfo) else None
 
 
 def pad_plan(
@@ -102,13 +105,13 @@ def pad_plan(
     mult = parse_multiple_of(multiple_of)
     if shape is ExportShape.PER_LAYER and not mult:
         return None
-    dropped = {(gs.meta.get("stack"), gs.layer) for gs, d in plan if gs.target == "layers" and bool(d.all())}
+    dropped = {(gs.info.stack, gs.layer) for gs, d in plan if isinstance(gs.info, LayerInfo) and bool(d.all())}
     info = Padding(shape=shape.value, multiple_of=mult)
     for target in PADDABLE:
         by_stack: dict[Any, list[tuple[GroupSet, torch.Tensor]]] = {}
         for gs, dead in plan:
-            if gs.target == target and _paddable(gs) and (gs.meta.get("stack"), gs.layer) not in dropped:
-                by_stack.setdefault(gs.meta.get("stack"), []).append((gs, dead))
+            if _paddable(gs) == target and (gs.info.stack, gs.layer) not in dropped:
+                by_stack.setdefault(gs.info.stack, []).append((gs, dead))
         for entries in by_stack.values():
             live = [int((~dead).sum()) for _, dead in entries]
             goal = [max(live)] * len(live) if shape is ExportShape.UNIFORM else list(live)
