@@ -88,6 +88,11 @@ def _load_gated(path: str):
         return load_gated(path)
     except NonFiniteError:
         raise
+    except RecursionError:
+        raise CLIError(
+            f"a JSON file in {path!r} (config.json or dgate_*.json) is nested too deeply to read; replace it with the "
+            "file hf_dgate wrote, or re-save the model."
+        ) from None
     except SafetensorError as e:
         raise CLIError(
             f"a weight file in {path!r} is corrupt or truncated ({_one_line(e)}); re-save or re-download the model."
@@ -292,7 +297,7 @@ def _report_export(args: argparse.Namespace) -> int:
     try:
         with open(summary_path) as f:
             summary = json.load(f, parse_constant=_no_constant)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise CLIError(f"{summary_path!r} is not valid JSON ({_one_line(e)}); re-run `hf-dgate export`.") from None
     if args.json:
         print(json.dumps(summary, indent=2, allow_nan=False))
@@ -637,6 +642,19 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except CLIError as e:
         print(f"hf-dgate {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # exports write to a temporary folder and swap it in: nothing is left half-written
+        if os.environ.get("HF_DGATE_DEBUG"):
+            raise
+        print(f"hf-dgate {args.command}: interrupted; nothing was written or changed.", file=sys.stderr)
+        return 130
+    except RecursionError:
+        where = getattr(args, "dir", None) or getattr(args, "gated_dir", None) or "the input folder"
+        msg = (
+            f"a JSON file in {where!r} (config.json or dgate_*.json) is nested too deeply to read; replace it with "
+            "the file hf_dgate wrote, or re-save the model."
+        )
+        print(f"hf-dgate {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except (ValueError, OSError, SafetensorError) as e:  # ValueError covers NonFiniteError and ExportError
         if os.environ.get("HF_DGATE_DEBUG"):

@@ -295,7 +295,7 @@ class DGateConfig:
         try:
             with open(path) as f:
                 data = json.load(f)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise ValueError(f"{path!r} is not valid JSON ({e}); fix it or re-save the gated model.") from None
         return _from_file(cls, data, path)
 

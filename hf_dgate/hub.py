@@ -310,6 +310,15 @@ def _stack_table(record: StackRecord) -> str:
     return "\n".join(rows)
 
 
+class UploadError(ExportError):
+    """The export was written, but the upload to the Hub failed (the message says where the export is)."""
+
+
+def _short_error(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return f"{type(e).__name__}: {text[:160]}"
+
+
 def push_folder(
     folder: str | os.PathLike,
     repo_id: str,
@@ -500,18 +509,27 @@ def export_to_dir(
     except BaseException:
         steps.close()  # before the error is printed: a refusal is the last line the user sees
         raise
-    steps.update()
-    steps.set_postfix_str("measuring")
-    summary = measure_export(plan, pruned, verification, measure=measure, compression=compression)
-    steps.update(2)
-    steps.set_postfix_str("writing")
-    write_export(plan, pruned, summary)
-    steps.update()
-    if push_to_hub:
-        steps.set_postfix_str("uploading")
-        summary["hub_repo"] = push_folder(plan.target.path, hub_model_id, private=private, token=token)
-    steps.update()
-    steps.close()
+    try:  # the bar is closed before any error (or Ctrl-C) reaches the user: the message is the last line
+        steps.update()
+        steps.set_postfix_str("measuring")
+        summary = measure_export(plan, pruned, verification, measure=measure, compression=compression)
+        steps.update(2)
+        steps.set_postfix_str("writing")
+        write_export(plan, pruned, summary)
+        steps.update()
+        if push_to_hub:
+            steps.set_postfix_str("uploading")
+            try:
+                summary["hub_repo"] = push_folder(plan.target.path, hub_model_id, private=private, token=token)
+            except Exception as e:  # the export itself is complete: say where it is and how to upload it later
+                raise UploadError(
+                    f"The export is complete on disk at {plan.target.path!r}, but uploading it to {hub_model_id!r} "
+                    f"failed ({_short_error(e)}); upload it later with hf_dgate.hub.push_folder(dir, "
+                    f"{hub_model_id!r}) or `hf upload {hub_model_id} <dir>`."
+                ) from e
+        steps.update()
+    finally:
+        steps.close()
     return summary
 
 

@@ -51,6 +51,11 @@ def _rebuild_stack(model: nn.Module, record: StackRecord, module_names: dict[str
         key = target.record_field(gs)
         counts = record.kept(key) if key else []
         layer = int(gs.layer)
+        if counts and layer >= len(counts):  # a short list would leave this layer at its full size
+            raise ExportError(
+                f"config.dgate_pruning[{key!r}] has {len(counts)} entries but the model has a layer {layer} with "
+                f"{gs.target}: the record does not describe this model. Re-export it."
+            )
         if layer >= len(counts) or not isinstance(counts[layer], int):
             continue
         dead = target.rebuild_dead(gs, counts[layer])
@@ -198,7 +203,7 @@ class {cls}(_Base):
         record = config.dgate_pruning  # (the layout of hf_dgate/record.py, versions {versions_literal})
         if not isinstance(record, dict) or record.get("version", 1) not in {versions_literal}:
             raise ValueError("config.dgate_pruning is not a pruning record this loader reads; re-export the model.")
-        shrink(self, record["remote"])
+        shrink(self, record.get("remote"))
 
 
 try:  # transformers >= 5 renames legacy checkpoint keys only for its own classes unless a mapping is registered

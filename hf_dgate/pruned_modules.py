@@ -95,6 +95,9 @@ def _int(value):
 def shrink(model, spec):
     """Reshape a freshly built model to `spec` (tensor shapes, int attributes, per-module head configs, modules
     left without heads or inputs) before its weights are loaded."""
+    kinds = {"shapes": dict, "attrs": dict, "no_head": dict, "no_input": list}
+    if not isinstance(spec, dict) or not all(isinstance(spec.get(k), t) for k, t in kinds.items()):
+        raise ValueError("config.dgate_pruning has no readable 'remote' shapes; re-export the model with hf_dgate.")
     for name, shape in spec["shapes"].items():
         module_name, _, param = _name(name).rpartition(".")
         module = model.get_submodule(module_name)

@@ -52,6 +52,7 @@ class StackRecord:
         for key in ("heads", "cross_heads", "kv_heads", "neurons", "layers", "experts", "expert_units"):
             if data.get(key) is not None and not isinstance(data[key], list):
                 raise RecordError(f"{where}[{key!r}] is not a list; re-export the model with hf_dgate.")
+        _check_counts(data, where)
         values = {k: data[k] for k in known if k in data}
         extra = {k: v for k, v in data.items() if k not in known}
         return cls(**values, extra=extra, present=frozenset(data))
@@ -130,6 +131,39 @@ class PruningRecord:
         elif None in self.stacks:
             out.update(self.stacks[None].to_dict())
         return out
+
+
+COUNT_LISTS = ("kv_heads", "neurons", "cross_kv_heads", "experts", "expert_units")
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_counts(data: dict[str, Any], where: str) -> None:
+    """Every reader trusts these numbers (a negative count would read as "remove everything", a short list would
+    leave layers unshrunk): counts are ints >= 0 (or null), head lists hold ints, and each layer's query heads
+    split evenly over its key/value heads."""
+    for key in COUNT_LISTS:
+        for i, v in enumerate(data.get(key) or []):
+            if v is not None and not _count(v):
+                raise RecordError(f"{where}[{key!r}][{i}] is {v!r} where a count (an int >= 0) belongs; re-export it.")
+    for key, kv_key in (("heads", "kv_heads"), ("cross_heads", "cross_kv_heads")):
+        heads, kv = data.get(key), data.get(kv_key)
+        for i, row in enumerate(heads or []):
+            if not isinstance(row, list) or not all(_count(h) for h in row):
+                raise RecordError(f"{where}[{key!r}][{i}] is {row!r}, not a list of head numbers; re-export it.")
+        if heads and kv is not None:
+            if len(kv) != len(heads):
+                raise RecordError(
+                    f"{where} lists heads for {len(heads)} layers but {kv_key!r} for {len(kv)}; re-export the model."
+                )
+            for i, (row, n_kv) in enumerate(zip(heads, kv)):
+                if n_kv is not None and (len(row) % n_kv if n_kv else len(row)):
+                    raise RecordError(
+                        f"{where} says layer {i} keeps {len(row)} heads over {n_kv} key/value heads, which cannot "
+                        "be; the record does not describe these weights. Re-export the model."
+                    )
 
 
 def _field_names(cls: type) -> set[str]:

@@ -94,13 +94,13 @@ def checkpoint_complete(path: str) -> str | None:
             json.load(f)
     except FileNotFoundError:
         return "it has no trainer_state.json (its save was cut short)"
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return "its trainer_state.json is unreadable (its save was cut short)"
     manifest = os.path.join(path, "dgate_manifest.json")
     try:
         with open(manifest) as f:
             files = json.load(f).get("weights") or []
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, RecursionError, AttributeError):
         files = []
     missing = [n for n in files if isinstance(n, str) and not os.path.isfile(os.path.join(path, n))]
     return f"its weight file(s) {missing} are missing" if missing else None

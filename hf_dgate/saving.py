@@ -132,7 +132,7 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
     try:
         with open(path) as f:
             data = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise ValueError(f"{path!r} is not valid JSON ({e}); re-save the model with hf_dgate.save_gated.") from None
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"{path!r} is not a manifest hf_dgate wrote (format {MANIFEST_FORMAT}); re-save the model.")
@@ -164,7 +164,7 @@ def _index_files(directory: str | os.PathLike) -> list[str]:
         with open(path) as f:
             weight_map = json.load(f)["weight_map"]
         files = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path!r} is not a valid shard index ({e}); re-save the model.") from None
     if not all(_plain_safetensors_name(f) for f in files):
         raise ValueError(f"{path!r} names files outside the folder; re-save the model with hf_dgate.save_gated.")

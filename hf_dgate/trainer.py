@@ -43,7 +43,7 @@ from .finish import FinishRecord, exact_zero_masks, zero_exactly
 from .groups import GateBank
 from .patch import apply_dgate, get_bank
 from .report import SparsityReport, sparsity_report
-from .resume import SETUP_KEY, check_resume, last_complete_checkpoint, trainer_setup
+from .resume import SETUP_KEY, check_resume, checkpoint_complete, last_complete_checkpoint, trainer_setup
 from .saving import (
     gate_record,
     read_manifest,
@@ -457,7 +457,13 @@ class DGateMixin:
                 )
             resume_from_checkpoint = ckpt
         if isinstance(ckpt, str):
-            self._restore_dgate_state(ckpt)
+            self._restore_dgate_state(ckpt)  # (a checkpoint's own files are checked first: their errors name fields)
+            why = checkpoint_complete(ckpt) if os.path.isdir(ckpt) else None
+            if why is not None:
+                raise ValueError(
+                    f"Cannot resume from {ckpt!r}: {why}. Pass an earlier checkpoint, or resume_from_checkpoint=True "
+                    "(which skips incomplete checkpoints)."
+                )
         result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         self.dgate_bank.lam = self.lam_controller.lam_at(self.state.global_step)
         if self.dgate_finish is None and (self.dgate_budget is not None or self._dgate_finish_len() > 0):
@@ -657,7 +663,7 @@ class DGateMixin:
         try:
             with open(path) as f:
                 state = json.load(f)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             raise ValueError(f"{path!r} is not valid JSON ({e}); fix it or delete it to resume without it.") from None
         if not isinstance(state, dict) or not isinstance(state.get("lam_controller"), dict):
             raise ValueError(f"{path!r} has no 'lam_controller' object; fix the file, or delete it to resume without.")

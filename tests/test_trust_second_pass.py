@@ -297,7 +297,7 @@ def test_a_pruned_model_is_gated_with_its_real_heads(tmp_path, case):
 def test_a_pruning_record_that_disagrees_with_the_weights_is_refused_when_gating(tmp_path):
     model = hf_dgate.AutoPrunedModel.from_pretrained(_exported(tmp_path, "gpt2", {0: [0], 1: [0, 1]}))
     model.config.dgate_pruning["heads"][1] = [0, 1, 2]  # the weights hold 2 heads there
-    with pytest.raises(ValueError, match="pruning record .* says 'transformer.h.1' keeps 3 heads"):
+    with pytest.raises(ValueError, match="says 'transformer.h.1' keeps 3 heads|layer 1 keeps 3 heads"):
         hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="heads"))
 
 
@@ -342,6 +342,8 @@ def test_incomplete_checkpoints_are_skipped_and_a_lost_controller_state_is_said(
     _run(tmp_path, steps=3)
     os.remove(tmp_path / "run" / "checkpoint-3" / "trainer_state.json")  # killed while saving
     os.remove(tmp_path / "run" / "checkpoint-2" / "model.safetensors")
+    with pytest.raises(ValueError, match="Cannot resume from .*checkpoint-3.*no trainer_state.json"):
+        _run(tmp_path, steps=4, resume=str(tmp_path / "run" / "checkpoint-3"))  # named explicitly
     with pytest.warns(UserWarning, match="Skipping the checkpoint .*checkpoint-3.*no trainer_state.json") as rec:
         trainer = _run(tmp_path, steps=4, resume=True)
     assert any("checkpoint-2" in str(w.message) and "missing" in str(w.message) for w in rec)
@@ -394,3 +396,138 @@ def test_features_on_a_model_whose_first_linear_is_not_its_input_is_refused(fami
     conv = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(8, 2))
     with pytest.raises(ValueError, match="'0' \\(Conv2d\\) holds weights"):
         hf_dgate.apply_dgate(conv, hf_dgate.DGateConfig(target="features"))
+
+
+# ---- 8. one line that says what to do -------------------------------------------------------------------------
+def _non_uniform_llama(tmp_path):
+    model = make_model("llama")
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target=["heads", "neurons"]))
+    bank = hf_dgate.get_bank(model)
+    _kill(bank, "heads", 0, [1])
+    _kill(bank, "neurons", 1, [3, 7])
+    export_to_dir(model, tmp_path / "out", measure=False)
+    return tmp_path / "out"
+
+
+def _edit_record(folder, **changes):
+    """Change the pruning record in config.json and in dgate_export.json (what `hf-dgate report` reads)."""
+    for name, key in (("config.json", "dgate_pruning"), ("dgate_export.json", "structure")):
+        data = json.loads((folder / name).read_text())
+        if "record" in changes:
+            data[key] = changes["record"]
+        else:
+            data[key].update(changes)
+        (folder / name).write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"kv_heads": [1, 3]}, "layer 1 keeps 4 heads over 3 key/value heads"),
+        ({"neurons": [-1, 46]}, r"\['neurons'\]\[0\] is -1 where a count"),
+        ({"neurons": [48.0, 46]}, r"\['neurons'\]\[0\] is 48.0 where a count"),
+        ({"neurons": [48]}, r"'neurons'\] has 1 entries but the model has a layer 1"),
+        ({"heads": [[0, 1], [0, 1, 2, 3], [0]]}, "lists heads for 3 layers but 'kv_heads' for 2"),
+        ({"heads": [[0, 1], [0, 1, 2, 3, 4]]}, "layer 1 keeps 5 heads over 2 key/value heads"),
+    ],
+)
+def test_a_record_that_disagrees_with_its_weights_is_one_line(tmp_path, change, match, capsys):
+    from hf_dgate.cli import main
+
+    out = _non_uniform_llama(tmp_path)
+    _edit_record(out, **change)
+    with pytest.raises(ValueError, match=match):
+        hf_dgate.AutoPrunedModel.from_pretrained(out)
+    if change != {"neurons": [48]}:  # (a short list needs the model to tell)
+        capsys.readouterr()
+        assert main(["report", str(out)]) == 2
+        assert "dgate_export.json" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("record", [None, "remote"])
+def test_the_generated_loader_refuses_a_missing_record_in_one_line(tmp_path, record):
+    import transformers as T
+
+    out = _non_uniform_llama(tmp_path)
+    if record is None:
+        _edit_record(out, record=None)
+    else:
+        _edit_record(out, remote=None)
+    with pytest.raises(ValueError, match="config.dgate_pruning .*re-export the model"):
+        T.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+
+
+def test_deeply_nested_json_names_the_file(tmp_path, capsys):
+    from hf_dgate.cli import main
+
+    hf_dgate.save_gated(_gated_llama(), tmp_path / "g")
+    (tmp_path / "g" / "dgate_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="dgate_config.json' is not valid JSON"):
+        hf_dgate.load_gated(tmp_path / "g")
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "g")]) == 2
+    assert "dgate_config.json" in _one_error_line(capsys)
+    fresh = hf_dgate.DGateConfig(target=["heads", "neurons"]).to_dict()
+    (tmp_path / "g" / "dgate_config.json").write_text(json.dumps(fresh))
+    (tmp_path / "g" / "config.json").write_text('{"a": ' * 100_000 + "1" + "}" * 100_000)
+    assert main(["export", str(tmp_path / "g"), "--out", str(tmp_path / "o")]) == 2
+    assert "nested too deeply" in _one_error_line(capsys) and not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_during_export_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    import hf_dgate.hub as hub
+    from hf_dgate.cli import main
+
+    hf_dgate.save_gated(_gated_llama(), tmp_path / "g")
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hub, "build_model_card", interrupted)  # while the export's files are being written
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "g"), "--out", str(tmp_path / "o"), "--no-measure"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "hf-dgate export: interrupted; nothing was written or changed."
+    assert "Traceback" not in "".join(err)
+    assert sorted(os.listdir(tmp_path)) == ["g"]
+
+
+def test_an_unreachable_hub_says_the_export_is_on_disk(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    from hf_dgate.cli import main
+
+    hf_dgate.save_gated(_gated_llama(), tmp_path / "g")
+
+    def offline(*a, **k):
+        raise ConnectionError("Failed to resolve 'huggingface.co'")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", offline)
+    capsys.readouterr()
+    argv = ["export", str(tmp_path / "g"), "--out", str(tmp_path / "o"), "--no-measure", "--push-to-hub", "me/small"]
+    assert main(argv) == 2
+    line = _one_error_line(capsys)
+    assert "complete on disk at" in line and str(tmp_path / "o") in line and "ConnectionError" in line
+    assert hf_dgate.AutoPrunedModel.from_pretrained(tmp_path / "o") is not None
+
+
+# ---- 9. the totals of docs/reliability.md ---------------------------------------------------------------------
+def test_the_totals_count_the_tables():
+    """The counts in docs/reliability.md are the rows of its tables ([n] at the end of a first cell: n inputs)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "reliability.md").read_text()
+
+    def count(section: str) -> tuple[int, int]:
+        start = text.index(section)
+        body = text[start : text.find("\n## ", start + 1)]
+        rows = [r for r in body.splitlines() if r.startswith("| ") and not r.startswith(("| input |", "| fault |"))]
+        inputs = [re.search(r"\[(\d+)\]\s*$", r.split(" | ")[0]) for r in rows]
+        return len(rows), sum(int(m.group(1)) if m else 1 for m in inputs)
+
+    (bad_rows, bad), (fault_rows, faults) = count("## Bad inputs tried"), count("## Faults injected")
+    assert f"{bad_rows} rows covering {bad} hand-written inputs" in text
+    assert f"{fault_rows} rows covering {faults} faults" in text
+    assert f"the suite tries {bad} hand-written hostile inputs, 300 random configs and {faults} faults: " in text
+    assert f"{bad + 300 + faults} in all" in text

@@ -127,6 +127,8 @@ def head_set(
             f"{TRANSFORMERS_VERSION} reshapes its output to the width of its input, so it cannot run with fewer "
             "heads; gate 'neurons' or 'layers', or upgrade to transformers 5"
         )
+    if info.refuse is None and row and row.get("invalid"):
+        info.refuse = row["invalid"]
     if info.refuse is None and row and "heads" in row and (len(row["heads"]), row["kv_heads"]) != (n_heads, n_kv):
         info.refuse = (  # apply_dgate refuses; rebuilding the export from this record (on full weights) goes on
             f"The pruning record (config.dgate_pruning) says '{name}' keeps {len(row['heads'])} heads and "
@@ -190,8 +192,8 @@ def _recorded_row(model: nn.Module, name: str, layer: int) -> dict[str, Any] | N
 
     try:
         rec = PruningRecord.read(getattr(model, "config", None) or {})
-    except RecordError:
-        return None
+    except RecordError as e:  # gating reads the head numbers from it: refused in apply_dgate (not when rebuilding)
+        return {"invalid": str(e)}
     if rec is None:
         return None
     st = rec.single if not rec.multi_stack else next(
