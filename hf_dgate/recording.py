@@ -1,0 +1,231 @@
+"""Building the pruning record (record.py's `PruningRecord`) from a pruned model: the geometry each block has
+now, read off its weights, plus what the export knows (kept original head numbers, layers, threshold).
+
+export.py plans, removes and verifies; this module says what is left, in the record's layout, and stores it
+(through `PruningRecord`, which checks it) together with whether the config alone can build those shapes.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from torch import nn
+
+from .architectures import BlockStack
+from .compat import HAS_HF_PRUNE_HEADS
+from .config import DGateConfig
+from .native import make_native
+from .record import HF_PRUNED_HEADS, MULTI_STACK, RECORD_KEY, SINGLE_STACK, PruningRecord
+from .registry import spec_for
+
+
+def stack_record(
+    model: nn.Module,
+    st: BlockStack,
+    dconfig: DGateConfig,
+    kept: dict[str, list[list[int]]],
+    kept_layers: list[int],
+    kept_dead: list[int],
+    prev: dict[str, Any],
+    n_before: int,
+    by_hf: bool,
+) -> dict[str, Any]:
+    """The record of one block stack after its removals: per current layer what is left (`kept`: original head
+    numbers per layer before layers were dropped), which original layers remain, and the dead layers kept."""
+    blocks = model.get_submodule(st.path)
+    now = [(f"{st.path}.{i}", b) for i, b in enumerate(blocks)]
+    record = stack_structure(model, now, dconfig, {k: [v[i] for i in kept_layers] for k, v in kept.items()})
+    orig_layers = prev.get("layers", list(range(n_before)))
+    record.update(
+        layers=[orig_layers[i] for i in kept_layers],
+        num_hidden_layers_original=prev.get("num_hidden_layers_original", n_before),
+    )
+    if kept_dead:  # dead, but its position cannot be taken by another block: an identity block stays there
+        record["dead_layers_kept"] = [orig_layers[i] for i in kept_dead]
+    if by_hf or prev.get(HF_PRUNED_HEADS):
+        record[HF_PRUNED_HEADS] = True  # config.pruned_heads holds the heads; reloading must not shrink them again
+    return record
+
+
+def model_record(
+    dconfig: DGateConfig,
+    records: dict[str, dict[str, Any]],
+    prev: dict[str, Any],
+    multi: bool,
+    threshold: float,
+    not_removed: list[str],
+) -> dict[str, Any]:
+    """The whole record from the stacks' records: version 2 (`stacks`, earlier stacks kept) when the model has
+    several stacks, else version 1 with the one stack's lists at the top."""
+    version = MULTI_STACK if multi else SINGLE_STACK
+    structure: dict[str, Any] = {"version": version, "module_names": dconfig.module_names}
+    if multi:
+        structure["stacks"] = {**prev.get("stacks", {}), **records}
+    elif records:
+        structure.update(next(iter(records.values())))
+    structure.update(threshold=threshold, not_removed=not_removed)  # not_removed: custom GroupRule targets
+    return structure
+
+
+def heads_record(
+    model: nn.Module,
+    blocks: list[tuple[str, nn.Module]],
+    dconfig: DGateConfig,
+    kept_heads: list[list[int]],
+    prev: dict[str, Any],
+    by_hf: bool,
+) -> dict[str, Any]:
+    """The (version 1) record after `export.prune_heads`: the heads kept now, the rest of the earlier record."""
+    structure = {"version": SINGLE_STACK, "module_names": dconfig.module_names}
+    structure.update(stack_structure(model, blocks, dconfig, {"self": kept_heads}))
+    if by_hf or prev.get(HF_PRUNED_HEADS):
+        structure[HF_PRUNED_HEADS] = True
+    for key in ("layers", "num_hidden_layers_original", "threshold", "not_removed"):
+        if key in prev:
+            structure[key] = prev[key]
+    structure.setdefault("layers", list(range(len(blocks))))
+    structure.setdefault("num_hidden_layers_original", len(blocks))
+    return structure
+
+
+def current_heads(
+    model: nn.Module, blocks: list, dconfig: DGateConfig, prev: dict[str, Any], kind: str = "self"
+) -> list[list[int]]:
+    """Kept query heads per layer in the original numbering (all of them for a model never pruned)."""
+    key = "heads" if kind == "self" else "cross_heads"
+    if prev.get(key) and len(prev[key]) == len(blocks):
+        return [list(h) for h in prev[key]]
+    # heads that transformers' own prune_heads removed (4.x, no hf_dgate record) keep their original numbers
+    pruned = getattr(model.config, "pruned_heads", None) if HAS_HF_PRUNE_HEADS and kind == "self" else None
+    out = []
+    for i, (name, block) in enumerate(blocks):
+        geo = block_geometry(model, name, block, dconfig, kind)
+        n = geo[0] if geo else 0
+        gone = set((pruned or {}).get(i, ()) or (pruned or {}).get(str(i), ()))
+        kept = [h for h in range(n + len(gone)) if h not in gone]
+        out.append(kept if len(kept) == n else list(range(n)))
+    return out
+
+
+def stack_structure(
+    model: nn.Module, blocks: list[tuple[str, nn.Module]], dconfig: DGateConfig, kept: dict[str, list[list[int]]]
+) -> dict[str, Any]:
+    """Per current layer of one stack: kept query heads (original numbering), kept key/value heads and kept
+    neurons; decoder blocks of encoder-decoders add the same for their cross-attention."""
+    out: dict[str, Any] = {}
+    rows: dict[str, list] = {k: [] for k in ("heads", "kv_heads", "neurons", "cross_heads", "cross_kv_heads")}
+    head_dims = []
+    if not blocks:
+        return {"heads": [], "kv_heads": [], "head_dim": None, "neurons": []}
+    for i, (name, block) in enumerate(blocks):
+        geo = block_geometry(model, name, block, dconfig)
+        if geo is None:
+            return out
+        n_q, n_kv, hd, n_neur = geo
+        mine = kept.get("self")
+        rows["heads"].append(mine[i] if mine is not None and len(mine[i]) == n_q else list(range(n_q)))
+        rows["kv_heads"].append(n_kv)
+        rows["neurons"].append(n_neur)
+        head_dims.append(hd)
+        moe = moe_geometry(model, name, block)  # None for a dense block (some families mix both)
+        rows.setdefault("experts", []).append(moe[0] if moe else None)
+        rows.setdefault("expert_units", []).append(moe[1] if moe else None)
+        cross = block_geometry(model, name, block, dconfig, "cross")
+        if cross is not None:
+            theirs = kept.get("cross")
+            ok = theirs is not None and len(theirs[i]) == cross[0]
+            rows["cross_heads"].append(theirs[i] if ok else list(range(cross[0])))
+            rows["cross_kv_heads"].append(cross[1])
+    out.update(heads=rows["heads"], kv_heads=rows["kv_heads"], head_dim=head_dims[0], neurons=rows["neurons"])
+    if rows["cross_heads"]:
+        out.update(cross_heads=rows["cross_heads"], cross_kv_heads=rows["cross_kv_heads"])
+    if any(n is not None for n in rows["experts"]):
+        out.update(experts=rows["experts"], expert_units=rows["expert_units"])
+    return out
+
+
+def moe_geometry(model: nn.Module, name: str, block: nn.Module) -> tuple[int, int] | None:
+    """(experts, units per expert) of a mixture-of-experts block, None for a dense one."""
+    from .architectures import stack_config, stacked_experts
+
+    spec = spec_for(stack_config(model, name))
+    if spec is None or spec.experts is None:
+        return None
+    try:
+        _, _, n_exp, units = stacked_experts(name, block, spec.experts)
+    except ValueError:
+        return None
+    return n_exp, units
+
+
+def block_geometry(
+    model: nn.Module, name: str, block: nn.Module, dconfig: DGateConfig, kind: str = "self"
+) -> tuple[int, int, int, int | None] | None:
+    """(query heads, key/value heads, head size, neurons) a block has now, read off its weights (neurons: None
+    without a dense MLP)."""
+    from .architectures import (
+        attention_parts,
+        cross_attention_parts,
+        dense_mlp_block,
+        has_module,
+        kv_head_count,
+        layer_config,
+        mlp_parts,
+        stack_config,
+    )
+
+    cfg = layer_config(stack_config(model, name), name)
+    spec = spec_for(cfg)
+    if getattr(cfg, "num_attention_heads", None) is None or (spec is not None and spec.attention is None):
+        return None  # no attention heads to describe (Mamba)
+    try:
+        parts = attention_parts(name, block, dconfig, cfg) if kind == "self" else cross_attention_parts(block, cfg)
+    except ValueError:
+        return None
+    if parts is None:
+        return None
+    if spec is not None and spec.experts is not None and not dense_mlp_block(spec, block):
+        # a mixture of experts: its dense MLP is the shared expert
+        shared = spec.experts.shared
+        down_rel = shared.down if shared is not None and has_module(block, shared.down) else None
+    else:
+        try:
+            down_rel = mlp_parts(name, block, dconfig, cfg)[0]
+        except ValueError:  # no MLP found
+            down_rel = None
+    o = block.get_submodule(parts["o"])
+    in_o = o.weight.shape[0] if type(o).__name__.endswith("Conv1D") else o.weight.shape[1]
+    rec = PruningRecord.read(model.config)
+    hd = (rec.single.head_dim if rec is not None else None) or getattr(cfg, "head_dim", None)
+    if not hd:
+        hd = cfg.hidden_size // cfg.num_attention_heads
+    n_q = in_o // hd
+    n_heads_cfg = cfg.num_attention_heads
+    if isinstance(parts, dict) and parts.get("guessed") and n_q > n_heads_cfg:
+        n_q = n_heads_cfg  # a common name on a wider, head-less mixer (a hybrid's linear attention): not heads
+    n_kv_cfg = kv_head_count(cfg) or n_heads_cfg
+    n_rep = n_heads_cfg // n_kv_cfg
+    if down_rel is None:
+        return n_q, n_q // n_rep, hd, None
+    down = block.get_submodule(down_rel)
+    n_neur = down.weight.shape[0] if type(down).__name__.endswith("Conv1D") else down.weight.shape[1]
+    return n_q, n_q // n_rep, hd, n_neur
+
+
+def read_record(model: nn.Module) -> dict[str, Any] | None:
+    cfg = getattr(model, "config", None)
+    rec = getattr(cfg, RECORD_KEY, None) if cfg is not None else model.__dict__.get(RECORD_KEY)
+    return copy.deepcopy(rec) if isinstance(rec, dict) else None
+
+
+def write_record(model: nn.Module, structure: dict[str, Any]) -> None:
+    """Store the record (through `PruningRecord`, which checks it and keeps the layout) and whether it is native."""
+    structure = PruningRecord.from_dict(structure).to_dict()
+    cfg = getattr(model, "config", None)
+    if cfg is None:  # a plain nn.Module: no config to carry the record, kept on the model (not native)
+        model.__dict__[RECORD_KEY] = {**structure, "native": False}
+        return
+    setattr(cfg, RECORD_KEY, structure)
+    structure["native"] = make_native(model, structure)
+    setattr(cfg, RECORD_KEY, structure)
