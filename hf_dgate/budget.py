@@ -130,11 +130,15 @@ def committed(bank: GateBank, previous: dict[str, torch.Tensor] | None) -> tuple
 
 
 @torch.no_grad()
-def budget_cut(bank: GateBank, budget: int) -> tuple[dict[str, torch.Tensor], int]:
+def budget_cut(
+    bank: GateBank, budget: int, importance: dict[str, torch.Tensor] | None = None
+) -> tuple[dict[str, torch.Tensor], int]:
     """Which groups to zero so that the export keeps at most `budget` parameters: every group already under its
     threshold, then the weakest others, ranked by norm relative to the median norm of their target's live groups
     (heads and neurons have norms of different scales; their prices already acted through the penalty, which is
-    what made the dear ones fall). Returns (dead masks, parameters kept).
+    what made the dear ones fall). `importance` replaces the norms as what that is ranked (one-shot pruners:
+    magnitude, Taylor); they are compared the same way, relative to the median of their target. Returns (dead
+    masks, parameters kept).
     Exact by bisection on the report's count, then the strongest cut groups that still fit are given back (a dear
     head cut last would otherwise overshoot by its price); if nothing can reach the budget, everything removable goes.
     """
@@ -143,6 +147,8 @@ def budget_cut(bank: GateBank, budget: int) -> tuple[dict[str, torch.Tensor], in
         n = bank.effective_norms(t).detach().float().cpu()
         z = n < bank.group_thresholds(t).detach().float().cpu()
         dead[t] = z.clone()
+        if importance is not None:
+            n = importance[t].detach().float().cpu()
         live = n[~z]
         ref = float(live.median()) if live.numel() else 1.0
         s = n / max(ref, 1e-30)

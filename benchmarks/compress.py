@@ -1,0 +1,257 @@
+"""Compress a pretrained small Llama to a share of its block parameters: D-Gating against one-shot peers.
+
+A character-level Llama is pretrained on Shakespeare once (cached in ~/.cache/hf_dgate/compress_bench), then each
+method gets the same optimizer steps, batch and schedule (AdamW, cosine) to reach the same parameter budget:
+- dgate: `DGateTrainer(target_params=...)` with its defaults (cost-weighted penalty, steered lam, finish);
+- dgate+teacher: the same, distilling from the pretrained model (`teacher=`, logit KL at T = 2);
+- magnitude: one-shot, groups with the smallest weight norm (relative to their target's median) removed to the
+  budget, then fine-tuned with the removed groups held at exactly zero;
+- taylor: one-shot first-order importance |dL/ds_g * s_g| of each group's scale on calibration batches (the group
+  form of LLM-Pruner's Taylor score), then the same fine-tune;
+- scratch: the shape the magnitude cut leaves, re-initialised and trained for the same steps.
+Not included (said plainly in the table's notes): L0 with its Lagrangian target and Wanda-sp/FLAP activation scores.
+Every export is checked exact; validation loss (nats per character) of the exported model on the held-out 10%.
+
+    python benchmarks/compress.py --quick                       # a minute: tiny model, a few steps (a smoke run)
+    nice python benchmarks/compress.py --data ../shared/data/shakespeare.txt --steps 400 --out results/compress
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+import warnings
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+from transformers import logging as hf_logging
+
+import hf_dgate
+from hf_dgate.budget import budget_cut, params_after
+from hf_dgate.finish import FinishRecord, zero_exactly
+from hf_dgate.trainer import DGateTrainer
+
+CACHE = os.path.join(os.path.expanduser("~"), ".cache", "hf_dgate", "compress_bench")
+METHODS = ("dgate", "dgate+teacher", "magnitude", "taylor", "scratch")
+
+
+def model_config(vocab: int, quick: bool) -> LlamaConfig:
+    if quick:
+        return LlamaConfig(vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
+    return LlamaConfig(vocab_size=vocab, hidden_size=192, intermediate_size=576, num_hidden_layers=4,
+                       num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256)  # fmt: skip
+
+
+def char_blocks(path: str, block: int, limit: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if limit:
+        text = text[:limit]
+    chars = sorted(set(text))
+    ids = torch.tensor([chars.index(c) for c in text]) if len(text) < 50_000 else _fast_ids(text, chars)
+    n_val = len(ids) // 10
+    train, val = ids[:-n_val], ids[-n_val:]
+    cut = lambda x: x[: (len(x) // block) * block].view(-1, block)  # noqa: E731
+    return cut(train), cut(val), len(chars)
+
+
+def _fast_ids(text: str, chars: list[str]) -> torch.Tensor:
+    table = {c: i for i, c in enumerate(chars)}
+    return torch.tensor([table[c] for c in text])
+
+
+def rows(blocks: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    return [{"input_ids": b, "labels": b} for b in blocks]
+
+
+def targs(out: str, steps: int, lr: float, batch: int) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=out, max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
+        lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.0, report_to=[],
+        use_cpu=not torch.cuda.is_available(), save_strategy="no", disable_tqdm=True, logging_steps=max(1, steps // 5),
+        seed=0,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def val_loss(model, val: torch.Tensor, batch: int = 32) -> float:
+    model.eval()
+    total = 0.0
+    for i in range(0, len(val), batch):
+        x = val[i : i + batch]
+        total += float(model(input_ids=x, labels=x).loss) * len(x)
+    return total / len(val)
+
+
+def pretrained(cfg: LlamaConfig, train: torch.Tensor, steps: int, tag: str) -> LlamaForCausalLM:
+    """The dense model every method starts from, trained once and cached."""
+    path = os.path.join(CACHE, tag)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return LlamaForCausalLM.from_pretrained(path)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        x = train[torch.randint(0, len(train), (32,), generator=g)]
+        model(input_ids=x, labels=x).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(), sched.step(), opt.zero_grad()
+    model.save_pretrained(path)
+    return model
+
+
+def block_budget(model, fraction: float) -> int:
+    """Parameters the export may keep: everything outside the decoder blocks plus `fraction` of the blocks."""
+    total = sum(p.numel() for p in model.parameters())
+    blocks = sum(p.numel() for p in model.model.layers.parameters())
+    return int(total - (1 - fraction) * blocks)
+
+
+def taylor_scores(model, train: torch.Tensor, batches: int = 8) -> dict[str, torch.Tensor]:
+    """|sum over calibration batches of dL/dgamma_g * gamma_g| = |dL/ds_g * s_g| for every group."""
+    bank = hf_dgate.get_bank(model)
+    model.train()
+    for p in bank.parameters():
+        p.grad = None
+    for i in range(batches):
+        x = train[i * 16 : (i + 1) * 16]
+        model(input_ids=x, labels=x).loss.backward()
+    scores = {t: (bank.gammas[t].grad[0] * bank.gammas[t][0]).abs().detach() for t in bank.targets}
+    model.zero_grad()
+    return scores
+
+
+def fine_tune_held(model, masks, args, data, val_rows) -> DGateTrainer:
+    """Train with the masked groups held at exactly zero from the first step (lam 0): the one-shot peers'
+    fine-tune, through the same finish machinery D-Gating ends with."""
+    tr = DGateTrainer(model, args, train_dataset=data, eval_dataset=val_rows, finish_steps=0)
+    zero_exactly(tr.dgate_bank, masks)
+    tr._dgate_zero_masks = masks
+    zeroed = {t: int(m.sum()) for t, m in masks.items()}
+    tr.dgate_finish = FinishRecord(start_step=0, steps=args.max_steps, zeroed=zeroed)
+    tr.train()
+    return tr
+
+
+def run_method(method, base, fraction, train, val, args, run_dir) -> dict:
+    cfg = hf_dgate.DGateConfig(target=["heads", "neurons"], lam=args.lam)
+    model = copy.deepcopy(base)
+    budget = block_budget(model, fraction)
+    data, val_rows = rows(train), rows(val[:64])
+    ta = targs(os.path.join(run_dir, f"{method}_{fraction}"), args.steps, args.lr, args.batch)
+    t0 = time.time()
+    if method.startswith("dgate"):
+        teacher = copy.deepcopy(base) if method == "dgate+teacher" else None
+        tr = DGateTrainer(model, ta, dgate_config=cfg, target_params=budget, teacher=teacher, train_dataset=data,
+                          eval_dataset=val_rows)  # fmt: skip
+        tr.train()
+    else:
+        hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target=["heads", "neurons"], lam=0.0))
+        bank = hf_dgate.get_bank(model)
+        scores = None if method in ("magnitude", "scratch") else taylor_scores(model, train)
+        masks, _ = budget_cut(bank, budget, scores)
+        if method == "scratch":
+            model.apply(model._init_weights)
+        tr = fine_tune_held(model, masks, ta, data, val_rows)
+    bank = hf_dgate.get_bank(model)
+    total, kept = params_after(bank, {t: bank.zero_groups(t) for t in bank.targets})
+    summary = tr.export_pruned(os.path.join(run_dir, f"export_{method}_{fraction}"), overwrite=True, measure=False)
+    exported = LlamaForCausalLM.from_pretrained(summary["path"]) if summary.get("native") else None
+    loss = val_loss(exported if exported is not None else model, val)
+    return {
+        "method": method, "block_fraction": fraction, "budget": budget, "params_total": total, "params_kept": kept,
+        "kept_fraction": kept / total, "val_loss": loss, "exact": bool(summary["verification"]["exact"]),
+        "heads_zero": int(bank.zero_groups("heads").sum()), "neurons_zero": int(bank.zero_groups("neurons").sum()),
+        "seconds": time.time() - t0,
+    }  # fmt: skip
+
+
+def markdown(results: list[dict], dense: float) -> str:
+    lines = [f"dense (pretrained, no compression): val loss {dense:.4f}", "",
+             "| block params kept | method | params kept | heads zero | neurons zero | val loss | exact |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in sorted(results, key=lambda r: (-r["block_fraction"], r["val_loss"])):
+        lines.append(
+            f"| {r['block_fraction']:.0%} | {r['method']} | {r['params_kept']:,} ({r['kept_fraction']:.1%}) | "
+            f"{r['heads_zero']} | {r['neurons_zero']} | {r['val_loss']:.4f} | {'yes' if r['exact'] else 'NO'} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], dense: float, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in METHODS:
+        pts = sorted((r["kept_fraction"], r["val_loss"]) for r in results if r["method"] == m)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=m)
+    ax.axhline(dense, color="k", ls="--", lw=1, label="dense")
+    ax.set_xlabel("parameters kept (fraction of the model)")
+    ax.set_ylabel("validation loss (nats / char)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                                                  "shakespeare.txt"))  # fmt: skip
+    p.add_argument("--quick", action="store_true", help="tiny model, 30k characters, a few steps: a smoke run")
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.75, 0.5, 0.25])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--steps", type=int, default=400, help="optimizer steps per method (same for every method)")
+    p.add_argument("--pretrain-steps", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lam", type=float, default=1e-3, help="D-Gating's starting lam (then steered to the budget)")
+    p.add_argument("--out", default="results/compress")
+    args = p.parse_args()
+    warnings.filterwarnings("ignore")
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if args.quick:
+        args.steps, args.pretrain_steps, args.batch = min(args.steps, 20), min(args.pretrain_steps, 60), 8
+    train, val, vocab = char_blocks(args.data, 64 if args.quick else 128, 30_000 if args.quick else None)
+    cfg = model_config(vocab, args.quick)
+    tag = f"{'quick' if args.quick else 'llama4x192'}_{args.pretrain_steps}"
+    base = pretrained(cfg, train, args.pretrain_steps, tag)
+    dense = val_loss(base, val)
+    os.makedirs(args.out, exist_ok=True)
+    run_dir = os.path.join(CACHE, "runs", tag)
+    results = []
+    for fraction in args.fractions:
+        for method in args.methods:
+            r = run_method(method, base, fraction, train, val, args, run_dir)
+            print(json.dumps(r), flush=True)
+            results.append(r)
+    meta = {"quick": args.quick, "steps": args.steps, "pretrain_steps": args.pretrain_steps, "batch": args.batch,
+            "lr": args.lr, "lam": args.lam, "dense_val_loss": dense}  # fmt: skip
+    name = "compress_quick" if args.quick else "compress"
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=2, default=str)
+    table = markdown(results, dense)
+    with open(os.path.join(args.out, f"{name}.md"), "w") as f:
+        f.write(table + "\n")
+    plot(results, dense, os.path.join(args.out, f"{name}.png"))
+    print(table)
+    if not all(math.isfinite(r["val_loss"]) for r in results):
+        raise SystemExit("a method diverged (NaN validation loss)")
+
+
+if __name__ == "__main__":
+    main()
