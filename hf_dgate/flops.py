@@ -34,6 +34,10 @@ def example_inputs(model: nn.Module, seq_len: int = 64, batch_size: int = 1, see
     batch: dict[str, torch.Tensor] = {}
     vision = getattr(cfg, "vision_config", None) if cfg is not None else None
     pixels = vision if vision is not None and getattr(cfg, "text_config", None) is not None else cfg
+    if pixels is vision and _image_token(cfg) is not None:
+        # an image-text model reads pixels only where its processor put image tokens, how many depending on the
+        # model: the probe is text only (what an export removes is certified zero either way; hf_dgate/verify.py)
+        pixels = None
     if pixels is not None and hasattr(pixels, "image_size"):
         size = pixels.image_size if isinstance(pixels.image_size, int) else pixels.image_size[0]
         channels = getattr(pixels, "num_channels", 3)
@@ -53,6 +57,15 @@ def example_inputs(model: nn.Module, seq_len: int = 64, batch_size: int = 1, see
         target_pos = getattr(cfg, "max_target_positions", None) or max_pos
         batch["decoder_input_ids"] = ids[:, : min(ids.shape[1], target_pos, 16)]
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def _image_token(cfg: Any) -> int | None:
+    """The id of the placeholder token an image-text model replaces by image features, if it has one."""
+    for key in ("image_token_id", "image_token_index"):
+        val = getattr(cfg, key, None)
+        if isinstance(val, int) and not isinstance(val, bool):
+            return val
+    return None
 
 
 @contextlib.contextmanager

@@ -535,3 +535,17 @@ def test_the_totals_count_the_tables():
     ]
     missing = [w for w in want if w not in " ".join(text.split())]
     assert not missing, f"docs/reliability.md: a row was added; update its totals to read {missing}"
+
+
+def test_an_image_text_model_exports_with_a_probe_it_accepts(tmp_path):
+    """Step 3.7 reads pixels only at its image tokens: the probe is text only, and the export is verified exact."""
+    import transformers as T
+    from families import build
+
+    if not hasattr(T, "Step3p7ForConditionalGeneration"):
+        pytest.skip("Step 3.7 needs transformers 5")
+    model, _, kw = build("step3p7[text]")
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="heads", **kw))
+    _kill(hf_dgate.get_bank(model), "heads", 0, [1])
+    summary = export_to_dir(model, tmp_path / "o", measure=False)
+    assert summary["verification"]["exact"] and summary["flops_input"].startswith("input_ids")
