@@ -223,6 +223,12 @@ def check_gates_match(
                 f"{where!r} says {key}={now!r}, but the saved gates were trained with {key}={was!r} (per "
                 f"{MANIFEST_NAME}); restore {key} in dgate_config.json, or gate the model afresh with apply_dgate."
             )
+    if sorted(saved) != sorted(expected["targets"]) and manifest is not None:  # the config agrees with the manifest
+        raise ValueError(
+            f"The weight files in {os.fspath(directory)!r} hold gates for {sorted(saved)} but {MANIFEST_NAME} says the "
+            f"save wrote {sorted(manifest.get('targets') or [])}: the files were changed after saving. Re-save the "
+            "model with hf_dgate.save_gated."
+        )
     if sorted(saved) != sorted(expected["targets"]):
         raise ValueError(
             f"{where!r} gates the targets {sorted(expected['targets'])} but the saved gates are for {sorted(saved)}; "

@@ -549,3 +549,14 @@ def test_an_image_text_model_exports_with_a_probe_it_accepts(tmp_path):
     _kill(hf_dgate.get_bank(model), "heads", 0, [1])
     summary = export_to_dir(model, tmp_path / "o", measure=False)
     assert summary["verification"]["exact"] and summary["flops_input"].startswith("input_ids")
+
+
+@pytest.mark.parametrize("edit", ["drop", "add"])
+def test_gate_tensors_changed_after_saving_are_named_as_such(tmp_path, edit):
+    hf_dgate.save_gated(_gated_llama(), tmp_path / "g")
+    if edit == "drop":
+        _edit_weights(tmp_path / "g", drop=["dgate.gammas.heads"])
+    else:
+        _edit_weights(tmp_path / "g", add={"dgate.gammas.bogus": torch.ones(2, 3)})
+    with pytest.raises(ValueError, match="the files were changed after saving"):
+        hf_dgate.load_gated(tmp_path / "g")
