@@ -1,13 +1,15 @@
 """The pruning record: what an export removed, stored as `config.dgate_pruning` in the export's config.json.
 
-One typed class for every reader (AutoPrunedModel's rebuild, the native-config edit, the model card, the CLI
-report): `PruningRecord.from_dict` reads both layouts written so far, and `to_dict` writes the same layout back
-(key for key, unknown keys kept), so exports made by earlier versions load unchanged.
+One typed class for every reader (AutoPrunedModel's rebuild, the generated trust_remote_code loader, the
+native-config edit, the model card, the CLI report): `PruningRecord.from_dict` reads both layouts written so far,
+and `to_dict` writes the same layout back (key for key, unknown keys kept), so exports made by earlier versions
+load unchanged.
 - version 1: one block stack; the per-layer lists sit at the top level next to the export's settings;
 - version 2: several block stacks (encoder/decoder, text/vision towers); `stacks` maps each stack's module path
   to its per-layer lists.
 A record of a version this code does not know is refused: guessing its meaning could rebuild the wrong shapes.
-Plain data only (no torch): the CLI reads it without loading a model.
+Plain data only (no torch, standard library only): the CLI reads it without loading a model, and the export copies
+this file verbatim into its generated `modeling_dgate_pruned.py` (loading.remote_code_source).
 """
 
 from __future__ import annotations

@@ -82,3 +82,25 @@ def test_the_generated_loader_refuses_a_record_version_it_does_not_know(tmp_path
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="not a pruning record this loader reads"):
         T.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+
+
+def test_the_generated_loader_reads_the_record_through_the_record_class(tmp_path):
+    """The generated file carries record.py: a record hf_dgate refuses (a negative count) is refused there too,
+    although its `remote` shapes are intact."""
+    import transformers as T
+    from conftest import make_model
+
+    from hf_dgate.loading import REMOTE_CODE_FILE, save_pruned
+
+    model = make_model("llama")
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="heads", lam=0.1))
+    with torch.no_grad():
+        hf_dgate.get_bank(model).gammas["heads"][:, 0] = 0.0
+    out = tmp_path / "out"
+    assert save_pruned(hf_dgate.export_pruned(model), out) == "AutoModelForCausalLM"
+    assert "class PruningRecord" in (out / REMOTE_CODE_FILE).read_text()
+    config = json.loads((out / "config.json").read_text())
+    config[RECORD_KEY]["kv_heads"][0] = -1
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"not a pruning record this loader reads \(.*'kv_heads'\]\[0\] is -1"):
+        T.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
