@@ -94,7 +94,7 @@ def find_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
             continue
         if all(_is_block(b, named=len(m) != n_layers) for b in m):
             stacks.append((n, m))
-    if not stacks and getattr(model, "config", None) is None or not stacks and n_layers is None:
+    if not stacks and getattr(model, "config", None) is None:
         # no names and no layer count: the first list of two or more blocks built alike (checked numerically later)
         for n, m in model.named_modules():
             if isinstance(m, nn.ModuleList) and len(m) >= 2 and all(len(_leaves(b)) >= 2 for b in m):
@@ -141,6 +141,12 @@ def block_stacks(model: nn.Module, config: DGateConfig) -> list[BlockStack]:
             ) from None
         return [_stack(model, names["layers"], blocks)]
     found = find_stacks(model)
+    hf_model = hasattr(getattr(model, "config", None), "to_dict")  # a transformers model (its config)
+    if not found and hf_model and not any(attention_like(n, m) for n, m in model.named_modules()):
+        raise StructureNotFoundError(
+            f"{type(model).__name__} has no transformer blocks (no attention module anywhere): heads, neurons and "
+            "layers do not apply; gate 'filters' for a convolutional network."
+        )
     if not found:
         raise StructureNotFoundError(
             f"Could not find the list of transformer blocks in {type(model).__name__} (an nn.ModuleList of "
@@ -223,6 +229,11 @@ def find_blocks(model: nn.Module, config: DGateConfig, stack: str | None = None)
             "operation works on one: choose it with DGateConfig(module_names={'layers': ...})."
         )
     return stacks[0].blocks
+
+
+def attention_like(name: str, module: nn.Module) -> bool:
+    cls = type(module).__name__.lower()
+    return "attention" in cls or "attn" in cls or isinstance(module, nn.MultiheadAttention)
 
 
 def describe_stacks(stacks: list[tuple[str, nn.ModuleList]]) -> str:

@@ -490,8 +490,31 @@ def _cause_key(detail: str) -> str:
     import re
 
     text = re.sub(r"'[^']*'", "'…'", detail)
+    text = re.sub(r"\b[A-Z][a-z0-9]+(?:[A-Z][A-Za-z0-9]*)+\b", "…", text)  # class names
     text = re.sub(r"\d+(\.\d+)?(e-?\d+)?", "N", text)
     return text[:110]
+
+
+def compare(before: list[Family], after: list[Family]) -> str:
+    """A markdown table of two sweeps side by side: per mapping the cells of each outcome, then the causes of the
+    cells that are neither exact nor refused for an inherent reason."""
+    rows = ["| mapping | buildable cells | exact | refused (inherent) | refused (to fix) | crash | silently wrong | "
+            "exact or inherent |", "|---|---|---|---|---|---|---|---|"]
+    for mapping in MAPPINGS:
+        pair = [summary([f for f in fams if f.mapping == mapping]) for fams in (before, after)]
+        if not pair[1]["cells"]:
+            continue
+        cols = [f"{a[k]} -> {b[k]}" for k in ("cells", "exact", "refused (inherent)", "refused (to fix)", "crash",
+                                              "silently wrong") for a, b in [pair]]
+        share = " -> ".join(f"{100 * (x['good_fraction'] or 0):.1f}%" for x in pair)
+        rows.append(f"| {mapping} | " + " | ".join(cols) + f" | {share} |")
+    rows += ["", "| cause (cells neither exact nor refused for an inherent reason) | before | after |", "|---|---|---|"]
+    bc, ac = causes(before), causes(after)
+    for key in sorted(set(bc) | set(ac), key=lambda k: -max(len(bc.get(k, [])), len(ac.get(k, [])))):
+        if key.startswith(Outcome.INHERENT.value):
+            continue
+        rows.append(f"| {key.replace('|', '/')} | {len(bc.get(key, []))} | {len(ac.get(key, []))} |")
+    return "\n".join(rows)
 
 
 DOC_START, DOC_END = "<!-- zoo:start -->", "<!-- zoo:end -->"
@@ -535,16 +558,29 @@ def _cell_text(c: Cell | None) -> str:
 
 
 def write_docs(sections: dict[str, str], path: str) -> None:
+    """Put each transformers line's section ("#### transformers <version>") between the zoo markers of `path`,
+    keeping the sections of other lines that are already there."""
     text = open(path).read()
-    body = "\n\n".join(sections[k] for k in sorted(sections))
-    if DOC_START in text:
-        head, rest = text.split(DOC_START, 1)
-        tail = rest.split(DOC_END, 1)[1]
-        text = f"{head}{DOC_START}\n{body}\n{DOC_END}{tail}"
-    else:
-        text = f"{text.rstrip()}\n\n{DOC_START}\n{body}\n{DOC_END}\n"
+    if DOC_START not in text:
+        text = f"{text.rstrip()}\n\n{DOC_START}\n{DOC_END}\n"
+    head, rest = text.split(DOC_START, 1)
+    body, tail = rest.split(DOC_END, 1)
+    kept: dict[str, str] = {}
+    for part in body.split("#### transformers ")[1:]:
+        line = part.split("\n", 1)[0].strip()
+        kept[line] = "#### transformers " + part.strip()
+    kept.update(sections)
+    merged = "\n\n".join(kept[k] for k in sorted(kept, reverse=True))
     with open(path, "w") as f:
-        f.write(text)
+        f.write(f"{head}{DOC_START}\n{merged}\n{DOC_END}{tail}")
+
+
+def load(path: str) -> tuple[str, list[Family]]:
+    """(transformers version, families) of a sweep saved with --json."""
+    data = json.load(open(path))
+    fams = [Family(f["mapping"], f["family"], f["builds"], f["why"], [Cell(**c) for c in f["cells"]])
+            for f in data["families"]]
+    return data["transformers"], fams
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -555,10 +591,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", help="write every cell here (JSON)")
     p.add_argument("--log", help="append one line per family here as it finishes")
     p.add_argument("--write-docs", action="store_true", help="rewrite the zoo section of docs/coverage.md")
+    p.add_argument("--from-json", action="append", help="write the docs from saved sweeps instead of running one")
+    p.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="print two saved sweeps side by side")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         _worker([tuple(j) for j in json.loads(args.worker)])
+        return
+    doc = os.path.join(os.path.dirname(__file__), "..", "docs", "coverage.md")
+    if args.compare:
+        print(compare(load(args.compare[0])[1], load(args.compare[1])[1]))
+        return
+    if args.from_json:
+        sections = {}
+        for path in args.from_json:
+            line, fams = load(path)
+            sections[line] = markdown(fams, line)
+        write_docs(sections, doc)
         return
     jobs = [(m, f) for m in args.mapping or MAPPINGS for f in model_types(m) if not args.family or f in args.family]
     log = open(args.log, "a") if args.log else sys.stdout
@@ -577,8 +626,7 @@ def main(argv: list[str] | None = None) -> None:
         import transformers
 
         line = transformers.__version__
-        path = os.path.join(os.path.dirname(__file__), "..", "docs", "coverage.md")
-        write_docs({line: markdown(families, line)}, path)
+        write_docs({line: markdown(families, line)}, doc)
 
 
 if __name__ == "__main__":

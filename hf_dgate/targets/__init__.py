@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..architectures import BlockStack, StructureNotFoundError, block_stacks, layer_config
+from ..architectures import BlockStack, StructureNotFoundError, attention_like, block_stacks, layer_config
 from ..config import DGateConfig
 from ..discover import OFF_PATH, OffPath, verify
 from ..flops import example_inputs as probe_batch
@@ -53,6 +53,12 @@ def find_group_sets(
     per_block = [t for t in targets if t.per_block]
     sets: list[GroupSet] = []
     if per_block:
+        if "heads" in config.targets and hasattr(getattr(model, "config", None), "to_dict") and refuse:
+            if not any(attention_like(n, m) for n, m in model.named_modules()):
+                raise ValueError(
+                    f"target='heads' is not available for {type(model).__name__}: it has no attention heads (no "
+                    "attention module anywhere); gate 'neurons', 'layers' or 'filters'."
+                )
         stacks = block_stacks(model, config)
         off_path: list[str] = []
         for stack in stacks:
