@@ -97,7 +97,8 @@ def current_heads(
     if prev.get(key) and len(prev[key]) == len(blocks):
         return [list(h) for h in prev[key]]
     # heads that transformers' own prune_heads removed (4.x, no hf_dgate record) keep their original numbers
-    pruned = getattr(model.config, "pruned_heads", None) if HAS_HF_PRUNE_HEADS and kind == "self" else None
+    cfg = getattr(model, "config", None)  # (none for a plain nn.Module)
+    pruned = getattr(cfg, "pruned_heads", None) if HAS_HF_PRUNE_HEADS and kind == "self" else None
     out = []
     for i, (name, block) in enumerate(blocks):
         geo = block_geometry(model, name, block, dconfig, kind)
