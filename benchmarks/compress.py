@@ -6,10 +6,14 @@ method gets the same optimizer steps, batch and schedule (AdamW, cosine) to reac
 - dgate+teacher: the same, distilling from the pretrained model (`teacher=`, logit KL at T = 2);
 - magnitude: one-shot, groups with the smallest weight norm (relative to their target's median) removed to the
   budget, then fine-tuned with the removed groups held at exactly zero;
+- l0: hard-concrete L0 gates under CoFiPruning's Lagrangian target (`DGateConfig(method="l0",
+  l0_target_sparsity=1 - fraction)`, log_alpha in its own group via `hf_dgate.optim.l0_optimizer`, which
+  DGateTrainer builds); its target counts groups, not parameters, so its kept share is reported as it lands;
+- wanda-sp: one-shot activation-aware score in the style of Wanda-sp / FLAP: for every weight a group removes,
+  |W_ij| times the norm of input feature j over calibration batches, summed over the group; then the same fine-tune;
 - taylor: one-shot first-order importance |dL/ds_g * s_g| of each group's scale on calibration batches (the group
   form of LLM-Pruner's Taylor score), then the same fine-tune;
 - scratch: the shape the magnitude cut leaves, re-initialised and trained for the same steps.
-Not included (said plainly in the table's notes): L0 with its Lagrangian target and Wanda-sp/FLAP activation scores.
 Every export is checked exact; validation loss (nats per character) of the exported model on the held-out 10%.
 
     python benchmarks/compress.py --quick                       # a minute: tiny model, a few steps (a smoke run)
@@ -36,13 +40,16 @@ from hf_dgate.finish import FinishRecord, zero_exactly
 from hf_dgate.trainer import DGateTrainer
 
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "hf_dgate", "compress_bench")
-METHODS = ("dgate", "dgate+teacher", "magnitude", "taylor", "scratch")
+METHODS = ("dgate", "dgate+teacher", "l0", "magnitude", "taylor", "wanda-sp", "scratch")
 
 
-def model_config(vocab: int, quick: bool) -> LlamaConfig:
-    if quick:
+def model_config(vocab: int, size: str) -> LlamaConfig:
+    if size == "quick":
         return LlamaConfig(vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
+    if size == "small":  # what 2 shared CPU cores can pretrain and compress in well under an hour
+        return LlamaConfig(vocab_size=vocab, hidden_size=96, intermediate_size=288, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
     return LlamaConfig(vocab_size=vocab, hidden_size=192, intermediate_size=576, num_hidden_layers=4,
                        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256)  # fmt: skip
 
@@ -129,6 +136,43 @@ def taylor_scores(model, train: torch.Tensor, batches: int = 8) -> dict[str, tor
     return scores
 
 
+@torch.no_grad()
+def activation_scores(model, train: torch.Tensor, batches: int = 8) -> dict[str, torch.Tensor]:
+    """Wanda-sp-style group scores: sum over the weights a group removes of |W_ij| * ||X_j||, where ||X_j|| is the
+    L2 norm of the layer's input feature j over every token of the calibration batches (the structured form of
+    Wanda's |W| * ||X||; FLAP ranks the same columns by their input's variation). Read from the bank's own group
+    slices, so heads and neurons are scored through the weights their export would delete."""
+    bank = hf_dgate.get_bank(model)
+    mods = {sl.module for gs in bank.group_sets for sl in gs.removable or gs.primary if sl.axis is not None}
+    sq: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def pre(_module, args):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            sq[name] = sq.get(name, 0) + (x * x).sum(0)
+
+        return pre
+
+    named = dict(model.named_modules())
+    handles = [named[m].register_forward_pre_hook(hook(m)) for m in mods if isinstance(named[m], torch.nn.Linear)]
+    model.eval()
+    for i in range(batches):
+        model(input_ids=train[i * 16 : (i + 1) * 16])
+    for h in handles:
+        h.remove()
+    scores = {t: torch.zeros(n) for t, n in bank.sizes.items()}
+    for gs, off in zip(bank.group_sets, bank.offsets):
+        for sl in gs.removable or gs.primary:
+            if sl.module not in sq or sl.param != "weight" or not isinstance(sl.axis, int):
+                continue  # biases and norms carry no input activation; stacked experts are not in this model
+            w = getattr(named[sl.module], sl.param).detach().float()
+            metric = w.abs() * sq[sl.module].sqrt()[None, :]  # (out, in): Wanda's per-weight score
+            per_pos = metric.sum(1 - sl.axis)  # one value per position along the sliced axis
+            keep = sl.index >= 0
+            scores[gs.target].index_add_(0, sl.index[keep] + off, per_pos[keep])
+    return scores
+
+
 def fine_tune_held(model, masks, args, data, val_rows) -> DGateTrainer:
     """Train with the masked groups held at exactly zero from the first step (lam 0): the one-shot peers'
     fine-tune, through the same finish machinery D-Gating ends with."""
@@ -153,10 +197,16 @@ def run_method(method, base, fraction, train, val, args, run_dir) -> dict:
         tr = DGateTrainer(model, ta, dgate_config=cfg, target_params=budget, teacher=teacher, train_dataset=data,
                           eval_dataset=val_rows)  # fmt: skip
         tr.train()
+    elif method == "l0":
+        l0cfg = hf_dgate.DGateConfig(target=["heads", "neurons"], method="l0", l0_target_sparsity=1 - fraction,
+                                     l0_droprate_init=0.1)  # fmt: skip
+        tr = DGateTrainer(model, ta, dgate_config=l0cfg, train_dataset=data, eval_dataset=val_rows)
+        tr.train()
     else:
         hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target=["heads", "neurons"], lam=0.0))
         bank = hf_dgate.get_bank(model)
-        scores = None if method in ("magnitude", "scratch") else taylor_scores(model, train)
+        scores = {"taylor": taylor_scores, "wanda-sp": activation_scores}.get(method)
+        scores = scores(model, train) if scores else None
         masks, _ = budget_cut(bank, budget, scores)
         if method == "scratch":
             model.apply(model._init_weights)
@@ -212,10 +262,17 @@ def main() -> None:
     p.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
                                                   "shakespeare.txt"))  # fmt: skip
     p.add_argument("--quick", action="store_true", help="tiny model, 30k characters, a few steps: a smoke run")
+    p.add_argument(
+        "--size",
+        default="base",
+        choices=("base", "small"),
+        help="base: 4 layers, hidden 192 (1.7 M); small: 4 layers, hidden 96 (0.4 M)",
+    )
     p.add_argument("--fractions", type=float, nargs="+", default=[0.75, 0.5, 0.25])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--steps", type=int, default=400, help="optimizer steps per method (same for every method)")
     p.add_argument("--pretrain-steps", type=int, default=2000)
+    p.add_argument("--block", type=int, default=128, help="characters per training window")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lam", type=float, default=1e-3, help="D-Gating's starting lam (then steered to the budget)")
@@ -226,9 +283,11 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if args.quick:
         args.steps, args.pretrain_steps, args.batch = min(args.steps, 20), min(args.pretrain_steps, 60), 8
-    train, val, vocab = char_blocks(args.data, 64 if args.quick else 128, 30_000 if args.quick else None)
-    cfg = model_config(vocab, args.quick)
-    tag = f"{'quick' if args.quick else 'llama4x192'}_{args.pretrain_steps}"
+    block = 64 if args.quick else args.block
+    train, val, vocab = char_blocks(args.data, block, 30_000 if args.quick else None)
+    size = "quick" if args.quick else args.size
+    cfg = model_config(vocab, size)
+    tag = f"{'llama4x192' if size == 'base' else size}_{args.pretrain_steps}" + ("" if block == 128 else f"_b{block}")
     base = pretrained(cfg, train, args.pretrain_steps, tag)
     dense = val_loss(base, val)
     os.makedirs(args.out, exist_ok=True)
@@ -239,8 +298,9 @@ def main() -> None:
             r = run_method(method, base, fraction, train, val, args, run_dir)
             print(json.dumps(r), flush=True)
             results.append(r)
-    meta = {"quick": args.quick, "steps": args.steps, "pretrain_steps": args.pretrain_steps, "batch": args.batch,
-            "lr": args.lr, "lam": args.lam, "dense_val_loss": dense}  # fmt: skip
+    meta = {"quick": args.quick, "size": size, "block": block, "fractions": args.fractions, "steps": args.steps,
+            "pretrain_steps": args.pretrain_steps, "batch": args.batch, "lr": args.lr,
+            "lam": args.lam, "dense_val_loss": dense}  # fmt: skip
     name = "compress_quick" if args.quick else "compress"
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2, default=str)
