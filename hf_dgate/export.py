@@ -20,26 +20,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import BlockStack, block_stacks, find_blocks
-from .compat import hf_prune_heads, rekey_pruned_heads
+from .architectures import BlockStack, block_stacks
+from .compat import rekey_pruned_heads
 from .config import DGateConfig
 from .errors import ExportError
 from .groups import GroupSet
-from .legacy_heads import prune_with_transformers
+from .legacy_heads import prune_heads, prune_with_transformers
 from .patch import get_bank, remove_dgate, unwrap
 from .record import RECORD_KEY, PruningRecord
-from .recording import (
-    block_geometry,
-    current_heads,
-    heads_record,
-    model_record,
-    read_record,
-    stack_record,
-    write_record,
-)
+from .recording import current_heads, model_record, read_record, stack_record, write_record
 from .registry import spec_for
 from .targets import get_target
-from .targets.heads import head_set, prune_head_group_set
 from .targets.layers import drop_layers
 
 PRUNING_KEY = RECORD_KEY  # (the names earlier code imported from here)
@@ -153,56 +144,6 @@ def export_checked(
     return pruned, check.finish(pruned, allow_inexact)
 
 
-@torch.no_grad()
-def prune_heads(model: nn.Module, heads_to_prune: dict[int, list[int]], dconfig: DGateConfig | None = None) -> None:
-    """transformers 4.x's `prune_heads` contract for models whose transformers has none (v5 removed it).
-
-    `heads_to_prune` maps a layer (its current position) to attention heads in their original numbering; heads
-    pruned earlier are ignored. Under GQA a key/value head can only go with all query heads that share it.
-    With transformers 4.x and a model that still has `_prune_heads`, that implementation is used.
-    """
-    from types import SimpleNamespace
-
-    base = unwrap(model)
-    dconfig = _with_targets(dconfig or DGateConfig(target="heads"), ["heads"])
-    record = read_record(base) or {}
-    blocks = find_blocks(base, dconfig)
-    if "stacks" in record:
-        raise ExportError("prune_heads works on single-stack models; this one records several stacks.")
-    kept_heads = current_heads(base, blocks, dconfig, record)
-    by_hf = hf_prune_heads(base, heads_to_prune)  # transformers 4.x, a family with its own head pruning
-    for layer, heads in heads_to_prune.items() if by_hf else ():
-        kept_heads[layer] = [h for h in kept_heads[layer] if h not in set(heads)]
-    for layer, heads in heads_to_prune.items() if not by_hf else ():
-        if not 0 <= layer < len(blocks):
-            raise ExportError(f"Layer {layer} does not exist; the model has {len(blocks)} layers.")
-        name, block = blocks[layer]
-        n_q, n_kv, hd, _ = block_geometry(base, name, block, dconfig)
-        if n_q == 0:
-            continue  # nothing left to prune
-        # the layer's own (possibly already pruned) geometry, not the config's
-        geometry = SimpleNamespace(num_attention_heads=n_q, num_key_value_heads=n_kv, head_dim=hd)
-        gs = head_set(base, geometry, dconfig, layer, name, block)
-        kept_q = kept_heads[layer]
-        n_rep = gs.info.n_heads // gs.info.n_kv
-        current = [kept_q[i] for i in range(0, len(kept_q), n_rep)]  # original query head opening each group
-        dead = torch.zeros(gs.n_groups, dtype=torch.bool)
-        for h in set(heads):
-            grp = [i for i, first in enumerate(current) if first <= h < first + n_rep]
-            if not grp:
-                continue  # already pruned
-            members = set(range(current[grp[0]], current[grp[0]] + n_rep))
-            if not members <= set(heads):
-                raise ExportError(
-                    f"Head {h} of layer {layer} shares its key/value head with heads {sorted(members)}; prune all "
-                    "of them together (GQA)."
-                )
-            dead[grp[0]] = True
-        prune_head_group_set(base, gs, dead)
-        kept_heads[layer] = [h for j, h in enumerate(kept_q) if not dead[j // n_rep]]
-    write_record(base, heads_record(base, blocks, dconfig, kept_heads, record, by_hf))
-
-
 def pruned_structure(model: nn.Module) -> dict[str, Any] | None:
     """What export removed, as recorded in the config (None for a model that was not pruned); as a dict."""
     return read_record(unwrap(model))
@@ -252,7 +193,3 @@ def _prune_stack(
         drop_layers(model, st, dead_layers)
         rekey_pruned_heads(getattr(model, "config", None), kept_layers)
     return stack_record(model, st, dconfig, kept, kept_layers, kept_dead, prev, n_before, bool(by_hf))
-
-
-def _with_targets(dconfig: DGateConfig, targets: list[str]) -> DGateConfig:
-    return DGateConfig(target=targets, module_names=dconfig.module_names, head_side="auto")
