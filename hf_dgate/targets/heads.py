@@ -55,7 +55,8 @@ def head_set(
     cross = parts is not None
     parts = parts if cross else attention_parts(name, block, config, hf_config)
     get = block.get_submodule
-    if parts.get("guessed") and not _names_fit(hf_config, block, parts, name):  # ask the shapes instead
+    named_ok = parts.get("v") or parts.get("qkv")  # heads can only be removed with their value rows
+    if parts.get("guessed") and not (named_ok and _names_fit(hf_config, block, parts, name)):  # ask the shapes
         parts = discovered_attention(block, hf_config) or parts
     if parts.get("discovered"):
         return _discovered_head_set(hf_config, layer, name, block, parts)
