@@ -88,8 +88,11 @@ class AutoPrunedModel:
             structure = PruningRecord.read(config)
         except RecordError as e:
             raise ExportError(f"{path!r}: {e}") from None
+        want_info = bool(kwargs.pop("output_loading_info", False))
         if structure is None or structure.native:
-            return model_class.from_pretrained(path, config=config, **kwargs)
+            model, info = model_class.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
+            _check_complete(path, model_class, info)
+            return (model, info) if want_info else model
         # transformers' own loader (key renaming, shards, dtype, device_map) on a class that shrinks itself to the
         # recorded structure right after construction; the instance gets its plain class back afterwards.
         shrinking = type(
@@ -97,9 +100,29 @@ class AutoPrunedModel:
             (model_class,),
             {"__init__": _shrinking_init(model_class, structure), "__module__": model_class.__module__},
         )
-        model = shrinking.from_pretrained(path, config=config, **kwargs)
+        model, info = shrinking.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
         model.__class__ = model_class
-        return model
+        _check_complete(path, model_class, info)
+        return (model, info) if want_info else model
+
+
+def _check_complete(path: str, model_class: type, info: dict[str, Any]) -> None:
+    """Refuse a load that left tensors random or dropped some: transformers only logs them, and a model whose class
+    the config names wrongly (or whose keys another class renames) would come back half initialised."""
+    problems = {
+        "missing from the files (they would be random)": sorted(info.get("missing_keys") or []),
+        "in the files but not in the model": sorted(info.get("unexpected_keys") or []),
+        "of another shape than the model": sorted(
+            str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or []
+        ),
+    }
+    parts = [f"{len(keys)} tensor(s) {what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+             for what, keys in problems.items() if keys]  # fmt: skip
+    if parts:
+        raise ExportError(
+            f"Cannot load {path!r} as {model_class.__name__} completely: {'; '.join(parts)}. The export is damaged, "
+            "or this class does not read its weights: pass AutoPrunedModel.from_pretrained(dir, model_class=...)."
+        )
 
 
 def _base_config(path: str) -> Any:

@@ -104,3 +104,23 @@ def test_the_generated_loader_reads_the_record_through_the_record_class(tmp_path
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"not a pruning record this loader reads \(.*'kv_heads'\]\[0\] is -1"):
         T.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+
+
+@pytest.mark.parametrize("fault", ["missing", "unexpected"])
+def test_a_load_that_would_leave_tensors_random_is_refused(tmp_path, fault):
+    """AutoPrunedModel checks transformers' loading report itself: a tensor missing from the files (it would be
+    random) or one the model does not read (its class reads other names) is refused by name, on either path."""
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "export"
+    shutil.copytree(os.path.join(FIXTURES, "record_v1_llama"), path)
+    tensors = load_file(path / "model.safetensors")
+    name = sorted(k for k in tensors if k.endswith("mlp.down_proj.weight"))[0]
+    if fault == "missing":
+        del tensors[name]
+    else:
+        tensors["model.not_a_module.weight"] = torch.zeros(2)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ExportError, match="completely") as err:
+        hf_dgate.AutoPrunedModel.from_pretrained(path)
+    assert (name if fault == "missing" else "model.not_a_module.weight") in str(err.value)
