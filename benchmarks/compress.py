@@ -257,6 +257,27 @@ def plot(results: list[dict], dense: float, path: str) -> None:
     plt.close(fig)
 
 
+def render(out: str, name: str) -> list[dict]:
+    """Table (markdown), plot and one JSON from the rows in `<name>.jsonl` (the last row per method and fraction)."""
+    with open(os.path.join(out, f"{name}.meta.json")) as f:
+        meta = json.load(f)
+    rows_by_key: dict = {}
+    with open(os.path.join(out, f"{name}.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            rows_by_key[(r["method"], r["block_fraction"])] = r
+    results = list(rows_by_key.values())
+    dense = meta["dense_val_loss"]
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=2, default=str)
+    table = markdown(results, dense)
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write(table + "\n")
+    plot(results, dense, os.path.join(out, f"{name}.png"))
+    print(table)
+    return results
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
@@ -277,7 +298,12 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lam", type=float, default=1e-3, help="D-Gating's starting lam (then steered to the budget)")
     p.add_argument("--out", default="results/compress")
+    p.add_argument("--name", default=None, help="file stem in --out (default compress, or compress_quick)")
+    p.add_argument("--render", action="store_true", help="only redraw table and plot from <out>/<name>.jsonl")
     args = p.parse_args()
+    if args.render:
+        render(args.out, args.name or ("compress_quick" if args.quick else "compress"))
+        return
     warnings.filterwarnings("ignore")
     hf_logging.set_verbosity_error()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -292,23 +318,22 @@ def main() -> None:
     dense = val_loss(base, val)
     os.makedirs(args.out, exist_ok=True)
     run_dir = os.path.join(CACHE, "runs", tag)
+    name = args.name or ("compress_quick" if args.quick else "compress")
+    meta = {"quick": args.quick, "size": size, "block": block, "steps": args.steps,
+            "pretrain_steps": args.pretrain_steps, "batch": args.batch, "lr": args.lr,
+            "lam": args.lam, "dense_val_loss": dense,
+            "val_characters": int(val.numel())}  # fmt: skip
+    with open(os.path.join(args.out, f"{name}.meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
     results = []
     for fraction in args.fractions:
         for method in args.methods:
             r = run_method(method, base, fraction, train, val, args, run_dir)
             print(json.dumps(r), flush=True)
             results.append(r)
-    meta = {"quick": args.quick, "size": size, "block": block, "fractions": args.fractions, "steps": args.steps,
-            "pretrain_steps": args.pretrain_steps, "batch": args.batch, "lr": args.lr,
-            "lam": args.lam, "dense_val_loss": dense}  # fmt: skip
-    name = "compress_quick" if args.quick else "compress"
-    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=2, default=str)
-    table = markdown(results, dense)
-    with open(os.path.join(args.out, f"{name}.md"), "w") as f:
-        f.write(table + "\n")
-    plot(results, dense, os.path.join(args.out, f"{name}.png"))
-    print(table)
+            with open(os.path.join(args.out, f"{name}.jsonl"), "a") as f:  # each row as it lands (parallel runs)
+                f.write(json.dumps(r) + "\n")
+    results = render(args.out, name)
     if not all(math.isfinite(r["val_loss"]) for r in results):
         raise SystemExit("a method diverged (NaN validation loss)")
 
