@@ -36,6 +36,7 @@ from transformers import logging as hf_logging
 
 import hf_dgate
 from hf_dgate.budget import budget_cut, params_after
+from hf_dgate.errors import ExportError
 from hf_dgate.finish import FinishRecord, zero_exactly
 from hf_dgate.trainer import DGateTrainer
 
@@ -213,14 +214,18 @@ def run_method(method, base, fraction, train, val, args, run_dir) -> dict:
         tr = fine_tune_held(model, masks, ta, data, val_rows)
     bank = hf_dgate.get_bank(model)
     total, kept = params_after(bank, {t: bank.zero_groups(t) for t in bank.targets})
-    summary = tr.export_pruned(os.path.join(run_dir, f"export_{method}_{fraction}"), overwrite=True, measure=False)
+    out = os.path.join(run_dir, f"export_{method}_{fraction}")
+    try:
+        summary, refused = tr.export_pruned(out, overwrite=True, measure=False), ""
+    except ExportError as e:  # (L0 has no finish: a grey group can be left) measured anyway, marked not exact
+        summary, refused = tr.export_pruned(out, overwrite=True, measure=False, allow_inexact=True), str(e)
     exported = LlamaForCausalLM.from_pretrained(summary["path"]) if summary.get("native") else None
     loss = val_loss(exported if exported is not None else model, val)
     return {
         "method": method, "block_fraction": fraction, "budget": budget, "params_total": total, "params_kept": kept,
         "kept_fraction": kept / total, "val_loss": loss, "exact": bool(summary["verification"]["exact"]),
         "heads_zero": int(bank.zero_groups("heads").sum()), "neurons_zero": int(bank.zero_groups("neurons").sum()),
-        "seconds": time.time() - t0,
+        "seconds": time.time() - t0, "export_refused": refused,
     }  # fmt: skip
 
 
@@ -243,7 +248,7 @@ def plot(results: list[dict], dense: float, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for m in METHODS:
+    for m in dict.fromkeys(r["method"] for r in results):
         pts = sorted((r["kept_fraction"], r["val_loss"]) for r in results if r["method"] == m)
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=m)
@@ -257,8 +262,9 @@ def plot(results: list[dict], dense: float, path: str) -> None:
     plt.close(fig)
 
 
-def render(out: str, name: str) -> list[dict]:
-    """Table (markdown), plot and one JSON from the rows in `<name>.jsonl` (the last row per method and fraction)."""
+def render(out: str, name: str, also: list[str] = ()) -> list[dict]:
+    """Table (markdown), plot and one JSON from the rows in `<name>.jsonl` (the last row per method and fraction);
+    `also`: other runs' names (e.g. another --lam) whose rows join as "<method> (<name>)"."""
     with open(os.path.join(out, f"{name}.meta.json")) as f:
         meta = json.load(f)
     rows_by_key: dict = {}
@@ -266,6 +272,12 @@ def render(out: str, name: str) -> list[dict]:
         for line in f:
             r = json.loads(line)
             rows_by_key[(r["method"], r["block_fraction"])] = r
+    for other in also:
+        with open(os.path.join(out, f"{other}.jsonl")) as f:
+            for line in f:
+                r = json.loads(line)
+                r["method"] = f"{r['method']} ({other})"
+                rows_by_key[(r["method"], r["block_fraction"])] = r
     results = list(rows_by_key.values())
     dense = meta["dense_val_loss"]
     with open(os.path.join(out, f"{name}.json"), "w") as f:
@@ -300,9 +312,10 @@ def main() -> None:
     p.add_argument("--out", default="results/compress")
     p.add_argument("--name", default=None, help="file stem in --out (default compress, or compress_quick)")
     p.add_argument("--render", action="store_true", help="only redraw table and plot from <out>/<name>.jsonl")
+    p.add_argument("--also", nargs="*", default=[], help="with --render: other runs' names to add to table and plot")
     args = p.parse_args()
     if args.render:
-        render(args.out, args.name or ("compress_quick" if args.quick else "compress"))
+        render(args.out, args.name or ("compress_quick" if args.quick else "compress"), args.also)
         return
     warnings.filterwarnings("ignore")
     hf_logging.set_verbosity_error()
