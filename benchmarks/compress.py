@@ -18,6 +18,7 @@ Every export is checked exact; validation loss (nats per character) of the expor
 
     python benchmarks/compress.py --quick                       # a minute: tiny model, a few steps (a smoke run)
     nice python benchmarks/compress.py --data ../shared/data/shakespeare.txt --steps 400 --out results/compress
+    # what ran on 2 CPU cores (docs/compress.md): --size small --block 64 --pretrain-steps 500 --steps 300 --batch 16
 """
 
 from __future__ import annotations
