@@ -319,8 +319,9 @@ def run_cell(mapping: str, family: str, target: str) -> Cell:
     except Exception as e:  # noqa: BLE001 - a crash is a result of the sweep
         return done(Outcome.CRASH, f"apply_dgate: {_short(e)}")
     try:
-        if not torch.equal(run(model, batch), ref):
-            return done(Outcome.WRONG, "outputs changed at init")
+        init_diff = (run(model, batch) - ref).abs().max().item()
+        if not init_diff <= 1e-5 * max(1.0, ref.abs().max().item()):  # float rounding of another kernel order only
+            return done(Outcome.WRONG, f"outputs changed at init by {init_diff:.1e}")
         zero_pattern(hf_dgate.get_bank(model), target)
         gated = run(model, batch)
         with warnings.catch_warnings():
