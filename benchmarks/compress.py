@@ -17,7 +17,7 @@ method gets the same optimizer steps, batch and schedule (AdamW, cosine) to reac
 Every export is checked exact; validation loss (nats per character) of the exported model on the held-out 10%.
 
     python benchmarks/compress.py --quick                       # a minute: tiny model, a few steps (a smoke run)
-    nice python benchmarks/compress.py --data ../shared/data/shakespeare.txt --steps 400 --out results/compress
+    nice python benchmarks/compress.py --data $DATA/shakespeare.txt --steps 400 --out results/compress
     # what ran on 2 CPU cores (docs/compress.md): --size small --block 64 --pretrain-steps 500 --steps 300 --batch 16
 """
 
@@ -293,8 +293,8 @@ def render(out: str, name: str, also: list[str] = ()) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                                                  "shakespeare.txt"))  # fmt: skip
+    data = os.environ.get("DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+    p.add_argument("--data", default=os.path.join(data, "shakespeare.txt"), help="a text file (default: $DATA)")
     p.add_argument("--quick", action="store_true", help="tiny model, 30k characters, a few steps: a smoke run")
     p.add_argument(
         "--size",
