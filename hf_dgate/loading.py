@@ -109,20 +109,11 @@ class AutoPrunedModel:
 def _check_complete(path: str, model_class: type, info: dict[str, Any]) -> None:
     """Refuse a load that left tensors random or dropped some: transformers only logs them, and a model whose class
     the config names wrongly (or whose keys another class renames) would come back half initialised."""
-    problems = {
-        "missing from the files (they would be random)": sorted(info.get("missing_keys") or []),
-        "in the files but not in the model": sorted(info.get("unexpected_keys") or []),
-        "of another shape than the model": sorted(
-            str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or []
-        ),
-    }
-    parts = [f"{len(keys)} tensor(s) {what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-             for what, keys in problems.items() if keys]  # fmt: skip
-    if parts:
-        raise ExportError(
-            f"Cannot load {path!r} as {model_class.__name__} completely: {'; '.join(parts)}. The export is damaged, "
-            "or this class does not read its weights: pass AutoPrunedModel.from_pretrained(dir, model_class=...)."
-        )
+    from .saving import check_loading_info
+
+    remedy = (f"The export is damaged, or {model_class.__name__} does not read its weights: pass "
+              "AutoPrunedModel.from_pretrained(dir, model_class=...).")  # fmt: skip
+    check_loading_info(path, info, remedy, ExportError)
 
 
 def _base_config(path: str) -> Any:

@@ -292,7 +292,7 @@ def load_gated(directory: str | os.PathLike, model_class: type | None = None, **
     if adapters is not None:
         model = _with_adapters(model, adapters, directory)
     else:
-        _check_loading_info(directory, info)
+        check_loading_info(directory, info)
     apply_dgate(model, dconfig)
     bank = get_bank(model)
     check_gates_match(directory, dconfig, gates, gate_record(bank))
@@ -356,8 +356,17 @@ def _reshaped(model_class: type, directory: Any) -> list[str]:
     return sorted(out)
 
 
-def _check_loading_info(directory: Any, info: dict[str, Any]) -> None:
-    """ValueError naming the tensors transformers did not restore (missing, unexpected or of another shape)."""
+SAVE_REMEDY = (
+    "The folder is damaged or was not written by hf_dgate.save_gated for this model class; re-save it, or pass the "
+    "right model_class."
+)
+
+
+def check_loading_info(
+    directory: Any, info: dict[str, Any], remedy: str = SAVE_REMEDY, error: type[Exception] = ValueError
+) -> None:
+    """`error` naming the tensors transformers did not restore (missing, unexpected or of another shape): its
+    loader only logs them, and a model with random or dropped tensors must not come back as if loaded."""
     import re
 
     gate = re.compile(GATE_KEY_PATTERN)
@@ -366,17 +375,16 @@ def _check_loading_info(directory: Any, info: dict[str, Any]) -> None:
         "in the files but not in the model": sorted(k for k in info.get("unexpected_keys") or [] if not gate.search(k)),
         RESHAPED: sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or []),
     }
-    _refuse(directory, problems)
+    _refuse(directory, problems, remedy, error)
 
 
-def _refuse(directory: Any, problems: dict[str, list[str]]) -> None:
+def _refuse(
+    directory: Any, problems: dict[str, list[str]], remedy: str = SAVE_REMEDY, error: type[Exception] = ValueError
+) -> None:
     parts = [f"{len(keys)} tensor(s) {what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
              for what, keys in problems.items() if keys]  # fmt: skip
     if parts:
-        raise ValueError(
-            f"Cannot load {os.fspath(directory)!r} completely: {'; '.join(parts)}. The folder is damaged or was not "
-            "written by hf_dgate.save_gated for this model class; re-save it, or pass the right model_class."
-        )
+        raise error(f"Cannot load {os.fspath(directory)!r} completely: {'; '.join(parts)}. {remedy}")
 
 
 def _with_adapters(model: nn.Module, record: dict[str, Any], directory: Any) -> nn.Module:

@@ -29,6 +29,31 @@ class ExportFormat(ABC):
         """Write the pruned `model` into `directory`; return summary fields (files, verification, ...)."""
 
 
+LLAMA_FAMILIES = ("llama", "mistral", "qwen2")  # the decoders llama.cpp's deci and vLLM's DeciLM both run
+
+
+def text_config(model: nn.Module) -> Any:
+    """The language model's config (the text config of a multimodal one)."""
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def check_llama_decoder(model: nn.Module, label: str, kinds: str, activation: str) -> Any:
+    """ExportError unless `model` is a Llama-like causal LM with its lm_head and a SiLU-gated MLP, as the engines
+    behind the GGUF and DeciLM formats need; returns its text config. `label`/`kinds`/`activation` word the errors."""
+    cfg = text_config(model)
+    mt = getattr(cfg, "model_type", None)
+    if mt not in LLAMA_FAMILIES:
+        raise ExportError(
+            f"{label} export supports {kinds} ({', '.join(LLAMA_FAMILIES)}), not {mt!r}; use format='native'."
+        )
+    if getattr(model, "lm_head", None) is None or not hasattr(getattr(model, "model", None), "layers"):
+        raise ExportError(f"{label} export needs the causal-LM model (e.g. LlamaForCausalLM) with its lm_head.")
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise ExportError(f"{label} export: {activation}; this model uses {cfg.hidden_act!r}.")
+    return cfg
+
+
 FORMATS: dict[str, ExportFormat] = {}
 _BUILTIN = {"native": ".native", "gguf": ".gguf", "decilm": ".decilm"}
 

@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 from ..errors import ExportError
-from .base import ExportFormat, register_format
+from .base import LLAMA_FAMILIES, ExportFormat, check_llama_decoder, register_format, text_config
 
 MODEL_TYPE = "nemotron-nas"
-FAMILIES = ("llama", "mistral", "qwen2")
+FAMILIES = LLAMA_FAMILIES
 FFN_MULTIPLE = 256  # what vLLM's ffn_mult conversion rounds to
 CONFIG_FILE = "configuration_decilm.py"
 BASE_KEY = "dgate_base_model_type"
@@ -63,28 +63,14 @@ class DeciLMConfig(LlamaConfig):
 '''
 
 
-def _text_config(model: nn.Module) -> Any:
-    cfg = model.config
-    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-
-
 def check_family(model: nn.Module) -> None:
-    cfg = _text_config(model)
-    mt = getattr(cfg, "model_type", None)
-    if mt not in FAMILIES:
-        raise ExportError(
-            f"DeciLM export supports Llama-family decoders ({', '.join(FAMILIES)}), not {mt!r}; use format='native'."
-        )
-    if getattr(model, "lm_head", None) is None or not hasattr(getattr(model, "model", None), "layers"):
-        raise ExportError("DeciLM export needs the causal-LM model (e.g. LlamaForCausalLM) with its lm_head.")
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        raise ExportError(f"DeciLM export: vLLM's DeciLM MLP is SiLU-gated; this model uses {cfg.hidden_act!r}.")
+    check_llama_decoder(model, "DeciLM", "Llama-family decoders", "vLLM's DeciLM MLP is SiLU-gated")
 
 
 def _head_dim(model: nn.Module) -> int:
     from ..export import pruning_record
 
-    cfg = _text_config(model)
+    cfg = text_config(model)
     rec = pruning_record(model)  # a version-1 record's head size (a multi-stack one has none at the top)
     hd = (rec.single.head_dim if rec is not None else None) or getattr(cfg, "head_dim", None)
     return int(hd or cfg.hidden_size // cfg.num_attention_heads)
@@ -92,7 +78,7 @@ def _head_dim(model: nn.Module) -> int:
 
 def plan(model: nn.Module) -> dict[str, Any]:
     """Per layer: kept query / key-value heads, the written key/value heads and group size, FFN widths; H."""
-    cfg = _text_config(model)
+    cfg = text_config(model)
     hd = _head_dim(model)
     n_rep = cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
     layers = []
@@ -182,7 +168,7 @@ def decilm_state_dict(model: nn.Module, p: dict[str, Any]) -> dict[str, torch.Te
 
 
 def decilm_config(model: nn.Module, p: dict[str, Any]) -> dict[str, Any]:
-    cfg = _text_config(model)
+    cfg = text_config(model)
     from ..record import RECORD_KEY
 
     out = {k: v for k, v in cfg.to_dict().items() if k not in (RECORD_KEY, "auto_map", "per_layer_config")}
@@ -328,7 +314,7 @@ def compare_with_pytorch(model: nn.Module, directory: str | os.PathLike, seq_len
     """Reload the folder with `load_decilm` and compare its logits with the PyTorch export; ExportError beyond
     float32 tolerance."""
     again = load_decilm(directory, dtype=next(model.parameters()).dtype)
-    vocab = _text_config(model).vocab_size
+    vocab = text_config(model).vocab_size
     ids = torch.randint(0, vocab, (1, seq_len), generator=torch.Generator().manual_seed(0))
     ref = model(input_ids=ids).logits.float()
     got = again(input_ids=ids).logits.float()

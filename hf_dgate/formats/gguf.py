@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 from ..errors import ExportError
-from .base import ExportFormat, register_format
+from .base import LLAMA_FAMILIES, ExportFormat, check_llama_decoder, register_format, text_config
 
 ARCH = "deci"
-FAMILIES = ("llama", "mistral", "qwen2")
+FAMILIES = LLAMA_FAMILIES
 REFUSED = {  # model type -> why llama.cpp's deci architecture cannot run it
     "qwen3": "its per-head q/k RMSNorms (q_norm/k_norm), which llama.cpp's deci architecture does not apply",
     "qwen3_moe": "q/k norms and experts, which llama.cpp's deci architecture does not have",
@@ -63,25 +63,13 @@ def _need_gguf():
     return gguf
 
 
-def _text_config(model: nn.Module) -> Any:
-    cfg = model.config
-    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-
-
 def check_family(model: nn.Module) -> None:
     """ExportError naming why llama.cpp's `deci` cannot run this model; None for Llama, Mistral, Qwen2 decoders."""
-    cfg = _text_config(model)
+    cfg = text_config(model)
     mt = getattr(cfg, "model_type", None)
     if mt in REFUSED:
         raise ExportError(f"GGUF export cannot write a {mt} model: {REFUSED[mt]}. Use format='native'.")
-    if mt not in FAMILIES:
-        raise ExportError(
-            f"GGUF export supports Llama-like decoders ({', '.join(FAMILIES)}), not {mt!r}; use format='native'."
-        )
-    if getattr(model, "lm_head", None) is None or not hasattr(getattr(model, "model", None), "layers"):
-        raise ExportError("GGUF export needs the causal-LM model (e.g. LlamaForCausalLM) with its lm_head.")
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        raise ExportError(f"GGUF export: llama.cpp's deci uses SiLU; this model uses {cfg.hidden_act!r}.")
+    cfg = check_llama_decoder(model, "GGUF", "Llama-like decoders", "llama.cpp's deci uses SiLU")
     if (getattr(cfg, "partial_rotary_factor", 1.0) or 1.0) != 1.0:
         raise ExportError("GGUF export: llama.cpp's deci rotates whole heads; this model uses partial rotary.")
     _rope_factors(model)  # refuses unsupported rope scaling
@@ -110,14 +98,14 @@ def _rope_factors(model: nn.Module) -> np.ndarray | None:
 
 
 def _rope_theta(model: nn.Module) -> float:
-    cfg = _text_config(model)
+    cfg = text_config(model)
     params = getattr(cfg, "rope_parameters", None) or {}
     theta = params.get("rope_theta") if isinstance(params, dict) else None
     return float(theta if theta is not None else getattr(cfg, "rope_theta", 10000.0))
 
 
 def _head_dim(model: nn.Module) -> int:
-    cfg = _text_config(model)
+    cfg = text_config(model)
     from ..export import pruning_record
 
     rec = pruning_record(model)  # a version-1 record's head size (a multi-stack one has none at the top)
@@ -229,7 +217,7 @@ def write_gguf(
     if dtype not in DTYPES:
         raise ExportError(f"dtype={dtype!r} is not a GGUF float type written here; choose one of {list(DTYPES)}.")
     check_family(model)
-    cfg = _text_config(model)
+    cfg = text_config(model)
     lay = layout(model)
     w = gguf.GGUFWriter(os.fspath(path), ARCH)
     w.add_name(name or "hf-dgate pruned model")

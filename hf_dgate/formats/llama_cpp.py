@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportError
+from .base import text_config
 
 TOLERANCE = {"f32": (1e-4, 1e-3), "f16": (1e-3, 1e-2), "bf16": (1e-2, 3e-2)}  # (atol, rtol) by file dtype
 INSTALL = "pip install 'hf-dgate[llama-cpp]'  (builds llama.cpp from source: cmake and a C++ compiler)"
@@ -67,8 +68,7 @@ def compare_with_llama_cpp(
     """Run the GGUF at `path` and the PyTorch `model` on one probe; ExportError beyond the tolerance."""
     from .gguf import rounded_like_file
 
-    vocab = int(model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config")
-                else model.config.vocab_size)  # fmt: skip
+    vocab = int(text_config(model).vocab_size)
     if probe_ids is None:
         gen = torch.Generator().manual_seed(0)
         probe_ids = torch.randint(0, vocab, (seq_len,), generator=gen).tolist()
