@@ -230,12 +230,10 @@ def main(argv=None):
         rs = sorted([r for r in rows if r["depth"] == depth], key=lambda r: r["lam"])
         axes[0].plot([r["filter_sparsity"] for r in rs], [r["test_acc"] for r in rs], "-o", ms=3, label=f"D={depth}")
         axes[1].plot([r["speedup"] for r in rs], [r["test_acc"] for r in rs], "-o", ms=3, label=f"D={depth}")
-        for r in rs:  # which lam made each point
-            axes[0].annotate(f"lam {r['lam']:.2g}", (r["filter_sparsity"], r["test_acc"]), fontsize=7, xytext=(4, 4),
-                             textcoords="offset points")  # fmt: skip
+    _label_lams(axes[0], rows)
     axes[0].set_xlabel("filter sparsity")
     axes[1].set_xlabel("FLOP reduction (dense FLOPs / exported FLOPs; not a timing)")
-    axes[1].set_xscale("log")
+    _flop_axis(axes[1], [r["speedup"] for r in rows])
     for ax in axes:
         ax.set_ylabel("test accuracy")
         ax.legend()
@@ -244,6 +242,40 @@ def main(argv=None):
     fig.savefig(os.path.join(args.output_dir, f"{name}.png"), dpi=120)
     print(f"wrote {args.output_dir}/{name}.* in {time.time() - t_start:.0f}s")
     return rows
+
+
+def _label_lams(ax, rows: list[dict]) -> None:
+    """Which lam made each point, for every curve at once: points closer than about 4% of the axes share one label
+    (lams in order, "(D=2)" where the curves differ), and neighbours alternate above and below."""
+    spots: dict[tuple[int, int], list[tuple[float, int]]] = {}
+    where: dict[tuple[int, int], tuple[float, float]] = {}
+    xs, ys = [r["filter_sparsity"] for r in rows], [r["test_acc"] for r in rows]
+    dx, dy = 0.04 * ((max(xs) - min(xs)) or 1.0), 0.04 * ((max(ys) - min(ys)) or 1.0)
+    for r in sorted(rows, key=lambda r: (r["filter_sparsity"], r["test_acc"])):
+        key = (round(r["filter_sparsity"] / dx), round(r["test_acc"] / dy))
+        spots.setdefault(key, []).append((r["lam"], r["depth"]))
+        where.setdefault(key, (r["filter_sparsity"], r["test_acc"]))
+    for i, (key, made) in enumerate(spots.items()):
+        lams = sorted({lam for lam, _ in made})
+        depths = sorted({d for _, d in made})
+        text = "lam " + ", ".join(f"{lam:.2g}" for lam in lams)
+        if len(depths) == 1 and len({r["depth"] for r in rows}) > 1:
+            text += f" (D={depths[0]})"
+        ax.annotate(text, where[key], fontsize=7, xytext=(4, 4 if i % 2 == 0 else -10), textcoords="offset points")
+
+
+def _flop_axis(ax, ratios: list[float]) -> None:
+    """Log scale only where the ratios span more than a factor 4; labels as plain multiples ("2x"), none on
+    minor ticks (a narrow log axis would otherwise crowd them with "1.02x10^0" labels)."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+
+    ratios = [v for v in ratios if v and v > 0]
+    if ratios and max(ratios) / min(ratios) > 4:
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=6))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}x"))
 
 
 if __name__ == "__main__":
