@@ -16,6 +16,7 @@ import argparse
 import copy
 import json
 import platform
+import statistics
 import time
 
 import torch
@@ -57,19 +58,29 @@ def zero_fraction(model: torch.nn.Module, sparsity: float, seed: int) -> None:
 
 
 @torch.no_grad()
-def best_latency(models: list[torch.nn.Module], inputs: dict, rounds: int) -> list[float]:
-    """Minimum seconds per forward of each model, interleaved so load from other processes hits all alike."""
+def latencies(models: list[torch.nn.Module], inputs: dict, rounds: int) -> list[list[float]]:
+    """Seconds per forward of each model in every round, after a warm-up; the models alternate within a round so
+    load from other processes hits all alike, and each round gives one paired dense/pruned ratio."""
     for m in models:
         m(**inputs)
-    best = [float("inf")] * len(models)
+    times: list[list[float]] = [[] for _ in models]
     for _ in range(rounds):
         for i, m in enumerate(models):
             _sync()
             t0 = time.perf_counter()
             m(**inputs)
             _sync()
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return best
+            times[i].append(time.perf_counter() - t0)
+    return times
+
+
+def paired(dense: list[float], pruned: list[float]) -> tuple[float, float, float]:
+    """Median and quartiles of the per-round speed-ups dense / pruned."""
+    ratios = sorted(d / p for d, p in zip(dense, pruned))
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    q1, med, q3 = statistics.quantiles(ratios, n=4)
+    return med, q1, q3
 
 
 def _sync() -> None:
@@ -114,13 +125,15 @@ def run(name: str, build, layers: int, seq: int, sparsities: list[float], rounds
             diff = float((p(**inputs).logits - ref).abs().max())
         pruned.append((s, p, diff))
     models = [dense] + [p for _, p, _ in pruned]
-    lat = best_latency(models, inputs, rounds)
+    times = latencies(models, inputs, rounds)
+    lat = [min(t) for t in times]
     tps = best_tokens_per_s(models, prompt, new_tokens, max(1, rounds // 2))
     flops = [count_flops(m, inputs) for m in models]
     rows = []
     for j, (s, p, diff) in enumerate(pruned, start=1):
         flops_ratio = flops[0] / flops[j]
         speedup = lat[0] / lat[j]
+        med, q1, q3 = paired(times[0], times[j])
         rows.append(
             dict(
                 model=name,
@@ -133,6 +146,9 @@ def run(name: str, build, layers: int, seq: int, sparsities: list[float], rounds
                 latency_dense_ms=1e3 * lat[0],
                 latency_pruned_ms=1e3 * lat[j],
                 speedup=speedup,
+                speedup_paired_median=med,
+                speedup_paired_q1=q1,
+                speedup_paired_q3=q3,
                 efficiency=speedup / flops_ratio,
                 gen_tok_s_dense=tps[0],
                 gen_tok_s_pruned=tps[j],
@@ -142,7 +158,8 @@ def run(name: str, build, layers: int, seq: int, sparsities: list[float], rounds
         )
         print(
             f"{name:12s} s={s:.2f}  FLOPs {flops_ratio:.2f}x  forward {speedup:.2f}x "
-            f"({1e3 * lat[0]:.1f} -> {1e3 * lat[j]:.1f} ms, eff {speedup / flops_ratio:.2f})  "
+            f"({1e3 * lat[0]:.1f} -> {1e3 * lat[j]:.1f} ms, eff {speedup / flops_ratio:.2f}; paired median "
+            f"{med:.2f}x [{q1:.2f}, {q3:.2f}])  "
             f"generate {tps[0]:.1f} -> {tps[j]:.1f} tok/s  max|diff| {diff:.1e}",
             flush=True,
         )
@@ -152,16 +169,18 @@ def run(name: str, build, layers: int, seq: int, sparsities: list[float], rounds
 COLUMNS = (
     "Columns: forward ms = the fastest of the timed rounds, dense and pruned alternating after a warm-up (the "
     "minimum: what each model costs when the shared machine leaves it alone); measured speed-up = dense / pruned of "
-    "those; speed-up / FLOPs ratio = how much of the FLOP saving the smaller matmuls deliver. A speed-up above the "
-    "FLOPs ratio cannot come from removing groups and is marked as noise."
+    "those; paired median [quartiles] = the median of the per-round ratios dense / pruned and its spread (what a busy "
+    "machine gives); speed-up / FLOPs ratio = how much of the FLOP saving the smaller matmuls deliver. A speed-up "
+    "above the FLOPs ratio cannot come from removing groups and is marked as noise."
 )
 
 
 def markdown(rows: list[dict]) -> str:
     head = (
         "| model | sparsity | params | FLOPs ratio | forward ms (dense -> pruned) | measured speed-up | "
+        "paired median [quartiles] | "
         "speed-up / FLOPs ratio | generate tok/s (dense -> pruned) | max abs logit diff |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     lines = [head]
     for r in rows:
@@ -170,6 +189,7 @@ def markdown(rows: list[dict]) -> str:
             f"{r['params_dense'] / 1e6:.1f}M -> {r['params_pruned'] / 1e6:.1f}M | {r['flops_ratio']:.2f}x | "
             f"{r['latency_dense_ms']:.1f} -> {r['latency_pruned_ms']:.1f} | {r['speedup']:.2f}x"
             f"{' (above the FLOPs ratio: noise)' if r['speedup'] > r['flops_ratio'] else ''} | "
+            f"{r['speedup_paired_median']:.2f}x [{r['speedup_paired_q1']:.2f}, {r['speedup_paired_q3']:.2f}] | "
             f"{r['efficiency']:.2f} | {r['gen_tok_s_dense']:.1f} -> {r['gen_tok_s_pruned']:.1f} | "
             f"{r['max_logit_diff']:.1e} |"
         )
