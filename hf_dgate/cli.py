@@ -8,6 +8,8 @@ import math
 import os
 import sys
 
+from .target_catalog import describe as describe_targets
+
 
 def demo(args: argparse.Namespace) -> int:
     """Gate the heads of a tiny GPT-2, train a few Adam steps on synthetic text and print the sparsity report."""
@@ -411,15 +413,8 @@ THRESHOLD_HELP = (
     "--threshold-mode relative, T is a fraction of the largest norm in the group's layer."
 )
 
-# `hf-dgate --help` must answer without importing torch (seconds on a busy machine), so the target list is written
-# here; tests/test_cli.py checks it against hf_dgate.targets.describe_targets().
-TARGETS_HELP = """\
-heads: attention heads (key/value groups under GQA; cross-attention heads on their own)
-neurons: MLP intermediate units (per expert in a mixture of experts)
-layers: whole blocks (pre-norm only: every residual branch gated together)
-experts: routed experts of a mixture of experts (removal changes routing: measured and stated)
-filters: Conv2d output channels (the BatchNorm channel when one follows; skip-tied channels together)
-features: input columns of the first Linear"""
+# `hf-dgate --help` must answer without importing torch (seconds on a busy machine): the catalog is torch-free.
+TARGETS_HELP = describe_targets()
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

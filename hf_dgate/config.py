@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .choices import GroupKind, HeadSide, ThresholdMode
+from .target_catalog import CATALOG
 
 CONFIG_NAME = "dgate_config.json"
-BUILTIN_TARGETS = ("heads", "neurons", "layers", "experts", "filters", "features")
-TRANSFORMER_TARGETS = ("heads", "neurons", "layers", "experts")
+BUILTIN_TARGETS = tuple(CATALOG)
+TRANSFORMER_TARGETS = tuple(name for name, entry in CATALOG.items() if entry.per_block)
 HEAD_SIDES = HeadSide.values()
 METHODS = ("dgate", "direct", "l0", "slimming")  # the built-in ones; `hf_dgate.methods` holds the registry
 THRESHOLD_MODES = ThresholdMode.values()

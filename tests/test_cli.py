@@ -168,9 +168,14 @@ def test_every_option_has_help_and_its_default_and_the_target_list_is_current():
     import argparse
 
     from hf_dgate.cli import TARGETS_HELP, build_parser
-    from hf_dgate.targets import describe_targets
+    from hf_dgate.target_catalog import CATALOG
+    from hf_dgate.targets import BUILTIN
 
-    assert TARGETS_HELP == describe_targets()  # written out in cli.py so that --help need not import torch
+    # the torch-free catalog is what --help lists, and every built-in target is the class its line names
+    assert TARGETS_HELP.splitlines() == [f"{t.name}: {t.description}" for t in BUILTIN.values()]
+    assert list(BUILTIN) == list(CATALOG)
+    assert all(t.per_block == CATALOG[n].per_block and type(t).__name__ == CATALOG[n].cls.split(":")[1]
+               for n, t in BUILTIN.items())  # fmt: skip
     parser = build_parser()
     verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     assert set(verbs) == {"demo", "export", "report", "compress"}

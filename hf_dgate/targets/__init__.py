@@ -1,9 +1,10 @@
-"""Every built-in target, registered by name; `find_group_sets` asks each target the config selects for its
-groups. A new built-in target is one module in this package plus one line in `BUILTIN` (its name is also listed in
-config.py's BUILTIN_TARGETS and cli.py's TARGETS_HELP, kept free of torch imports; tests check they agree)."""
+"""Every built-in target, by name; `find_group_sets` asks each target the config selects for its groups. A new
+built-in target is one module in this package plus one line in `hf_dgate/target_catalog.py` (torch-free, so config
+validation and `hf-dgate --help` read it without importing the stack); `BUILTIN` instantiates what it names."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import re
 from typing import Any
@@ -17,16 +18,28 @@ from ..discover import OFF_PATH, OffPath, verify
 from ..flops import example_inputs as probe_batch
 from ..groups import GroupSet
 from ..registry import spec_for
+from ..target_catalog import CATALOG, describe
 from .base import Target
-from .experts import Experts
-from .heads import Heads
-from .layers import Layers
-from .modules import Features, Filters, Rule
-from .neurons import Neurons
+from .modules import Rule
 
 logger = logging.getLogger(__name__)
 
-BUILTIN: dict[str, Target] = {t.name: t for t in (Heads(), Neurons(), Layers(), Experts(), Filters(), Features())}
+
+
+def _instantiate(name: str) -> Target:
+    module, cls = CATALOG[name].cls.split(":")
+    target = getattr(importlib.import_module(f".{module}", __package__), cls)()
+    if target.name != name or target.per_block != CATALOG[name].per_block:
+        raise TypeError(f"target_catalog.py's {name!r} line names {cls}, whose name or per_block disagrees with it")
+    return target
+
+
+BUILTIN: dict[str, Target] = {name: _instantiate(name) for name in CATALOG}
+
+
+def describe_targets() -> str:
+    """One line per built-in target, for help texts."""
+    return describe()
 
 
 def get_target(name: str, config: DGateConfig | None = None) -> Target:
@@ -37,11 +50,6 @@ def get_target(name: str, config: DGateConfig | None = None) -> Target:
         if rule.name == name:
             return Rule(rule)
     raise KeyError(f"no target named {name!r}")
-
-
-def describe_targets() -> str:
-    """One line per built-in target, for help texts."""
-    return "\n".join(f"{t.name}: {t.description}" for t in BUILTIN.values())
 
 
 def find_group_sets(

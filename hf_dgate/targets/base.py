@@ -5,7 +5,7 @@ A target finds its groups (as `GroupSet`s: tensor slices plus index vectors, see
 ones from a folded model, proposes the config edit that expresses what is left, names the list of the pruning record
 that counts what it keeps, and describes itself for reports, cards, logs and the CLI. Export, reload, verification,
 the optimizer recipe, the trainer, reports and the CLI ask the target instead of testing its name. Adding a
-built-in target is one module here plus a line in `targets/__init__.py`.
+built-in target is one module here plus a line in `hf_dgate/target_catalog.py`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from ..config import DGateConfig
 from ..errors import ExportError
 from ..groups import GroupSet, TensorSlice
 from ..pruned_modules import make_no_input
+from ..target_catalog import CATALOG
 
 
 @dataclass
@@ -52,12 +53,18 @@ class Target(ABC):
     (`find_in_block`); the others on the whole model (`find`). Every target implements `remove`."""
 
     name: str = ""
-    description: str = ""  # one line for reports, model cards and the CLI
+    description: str = ""  # one line for reports, model cards and the CLI (built-ins: their catalog line's)
     unit: str = ""  # what one group is called on plots and tables ("key/value group"); default the name
     per_block: bool = True
     removed_by_export: bool = True  # False: zero groups are folded into the weights but stay (custom rules)
     removes_blocks: bool = False  # a dead group is a whole block of its stack (drop the block, renumber the rest)
     order: int = 5  # removal order inside a block stack (expert units index the experts as they were)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        entry = CATALOG.get(cls.__dict__.get("name", ""))
+        if entry is not None:  # a built-in: the torch-free catalog is the one place its description is written
+            cls.description = entry.description
 
     def find_in_block(
         self, model: nn.Module, hf_config: Any, dconfig: DGateConfig, layer: int, name: str, block: nn.Module

@@ -67,7 +67,6 @@ def prune_expert_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -
 
 class Experts(Target):
     name = "experts"
-    description = "routed experts of a mixture of experts (removal changes routing: measured and stated)"
     order = 2
 
     find_in_block = staticmethod(_expert_sets)

@@ -253,7 +253,6 @@ def _set_head_counts(model: nn.Module, gs: GroupSet, dead: torch.Tensor, core_re
 
 class Heads(Target):
     name = "heads"
-    description = "attention heads (key/value groups under GQA; cross-attention heads on their own)"
     order = 0
     unit = "key/value group"
 

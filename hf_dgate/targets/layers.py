@@ -195,7 +195,6 @@ def _configs(model: nn.Module) -> list[Any]:
 
 class Layers(Target):
     name = "layers"
-    description = "whole blocks (pre-norm only: every residual branch gated together)"
     order = 9
     removes_blocks = True
 

@@ -63,7 +63,6 @@ class ModuleTarget(Target):
 
 class Filters(ModuleTarget):
     name = "filters"
-    description = "Conv2d output channels (the BatchNorm channel when one follows; skip-tied channels together)"
 
     def find(self, model, dconfig, example_inputs=None):
         if example_inputs is None:
@@ -73,7 +72,6 @@ class Filters(ModuleTarget):
 
 class Features(ModuleTarget):
     name = "features"
-    description = "input columns of the first Linear"
 
     def find(self, model, dconfig, example_inputs=None):
         return [channels.feature_set(model)]

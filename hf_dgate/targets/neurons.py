@@ -139,7 +139,6 @@ def prune_expert_unit_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tens
 
 class Neurons(Target):
     name = "neurons"
-    description = "MLP intermediate units (per expert in a mixture of experts)"
     order = 1
 
     find_in_block = staticmethod(_neuron_sets)
