@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .groups import GroupSet, in_axis, out_axis
+from .groups import GroupSet, LayerInfo, in_axis, out_axis
 
 logger = logging.getLogger(__name__)
 
@@ -271,7 +271,7 @@ def _check(model: nn.Module, sets: list[GroupSet], inputs: Any) -> str | None:
         return OFF_PATH
     # a wrong proposal is off by about as much as the gate's own effect; float rounding by far less
     tol = max(1e-2 * effect, 1e-6 * scale)
-    if sets[0].target == "layers":
+    if isinstance(sets[0].info, LayerInfo):  # whole blocks: the block must be residual
         if not _blocks_are_residual(model, plan, inputs):
             return ("the block's output is not its input plus its branches (it normalises after the residual add, or "
                     "has a branch beside them), so a zero gate does not remove the layer")
