@@ -1,4 +1,5 @@
-"""A parameter budget: what each group costs, a penalty weighted by that cost, and the cut that meets the budget.
+"""A parameter budget: what each group costs (the price a method that `prices_groups` weights its penalty by,
+see `DGate.priced_penalty`) and the cut that meets the budget.
 
 Why weight by cost: under one lam every group pays the same price to stay, so a key/value head of a small Llama
 (27,648 parameters) and an MLP neuron (576) compete as equals and "half the parameters" cannot be asked for. With
@@ -89,18 +90,6 @@ def cost_weights(costs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     allc = torch.cat(list(costs.values()))
     mean = float(allc.mean()) if allc.numel() else 1.0
     return {t: (c / max(mean, 1e-12)).float() for t, c in costs.items()}
-
-
-def weighted_penalty(bank: GateBank, weights: dict[str, torch.Tensor], lam: float) -> torch.Tensor:
-    """(lam / D) * sum_g u_g (||w_g||^2 + sum_d gamma_{g,d}^2): D-Gating's surrogate with a price u_g per group. Its
-    minima are those of lam * sum_g u_g ||theta_g||^(2/D) (AM-GM holds group by group)."""
-    total = None
-    for t in bank.targets:
-        gam = bank.gates(t)
-        u = weights[t].to(device=gam.device, dtype=gam.dtype)
-        term = (lam / bank.depth) * (u * (bank.group_sq_norms(t) + gam.pow(2).sum(dim=0))).sum()
-        total = term if total is None else total + term
-    return total
 
 
 def params_after(bank: GateBank, dead: dict[str, torch.Tensor]) -> tuple[int, int]:

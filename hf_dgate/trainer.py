@@ -33,7 +33,6 @@ from .budget import (
     cost_weights,
     group_costs,
     params_after,
-    weighted_penalty,
 )
 from .config import DGateConfig
 from .controller import LamController
@@ -259,7 +258,7 @@ class DGateMixin:
         if self._dgate_zero_masks is not None:
             return bank.penalty(0.0)
         if self.dgate_cost_weights is not None:
-            return weighted_penalty(bank, self.dgate_cost_weights, lam)
+            return bank.strategy.priced_penalty(bank, lam, self.dgate_cost_weights)
         return bank.penalty(lam)
 
     # ---- the loss -------------------------------------------------------------------------------------------

@@ -75,6 +75,10 @@ class Method(ABC):
     def penalty(self, bank: GateBank, lam: float) -> torch.Tensor:
         """What training adds to the loss."""
 
+    def priced_penalty(self, bank: GateBank, lam: float, prices: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The penalty with a price per group (DGateTrainer(target_params=...)); only where `prices_groups`."""
+        raise NotImplementedError(f"method {self.name!r} does not price its groups")
+
     def misalignment(self, bank: GateBank, lam: float) -> torch.Tensor:
         """How far the penalty is above the induced penalty it stands for; 0 for methods without a surrogate."""
         return bank.gates(bank.targets[0]).new_zeros(())
