@@ -218,7 +218,8 @@ def main(argv=None):
         axes[0].plot([r["selected_features"] for r in rs], [r["test_acc"] for r in rs], "-o", ms=3, label=f"D={depth}")
     axes[0].set_xlabel("selected input features")
     axes[0].set_ylabel("test accuracy")
-    axes[0].set_title(f"LeNet-300-100 feature selection, {args.dataset}")
+    how = "hf_dgate.DGateTrainer" if args.trainer else "a torch loop"
+    axes[0].set_title(f"LeNet-300-100 feature selection, {args.dataset}\n(trained by {how})", fontsize=10)
     axes[0].legend()
     # the sparsest model within 15% of the best accuracy
     best = max(rows, key=lambda r: (r["test_acc"] >= 0.85 * max(x["test_acc"] for x in rows), -r["selected_features"]))
