@@ -584,6 +584,28 @@ def load(path: str) -> tuple[str, list[Family]]:
     return data["transformers"], fams
 
 
+def merge(paths: list[str]) -> tuple[str, list[Family]]:
+    """One sweep from several of the same transformers line; a later file's (mapping, family) replaces an earlier's.
+
+    Lets a re-sweep of some mappings or families update a full sweep without rerunning the rest.
+    """
+    line, by_key = None, {}
+    for path in paths:
+        ver, fams = load(path)
+        if line is not None and ver != line:
+            raise SystemExit(f"{path} was swept with transformers {ver}, the others with {line}: merge one line each")
+        line = ver
+        by_key.update({(f.mapping, f.family): f for f in fams})
+    order = {m: i for i, m in enumerate(MAPPINGS)}
+    return line, sorted(by_key.values(), key=lambda f: (order.get(f.mapping, len(order)), f.family))
+
+
+def _dump(path: str, line: str, families: list[Family]) -> None:
+    s = {m: summary([f for f in families if f.mapping == m]) for m in MAPPINGS if any(f.mapping == m for f in families)}
+    with open(path, "w") as f:
+        json.dump({"transformers": line, "summary": s, "families": [asdict(f) for f in families]}, f, indent=1)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mapping", action="append", choices=list(MAPPINGS), help="default: all four")
@@ -593,6 +615,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--log", help="append one line per family here as it finishes")
     p.add_argument("--write-docs", action="store_true", help="rewrite the zoo section of docs/coverage.md")
     p.add_argument("--from-json", action="append", help="write the docs from saved sweeps instead of running one")
+    p.add_argument("--merge", nargs="+", metavar=("OUT", "IN"),
+                   help="write OUT as the saved sweeps IN... merged (same transformers line; later files win)")
     p.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="print two saved sweeps side by side")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -603,12 +627,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.compare:
         print(compare(load(args.compare[0])[1], load(args.compare[1])[1]))
         return
+    if args.merge:
+        if len(args.merge) < 2:
+            p.error("--merge needs OUT and at least one saved sweep")
+        line, fams = merge(args.merge[1:])
+        _dump(args.merge[0], line, fams)
+        print(f"wrote {args.merge[0]}: {len(fams)} families, transformers {line}")
+        return
     if args.from_json:
-        sections = {}
+        by_line: dict[str, list[str]] = {}
         for path in args.from_json:
-            line, fams = load(path)
-            sections[line] = markdown(fams, line)
-        write_docs(sections, doc)
+            by_line.setdefault(load(path)[0], []).append(path)
+        write_docs({line: markdown(merge(paths)[1], line) for line, paths in by_line.items()}, doc)
         return
     jobs = [(m, f) for m in args.mapping or MAPPINGS for f in model_types(m) if not args.family or f in args.family]
     log = open(args.log, "a") if args.log else sys.stdout
@@ -620,9 +650,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         import transformers
 
-        with open(args.json, "w") as f:
-            json.dump({"transformers": transformers.__version__, "summary": s,
-                       "families": [asdict(f) for f in families]}, f, indent=1)
+        _dump(args.json, transformers.__version__, families)
     if args.write_docs:
         import transformers
 

@@ -71,3 +71,19 @@ def test_numerical_check_refuses_a_proposal_that_is_not_removable():
     plain = GroupSet("heads", 0, 4, [Site("o", "input", -1, idx)], input_slices("o", model.o, idx),
                      input_slices("o", model.o, idx) + output_slices("v", model.v, idx))
     assert not verify(model, [plain], torch.randn(2, 5, 32))
+
+
+def test_a_partial_resweep_merges_into_the_full_sweep(tmp_path):
+    def fam(mapping, family, outcome):
+        return zoo.Family(mapping, family, True, "", [zoo.Cell(mapping, family, "heads", outcome)])
+
+    full = [fam("causal-lm", "a", "crash"), fam("causal-lm", "b", "exact"), fam("masked-lm", "c", "exact")]
+    zoo._dump(tmp_path / "full.json", "5.0", full)
+    zoo._dump(tmp_path / "part.json", "5.0", [fam("causal-lm", "a", "exact")])
+    zoo.main(["--merge", str(tmp_path / "m.json"), str(tmp_path / "full.json"), str(tmp_path / "part.json")])
+    line, merged = zoo.load(tmp_path / "m.json")
+    assert line == "5.0" and [(f.family, f.cells[0].outcome) for f in merged] == [("a", "exact"), ("b", "exact"),
+                                                                                  ("c", "exact")]
+    zoo._dump(tmp_path / "other.json", "4.0", full)
+    with pytest.raises(SystemExit, match="one line each"):
+        zoo.merge([str(tmp_path / "full.json"), str(tmp_path / "other.json")])
