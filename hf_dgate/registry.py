@@ -180,6 +180,12 @@ QK_NORM_SPANS_HEADS = (
 )
 
 
+PHIMOE_TWO_EXPERTS = (
+    "its sparsemixer router always picks two experts, so a layer left with one computes NaN; gate 'heads', "
+    "'neurons' or 'layers'"
+)
+
+
 def _falcon_layout(config: Any) -> str:
     if getattr(config, "new_decoder_architecture", False):
         return "grouped"
@@ -304,6 +310,12 @@ SPECS: dict[str, ArchSpec] = {
         ),
     ),
     "mixtral": _moe(count_field="num_local_experts", units_field="intermediate_size"),
+    "phimoe": _moe(
+        router="mlp.router",
+        count_field="num_local_experts",
+        units_field="intermediate_size",
+        refuse=(("experts", PHIMOE_TWO_EXPERTS),),
+    ),
     "qwen3_moe": _moe(),
     "qwen2_moe": _moe(
         shared=Mlp(down="mlp.shared_expert.down_proj", up=("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"))
