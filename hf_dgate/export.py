@@ -140,8 +140,21 @@ def export_checked(
             padding = pad_plan(pruned, plan, shape, multiple_of)
         _apply_plan(pruned, plan, dconfig, float(thr))
         pruned.eval()
+        _check_reloadable(pruned)
     pruned.dgate_padding = padding.to_dict() if padding is not None else None
     return pruned, check.finish(pruned, allow_inexact)
+
+
+def _check_reloadable(pruned: nn.Module) -> None:
+    """Refuse an export that, once saved, would not load back (native.reload_problem): better no export than a
+    directory that fails, or loads half initialised, on the user's next `from_pretrained`."""
+    from .native import reload_problem
+
+    why = reload_problem(pruned)
+    if why is not None:
+        raise ExportError(
+            f"The export would not load back after saving: {why}. Gate other targets of this model, or report it."
+        )
 
 
 def pruned_structure(model: nn.Module) -> dict[str, Any] | None:

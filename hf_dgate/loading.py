@@ -321,7 +321,7 @@ def _own_model_type(model: nn.Module, directory: str | os.PathLike) -> None:
     path = os.path.join(directory, "config.json")
     with open(path) as f:
         saved = json.load(f)
-    base = type(model).config_class.model_type
+    base = saved_model_type(model)[0]
     module, _, cls = saved["auto_map"][next(iter(saved["auto_map"]))].rpartition(".")
     saved["model_type"] = PRUNED_MODEL_TYPE_PREFIX + base
     saved["auto_map"] = {"AutoConfig": f"{module}.{cls}Config", **saved["auto_map"]}
@@ -329,6 +329,21 @@ def _own_model_type(model: nn.Module, directory: str | os.PathLike) -> None:
     with open(path, "w") as f:
         json.dump(saved, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def saved_model_type(model: nn.Module) -> tuple[str | None, type | None]:
+    """(model type, config class) an export is saved under: the class's own, except where the instance's config is
+    transformers' registered config of another model type (EXAONE, Param2MoE and Sarvam-MoE run Llama's or
+    GLM-4-MoE's class on their own config): their checkpoint key renames are keyed by that model type, so saving
+    under the class's would write keys the reload does not rename back. Never a string taken from a config.json
+    alone: the type must map to exactly the instance's config class in transformers' registry."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config_class = getattr(type(model), "config_class", None)
+    own = getattr(model.config, "model_type", None)
+    if isinstance(own, str) and own in CONFIG_MAPPING and CONFIG_MAPPING[own] is type(model.config):
+        return own, type(model.config)
+    return getattr(config_class, "model_type", None), config_class
 
 
 def write_remote_code(model: nn.Module, directory: str | os.PathLike) -> str | None:
@@ -352,10 +367,9 @@ def write_remote_code(model: nn.Module, directory: str | os.PathLike) -> str | N
     structure = getattr(model.config, RECORD_KEY, None)
     if not isinstance(structure, dict):
         return None
-    # the class's model type, not the instance's: a config.json loaded with an explicit class may carry any string
-    model_type = getattr(getattr(type(model), "config_class", None), "model_type", None)
-    config_base = getattr(getattr(type(model), "config_class", None), "__name__", "")
-    if not config_base.isidentifier() or getattr(transformers, config_base, None) is not type(model).config_class:
+    model_type, config_class = saved_model_type(model)
+    config_base = getattr(config_class, "__name__", "")
+    if not config_base.isidentifier() or getattr(transformers, config_base, None) is not config_class:
         return None
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING_NAMES:
         raise ExportError(

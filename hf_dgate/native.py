@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from .compat import (
@@ -98,3 +99,55 @@ def shapes_match(model: nn.Module) -> bool:
 
 def has_patched_modules(model: nn.Module) -> bool:
     return any(isinstance(m, (ZeroHeadAttention, ZeroInputConv1D)) for m in model.modules())
+
+
+def reload_problem(model: nn.Module) -> str | None:
+    """Why the export, once saved, would not load back into exactly its shapes (None: it would).
+
+    Rehearsed on the meta device the way the loaders build it: the config through a save/load round trip (strict
+    configs validate there), the class built from it with its weights initialised (transformers runs the family's
+    init on load, and some inits cannot run on the pruned config), shrunk to the record where the config cannot say
+    the shape (`AutoPrunedModel`); every tensor name and shape must then equal the export's. An export that fails
+    this is refused at export, never written to fail on load."""
+    from .loading import rebuild_structure
+    from .recording import read_record
+
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "to_dict") or not hasattr(model, "save_pretrained"):
+        return None
+    try:
+        if hasattr(cfg, "validate"):
+            cfg.validate()
+        again = type(cfg).from_dict(cfg.to_dict())
+    except Exception as e:  # noqa: BLE001 - any failure is the reason
+        return f"its config does not survive saving and loading ({_short(e)})"
+    record = read_record(model) or {}
+    try:
+        fresh = build_on_meta(type(model), again)
+    except Exception as e:  # noqa: BLE001
+        return f"{type(model).__name__} cannot be built from its config ({_short(e)})"
+    init = getattr(fresh, "initialize_weights", None)
+    try:
+        if callable(init):
+            init()
+    except (ArithmeticError, ValueError, TypeError, KeyError, IndexError) as e:  # (not meta-device limits)
+        return f"{type(model).__name__} cannot initialise its weights from the pruned config ({_short(e)})"
+    except Exception:  # noqa: BLE001 - an init the meta device cannot run says nothing about loading
+        pass
+    if record and not record.get("native", True):
+        try:
+            with torch.device("cpu"):
+                rebuild_structure(fresh, record)
+        except Exception as e:  # noqa: BLE001
+            return f"the pruned structure cannot be rebuilt from its record ({_short(e)})"
+    mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    if mine != theirs:
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        shown = ", ".join(f"{k} {mine.get(k, 'absent')} vs {theirs.get(k, 'absent')}" for k in diff[:3])
+        return f"the reloaded model would have other tensors than the export ({len(diff)}: {shown})"
+    return None
+
+
+def _short(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"

@@ -87,3 +87,22 @@ def test_a_partial_resweep_merges_into_the_full_sweep(tmp_path):
     zoo._dump(tmp_path / "other.json", "4.0", full)
     with pytest.raises(SystemExit, match="one line each"):
         zoo.merge([str(tmp_path / "full.json"), str(tmp_path / "other.json")])
+
+
+def test_an_alias_family_reloads_under_its_own_model_type():
+    """EXAONE runs LlamaForCausalLM on its own ExaoneConfig, whose checkpoint key renames are keyed by 'exaone': the
+    export is saved under that model type (not the class's 'llama'), so the reload renames its keys back (before: 20
+    tensors missing on reload)."""
+    if "exaone" not in zoo.model_types("causal-lm"):
+        pytest.skip("exaone is not in this transformers' causal-LM mapping")
+    cell = zoo.run_cell("causal-lm", "exaone", "heads")
+    assert cell.outcome == zoo.Outcome.EXACT.value, cell
+
+
+def test_an_export_that_would_not_load_back_is_refused_at_export():
+    """RWKV's weight init divides by (layers - 1): an export down to one layer computes what the gated model does,
+    but no loader could initialise it. The export rehearses its reload on the meta device and refuses by name instead
+    of writing a directory that fails on load."""
+    cell = zoo.run_cell("causal-lm", "rwkv", "layers")
+    assert cell.outcome == zoo.Outcome.REFUSED.value, cell
+    assert "would not load back" in cell.detail and "ZeroDivisionError" in cell.detail
