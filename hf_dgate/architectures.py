@@ -531,6 +531,21 @@ def _attention_out_name(name: str, block: nn.Module, config: DGateConfig, hf_con
         return None
 
 
+def routed_experts(hf_config: Any, block: nn.Module, config: DGateConfig | None = None) -> tuple[Any, bool] | None:
+    """(experts, discovered) of a block: the family's registry entry (None in its dense blocks), else the stacked
+    expert tensors its shapes show (discover.propose_experts; checked numerically before gating), else None. The
+    user's `module_names` for the MLP turn both off."""
+    if config is not None and {"up", "down"} & set(config.module_names or {}):
+        return None
+    spec = spec_for(hf_config)
+    if spec is not None and spec.experts is not None:
+        return None if dense_mlp_block(spec, block) else (spec.experts, False)
+    from .discover import propose_experts
+
+    found = propose_experts(block, hf_config)
+    return (found, True) if found is not None else None
+
+
 def stacked_experts(name: str, block: nn.Module, moe: Any) -> tuple[str, nn.Module, int, int]:
     """The stacked expert tensors of a block: (qualified name, module, experts, units per expert)."""
     if not has_module(block, moe.experts):

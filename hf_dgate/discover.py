@@ -123,6 +123,33 @@ def propose_mlp(block: nn.Module, hf_config: Any, exclude: str | None = None) ->
     return None
 
 
+def propose_experts(block: nn.Module, hf_config: Any) -> Any:
+    """Routed experts stored as stacked tensors, from shapes (a `registry.Experts`, or None): one module holding a
+    (E, H, I) tensor that writes the hidden size H from I units per expert and an (E, 2I, H) tensor producing
+    [gate | up] halves; the router is a layer beside it with one output per expert. Only the layout is proposed:
+    that rows j and I + j of the second tensor feed unit j alone is what the numerical check decides."""
+    from .registry import Experts
+
+    hidden = hidden_size(hf_config, block)
+    if hidden is None:
+        return None
+    leaves = _linears(block)
+    for rel, m in block.named_modules():
+        stacked = {n: p for n, p in m.named_parameters(recurse=False) if p.dim() == 3}
+        if not rel or len(stacked) < 2:
+            continue
+        for down, p in stacked.items():
+            n_exp, out, units = p.shape
+            ups = [n for n, q in stacked.items() if n != down and tuple(q.shape) == (n_exp, 2 * units, hidden)]
+            if out != hidden or not ups:
+                continue
+            parent = _parent(rel)
+            routers = [r for r, lin in leaves.items() if _under(r, parent) and _shape(lin) == (hidden, n_exp)]
+            return Experts(block=parent or rel, experts=rel, router=routers[0] if routers else "", gate_up=ups[0],
+                           down=down, count_field="", units_field="")
+    return None
+
+
 def residual_branches(block: nn.Module, hf_config: Any) -> list[tuple[str, list[str]]]:
     """Each direct child of the block that writes the hidden size (attention, cross-attention, MLP, mixture of
     experts, a recurrent mixer), with the weights whose scale is the branch's scale: its last layer writing the
@@ -180,12 +207,29 @@ def _forward(model: nn.Module, inputs: Any) -> torch.Tensor:
     return first_output(out).float()
 
 
+def _scale_param(p: torch.Tensor, axis: Any, f: torch.Tensor) -> None:
+    """Multiply `p` by factors `f` laid along `axis` (one axis, or two ascending axes such as (expert, unit))."""
+    axes = axis if isinstance(axis, tuple) else (axis,)
+    if tuple(p.shape[a] for a in axes) != tuple(f.shape) or list(axes) != sorted(axes):
+        raise ValueError(f"a tensor of shape {tuple(p.shape)} has no {tuple(f.shape)} slice along {axis}")
+    shape = [1] * p.dim()
+    for a, n in zip(axes, f.shape):
+        shape[a] = n
+    p.mul_(f.to(p.device, p.dtype).reshape(shape))
+
+
 def _run_gated(model: nn.Module, sets: list[tuple[GroupSet, torch.Tensor]], inputs: Any, value: float) -> torch.Tensor:
-    handles = []
+    handles, saved = [], []
     try:
         for gs, dead in sets:
             for site in gs.sites:
                 m = model.get_submodule(site.module)
+                if site.where == "param":  # a gate on the parameter itself (stacked experts): scale it
+                    p = getattr(m, site.param)
+                    saved.append((p, p.detach().clone()))
+                    with torch.no_grad():
+                        _scale_param(p, site.axis, _factors(site.index, dead, value))
+                    continue
                 hook = _Scale(_factors(site.index, dead, value), site.axis, site.where == "output")
                 reg = m.register_forward_hook if site.where == "output" else m.register_forward_pre_hook
                 handles.append(reg(hook))
@@ -193,6 +237,9 @@ def _run_gated(model: nn.Module, sets: list[tuple[GroupSet, torch.Tensor]], inpu
     finally:
         for h in handles:
             h.remove()
+        with torch.no_grad():
+            for p, old in saved:
+                p.copy_(old)
 
 
 def _run_sliced(model: nn.Module, sets: list[tuple[GroupSet, torch.Tensor]], inputs: Any, value: float,
@@ -208,12 +255,7 @@ def _run_sliced(model: nn.Module, sets: list[tuple[GroupSet, torch.Tensor]], inp
                         if bool(dead[int(sl.index.reshape(-1)[0])]):
                             p.mul_(value)
                         continue
-                    f = _factors(sl.index, dead, value).to(p.device, p.dtype)
-                    if isinstance(sl.axis, tuple) or f.numel() != p.shape[sl.axis]:
-                        raise ValueError(f"{sl.module}.{sl.param} has {tuple(p.shape)}, the slice {f.numel()}")
-                    shape = [1] * p.dim()
-                    shape[sl.axis] = -1
-                    p.mul_(f.reshape(shape))
+                    _scale_param(p, sl.axis, _factors(sl.index, dead, value))
         return _forward(model, inputs)
     finally:
         with torch.no_grad():

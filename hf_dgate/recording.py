@@ -148,13 +148,13 @@ def stack_structure(
 
 def moe_geometry(model: nn.Module, name: str, block: nn.Module) -> tuple[int, int] | None:
     """(experts, units per expert) of a mixture-of-experts block, None for a dense one."""
-    from .architectures import stack_config, stacked_experts
+    from .architectures import layer_config, routed_experts, stack_config, stacked_experts
 
-    spec = spec_for(stack_config(model, name))
-    if spec is None or spec.experts is None:
+    found = routed_experts(layer_config(stack_config(model, name), name), block)
+    if found is None:
         return None
     try:
-        _, _, n_exp, units = stacked_experts(name, block, spec.experts)
+        _, _, n_exp, units = stacked_experts(name, block, found[0])
     except ValueError:
         return None
     return n_exp, units

@@ -106,3 +106,54 @@ def test_an_export_that_would_not_load_back_is_refused_at_export():
     cell = zoo.run_cell("causal-lm", "rwkv", "layers")
     assert cell.outcome == zoo.Outcome.REFUSED.value, cell
     assert "would not load back" in cell.detail and "ZeroDivisionError" in cell.detail
+
+
+class _StackedExperts(nn.Module):
+    """Routed experts as stacked tensors, every expert weighted by a softmax router (dense routing keeps it simple):
+    `interleaved` stores gate and up rows alternating instead of as [gate | up] halves."""
+
+    def __init__(self, d: int = 16, units: int = 8, n_exp: int = 3, interleaved: bool = False):
+        super().__init__()
+        self.interleaved = interleaved
+        self.router = nn.Linear(d, n_exp)
+        self.experts = nn.Module()
+        self.experts.gate_up_proj = nn.Parameter(torch.randn(n_exp, 2 * units, d) / 4)
+        self.experts.down_proj = nn.Parameter(torch.randn(n_exp, d, units) / 4)
+
+    def forward(self, x):
+        gu = torch.einsum("btd,eud->bteu", x, self.experts.gate_up_proj)
+        gate, up = (gu[..., 0::2], gu[..., 1::2]) if self.interleaved else gu.chunk(2, dim=-1)
+        y = torch.einsum("bteu,edu->bted", nn.functional.silu(gate) * up, self.experts.down_proj)
+        return x + (torch.softmax(self.router(x), -1).unsqueeze(-1) * y).sum(2)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_experts_found_from_shapes_are_gated_only_where_the_check_confirms_the_layout(interleaved):
+    """Stacked expert tensors in no registry row are proposed from their shapes ((E, H, I) writing the hidden size,
+    (E, 2I, H) beside it, a router with one output per expert); the numerical check, which scales the gated tensor
+    itself, then accepts [gate | up] halves and refuses alternating rows (zeroing rows j and I + j would hit two
+    units)."""
+    from types import SimpleNamespace
+
+    from hf_dgate.discover import propose_experts, verify
+    from hf_dgate.targets.neurons import _expert_unit_set
+
+    torch.manual_seed(0)
+    block = _StackedExperts(interleaved=interleaved)
+    moe = propose_experts(block, SimpleNamespace(hidden_size=16))
+    assert (moe.experts, moe.down, moe.gate_up, moe.router) == ("experts", "down_proj", "gate_up_proj", "router")
+    gs = _expert_unit_set(0, "", block, moe)
+    gs.sites[0].module = gs.primary[0].module = gs.removable[1].module = "experts"
+    failed = verify(block, [gs], torch.randn(2, 5, 16))
+    assert bool(failed) == interleaved, failed
+
+
+def test_a_mixture_of_experts_without_a_registry_row_gates_its_expert_units():
+    """GraniteMoE (no registry row) stores its experts stacked in transformers 5: found from shapes, checked, and
+    its expert units export exactly and reload."""
+    from hf_dgate.compat import TRANSFORMERS_VERSION
+
+    if int(TRANSFORMERS_VERSION.split(".")[0]) < 5:
+        pytest.skip("transformers 4.x stores these experts in another layout")
+    cell = zoo.run_cell("causal-lm", "granitemoe", "neurons")
+    assert cell.outcome == zoo.Outcome.EXACT.value, cell

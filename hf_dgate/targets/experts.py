@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..architectures import dense_mlp_block, stacked_experts
+from ..architectures import StructureNotFoundError, routed_experts, stacked_experts
 from ..config import DGateConfig
 from ..errors import ExportError
 from ..groups import ExpertInfo, GroupSet, Site, TensorSlice
@@ -22,14 +22,20 @@ def _expert_sets(
     """Whole routed experts: the gate scales an expert's down projection; removal also drops its router row (and
     the router's per-expert buffers, such as a score-correction bias)."""
     spec = spec_for(hf_config)
-    if spec is None or spec.experts is None:
-        raise ValueError(
+    found = routed_experts(hf_config, block)
+    if found is None and spec is not None and spec.experts is not None:
+        return []  # a dense block of a family that mixes both (Step 3.7's first layers)
+    if found is not None and not found[0].router:
+        raise StructureNotFoundError(
+            f"The routed experts of '{name}' were found from their shapes, but not the router beside them (a layer "
+            "with one output per expert), whose rows whole experts take along; gate 'neurons' or 'layers'."
+        )
+    if found is None:  # (a dense block: blocks without experts stay dense where others have them)
+        raise StructureNotFoundError(
             f"target='experts' needs a mixture-of-experts model; '{getattr(hf_config, 'model_type', None)}' has "
             "no routed experts (gate 'neurons' or 'layers')."
         )
-    moe = spec.experts
-    if dense_mlp_block(spec, block):  # a dense block of a family that mixes both (Step 3.7's first layers)
-        return []
+    moe, discovered = found
     full, experts, n_exp, _ = stacked_experts(name, block, moe)
     idx = torch.arange(n_exp)
     router_name = f"{name}.{moe.router}"
@@ -39,7 +45,7 @@ def _expert_sets(
     removable = [*primary, TensorSlice(full, moe.gate_up, 0, idx)]
     per_expert = [*router.named_parameters(recurse=False), *router.named_buffers(recurse=False)]
     removable += [TensorSlice(router_name, n, 0, idx) for n, t in per_expert if t.dim() and t.shape[0] == n_exp]
-    info = ExpertInfo(experts=moe.experts, router=moe.router, n_experts=n_exp)
+    info = ExpertInfo(experts=moe.experts, router=moe.router, n_experts=n_exp, guessed=discovered)
     return [GroupSet("experts", layer, n_exp, [site], primary, removable, info)]
 
 

@@ -11,11 +11,11 @@ from torch import nn
 from ..architectures import (
     StructureNotFoundError,
     _attention_out_name,
-    dense_mlp_block,
     has_module,
     in_features,
     mlp_parts,
     out_features,
+    routed_experts,
     stacked_experts,
 )
 from ..compat import config_value
@@ -33,16 +33,35 @@ def _neuron_sets(
     model: nn.Module, hf_config: Any, config: DGateConfig, layer: int, name: str, block: nn.Module
 ) -> list[GroupSet]:
     """The MLP's intermediate units; in a mixture of experts every expert's units (and a shared expert's)."""
-    spec = spec_for(hf_config)
-    moe = spec.experts if spec is not None and not {"up", "down"} & set(config.module_names or {}) else None
-    if moe is None or dense_mlp_block(spec, block):  # (a dense block of a family that mixes both)
+    found = routed_experts(hf_config, block, config)
+    if found is None:  # a dense MLP (or a dense block of a family that mixes both)
         return [_neuron_set(model, hf_config, config, layer, name, block)]
+    moe, discovered = found
     sets = [_expert_unit_set(layer, name, block, moe)]
+    sets[0].info.guessed = discovered
     if moe.shared is not None and all(has_module(block, r) for r in (moe.shared.down, *moe.shared.up)):
         dense = _neuron_set(model, hf_config, config, layer, name, block, (moe.shared.down, list(moe.shared.up)))
         dense.info.shared_expert = True
         sets.append(dense)
+    elif discovered:  # a dense MLP beside the experts (a shared expert), found from shapes like any MLP
+        shared = shared_mlp(block, hf_config, config, name, moe)
+        if shared is not None:
+            dense = _neuron_set(model, hf_config, config, layer, name, block, shared)
+            dense.info.shared_expert = dense.info.guessed = True
+            sets.append(dense)
     return sets
+
+
+def shared_mlp(
+    block: nn.Module, hf_config: Any, config: DGateConfig, name: str, moe: Any
+) -> tuple[str, list[str]] | None:
+    """A dense MLP of a block with discovered experts (its shared expert): the MLP its shapes propose outside the
+    attention and the experts, or None."""
+    o_rel = _attention_out_name(name, block, config, hf_config)
+    found = propose_mlp(block, hf_config, exclude=o_rel.rpartition(".")[0] if o_rel else None)
+    if found is None or found[0].startswith(moe.experts + ".") or found[0] == moe.router:
+        return None
+    return found[0], list(found[1])
 
 
 def _expert_unit_set(layer: int, name: str, block: nn.Module, moe: Any) -> GroupSet:
