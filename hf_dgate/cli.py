@@ -555,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N|neurons=N,heads=M",
         help="Round kept counts up with zero groups: N for neurons (e.g. 128), heads=M for key/value heads "
-        "(--format gguf rounds neurons to 32 unless given; 1 keeps exact counts).",
+        "(--format gguf rounds neurons to 64 unless given; 1 keeps exact counts).",
     )
     p.add_argument("--gguf-dtype", choices=["f32", "f16", "bf16"], default="f16", help="Weight type of --format gguf.")
     p.add_argument(

@@ -469,7 +469,7 @@ def export_to_dir(
 
     `format` picks the writer (hf_dgate.formats): "native" (transformers), "gguf" (llama.cpp's deci architecture,
     `gguf_dtype` f32/f16/bf16, `tokenizer` a tokenizer or folder; run and compared in llama.cpp where
-    llama-cpp-python is installed; neuron counts rounded up to multiples of 32 unless `multiple_of` is given, e.g.
+    llama-cpp-python is installed; neuron counts rounded up to multiples of 64 unless `multiple_of` is given, e.g.
     1 to keep them exact) or "decilm" (vLLM's DeciLMForCausalLM). `shape="uniform"` and `multiple_of` pad
     layers with their own zero groups (see `export_pruned`); the summary's `padding` and the card state what that
     costs in parameters and FLOPs against the non-uniform export.
@@ -503,7 +503,7 @@ def export_to_dir(
             allow_inexact=allow_inexact,
             inputs=plan.inputs,
             shape=shape,
-            # GGUF: neuron counts in multiples of 32 unless the caller says otherwise (formats/gguf.py)
+            # GGUF: neuron counts in multiples of 64 unless the caller says otherwise (formats/gguf.py)
             multiple_of=plan.format.default_multiple_of if multiple_of is None else multiple_of,
         )
     except BaseException:

@@ -55,3 +55,15 @@ def test_generated_nanogpt_tables_match_their_results_files():
         sys.path.pop(0)
     assert MARK in README.read_text() and MARK in (README.parent / "docs" / "trainer.md").read_text()
     assert update_docs(str(README.parent), check=True) == []
+
+
+def test_generated_serving_tables_match_their_results_file():
+    """The llama.cpp timings in README.md ("Serve it") and docs/serving.md are written from
+    results/serving/serving.json by `benchmarks/serving.py --update-docs`, never retyped: a stale block fails here."""
+    sys.path.insert(0, str(README.parent / "benchmarks"))
+    try:
+        from serving import MARK, update_docs
+    finally:
+        sys.path.pop(0)
+    assert MARK in README.read_text() and MARK in (README.parent / "docs" / "serving.md").read_text()
+    assert update_docs(str(README.parent), check=True) == []

@@ -170,6 +170,27 @@ def test_gguf_has_per_layer_shapes_and_the_weights(tmp_path):
     assert not tensors["blk.2.ffn_down.weight"].data.any()
 
 
+def _dead_layer_export() -> torch.nn.Module:
+    """4 layers; layers 2 and 3 (the last) keep neither heads nor neurons (identity layers)."""
+    gated = _gated(_tiny(num_hidden_layers=4), heads=[1, 2, 2, 2], neurons=[10, 40, 48, 48])
+    return hf_dgate.export_pruned(gated, example_inputs={"input_ids": _probe()})
+
+
+def test_gguf_writes_a_layer_with_nothing_left_as_tensorless(tmp_path):
+    from hf_dgate.formats.gguf import write_gguf
+
+    write_gguf(_dead_layer_export(), tmp_path / "m.gguf", dtype="f32")
+    fields, tensors = _fields(tmp_path / "m.gguf")
+    assert fields["deci.attention.head_count"] == [2, 0, 0, 0] and fields["deci.feed_forward_length"] == [38, 8, 0, 1]
+    # llama.cpp passes such a layer's input on and refuses a file holding tensors it does not read (an ffn_norm);
+    # the last layer keeps one zero neuron, since llama.cpp selects the output rows there
+    assert not [n for n in tensors if n.startswith("blk.2.")] and "blk.1.ffn_norm.weight" in tensors
+    assert not tensors["blk.3.ffn_down.weight"].data.any() and "blk.3.attn_q.weight" not in tensors
+    headless = hf_dgate.export_pruned(_gated(_tiny(), heads=[2, 2, 2]), example_inputs={"input_ids": _probe()})
+    with pytest.raises(ExportError, match="No layer keeps an attention head; llama.cpp cannot run"):
+        write_gguf(headless, tmp_path / "h.gguf", dtype="f32")
+
+
 @pytest.mark.parametrize("dtype,kind", [("f16", "F16"), ("bf16", "BF16")])
 def test_gguf_half_types(tmp_path, dtype, kind):
     from hf_dgate.formats.gguf import write_gguf
@@ -270,9 +291,9 @@ def test_cli_export_gguf_and_uniform(tmp_path, capsys):
     assert "library_name: gguf" in card and "llama-cli -m model-f32.gguf" in card and "AutoPrunedModel" not in card
     summary = json.loads((tmp_path / "g" / "dgate_export.json").read_text())
     assert summary["format"] == "gguf" and summary["gguf"]["layout"]["head_count"] == [2, 0, 4]
-    # GGUF rounds neurons to 32 by default (ggml's fast matmul; capped at the layer's 48); 1 keeps them exact
-    assert summary["gguf"]["layout"]["feed_forward_length"] == [48, 32, 1]
-    assert summary["padding"]["multiple_of"] == {"neurons": 32}
+    # GGUF rounds neurons to 64 by default (ggml's SIMD steps; capped at the layer's 48); 1 keeps them exact
+    assert summary["gguf"]["layout"]["feed_forward_length"] == [48, 48, 1]
+    assert summary["padding"]["multiple_of"] == {"neurons": 64}
     assert main(["export", str(tmp_path / "gated"), "--out", str(tmp_path / "g1"), "--format", "gguf",
                  "--multiple-of", "1", "--no-measure", "--seq-len", "16"]) == 0  # fmt: skip
     exact = json.loads((tmp_path / "g1" / "dgate_export.json").read_text())
@@ -365,6 +386,16 @@ def test_llama_cpp_runs_the_gguf_like_pytorch(tmp_path, family):
         assert result["verified"] and result["max_abs_diff"] <= result["tolerance"]
         if dtype == "f32":
             assert result["max_abs_diff"] < 1e-3
+
+
+def test_llama_cpp_runs_a_layer_with_nothing_left(tmp_path):
+    _need_llama_cpp()
+    from hf_dgate.formats.gguf import write_gguf
+    from hf_dgate.formats.llama_cpp import compare_with_llama_cpp
+
+    pruned = _dead_layer_export()
+    write_gguf(pruned, tmp_path / "m.gguf", dtype="f32")
+    assert compare_with_llama_cpp(pruned, tmp_path / "m.gguf", "f32")["max_abs_diff"] < 1e-3
 
 
 def test_llama_cpp_check_catches_a_wrong_file(tmp_path, monkeypatch):

@@ -7,7 +7,10 @@ How llama.cpp runs a `deci` layer (src/models/deci.cpp), and what follows for th
   with 0 heads and no attention tensors (refused if its output projection has a non-zero bias);
 - 0 FFN width: the layer is skipped with `continue` *before* its output becomes the next layer's input, which drops
   the layer's attention output. An FFN-free layer is therefore written with one all-zero neuron (exact: its down
-  column is zero), never with width 0;
+  column is zero), never with width 0. A layer with neither heads nor neurons is the identity, which is what
+  llama.cpp computes for 0 heads and width 0 (written without tensors: llama.cpp refuses a file holding tensors it
+  does not read), except as the last layer: llama.cpp selects the output positions inside the last layer and
+  aborts when that layer skips them, so a dead last layer also gets one zero neuron;
 - rope: llama.cpp's `deci` rotates consecutive pairs, transformers' Llama rotates halves, so query and key rows are
   permuted per head (as llama.cpp's own converter does); rope scaling that only rescales frequencies (linear,
   llama3) is written as the `rope_freqs` tensor; other scalings are refused by name;
@@ -44,7 +47,8 @@ GGUF_NAME = "model-{dtype}.gguf"
 
 @dataclass
 class GGUFLayout:
-    """Per-layer counts as written (after llama.cpp's needs: an FFN-free layer with attention gets one zero neuron)."""
+    """Per-layer counts as written (after llama.cpp's needs: an FFN-free layer with attention, or as the last layer,
+    gets one zero neuron)."""
 
     head_count: list[int] = field(default_factory=list)
     head_count_kv: list[int] = field(default_factory=list)
@@ -130,12 +134,18 @@ def layout(model: nn.Module) -> GGUFLayout:
                     f"Layer {i} has no attention heads but a non-zero output bias; llama.cpp's deci drops an "
                     "attention-free layer's bias, so this export cannot be written as GGUF."
                 )
-        if n_ff == 0 and n_q > 0:
+        last = i == len(model.model.layers) - 1  # llama.cpp picks the output rows in the last layer's FFN branch
+        if n_ff == 0 and (n_q > 0 or last or layer.mlp.down_proj.bias is not None):
             out.zero_neuron_layers.append(i)
             n_ff = 1
         out.head_count.append(n_q)
         out.head_count_kv.append(n_kv)
         out.feed_forward_length.append(n_ff)
+    if not any(out.head_count_kv):
+        raise ExportError(
+            "No layer keeps an attention head; llama.cpp cannot run such a GGUF (its key/value cache would be empty "
+            "and creating a context fails). Export with format='native' instead."
+        )
     return out
 
 
@@ -165,6 +175,8 @@ def _tensors(model: nn.Module, lay: GGUFLayout) -> list[tuple[str, torch.Tensor]
                 out.append((p + name + ".weight", proj.weight))
                 if proj.bias is not None:
                     out.append((p + name + ".bias", proj.bias))
+        if n_q == 0 and n_ff == 0:  # nothing left: llama.cpp passes the input on and reads no tensor of the layer
+            continue
         out.append((p + "ffn_norm.weight", layer.post_attention_layernorm.weight))
         if n_ff:
             gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
@@ -365,10 +377,11 @@ class GGUFFormat(ExportFormat):
     name = "gguf"
     description = "llama.cpp GGUF (deci architecture: per-layer head, key/value-head and FFN counts)"
     loads_with = "llama.cpp / llama-cpp-python"
-    # ggml's fast CPU matmul (tinyBLAS) declines a contraction that is not a whole number of SIMD vectors and the
-    # whole matmul falls back to a generic kernel: FFN widths such as 1182 made prompt processing 25-30 % slower
-    # than the FLOPs say (benchmarks/serving.py); rounding to 32 with zero neurons costs < 1 % of parameters
-    default_multiple_of = {"neurons": 32}
+    # ggml's CPU kernels want an FFN width (the contraction of ffn_down) in whole SIMD steps: exact widths such as
+    # 1182 made prompts 2x slower than the FLOPs say, multiples of 32 still left generation at 0.86-0.95 of the
+    # FLOPs ratio, multiples of 64 reach 0.99-1.07 (AVX512 dot products step by 64; benchmarks/serving.py,
+    # docs/serving.md); the zero neurons add 1-2 % to a generated token's FLOPs, 2-7 % to a prompt's
+    default_multiple_of = {"neurons": 64}
 
     def check(self, model: nn.Module, *, gguf_dtype: str = "f16", **_: Any) -> None:
         _need_gguf()

@@ -41,14 +41,17 @@ def _quiet_llama_cpp() -> None:
         llama_cpp.llama_log_set(_QUIET[0], None)
 
 
-def load(path: str | os.PathLike, n_ctx: int = 256, n_threads: int = 1, n_batch: int | None = None) -> Any:
-    """A llama_cpp.Llama for `path` that keeps the logits of every position."""
+def load(
+    path: str | os.PathLike, n_ctx: int = 256, n_threads: int = 1, n_batch: int | None = None, logits_all: bool = True
+) -> Any:
+    """A llama_cpp.Llama for `path` that keeps the logits of every position (`logits_all=False`: of the last one
+    only, as a server computes them)."""
     try:
         from llama_cpp import Llama
     except ImportError:
         raise ExportError(f"Running the GGUF needs llama-cpp-python: {INSTALL}.") from None
     _quiet_llama_cpp()
-    kw = dict(n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, logits_all=True, verbose=False)
+    kw = dict(n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, logits_all=logits_all, verbose=False)
     if n_batch:
         kw.update(n_batch=n_batch, n_ubatch=n_batch)
     return Llama(model_path=os.fspath(path), **kw)
