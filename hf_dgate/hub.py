@@ -249,21 +249,20 @@ def _describe_targets(dgate_config: dict[str, Any]) -> str:
 def nonnative_reason(structure: dict[str, Any] | PruningRecord) -> str:
     """Why a plain `from_pretrained` cannot build this export, read from its recorded structure (the card states
     it; native.py tried every config form the installed transformers accepts)."""
-    if isinstance(structure, PruningRecord):
-        structure = structure.to_dict()
-    if "stacks" in structure:
+    record = structure if isinstance(structure, PruningRecord) else PruningRecord.from_dict(structure or {})
+    if record.multi_stack:
         return "the model has several block stacks, whose pruned shapes its config cannot state"
-    heads, neurons = structure.get("heads") or [], structure.get("neurons") or []
-    counts = [len(h) for h in heads]
-    if structure.get("cross_heads"):
+    stack = record.single
+    counts = [len(h) for h in stack.kept("heads")]
+    if stack.cross_heads:
         return "cross-attention heads were removed, which no config field can state"
     if counts and 0 in counts:
         return "some layers keep no attention heads, and the model's attention cannot be built with none"
     if len(set(counts)) > 1:
         return "layers keep different numbers of heads, and this transformers cannot state per-layer counts for it"
-    if len({n for n in neurons if n is not None}) > 1:
+    if len({n for n in stack.kept("neurons") if n is not None}) > 1:
         return "layers keep different numbers of MLP neurons, and this transformers cannot state per-layer counts"
-    if structure.get("experts"):
+    if stack.experts:
         return "experts were removed, and the config cannot state the kept experts per layer"
     return (
         "the config cannot state the pruned shape: e.g. it derives the head size from hidden size / heads, so fewer "

@@ -10,58 +10,36 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import StructureNotFoundError
-from .compat import build_on_meta, config_value
-from .config import DGateConfig
 from .export import ExportError, pruned_structure
-from .pruned_modules import ZeroHeadAttention, ZeroInputConv1D
-from .record import RECORD_KEY, PruningRecord, RecordError, StackRecord
+from .pruned_modules import shrink
+from .record import RECORD_KEY, PruningRecord, RecordError
+from .recording import rebuild_spec
 from .registry import PRUNED_MODEL_TYPE_PREFIX
-from .targets import BUILTIN, find_group_sets, get_target
 
 
 # ---- reload ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def rebuild_structure(model: nn.Module, structure: dict[str, Any] | PruningRecord) -> nn.Module:
-    """Shrink a freshly built model to a recorded pruned structure (which positions stay is irrelevant here:
-    the weights are loaded afterwards), stack by stack; records of every known version take this one path."""
+    """Shrink a freshly built model to a recorded pruned structure (its weights are loaded afterwards): the
+    record's rebuild spec applied by `pruned_modules.shrink`, as every reload does (a record written before version
+    3 is first translated into one, legacy_records.py)."""
     record = structure if isinstance(structure, PruningRecord) else PruningRecord.from_dict(structure)
-    for path, stack in record.stacks.items():
-        names = record.module_names if path is None else {**(record.module_names or {}), "layers": path}
-        _rebuild_stack(model, stack, names)
+    shrink(model, rebuild_spec_for(record, type(model), model.config))
     return model
 
 
-def _rebuild_stack(model: nn.Module, record: StackRecord, module_names: dict[str, Any] | None) -> nn.Module:
-    targets = [name for name, t in BUILTIN.items() if t.per_block and t.recorded_in(record)]
-    if not targets:
-        return model
-    sets = []
-    for target in targets:
-        dconfig = DGateConfig(target=[target], module_names=module_names)
-        try:
-            with torch.device("cpu"):  # index vectors stay on the CPU even while transformers builds on "meta"
-                sets += find_group_sets(model, dconfig, refuse=False)
-        except StructureNotFoundError:
-            # a layout this transformers cannot gate (4.x listed experts) cannot have been pruned by an export made
-            # with it; an export from another line that did shrink it then fails loudly on the weights' shapes
-            continue
-    for gs in sets:
-        target = get_target(gs.target)
-        key = target.record_field(gs)
-        counts = record.kept(key) if key else []
-        layer = int(gs.layer)
-        if counts and layer >= len(counts):  # a short list would leave this layer at its full size
-            raise ExportError(
-                f"config.dgate_pruning[{key!r}] has {len(counts)} entries but the model has a layer {layer} with "
-                f"{gs.target}: the record does not describe this model. Re-export it."
-            )
-        if layer >= len(counts) or not isinstance(counts[layer], int):
-            continue
-        dead = target.rebuild_dead(gs, counts[layer])
-        if dead is not None:  # (a layer left with no head gets its bias-only forward here, as in the export)
-            target.remove(model, gs, dead)
-    return model
+def rebuild_spec_for(record: PruningRecord, model_class: type, config: Any) -> dict[str, Any]:
+    """The spec `shrink` applies to `model_class` built from `config`: the record's own when the class is the one
+    the export was saved from (the spec names its modules), else translated from the per-layer lists."""
+    archs = getattr(config, "architectures", None) or [None]
+    name = getattr(model_class, "__name__", None)
+    spec = record.rebuild
+    if spec is not None and spec.get("model_class", archs[0]) == name:
+        return spec
+    exported = name == archs[0]
+    from .legacy_records import rebuild_from_lists
+
+    return rebuild_from_lists(record, model_class, config, exported=exported)
 
 
 class AutoPrunedModel:
@@ -69,7 +47,8 @@ class AutoPrunedModel:
 
     Models whose shape the config expresses natively load through the usual `from_pretrained`; for the rest
     (different head or neuron counts per layer, layers without heads) the model is built from the config,
-    shrunk to the structure recorded in `config.dgate_pruning`, and the safetensors weights are loaded into it.
+    shrunk by the rebuild spec recorded in `config.dgate_pruning` (`pruned_modules.shrink`, the code the generated
+    loader runs too), and the safetensors weights are loaded into it.
     """
 
     @classmethod
@@ -95,10 +74,11 @@ class AutoPrunedModel:
             return (model, info) if want_info else model
         # transformers' own loader (key renaming, shards, dtype, device_map) on a class that shrinks itself to the
         # recorded structure right after construction; the instance gets its plain class back afterwards.
+        spec = rebuild_spec_for(structure, model_class, config)
         shrinking = type(
             model_class.__name__,
             (model_class,),
-            {"__init__": _shrinking_init(model_class, structure), "__module__": model_class.__module__},
+            {"__init__": _shrinking_init(model_class, spec), "__module__": model_class.__module__},
         )
         model, info = shrinking.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
         model.__class__ = model_class
@@ -139,10 +119,11 @@ def _base_config(path: str) -> Any:
     return CONFIG_MAPPING[base].from_dict({**config_dict, "model_type": base})
 
 
-def _shrinking_init(model_class: type, structure: PruningRecord):
+def _shrinking_init(model_class: type, spec: dict[str, Any]):
     def __init__(self, config, *args, **kwargs):  # noqa: N807
         model_class.__init__(self, config, *args, **kwargs)
-        rebuild_structure(self, structure)
+        with torch.no_grad():
+            shrink(self, spec)  # as the generated loader's class does
 
     return __init__
 
@@ -173,7 +154,6 @@ def transformers_model_class(config: Any) -> type | None:
 # ---- trust_remote_code loader for people without hf_dgate ------------------------------------------------------
 REMOTE_CODE_FILE = "modeling_dgate_pruned.py"
 FUTURE_IMPORT = "from __future__ import annotations\n"
-HEAD_FIELDS = ("num_attention_heads", "num_key_value_heads")
 AUTO_CLASSES = {
     "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES": "AutoModelForCausalLM",
     "MODEL_FOR_MASKED_LM_MAPPING_NAMES": "AutoModelForMaskedLM",
@@ -190,9 +170,9 @@ AUTO_CLASSES = {
 REMOTE_CODE_HEADER = '''"""Generated by hf_dgate: loads this pruned model without hf_dgate (trust_remote_code=True).
 
 The model is built from config.json as usual, then shrunk to the pruned shapes recorded in
-`config.dgate_pruning["remote"]` before the weights are loaded. Below: hf_dgate's own pruned_modules.py and
-record.py (the pruning record's class, which checks the record as hf_dgate does), copied verbatim, then the model
-class.
+`config.dgate_pruning["rebuild"]` before the weights are loaded, as hf_dgate.AutoPrunedModel does. Below:
+hf_dgate's own pruned_modules.py and record.py (the pruning record's class, which checks the record as hf_dgate
+does), copied verbatim, then the model class.
 """
 
 from __future__ import annotations
@@ -222,7 +202,7 @@ class {cls}(_Base):
             record = PruningRecord.from_dict(getattr(config, RECORD_KEY, None))
         except RecordError as e:
             raise ValueError(f"config.dgate_pruning is not a pruning record this loader reads ({{e}})") from None
-        shrink(self, record.remote)
+        shrink(self, record.rebuild)
 
 
 try:  # transformers >= 5 renames legacy checkpoint keys only for its own classes unless a mapping is registered
@@ -261,40 +241,6 @@ def remote_code_source(base: str, cls: str, model_type: str, config_base: str) -
         cls_literal=repr(cls),
     )
     return REMOTE_CODE_HEADER + shared + footer
-
-
-def remote_code_spec(model: nn.Module) -> dict[str, Any]:
-    """What a fresh `type(model)(config)` must change to become `model`: tensor shapes, int attributes, no-head
-    attention layers and no-input Conv1Ds. Found by comparing with a fresh build on the meta device."""
-    fresh = build_on_meta(type(model), model.config)
-    fresh_tensors = {**dict(fresh.named_parameters()), **dict(fresh.named_buffers())}
-    mine = [*model.named_parameters(), *model.named_buffers()]
-    shapes = {
-        n: list(p.shape) for n, p in mine if n in fresh_tensors and tuple(fresh_tensors[n].shape) != tuple(p.shape)
-    }
-    attrs: dict[str, dict[str, Any]] = {}
-    fresh_modules = dict(fresh.named_modules())
-    for name, m in model.named_modules():
-        f = fresh_modules.get(name)
-        if f is None:
-            continue
-        diff = {
-            k: v
-            for k, v in vars(m).items()
-            if isinstance(v, int) and not isinstance(v, bool) and not k.startswith("_") and vars(f).get(k, v) != v
-        }
-        if diff:
-            attrs[name] = diff
-    no_head = {n: m._dgate_out for n, m in model.named_modules() if isinstance(m, ZeroHeadAttention)}
-    no_input = [n for n, m in model.named_modules() if isinstance(m, ZeroInputConv1D)]
-    head_configs = {}  # per-module config copies with their own head counts (Phi-3)
-    for name, m in model.named_modules():
-        f = fresh_modules.get(name)
-        heads = [config_value(getattr(x, "config", None), k) for x in (m, f) for k in HEAD_FIELDS]
-        if name and f is not None and all(isinstance(h, int) for h in heads) and heads[:2] != heads[2:]:
-            head_configs[name] = heads[:2]
-    spec = {"shapes": shapes, "attrs": attrs, "no_head": no_head, "no_input": no_input}
-    return {**spec, "head_configs": head_configs} if head_configs else spec
 
 
 def save_pruned(model: nn.Module, directory: str | os.PathLike, remote_code: bool = True) -> str | None:
@@ -376,7 +322,10 @@ def write_remote_code(model: nn.Module, directory: str | os.PathLike) -> str | N
             f"{base} has no model type transformers knows ({model_type!r}), so no loader can be generated for it; "
             "export with remote_code=False and load with hf_dgate.AutoPrunedModel."
         )
-    structure["remote"] = remote_code_spec(model)
+    spec = rebuild_spec(model)  # (refreshed: the model as saved)
+    if spec is None:
+        return None
+    structure["rebuild"] = spec
     cls = f"DGatePruned{base}"
     model.config.auto_map = {auto_class: f"{REMOTE_CODE_FILE[:-3]}.{cls}"}
     if not cls.isidentifier():

@@ -1,5 +1,5 @@
 """What a pruned model needs beyond smaller tensors: forwards for modules left with nothing to compute, and the
-reshaping of a freshly built model to a recorded pruned structure.
+reshaping of a freshly built model to a recorded pruned structure (`shrink`: the one way every reload rebuilds it).
 
 This file is self-contained on purpose (it imports torch only): hf_dgate uses it, and the export copies it
 verbatim into `modeling_dgate_pruned.py`, so people who load an export with `trust_remote_code=True` run this
@@ -77,7 +77,7 @@ def own_head_config(module, n_heads, n_kv):
     module.config.num_attention_heads, module.config.num_key_value_heads = n_heads, n_kv
 
 
-# ---- rebuilding a recorded structure (the "remote" spec in config.dgate_pruning) --------------------------------
+# ---- rebuilding a recorded structure (the "rebuild" spec in config.dgate_pruning) -------------------------------
 def _name(value, attribute=False):
     """Names come from config.json (data, never code): dotted identifiers only; attributes set must be public."""
     ok = isinstance(value, str) and (value == "" or all(p.isidentifier() or p.isdigit() for p in value.split(".")))
@@ -94,10 +94,11 @@ def _int(value):
 
 def shrink(model, spec):
     """Reshape a freshly built model to `spec` (tensor shapes, int attributes, per-module head configs, modules
-    left without heads or inputs) before its weights are loaded."""
+    left without heads or inputs) before its weights are loaded: the one rebuild of every reload (AutoPrunedModel
+    and the generated loader call it with the record's spec)."""
     kinds = {"shapes": dict, "attrs": dict, "no_head": dict, "no_input": list}
     if not isinstance(spec, dict) or not all(isinstance(spec.get(k), t) for k, t in kinds.items()):
-        raise ValueError("config.dgate_pruning has no readable 'remote' shapes; re-export the model with hf_dgate.")
+        raise ValueError("config.dgate_pruning has no readable rebuild spec; re-export the model with hf_dgate.")
     for name, shape in spec["shapes"].items():
         module_name, _, param = _name(name).rpartition(".")
         module = model.get_submodule(module_name)

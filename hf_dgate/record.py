@@ -7,6 +7,11 @@ load unchanged.
 - version 1: one block stack; the per-layer lists sit at the top level next to the export's settings;
 - version 2: several block stacks (encoder/decoder, text/vision towers); `stacks` maps each stack's module path
   to its per-layer lists.
+- version 3 (written now): either layout (`stacks` present: several stacks), plus `rebuild`: what a model freshly
+  built from the saved config must change to take the pruned shapes (tensor shapes, int attributes, modules left
+  without heads or inputs). Every reload rebuilds from it, through `pruned_modules.shrink`: AutoPrunedModel and the
+  generated loader alike. Records without it (versions 1 and 2) are translated into one by
+  `legacy_records.rebuild_from_lists`, from their per-layer lists.
 A record of a version this code does not know is refused: guessing its meaning could rebuild the wrong shapes.
 Plain data only (no torch, standard library only): the CLI reads it without loading a model, and the export copies
 this file verbatim into its generated `modeling_dgate_pruned.py` (loading.remote_code_source).
@@ -18,8 +23,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 RECORD_KEY = "dgate_pruning"
-SINGLE_STACK, MULTI_STACK = 1, 2  # the layouts' version numbers
-VERSIONS = (SINGLE_STACK, MULTI_STACK)
+SINGLE_STACK, MULTI_STACK = 1, 2  # the layouts' version numbers before the rebuild spec
+WITH_REBUILD = 3  # either layout, plus `rebuild`
+CURRENT = WITH_REBUILD
+VERSIONS = (SINGLE_STACK, MULTI_STACK, WITH_REBUILD)
+REBUILD_KINDS = {"shapes": dict, "attrs": dict, "no_head": dict, "no_input": list}  # (+ optional head_configs)
 HF_PRUNED_HEADS = "hf_pruned_heads"  # heads removed by transformers' own prune_heads (4.x): config.pruned_heads
 
 
@@ -68,7 +76,9 @@ class StackRecord:
 
 
 # the export's settings; everything else at the top of a version-1 record belongs to its one stack
-_TOP = ("version", "module_names", "threshold", "not_removed", "native", "base_model_type", "remote", "stacks")
+_TOP = (
+    "version", "module_names", "threshold", "not_removed", "native", "base_model_type", "rebuild", "remote", "stacks"
+)
 
 
 @dataclass
@@ -82,7 +92,12 @@ class PruningRecord:
     not_removed: list[str] | None = None  # targets whose zeros were kept (custom GroupRules)
     native: bool | None = None  # the rewritten config builds these shapes by itself
     base_model_type: str | None = None  # set when saved under its own model type ("dgate_pruned_<type>")
-    remote: dict[str, Any] | None = None  # the generated loader's shape spec (pruned_modules.shrink reads it)
+    # what a fresh build from the saved config must change (pruned_modules.shrink applies it; recording.rebuild_spec
+    # finds it): {"shapes": {param: shape}, "attrs": {module: {name: int}}, "no_head": {module: out}, "no_input":
+    # [module], "head_configs": {module: [heads, kv heads]}, "model_class": the class these names belong to}; None in
+    # records written before version 3
+    rebuild: dict[str, Any] | None = None
+    remote: dict[str, Any] | None = None  # versions 1-2: the same spec, written only with the generated loader
     extra: dict[str, Any] = field(default_factory=dict)
     present: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
@@ -98,10 +113,11 @@ class PruningRecord:
                 f"{VERSIONS}); upgrade hf_dgate to load this export."
             )
         top = {k: data[k] for k in _TOP if k in data and k not in ("version", "stacks")}
-        if version == MULTI_STACK:
+        _check_rebuild(top.get("rebuild"))
+        if version == MULTI_STACK or (version == WITH_REBUILD and "stacks" in data):
             raw = data.get("stacks")
             if not isinstance(raw, dict):
-                raise RecordError(f"config.{RECORD_KEY} (version 2) has no 'stacks' mapping; re-export the model.")
+                raise RecordError(f"config.{RECORD_KEY} has no 'stacks' mapping; re-export the model.")
             stacks = {str(p): StackRecord.from_dict(r, f"{RECORD_KEY}['stacks'][{p!r}]") for p, r in raw.items()}
             extra = {k: v for k, v in data.items() if k not in _TOP}
         else:
@@ -117,7 +133,8 @@ class PruningRecord:
 
     @property
     def multi_stack(self) -> bool:
-        return self.version == MULTI_STACK
+        """Several block stacks (`stacks` keyed by module path), not the one stack of a single-stack layout."""
+        return self.version == MULTI_STACK or (self.version >= WITH_REBUILD and None not in self.stacks)
 
     @property
     def single(self) -> StackRecord:
@@ -125,7 +142,7 @@ class PruningRecord:
         return self.stacks.get(None, StackRecord()) if not self.multi_stack else StackRecord()
 
     def to_dict(self) -> dict[str, Any]:
-        """The layout `from_dict` read (or that this version writes): version 1 flat, version 2 with `stacks`."""
+        """The layout `from_dict` read (or that this version writes): one stack flat, several under `stacks`."""
         out: dict[str, Any] = {"version": self.version}
         out.update(_dump(self, skip=("version", "stacks")))
         if self.multi_stack:
@@ -166,6 +183,22 @@ def _check_counts(data: dict[str, Any], where: str) -> None:
                         f"{where} says layer {i} keeps {len(row)} heads over {n_kv} key/value heads, which cannot "
                         "be; the record does not describe these weights. Re-export the model."
                     )
+    heads = data.get("heads")
+    for key in ("neurons", "experts", "expert_units"):  # one entry per current layer, as for the heads
+        if heads and isinstance(data.get(key), list) and len(data[key]) != len(heads):
+            raise RecordError(
+                f"{where} lists heads for {len(heads)} layers but {key!r} for {len(data[key])}; re-export the model."
+            )
+
+
+def _check_rebuild(spec: Any) -> None:
+    """The rebuild spec's outline (pruned_modules.shrink checks every name and size in it as it applies it)."""
+    if spec is None:
+        return
+    if not isinstance(spec, dict) or not all(isinstance(spec.get(k), t) for k, t in REBUILD_KINDS.items()):
+        raise RecordError(
+            f"config.{RECORD_KEY}['rebuild'] is not a rebuild spec (shapes, attrs, no_head, no_input); re-export it."
+        )
 
 
 def _field_names(cls: type) -> set[str]:

@@ -2,7 +2,8 @@
 now, read off its weights, plus what the export knows (kept original head numbers, layers, threshold).
 
 export.py plans, removes and verifies; this module says what is left, in the record's layout, and stores it
-(through `PruningRecord`, which checks it) together with whether the config alone can build those shapes.
+(through `PruningRecord`, which checks it) together with whether the config alone can build those shapes and the
+rebuild spec (`rebuild_spec`: what a fresh build from the config must change), which every reload applies.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from typing import Any
 from torch import nn
 
 from .architectures import BlockStack
-from .compat import HAS_HF_PRUNE_HEADS
+from .compat import HAS_HF_PRUNE_HEADS, build_on_meta, config_value
 from .config import DGateConfig
 from .native import make_native
-from .record import HF_PRUNED_HEADS, MULTI_STACK, RECORD_KEY, SINGLE_STACK, PruningRecord
+from .pruned_modules import ZeroHeadAttention, ZeroInputConv1D
+from .record import CURRENT, HF_PRUNED_HEADS, RECORD_KEY, PruningRecord
 from .registry import spec_for
 
 
@@ -56,10 +58,9 @@ def model_record(
     threshold: float,
     not_removed: list[str],
 ) -> dict[str, Any]:
-    """The whole record from the stacks' records: version 2 (`stacks`, earlier stacks kept) when the model has
-    several stacks, else version 1 with the one stack's lists at the top."""
-    version = MULTI_STACK if multi else SINGLE_STACK
-    structure: dict[str, Any] = {"version": version, "module_names": dconfig.module_names}
+    """The whole record from the stacks' records: `stacks` (earlier stacks kept) when the model has several stacks,
+    else the one stack's lists at the top."""
+    structure: dict[str, Any] = {"version": CURRENT, "module_names": dconfig.module_names}
     if multi:
         structure["stacks"] = {**prev.get("stacks", {}), **records}
     elif records:
@@ -76,8 +77,8 @@ def heads_record(
     prev: dict[str, Any],
     by_hf: bool,
 ) -> dict[str, Any]:
-    """The (version 1) record after `export.prune_heads`: the heads kept now, the rest of the earlier record."""
-    structure = {"version": SINGLE_STACK, "module_names": dconfig.module_names}
+    """The (single-stack) record after `export.prune_heads`: the heads kept now, the rest of the earlier record."""
+    structure = {"version": CURRENT, "module_names": dconfig.module_names}
     structure.update(stack_structure(model, blocks, dconfig, {"self": kept_heads}))
     if by_hf or prev.get(HF_PRUNED_HEADS):
         structure[HF_PRUNED_HEADS] = True
@@ -221,7 +222,8 @@ def read_record(model: nn.Module) -> dict[str, Any] | None:
 
 
 def write_record(model: nn.Module, structure: dict[str, Any]) -> None:
-    """Store the record (through `PruningRecord`, which checks it and keeps the layout) and whether it is native."""
+    """Store the record (through `PruningRecord`, which checks it and keeps the layout), whether it is native, and
+    its rebuild spec (after the native config edit: the spec is what the saved config does not build)."""
     structure = PruningRecord.from_dict(structure).to_dict()
     cfg = getattr(model, "config", None)
     if cfg is None:  # a plain nn.Module: no config to carry the record, kept on the model (not native)
@@ -229,4 +231,52 @@ def write_record(model: nn.Module, structure: dict[str, Any]) -> None:
         return
     setattr(cfg, RECORD_KEY, structure)
     structure["native"] = make_native(model, structure)
+    spec = rebuild_spec(model)
+    if spec is not None:
+        structure["rebuild"] = spec
     setattr(cfg, RECORD_KEY, structure)
+
+
+HEAD_FIELDS = ("num_attention_heads", "num_key_value_heads")
+
+
+def rebuild_spec(model: nn.Module) -> dict[str, Any] | None:
+    """What a fresh `type(model)(model.config)` must change to become `model` (the record's `rebuild`): tensor
+    shapes, int attributes, per-module head configs, attention layers without heads and Conv1Ds without inputs,
+    and the class whose module names these are.
+    Found by comparing with a fresh build on the meta device; None for a class that cannot be built from its config
+    (reloads then derive the spec from the per-layer lists, legacy_records.py)."""
+    try:
+        fresh = build_on_meta(type(model), model.config)
+    except Exception:  # noqa: BLE001 - any failure to build means "no spec", never a wrong one
+        return None
+    fresh_tensors = {**dict(fresh.named_parameters()), **dict(fresh.named_buffers())}
+    mine = [*model.named_parameters(), *model.named_buffers()]
+    shapes = {
+        n: list(p.shape) for n, p in mine if n in fresh_tensors and tuple(fresh_tensors[n].shape) != tuple(p.shape)
+    }
+    attrs: dict[str, dict[str, Any]] = {}
+    fresh_modules = dict(fresh.named_modules())
+    for name, m in model.named_modules():
+        f = fresh_modules.get(name)
+        if f is None:
+            continue
+        diff = {
+            k: v
+            for k, v in vars(m).items()
+            if isinstance(v, int) and not isinstance(v, bool) and not k.startswith("_") and vars(f).get(k, v) != v
+        }
+        if diff:
+            attrs[name] = diff
+    no_head = {n: m._dgate_out for n, m in model.named_modules() if isinstance(m, ZeroHeadAttention)}
+    no_input = [n for n, m in model.named_modules() if isinstance(m, ZeroInputConv1D)]
+    head_configs = {}  # per-module config copies with their own head counts (Phi-3)
+    for name, m in model.named_modules():
+        f = fresh_modules.get(name)
+        heads = [config_value(getattr(x, "config", None), k) for x in (m, f) for k in HEAD_FIELDS]
+        if name and f is not None and all(isinstance(h, int) for h in heads) and heads[:2] != heads[2:]:
+            head_configs[name] = heads[:2]
+    spec = {"shapes": shapes, "attrs": attrs, "no_head": no_head, "no_input": no_input}
+    if head_configs:
+        spec["head_configs"] = head_configs
+    return {**spec, "model_class": type(model).__name__}  # whose module names these are

@@ -95,10 +95,12 @@ def test_generated_loader_refuses_a_tampered_pruning_spec(tmp_path, monkeypatch)
     ]
     for bad in bad_specs:
         pruning = json.loads(json.dumps(clean["dgate_pruning"]))
-        pruning["remote"].update(bad)
+        pruning["rebuild"].update(bad)
         _edit_json(cfg_path, dgate_pruning=pruning)
         with pytest.raises(ValueError, match="config.dgate_pruning holds"):
             T.AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
+        with pytest.raises(ValueError, match="config.dgate_pruning holds"):  # the same shrink, the same check
+            hf_dgate.AutoPrunedModel.from_pretrained(tmp_path / "out")
     assert not any(p.name.startswith("PWNED") for p in tmp_path.rglob("*"))
 
 

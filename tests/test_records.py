@@ -1,6 +1,7 @@
-"""The typed pruning record: exports written by earlier versions (record versions 1 and 2, fixtures made with the
-code of commit 4e1bde0, see fixtures/records/make_fixtures.py) reload through the one rebuild path, and the record
-reads and writes their layout key for key."""
+"""The typed pruning record: exports written by earlier versions (record versions 1 and 2: fixtures made with the
+code of commit 4e1bde0, with the generated loader's `remote` shapes, and with that of b961e22 and remote_code=False,
+lists only; see fixtures/records/make_fixtures.py) reload through the one rebuild path (`pruned_modules.shrink`, fed
+by legacy_records.py's translation), and the record reads and writes their layout key for key."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import hf_dgate
+from hf_dgate import pruned_modules
 from hf_dgate.errors import ExportError
 from hf_dgate.hub import structure_table
 from hf_dgate.record import RECORD_KEY, PruningRecord, RecordError
@@ -19,20 +21,30 @@ from hf_dgate.record import RECORD_KEY, PruningRecord, RecordError
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "records")
 
 
+_shrink = pruned_modules.shrink
+
+
 def _raw(name: str) -> dict:
     with open(os.path.join(FIXTURES, name, "config.json")) as f:
         return json.load(f)[RECORD_KEY]
 
 
-@pytest.mark.parametrize("name,version", [("record_v1_llama", 1), ("record_v2_bart", 2)])
-def test_earlier_exports_reload_with_their_outputs(name, version):
+EARLIER = [("record_v1_llama", 1), ("record_v2_bart", 2), ("record_v1_llama_lists", 1), ("record_v2_bart_lists", 2)]
+
+
+@pytest.mark.parametrize("name,version", EARLIER)
+def test_earlier_exports_reload_with_their_outputs(name, version, monkeypatch):
     path = os.path.join(FIXTURES, name)
     record = PruningRecord.from_dict(_raw(name))
-    assert record.version == version and record.native is False
+    assert record.version == version and record.native is False and record.rebuild is None
+    assert (record.remote is None) == name.endswith("_lists")
     assert record.to_dict() == _raw(name)  # the layout round-trips key for key
     with open(os.path.join(path, "expected.json")) as f:
         expected = json.load(f)
+    applied = []  # the one rebuild: every reload goes through pruned_modules.shrink
+    monkeypatch.setattr("hf_dgate.loading.shrink", lambda model, spec: applied.append(spec) or _shrink(model, spec))
     model = hf_dgate.AutoPrunedModel.from_pretrained(path).float().eval()
+    assert len(applied) == 1 and applied[0]["shapes"]
     inputs = {k: torch.tensor(v) for k, v in expected["inputs"].items()}
     with torch.no_grad():
         logits = model(**inputs).logits
@@ -51,16 +63,16 @@ def test_record_versions_are_read_into_one_typed_shape():
 
 
 def test_a_record_of_an_unknown_version_is_refused(tmp_path):
-    with pytest.raises(RecordError, match="version 3.*upgrade hf_dgate"):
-        PruningRecord.from_dict({**_raw("record_v1_llama"), "version": 3})
+    with pytest.raises(RecordError, match="version 4.*upgrade hf_dgate"):
+        PruningRecord.from_dict({**_raw("record_v1_llama"), "version": 4})
     with pytest.raises(RecordError, match="not a list"):
         PruningRecord.from_dict({**_raw("record_v1_llama"), "kv_heads": 2})
     copy = tmp_path / "export"
     shutil.copytree(os.path.join(FIXTURES, "record_v1_llama"), copy)
     config = json.loads((copy / "config.json").read_text())
-    config[RECORD_KEY]["version"] = 3
+    config[RECORD_KEY]["version"] = 4
     (copy / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ExportError, match="version 3"):
+    with pytest.raises(ExportError, match="version 4"):
         hf_dgate.AutoPrunedModel.from_pretrained(str(copy))
 
 
@@ -78,7 +90,7 @@ def test_the_generated_loader_refuses_a_record_version_it_does_not_know(tmp_path
     assert save_pruned(hf_dgate.export_pruned(model), out) == "AutoModelForCausalLM"
     T.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)  # loads as written
     config = json.loads((out / "config.json").read_text())
-    config[RECORD_KEY]["version"] = 3
+    config[RECORD_KEY]["version"] = 4
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="not a pruning record this loader reads"):
         T.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
@@ -86,7 +98,7 @@ def test_the_generated_loader_refuses_a_record_version_it_does_not_know(tmp_path
 
 def test_the_generated_loader_reads_the_record_through_the_record_class(tmp_path):
     """The generated file carries record.py: a record hf_dgate refuses (a negative count) is refused there too,
-    although its `remote` shapes are intact."""
+    although its `rebuild` spec is intact."""
     import transformers as T
     from conftest import make_model
 
@@ -124,3 +136,70 @@ def test_a_load_that_would_leave_tensors_random_is_refused(tmp_path, fault):
     with pytest.raises(ExportError, match="completely") as err:
         hf_dgate.AutoPrunedModel.from_pretrained(path)
     assert (name if fault == "missing" else "model.not_a_module.weight") in str(err.value)
+
+
+def _non_native_llama(remote_code: bool, tmp_path, tied: bool = False):
+    import transformers as T
+    from conftest import make_inputs, make_model
+
+    from hf_dgate.loading import save_pruned
+
+    model = make_model("llama")
+    if tied:  # no lm_head in the files: the bare LlamaModel reads all of them
+        model.config.tie_word_embeddings = True
+        torch.manual_seed(0)
+        model = T.LlamaForCausalLM(model.config).eval()
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target=["heads", "neurons"], lam=0.1))
+    with torch.no_grad():
+        hf_dgate.get_bank(model).gammas["heads"][:, 0] = 0.0  # layer 0 loses a key/value head group
+        hf_dgate.get_bank(model).gammas["neurons"][:, [1, 4]] = 0.0
+    pruned = hf_dgate.export_pruned(model)
+    out = tmp_path / f"out{int(remote_code)}"
+    save_pruned(pruned, out, remote_code=remote_code)
+    return pruned, out, make_inputs("llama", batch=1)
+
+
+@pytest.mark.parametrize("remote_code", [True, False])
+def test_a_version_3_record_rebuilds_from_its_own_spec(tmp_path, monkeypatch, remote_code):
+    """Every export writes the rebuild spec (also without the generated loader): AutoPrunedModel applies it as it
+    is, with the code the generated loader carries, and never translates the lists."""
+    import hf_dgate.legacy_records as legacy
+    from hf_dgate.loading import REMOTE_CODE_FILE
+
+    pruned, out, inputs = _non_native_llama(remote_code, tmp_path)
+    raw = json.loads((out / "config.json").read_text())[RECORD_KEY]
+    record = PruningRecord.from_dict(raw)
+    assert record.version == 3 and record.native is False and not record.multi_stack and "remote" not in raw
+    k_proj = pruned.model.layers[0].self_attn.k_proj.weight
+    assert record.rebuild["shapes"]["model.layers.0.self_attn.k_proj.weight"] == list(k_proj.shape) == [8, 32]
+    assert record.to_dict() == raw
+    assert (out / REMOTE_CODE_FILE).exists() == remote_code
+    if remote_code:  # the generated file holds the one rebuild verbatim
+        assert open(pruned_modules.__file__).read() in (out / REMOTE_CODE_FILE).read_text()
+
+    def no_translation(*a, **k):
+        raise AssertionError("a version 3 record was translated from its lists")
+
+    monkeypatch.setattr(legacy, "rebuild_from_lists", no_translation)
+    again = hf_dgate.AutoPrunedModel.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(**inputs).logits, pruned(**inputs).logits, rtol=0, atol=1e-6)
+
+
+def test_another_model_class_rebuilds_through_the_translated_lists(tmp_path):
+    """The spec names the exported class's modules; `model_class=` with other names (the bare LlamaModel under a
+    LlamaForCausalLM export) gets the spec translated from the per-layer lists, and the same outputs."""
+    import transformers as T
+
+    pruned, out, inputs = _non_native_llama(False, tmp_path, tied=True)
+    base = hf_dgate.AutoPrunedModel.from_pretrained(out, model_class=T.LlamaModel).eval()
+    assert type(base) is T.LlamaModel
+    with torch.no_grad():
+        torch.testing.assert_close(base(**inputs).last_hidden_state, pruned.model(**inputs).last_hidden_state)
+
+
+def test_per_layer_lists_of_different_lengths_are_refused():
+    with pytest.raises(RecordError, match="lists heads for 2 layers but 'neurons' for 1"):
+        PruningRecord.from_dict({**_raw("record_v1_llama_lists"), "neurons": [8]})
+    with pytest.raises(RecordError, match="'rebuild'] is not a rebuild spec"):
+        PruningRecord.from_dict({**_raw("record_v1_llama"), "version": 3, "rebuild": {"shapes": []}})
