@@ -5,11 +5,11 @@ a group and nothing else (`GroupSet.removable`); each target (targets/) removes 
 model. This module runs that plan stack by stack and checks the result against the gated model (verify.py);
 recording.py records the pruned structure and native.py rewrites the config where it can express the new shape.
 
-The pruned structure is recorded in `config.dgate_pruning`; `AutoPrunedModel.from_pretrained` (loading.py)
-rebuilds it. Where the config alone can express the shape (layers dropped, equal head or neuron counts in every
-layer and a family whose head size is a config field) the config is rewritten so that a plain
-`transformers.AutoModel*.from_pretrained` loads the export as well. Writing to a directory with a model card
-and uploading live in hub.py.
+The pruned structure is recorded in `config.dgate_pruning`, with the spec that rebuilds it from the config
+(recording.py); `AutoPrunedModel.from_pretrained` (loading.py) and the generated loader apply that spec. Where
+the config alone can express the shape (layers dropped, equal head or neuron counts in every layer and a family
+whose head size is a config field) the config is rewritten so that a plain `transformers.AutoModel*.from_pretrained`
+loads the export as well. Writing to a directory with a model card and uploading live in hub.py.
 """
 
 from __future__ import annotations

@@ -203,3 +203,18 @@ def test_per_layer_lists_of_different_lengths_are_refused():
         PruningRecord.from_dict({**_raw("record_v1_llama_lists"), "neurons": [8]})
     with pytest.raises(RecordError, match="'rebuild'] is not a rebuild spec"):
         PruningRecord.from_dict({**_raw("record_v1_llama"), "version": 3, "rebuild": {"shapes": []}})
+
+
+def test_a_native_export_records_an_empty_rebuild_spec():
+    """The spec is written for native exports too, and there it must be empty: the saved config builds every shape
+    (and every int attribute) by itself, which is what `native` claims."""
+    from conftest import make_model
+
+    model = make_model("llama")
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="layers"))
+    with torch.no_grad():
+        hf_dgate.get_bank(model).gammas["layers"][:, 0] = 0.0
+    record = hf_dgate.export.pruning_record(hf_dgate.export_pruned(model))
+    assert record.version == 3 and record.native is True and record.single.layers == [1]
+    empty = {"shapes": {}, "attrs": {}, "no_head": {}, "no_input": []}
+    assert record.rebuild == {**empty, "model_class": "LlamaForCausalLM"}

@@ -91,12 +91,14 @@ class Target(ABC):
         return None
 
     def recorded_in(self, record: Any) -> bool:
-        """Whether a stack's pruning record (`record.StackRecord`) holds per-layer counts a reload must rebuild."""
+        """Whether a stack's pruning record (`record.StackRecord`) holds per-layer counts a record written before
+        version 3 needs replayed to be reloaded (legacy_records.py)."""
         return False
 
     def rebuild_dead(self, gs: GroupSet, kept: int) -> torch.Tensor | None:
-        """On reload: which groups of a freshly built `gs` to remove so that `kept` remain (their positions do not
-        matter, the weights are loaded afterwards); None when nothing goes."""
+        """On translating a record written before version 3 (legacy_records.py): which groups of a freshly built
+        `gs` to remove so that `kept` remain (their positions do not matter, only the shapes are read off the result);
+        None when nothing goes."""
         if kept > gs.n_groups:
             raise ExportError(
                 f"The recorded structure keeps {kept} {gs.target} in layer {gs.layer} but the config builds only "
