@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 
@@ -111,13 +112,26 @@ def quartiles(xs: list[float]) -> tuple[float, float, float]:
     return q[0], statistics.median(xs), q[2]
 
 
+def command_flags(argv: list[str]) -> list[str]:
+    """The flags that shaped the measurement (`--out` only says where it went)."""
+    out, skip = [], False
+    for a in argv:
+        if skip or a.startswith("--out="):
+            skip = False
+            continue
+        skip = a == "--out"
+        if not skip:
+            out.append(a)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=25)
     ap.add_argument("--prompt", type=int, default=128, help="Prompt length (tokens, one batch).")
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--dtype", default="f16", choices=["f32", "f16", "bf16"])
+    ap.add_argument("--dtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.25, 0.5, 0.75])
@@ -205,7 +219,7 @@ def main() -> None:
         row["tg_python_ms_per_token"] = statistics.median(1e3 * (t["tg_wall"] - t["tg"]) / args.new_tokens
                                                           for t in mine)  # fmt: skip
     meta = {
-        "command": "python benchmarks/serving.py" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python benchmarks/serving.py", *command_flags(sys.argv[1:])]),
         "layers": args.layers, "rounds": args.rounds, "prompt_tokens": args.prompt, "new_tokens": args.new_tokens,
         "decode_context": context, "logits": args.logits,
         "dtype": args.dtype, "threads": args.threads, "platform": platform.platform(),
@@ -273,8 +287,8 @@ def readme_table(meta: dict, rows: dict, default: str) -> str:
     """The README's summary: speed-ups beside FLOPs ratios, from serving.json."""
     d = rows["dense"]
     lines = [
-        f"Dense: {d['params'] / 1e6:.1f}M parameters, {d['pp_tok_s']:.0f} prompt tokens/s, {d['tg_tok_s']:.1f} "
-        f"generated tokens/s (llama.cpp's timers, {meta['rounds']} paired rounds, load average "
+        f"Dense ({meta['dtype']}): {d['params'] / 1e6:.1f}M parameters, {d['pp_tok_s']:.0f} prompt tokens/s, "
+        f"{d['tg_tok_s']:.1f} generated tokens/s (llama.cpp's timers, {meta['rounds']} paired rounds, load average "
         f"{meta['load_average'][0]:.1f}).",
         "",
         "| sparsity | export | parameters | prompt speed-up (FLOPs ratio) | generation speed-up (FLOPs ratio) |",

@@ -557,7 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="Round kept counts up with zero groups: N for neurons (e.g. 128), heads=M for key/value heads "
         "(--format gguf rounds neurons to 64 unless given; 1 keeps exact counts).",
     )
-    p.add_argument("--gguf-dtype", choices=["f32", "f16", "bf16"], default="f16", help="Weight type of --format gguf.")
+    p.add_argument("--gguf-dtype", choices=["f32", "f16", "bf16", "q8_0"], default="f16",
+                   help="Weight type of --format gguf.")  # fmt: skip
     p.add_argument(
         "--tokenizer", default=None, help="Tokenizer folder for --format gguf (default: GATED_DIR's, if it has one)."
     )

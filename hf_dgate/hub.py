@@ -467,7 +467,7 @@ def export_to_dir(
     what was found. NaN/inf gates or weights raise NonFiniteError.
 
     `format` picks the writer (hf_dgate.formats): "native" (transformers), "gguf" (llama.cpp's deci architecture,
-    `gguf_dtype` f32/f16/bf16, `tokenizer` a tokenizer or folder; run and compared in llama.cpp where
+    `gguf_dtype` f32/f16/bf16/q8_0, `tokenizer` a tokenizer or folder; run and compared in llama.cpp where
     llama-cpp-python is installed; neuron counts rounded up to multiples of 64 unless `multiple_of` is given, e.g.
     1 to keep them exact) or "decilm" (vLLM's DeciLMForCausalLM). `shape="uniform"` and `multiple_of` pad
     layers with their own zero groups (see `export_pruned`); the summary's `padding` and the card state what that

@@ -191,7 +191,7 @@ def test_gguf_writes_a_layer_with_nothing_left_as_tensorless(tmp_path):
         write_gguf(headless, tmp_path / "h.gguf", dtype="f32")
 
 
-@pytest.mark.parametrize("dtype,kind", [("f16", "F16"), ("bf16", "BF16")])
+@pytest.mark.parametrize("dtype,kind", [("f16", "F16"), ("bf16", "BF16"), ("q8_0", "Q8_0")])
 def test_gguf_half_types(tmp_path, dtype, kind):
     from hf_dgate.formats.gguf import write_gguf
 
@@ -200,6 +200,8 @@ def test_gguf_half_types(tmp_path, dtype, kind):
     _, tensors = _fields(tmp_path / "m.gguf")
     assert tensors["blk.0.attn_v.weight"].tensor_type.name == kind
     assert tensors["blk.0.attn_norm.weight"].tensor_type.name == "F32"  # 1-D tensors stay float32
+    if dtype == "q8_0":  # rows of 38 (the exact FFN width) are no whole q8_0 blocks: f16, as llama.cpp converts them
+        assert tensors["blk.0.ffn_down.weight"].tensor_type.name == "F16"
 
 
 def test_gguf_qwen2_biases_are_permuted_and_qwen3_is_refused_by_name(tmp_path):
@@ -380,7 +382,7 @@ def test_llama_cpp_runs_the_gguf_like_pytorch(tmp_path, family):
     from hf_dgate.formats.llama_cpp import compare_with_llama_cpp
 
     pruned = hf_dgate.export_pruned(_gated(_tiny(family)), example_inputs={"input_ids": _probe()})
-    for dtype in ("f32", "f16"):
+    for dtype in ("f32", "f16", "q8_0"):
         write_gguf(pruned, tmp_path / f"m-{dtype}.gguf", dtype=dtype)
         result = compare_with_llama_cpp(pruned, tmp_path / f"m-{dtype}.gguf", dtype)
         assert result["verified"] and result["max_abs_diff"] <= result["tolerance"]

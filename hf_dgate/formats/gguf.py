@@ -41,7 +41,8 @@ REFUSED = {  # model type -> why llama.cpp's deci architecture cannot run it
     "gemma2": "soft-capping and post-norms, which llama.cpp's deci architecture does not apply",
     "gemma3": "q/k norms, post-norms and sliding layers, which llama.cpp's deci architecture does not apply",
 }
-DTYPES = ("f32", "f16", "bf16")
+DTYPES = ("f32", "f16", "bf16", "q8_0")
+Q8_BLOCK = 32  # q8_0 quantizes rows in blocks of 32 values, each with its own f16 scale
 GGUF_NAME = "model-{dtype}.gguf"
 
 
@@ -197,22 +198,33 @@ def _tensors(model: nn.Module, lay: GGUFLayout) -> list[tuple[str, torch.Tensor]
 
 def _qtype(gguf: Any, dtype: str, t: torch.Tensor) -> Any:
     """The file type of one tensor: norms, biases and rope factors (1-D) stay float32, as llama.cpp's converter
-    keeps them."""
+    keeps them; with q8_0, a matrix whose rows are not whole blocks of 32 is written f16 (the converter's fallback
+    too: with exact FFN widths that is ffn_down)."""
     if t.dim() == 1 or dtype == "f32":
         return gguf.GGMLQuantizationType.F32
+    if dtype == "q8_0":
+        return gguf.GGMLQuantizationType.Q8_0 if t.shape[-1] % Q8_BLOCK == 0 else gguf.GGMLQuantizationType.F16
     return {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16}[dtype]
 
 
 def rounded_like_file(model: nn.Module, dtype: str) -> nn.Module:
-    """A float32 copy of `model` whose matrices went through the file's dtype: the PyTorch reference for llama.cpp."""
+    """A float32 copy of `model` whose matrices went through the file's dtype: the PyTorch reference for llama.cpp.
+    (q8_0 blocks run along a row, so the rope permutation of rows does not change what they round to.)"""
     import copy
 
     ref = copy.deepcopy(model).float()
-    if dtype != "f32":
-        with torch.no_grad():
-            for p in ref.parameters():
-                if p.dim() > 1:
-                    p.copy_(p.to(torch.float16 if dtype == "f16" else torch.bfloat16).float())
+    if dtype == "f32":
+        return ref.eval()
+    gguf = _need_gguf() if dtype == "q8_0" else None
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.dim() < 2 or p.numel() == 0:
+                continue
+            if dtype == "q8_0" and p.shape[-1] % Q8_BLOCK == 0:
+                q8 = gguf.GGMLQuantizationType.Q8_0
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(p.numpy(), q8), q8)))
+            else:
+                p.copy_(p.to(torch.bfloat16 if dtype == "bf16" else torch.float16).float())
     return ref.eval()
 
 
@@ -227,14 +239,15 @@ def write_gguf(
     mean the same thing."""
     gguf = _need_gguf()
     if dtype not in DTYPES:
-        raise ExportError(f"dtype={dtype!r} is not a GGUF float type written here; choose one of {list(DTYPES)}.")
+        raise ExportError(f"dtype={dtype!r} is not a GGUF type written here; choose one of {list(DTYPES)}.")
     check_family(model)
     cfg = text_config(model)
     lay = layout(model)
     w = gguf.GGUFWriter(os.fspath(path), ARCH)
     w.add_name(name or "hf-dgate pruned model")
-    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                     "bf16": gguf.LlamaFileType.MOSTLY_BF16}[dtype])  # fmt: skip
+    types = gguf.LlamaFileType
+    w.add_file_type({"f32": types.ALL_F32, "f16": types.MOSTLY_F16, "bf16": types.MOSTLY_BF16,
+                     "q8_0": types.MOSTLY_Q8_0}[dtype])  # fmt: skip
     n_ctx = int(cfg.max_position_embeddings)
     window = getattr(cfg, "sliding_window", None)
     if window and getattr(cfg, "use_sliding_window", True) is not False and window < n_ctx:
