@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from .compat import TRANSFORMERS_VERSION, experts_list
+from .compat import TRANSFORMERS_VERSION, config_value, experts_list
 from .config import TRANSFORMER_TARGETS, DGateConfig
 from .groups import (
     in_axis,
@@ -89,8 +89,16 @@ def find_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     text = _text_config(model)
     n_layers = next((v for k in LAYER_COUNT_FIELDS if isinstance(v := getattr(text, k, None), int)), None)
     stacks: list[tuple[str, nn.ModuleList]] = []
+    stage_lists: list[str] = []
     for n, m in model.named_modules():
         if not isinstance(m, nn.ModuleList) or len(m) == 0 or any(n.startswith(p + ".") for p, _ in stacks):
+            continue
+        if any(n.startswith(p + ".") for p in stage_lists):
+            continue
+        inner = _stages(m)
+        if inner is not None:  # a hierarchical model: each stage's own list of blocks is a stack
+            stage_lists.append(n)
+            stacks += [(f"{n}.{i}{'.' + rel if rel else ''}", blocks) for i, (rel, blocks) in enumerate(inner)]
             continue
         if all(_is_block(b, named=len(m) != n_layers) for b in m):
             stacks.append((n, m))
@@ -104,6 +112,44 @@ def find_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
 
 
 LAYER_COUNT_FIELDS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
+BLOCK_LISTS = (nn.ModuleList, nn.Sequential)
+
+
+def _stages(m: nn.ModuleList) -> list[tuple[str, nn.Module]] | None:
+    """[(relative name, list of blocks)] when every entry of `m` is a stage of a hierarchical model (Swin, PVT,
+    SegFormer, ConvNeXt): a list of blocks of one type, or a module whose direct child is one and that has no
+    attention outside it (downsampling and norms beside it); else None. T5's per-block lists of sub-layers of
+    different types are not stages, nor are lists of experts inside a block."""
+    out: list[tuple[str, nn.Module] | None] = []
+    for entry in m:
+        if isinstance(entry, BLOCK_LISTS):
+            out.append(("", entry) if _uniform_blocks(entry) or len(entry) == 0 else None)
+            continue
+        rel, inner = next(((r, c) for r, c in entry.named_children() if _uniform_blocks(c)), (None, None))
+        if inner is None:
+            out.append(None)
+            continue
+        outside = [n for n, x in entry.named_modules() if attention_like(n, x) and not n.startswith(rel + ".")]
+        out.append(None if outside else (rel, inner))
+    found = [x for x in out if x is not None and len(x[1])]
+    if not found:
+        return None
+    for i, x in enumerate(out):  # a stage whose blocks an export dropped keeps its (empty) list
+        rel = found[0][0]
+        if x is None and rel and isinstance(getattr(m[i], rel, None), BLOCK_LISTS) and not len(getattr(m[i], rel)):
+            out[i] = (rel, getattr(m[i], rel))
+    return None if any(x is None for x in out) else out  # type: ignore[misc]
+
+
+def _uniform_blocks(m: nn.Module) -> bool:
+    """A list of blocks of one type, each with a linear layer (lists of convolutional blocks are no stage of a
+    transformer: gate 'filters' there)."""
+    return (
+        isinstance(m, BLOCK_LISTS) and len(m) > 0 and len({type(b) for b in m}) == 1
+        and all(_is_block(b, named=False) for b in m) and not isinstance(m[0], BLOCK_LISTS)
+        and all(any(getattr(x, "weight", None) is not None and x.weight.dim() == 2 for x in _leaves(b).values())
+                for b in m)
+    )
 
 
 def _is_block(block: nn.Module, named: bool) -> bool:
@@ -125,6 +171,7 @@ class BlockStack:
     layers_config: Any  # the config object whose `layers_field` counts these blocks
     layers_field: str
     refuse: tuple[tuple[str, str], ...] = ()  # targets this stack cannot have (registry), with the reason
+    layers_index: int | None = None  # a stage of a hierarchical model: its entry in the `layers_field` list
 
 
 def block_stacks(model: nn.Module, config: DGateConfig) -> list[BlockStack]:
@@ -175,11 +222,17 @@ def block_stacks(model: nn.Module, config: DGateConfig) -> list[BlockStack]:
 
 
 def _checkable(model: nn.Module, stacks: list[BlockStack]) -> bool:
-    """Several stacks without a registry row can all be gated when each has its own head count in the config (an
-    encoder and a decoder, or one count for both); every group found there is checked numerically before gating."""
+    """Several stacks without a registry row can all be gated when each has its own head count (or, for stages
+    of a hierarchical model, its own width) in the config: an encoder and a decoder, towers with their own
+    sub-configs, stages; every group found there is checked numerically before gating, and a stack the probe does
+    not reach stays dense (with a warning)."""
     if spec_for(getattr(model, "config", None)) is not None:  # a registered family: its entry must name the stacks
         return False
-    return all(getattr(st.config, "num_attention_heads", None) for st in stacks) and len(stacks) <= 2
+    return all(
+        isinstance(getattr(st.config, "num_attention_heads", None), int)
+        or isinstance(st.config, _StackConfig) and isinstance(getattr(st.config, "hidden_size", None), int)
+        for st in stacks
+    )
 
 
 def _stack(model: nn.Module, path: str, blocks: nn.ModuleList) -> BlockStack:
@@ -192,12 +245,20 @@ def _stack(model: nn.Module, path: str, blocks: nn.ModuleList) -> BlockStack:
             seen.add(id(block))
             unique.append((f"{path}.{i}", block))
     if entry is None:
-        text = _text_config(model)
+        own = stack_config(model, path)
+        # the config that counts these blocks: the stack's own sub-config (a vision tower's), else the text one
+        counts = own if hasattr(own, "to_dict") and getattr(own, "num_hidden_layers", None) == len(blocks) else None
+        text = counts or _text_config(model)
         field = "num_hidden_layers"
         for side in ("encoder", "decoder"):  # an encoder-decoder config counts each side's blocks
-            if side in path.split(".") and getattr(cfg, f"{side}_layers", None) == len(blocks):
-                field = f"{side}_layers"
-        return BlockStack(path, path, unique, stack_config(model, path), text, field)
+            if any(p.endswith(side) for p in path.split(".")) and getattr(cfg, f"{side}_layers", None) == len(blocks):
+                text, field = cfg, f"{side}_layers"
+        stage = own.__dict__["_stage"] if isinstance(own, _StackConfig) else None
+        for key in STAGE_DEPTHS if stage is not None else ():  # a stage's depth: its entry in the config's list
+            depths = getattr(cfg, key, None)
+            if isinstance(depths, (list, tuple)) and stage < len(depths) and depths[stage] == len(blocks):
+                return BlockStack(path, path, unique, own, cfg, key, layers_index=stage)
+        return BlockStack(path, path, unique, own, text, field)
     if entry.config:
         sub = getattr(cfg, entry.config)
         return BlockStack(entry.name, path, unique, sub, sub, entry.layers_field, entry.refuse)
@@ -253,8 +314,8 @@ class _StackConfig:
     """The model config as one stack sees it: encoder-decoder configs keep per-stack head counts
     (`decoder_attention_heads`)."""
 
-    def __init__(self, cfg: Any, overrides: dict[str, Any]):
-        self._cfg, self._overrides = cfg, overrides
+    def __init__(self, cfg: Any, overrides: dict[str, Any], stage: int | None = None):
+        self._cfg, self._overrides, self._stage = cfg, overrides, stage  # stage: its index in a hierarchical model
 
     def __getattr__(self, key: str) -> Any:
         overrides = self.__dict__.get("_overrides", {})
@@ -273,6 +334,9 @@ def stack_config(model: nn.Module, block_name: str) -> Any:
             if entry.config:
                 return getattr(cfg, entry.config)
             return _StackConfig(cfg, _prefixed(cfg, entry.prefix)) if entry.prefix else cfg
+    staged = _stage_config(model, cfg, block_name)
+    if staged is not None:
+        return staged
     parts = block_name.split(".")
     for key in getattr(cfg, "sub_configs", None) or {}:
         stem = key.removesuffix("_config")
@@ -284,6 +348,46 @@ def stack_config(model: nn.Module, block_name: str) -> Any:
         if side in parts and hasattr(cfg, f"{side}_attention_heads"):
             return _StackConfig(cfg, _prefixed(cfg, side))
     return _text_config(model)
+
+
+STAGE_DEPTHS = ("depths", "depth")  # the per-stage block counts of a hierarchical config
+# per-stage lists of a hierarchical vision config, and the field each entry stands for in one stage
+STAGE_FIELDS = {
+    "hidden_size": ("hidden_sizes", "embed_dims", "embed_dim", "dims"),
+    "num_attention_heads": ("num_attention_heads", "num_heads", "heads"),
+}
+
+
+def _stage_config(model: nn.Module, cfg: Any, block_name: str) -> Any:
+    """The config as stage i of a hierarchical model sees it: where the config lists one width or head count per
+    stage (a list as long as the model has stacks), stage i reads entry i as `hidden_size` / `num_attention_heads`.
+    A listed width is taken only where the stage's first block has layers reading it (FocalNet lists the widths
+    after each downsampling); else the width most of them read. None for any other model."""
+    lists = {
+        key: v for names in STAGE_FIELDS.values() for key in names
+        if isinstance(v := config_value(cfg, key), (list, tuple)) and v and all(type(x) is int for x in v)
+    }
+    if not lists:
+        return None
+    stacks = [p for p, _ in find_stacks(model)]
+    path = next((p for p in stacks if block_name == p or block_name.startswith(p + ".")), None)
+    if path is None or len(stacks) < 2:
+        return None
+    i = stacks.index(path)
+    first = next(iter(model.get_submodule(path)), None)
+    widths = [in_features(m) for m in _leaves(first).values() if getattr(m, "weight", None) is not None
+              and m.weight.dim() == 2] if first is not None else None  # fmt: skip
+    overrides: dict[str, Any] = {}
+    for field, names in STAGE_FIELDS.items():
+        for key in names:
+            if key in lists and len(lists[key]) == len(stacks):
+                if field == "hidden_size" and widths is not None and lists[key][i] not in widths:
+                    continue
+                overrides[field] = lists[key][i]
+                break
+    if "hidden_size" not in overrides and widths:
+        overrides["hidden_size"] = max(set(widths), key=lambda w: (widths.count(w), -w))
+    return _StackConfig(cfg, overrides, stage=i) if overrides else None
 
 
 def layer_config(cfg: Any, layer: int | str) -> Any:

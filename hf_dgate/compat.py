@@ -160,8 +160,11 @@ def input_width_reshape(module: nn.Module) -> bool:
     """Does the module reshape its attention output to the width of its input (`embed_dim` read off
     `hidden_states`)? Then it cannot run with fewer heads (CLIP's attention in transformers 4.x)."""
     src = _forward_source(type(module))
-    reads = re.search(r"(\w+),\s*(\w+),\s*embed_dim\s*=\s*hidden_states\.(shape|size\(\))", src)
-    return bool(reads and re.search(r"\.(reshape|view)\([^()]*,\s*embed_dim\)", src))
+    reads = re.search(r"\w+,\s*\w+,\s*(\w+)\s*=\s*hidden_states\.(shape|size\(\))", src)
+    if not reads:
+        return False
+    width = re.escape(reads.group(1))  # embed_dim (CLIP 4.x), num_channels (PVTv2)
+    return bool(re.search(rf"\.(reshape|view)\([^()]*,\s*{width}\)", src))
 
 
 def experts_list(experts: nn.Module) -> list[tuple[str, nn.Module]] | None:

@@ -330,47 +330,34 @@ def _first(x: Any) -> Any:
 
 
 def _blocks_are_residual(model: nn.Module, plan: list[tuple[GroupSet, torch.Tensor]], inputs: Any) -> bool:
-    """Each gated block returns its input plus the outputs of its gated branches (x + sum_b f_b(x)): then zero
-    gates make it the identity, which is what dropping it computes."""
-    calls: dict[str, list[Any]] = {}
+    """With the gates of each gated block at zero, the block returns its input (x + g * f(x) with g = 0, whatever
+    scales or permutes f after the gate, as ConvNeXt's layer scale): then dropping it computes the same. A block
+    that normalises after the residual add (post-norm) or has a branch beside the gated ones fails."""
+    calls: dict[str, list[tuple[Any, Any]]] = {}
     handles = []
 
     def block_hook(name: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
             x = args[0] if args else kwargs.get("hidden_states")
-            calls.setdefault(name, []).append(("block", x, _first(out)))
-        return hook
-
-    def site_hook(name: str):
-        def hook(module: nn.Module, args: tuple, out: Any) -> None:
-            calls.setdefault(name, []).append(("site", None, _first(out)))
+            calls.setdefault(name, []).append((x, _first(out)))
         return hook
 
     try:
         for gs, _ in plan:
             block = gs.info.block
             handles.append(model.get_submodule(block).register_forward_hook(block_hook(block), with_kwargs=True))
-            for site in gs.sites:
-                handles.append(model.get_submodule(site.module).register_forward_hook(site_hook(block)))
-        _forward(model, inputs)
+        _run_gated(model, plan, inputs, 0.0)
     finally:
         for h in handles:
             h.remove()
     if not calls:
         return False
     for seq in calls.values():
-        total = None
-        for kind, x, y in seq:
-            if not isinstance(y, torch.Tensor):
+        for x, y in seq:
+            if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or x.shape != y.shape:
                 return False
-            if kind == "site":
-                total = y.float() if total is None else total + y.float()
-                continue
-            if not isinstance(x, torch.Tensor) or total is None or total.shape != y.shape or x.shape != y.shape:
+            if not _close(y.float(), x.float(), 1e-5 * float(y.abs().max()) + 1e-6):
                 return False
-            if not _close(y.float(), x.float() + total, 1e-5 * float(y.abs().max()) + 1e-6):
-                return False
-            total = None
     return True
 
 

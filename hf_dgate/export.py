@@ -24,7 +24,7 @@ from .architectures import BlockStack, block_stacks
 from .compat import rekey_pruned_heads
 from .config import DGateConfig
 from .errors import ExportError
-from .groups import GroupSet
+from .groups import GroupSet, NeuronInfo
 from .legacy_heads import prune_heads, prune_with_transformers
 from .patch import get_bank, remove_dgate, unwrap
 from .record import RECORD_KEY, PruningRecord
@@ -181,12 +181,17 @@ def _apply_plan(model: nn.Module, plan: list[tuple[GroupSet, torch.Tensor]], dco
     for st in stacks:
         sub_plan = [(gs, d) for gs, d in plan if gs.info.stack == st.path]
         before = prev.get("stacks", {}).get(st.path, {}) if multi else prev
-        records[st.path] = _prune_stack(model, st, sub_plan, dconfig, before)
+        records[st.path] = _prune_stack(model, st, sub_plan, dconfig, before, multi)
     write_record(model, model_record(dconfig, records, prev, multi, thr, skipped))
 
 
 def _prune_stack(
-    model: nn.Module, st: BlockStack, plan: list[tuple[GroupSet, torch.Tensor]], dconfig: DGateConfig, prev: dict
+    model: nn.Module,
+    st: BlockStack,
+    plan: list[tuple[GroupSet, torch.Tensor]],
+    dconfig: DGateConfig,
+    prev: dict,
+    multi: bool = False,
 ) -> dict[str, Any]:
     n_before = len(st.blocks)
     kept = {kind: current_heads(model, st.blocks, dconfig, prev, kind) for kind in ("self", "cross")}
@@ -194,7 +199,8 @@ def _prune_stack(
     spec = spec_for(st.config)
     kept_dead = sorted(dead_layers & {0}) if spec is not None and spec.keeps_first_layer else []
     dead_layers -= set(kept_dead)
-    by_hf = prune_with_transformers(model, st, plan, dead_layers, kept["self"], single=not prev.get("stacks"))
+    single = not multi and not prev.get("stacks")  # transformers' prune_heads numbers the layers of one stack
+    by_hf = prune_with_transformers(model, st, plan, dead_layers, kept["self"], single=single)
     for gs, dead in sorted(plan, key=lambda p: get_target(p[0].target).order):
         if gs.layer in dead_layers or not bool(dead.any()) or id(gs) in by_hf:
             continue
@@ -205,4 +211,5 @@ def _prune_stack(
     if dead_layers:
         drop_layers(model, st, dead_layers)
         rekey_pruned_heads(getattr(model, "config", None), kept_layers)
-    return stack_record(model, st, dconfig, kept, kept_layers, kept_dead, prev, n_before, bool(by_hf))
+    downs = {gs.layer: gs.info.down for gs, _ in plan if isinstance(gs.info, NeuronInfo)}  # the MLPs gated
+    return stack_record(model, st, dconfig, kept, kept_layers, kept_dead, prev, n_before, bool(by_hf), downs)

@@ -17,7 +17,8 @@ class ZeroHeadAttention:
 
 
 class ZeroInputConv1D:
-    """Marker base: transformers' Conv1D with no input feature left (its forward cannot view a 0-width input)."""
+    """Marker base: transformers' Conv1D with no input feature left (its forward cannot view a 0-width input), or a
+    depthwise convolution with no channel left (torch refuses zero groups)."""
 
 
 def no_head_forward(self, hidden_states=None, *args, **kwargs):
@@ -44,7 +45,15 @@ def no_head_forward(self, hidden_states=None, *args, **kwargs):
 
 
 def no_input_forward(self, x):
-    """Forward of a GPT-2 Conv1D without inputs: its bias."""
+    """Forward of a GPT-2 Conv1D without inputs: its bias; of a depthwise convolution without channels: an empty
+    activation of the size its convolution would give (torch cannot run one with zero groups)."""
+    if isinstance(self, nn.modules.conv._ConvNd):
+        size = []
+        for i, n in enumerate(x.shape[2:]):
+            k, s, d = self.kernel_size[i], self.stride[i], self.dilation[i]
+            p = 0 if isinstance(self.padding, str) else self.padding[i]  # "valid": 0; "same" keeps the size
+            size.append(n if self.padding == "same" else (n + 2 * p - d * (k - 1) - 1) // s + 1)
+        return x.new_zeros(x.shape[0], 0, *size)
     return x.new_zeros(*x.shape[:-1], self.nf) + self.bias.to(x.dtype)
 
 

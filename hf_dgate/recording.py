@@ -32,12 +32,17 @@ def stack_record(
     prev: dict[str, Any],
     n_before: int,
     by_hf: bool,
+    downs: dict[int, str] | None = None,
 ) -> dict[str, Any]:
     """The record of one block stack after its removals: per current layer what is left (`kept`: original head
-    numbers per layer before layers were dropped), which original layers remain, and the dead layers kept."""
+    numbers per layer before layers were dropped), which original layers remain, and the dead layers kept.
+    `downs`: the MLP down projection gated in each (original) layer, so what is left is read where it was gated."""
     blocks = model.get_submodule(st.path)
     now = [(f"{st.path}.{i}", b) for i, b in enumerate(blocks)]
-    record = stack_structure(model, now, dconfig, {k: [v[i] for i in kept_layers] for k, v in kept.items()})
+    downs_now = {i: (downs or {})[old] for i, old in enumerate(kept_layers) if old in (downs or {})}
+    record = stack_structure(
+        model, now, dconfig, {k: [v[i] for i in kept_layers] for k, v in kept.items()}, downs_now
+    )
     orig_layers = prev.get("layers", list(range(n_before)))
     record.update(
         layers=[orig_layers[i] for i in kept_layers],
@@ -111,7 +116,11 @@ def current_heads(
 
 
 def stack_structure(
-    model: nn.Module, blocks: list[tuple[str, nn.Module]], dconfig: DGateConfig, kept: dict[str, list[list[int]]]
+    model: nn.Module,
+    blocks: list[tuple[str, nn.Module]],
+    dconfig: DGateConfig,
+    kept: dict[str, list[list[int]]],
+    downs: dict[int, str] | None = None,
 ) -> dict[str, Any]:
     """Per current layer of one stack: kept query heads (original numbering), kept key/value heads and kept
     neurons; decoder blocks of encoder-decoders add the same for their cross-attention."""
@@ -121,9 +130,9 @@ def stack_structure(
     if not blocks:
         return {"heads": [], "kv_heads": [], "head_dim": None, "neurons": []}
     for i, (name, block) in enumerate(blocks):
-        geo = block_geometry(model, name, block, dconfig)
+        geo = block_geometry(model, name, block, dconfig, down_rel=(downs or {}).get(i))
         if geo is None:
-            return out
+            return _neurons_only(model, blocks, dconfig, downs or {}) if i == 0 else out
         n_q, n_kv, hd, n_neur = geo
         mine = kept.get("self")
         rows["heads"].append(mine[i] if mine is not None and len(mine[i]) == n_q else list(range(n_q)))
@@ -147,6 +156,24 @@ def stack_structure(
     return out
 
 
+def _neurons_only(
+    model: nn.Module, blocks: list[tuple[str, nn.Module]], dconfig: DGateConfig, downs: dict[int, str]
+) -> dict[str, Any]:
+    """The record of a stack whose blocks have an MLP and no attention heads (ConvNeXt, a pure-MLP mixer): the
+    width of each block's MLP; empty when a block has none either."""
+    from .architectures import layer_config, mlp_parts, stack_config
+
+    neurons = []
+    for i, (name, block) in enumerate(blocks):
+        try:
+            down = downs.get(i) or mlp_parts(name, block, dconfig, layer_config(stack_config(model, name), name))[0]
+        except ValueError:
+            return {}
+        m = block.get_submodule(down)
+        neurons.append(m.weight.shape[0] if type(m).__name__.endswith("Conv1D") else m.weight.shape[1])
+    return {"neurons": neurons}
+
+
 def moe_geometry(model: nn.Module, name: str, block: nn.Module) -> tuple[int, int] | None:
     """(experts, units per expert) of a mixture-of-experts block, None for a dense one."""
     from .architectures import layer_config, routed_experts, stack_config, stacked_experts
@@ -162,10 +189,11 @@ def moe_geometry(model: nn.Module, name: str, block: nn.Module) -> tuple[int, in
 
 
 def block_geometry(
-    model: nn.Module, name: str, block: nn.Module, dconfig: DGateConfig, kind: str = "self"
+    model: nn.Module, name: str, block: nn.Module, dconfig: DGateConfig, kind: str = "self", down_rel: str | None = None
 ) -> tuple[int, int, int, int | None] | None:
     """(query heads, key/value heads, head size, neurons) a block has now, read off its weights (neurons: None
-    without a dense MLP)."""
+    without a dense MLP). `down_rel`: the MLP down projection that was gated (found again from names and shapes
+    otherwise, which a pruned MLP as wide as the hidden size can make ambiguous)."""
     from .architectures import (
         attention_parts,
         cross_attention_parts,
@@ -187,7 +215,9 @@ def block_geometry(
         return None
     if parts is None:
         return None
-    if spec is not None and spec.experts is not None and not dense_mlp_block(spec, block):
+    if down_rel is not None and has_module(block, down_rel):
+        pass
+    elif spec is not None and spec.experts is not None and not dense_mlp_block(spec, block):
         # a mixture of experts: its dense MLP is the shared expert
         shared = spec.experts.shared
         down_rel = shared.down if shared is not None and has_module(block, shared.down) else None

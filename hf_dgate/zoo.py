@@ -152,6 +152,7 @@ SIZES: dict[str, int] = {
     "sliding_window": 16,
 }
 VOCAB_FIELDS = ("vocab_size", "vocab_size_per_layer_input", "n_vocab")
+LAYER_SCALE_FIELDS = ("layer_scale_init_value", "layer_scale_initial_scale", "layerscale_value")
 LAYER_COUNT_FIELDS = (
     "num_hidden_layers", "n_layer", "n_layers", "num_layers", "encoder_layers", "decoder_layers", "num_decoder_layers",
 )
@@ -224,6 +225,9 @@ def _shrink(d: dict[str, Any]) -> dict[str, Any]:
     for key in ("mamba_d_state", "ssm_state_size", "state_size", "mamba_chunk_size", "chunk_size"):
         if isinstance(d.get(key), int) and d[key] > 16:
             out[key] = 16
+    for key in LAYER_SCALE_FIELDS:  # a tiny init scale (1e-6) hides every branch from the probe: as if trained
+        if isinstance(d.get(key), float) and 0 < d[key] < 0.1:
+            out[key] = 0.5
     if "num_attention_heads" in out and "num_key_value_heads" in out and out["num_key_value_heads"] is not None:
         if out["num_attention_heads"] % max(1, out["num_key_value_heads"]):
             out["num_key_value_heads"] = 1

@@ -121,13 +121,10 @@ def head_set(
         primary, used = input_slices(full(parts["o"]), o, q_group), "output"
     kind = AttentionKind.CROSS if cross else AttentionKind.SELF
     info = HeadInfo(**parts, n_heads=n_heads, n_kv=n_kv, head_dim=hd, side=HeadSide(used), attention=kind)
-    core_rel = (parts.get("v") or parts.get("qkv") or "").rpartition(".")[0]
-    if (parts.get("v") or parts.get("qkv")) and input_width_reshape(get(core_rel) if core_rel else block):
-        info.refuse = (  # apply_dgate refuses; reloading an export (no head removed here) goes on
-            f"target='heads' is not available for '{name}': its attention module in transformers "
-            f"{TRANSFORMERS_VERSION} reshapes its output to the width of its input, so it cannot run with fewer "
-            "heads; gate 'neurons' or 'layers', or upgrade to transformers 5"
-        )
+    core_rel = (parts.get("v") or parts.get("qkv") or parts.get("o") or "").rpartition(".")[0]
+    if input_width_reshape(get(core_rel) if core_rel else block):
+        # apply_dgate refuses; reloading an export (no head removed here) goes on
+        info.refuse = _WIDTH_RESHAPE.format(name=name, version=TRANSFORMERS_VERSION)
     if info.refuse is None and row and row.get("invalid"):
         info.refuse = row["invalid"]
     if info.refuse is None and row and "heads" in row and (len(row["heads"]), row["kv_heads"]) != (n_heads, n_kv):
@@ -155,6 +152,13 @@ def alternative_head_set(hf_config: Any, layer: int, name: str, block: nn.Module
     return None if parts is None else _discovered_head_set(hf_config, layer, name, block, parts)
 
 
+_WIDTH_RESHAPE = (
+    "target='heads' is not available for '{name}': its attention module in transformers {version} reshapes its "
+    "output to the width of its input, so it cannot run with fewer heads; gate 'neurons' or 'layers' (or, where a "
+    "newer transformers has rewritten the module, upgrade)"
+)
+
+
 def _discovered_head_set(hf_config: Any, layer: int, name: str, block: nn.Module, parts: dict[str, Any]) -> GroupSet:
     """Heads of an attention found from its shapes: gated at the output projection's input, one block of outputs
     per (query or key/value) head removed from every sibling projection. Checked numerically before gating."""
@@ -177,7 +181,12 @@ def _discovered_head_set(hf_config: Any, layer: int, name: str, block: nn.Module
         o=parts["o"], per_head=tuple(parts["per_head"]), per_kv_head=tuple(parts["per_kv_head"]), discovered=True,
         guessed=True, n_heads=n_heads, n_kv=n_kv, head_dim=hd, side=HeadSide.OUTPUT, attention=AttentionKind.SELF,
     )
+    core_rel = parts["o"].rpartition(".")[0]
+    if input_width_reshape(get(core_rel) if core_rel else block):
+        info.refuse = _WIDTH_RESHAPE.format(name=name, version=TRANSFORMERS_VERSION)
     return GroupSet("heads", layer, n_kv, sites, primary, removable, info)
+
+
 def _kv_width(parts: dict[str, Any], get: Any, o: nn.Module) -> int | None:
     """Output width of the key/value heads' value slice (None where only the config can tell)."""
     if parts.get("v"):

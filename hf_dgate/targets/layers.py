@@ -161,11 +161,17 @@ def drop_layers(model: nn.Module, st: BlockStack, dead: set[int]) -> None:
     if len(old) != len(st.blocks):
         raise ExportError("Cannot drop layers of a model whose blocks are shared (tied) between positions.")
     kept = [b for i, b in enumerate(old) if i not in dead]
-    setattr(parent, attr, nn.ModuleList(kept))
+    setattr(parent, attr, nn.Sequential(*kept) if isinstance(old, nn.Sequential) else nn.ModuleList(kept))
     for new_idx, block in enumerate(kept):
         for m in block.modules():
             if isinstance(getattr(m, "layer_idx", None), int):
                 m.layer_idx = new_idx  # the KV cache is indexed by layer_idx
+    if st.layers_index is not None:  # a stage of a hierarchical model: its entry in the per-stage depths
+        depths = list(getattr(st.layers_config, st.layers_field))
+        if depths[st.layers_index] == len(old):
+            depths[st.layers_index] = len(kept)
+            setattr(st.layers_config, st.layers_field, depths)
+        return
     configs = [st.layers_config]
     if st.layers_field == "num_hidden_layers":  # a text config inside a composite one may count them too
         configs += [c for c in _configs(model) if c is not st.layers_config]

@@ -111,10 +111,19 @@ def _neuron_set(
                 f"takes {n} inputs. Name them with DGateConfig(module_names={{'up': [...], 'down': ...}})."
             )
         removable += output_slices(f"{name}.{rel}", up, idx)
+    parent = down_rel.rpartition(".")[0]
+    for rel, conv in (block.get_submodule(parent) if parent else block).named_modules():
+        if _depthwise(conv, n):  # a per-unit conv between up and down (SegFormer's Mix-FFN): its channels go too
+            removable += output_slices(f"{name}.{parent + '.' if parent else ''}{rel}", conv, idx)
     site = Site(f"{name}.{down_rel}", "input", -1, idx)
     primary = input_slices(f"{name}.{down_rel}", down, idx)
     info = NeuronInfo(down=down_rel, up=tuple(up_rels), guessed=guessed)
     return GroupSet("neurons", layer, n, [site], primary, removable, info)
+
+
+def _depthwise(m: nn.Module, channels: int) -> bool:
+    """A depthwise convolution over `channels` units (one filter per channel, nothing mixed between them)."""
+    return isinstance(m, nn.modules.conv._ConvNd) and m.groups == m.in_channels == m.out_channels == channels
 
 
 def prune_neuron_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -> None:
