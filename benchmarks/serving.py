@@ -137,6 +137,7 @@ def main() -> None:
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     ap.add_argument("--logits", choices=["last", "all"], default="last",
                     help="Logits of the prompt's last position (what a server computes) or of every one.")  # fmt: skip
+    ap.add_argument("--flash-attn", action="store_true", help="llama.cpp's flash attention (off by default).")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="results/serving")
     ap.add_argument("--update-docs", action="store_true",
@@ -192,8 +193,9 @@ def main() -> None:
         print(f"{name:>18}: kv heads {lay['head_count_kv']}, ffn {lay['feed_forward_length']}, "
               f"llama.cpp vs torch {check['max_abs_diff']:.1e}", flush=True)  # fmt: skip
         del m["torch"]
-    llms = {name: load(m["path"], n_ctx=args.prompt + args.new_tokens + 8, n_threads=args.threads,
-                       n_batch=args.prompt, logits_all=args.logits == "all") for name, m in models.items()}  # fmt: skip
+    opts = dict(n_ctx=args.prompt + args.new_tokens + 8, n_threads=args.threads, n_batch=args.prompt,
+                logits_all=args.logits == "all", flash_attn=args.flash_attn)  # fmt: skip
+    llms = {name: load(m["path"], **opts) for name, m in models.items()}
     names = list(llms)
     for name in names:  # warm-up
         time_model(llms[name], prompt[:16], 2)
@@ -221,7 +223,7 @@ def main() -> None:
     meta = {
         "command": " ".join(["python benchmarks/serving.py", *command_flags(sys.argv[1:])]),
         "layers": args.layers, "rounds": args.rounds, "prompt_tokens": args.prompt, "new_tokens": args.new_tokens,
-        "decode_context": context, "logits": args.logits,
+        "decode_context": context, "logits": args.logits, "flash_attn": args.flash_attn,
         "dtype": args.dtype, "threads": args.threads, "platform": platform.platform(),
         "load_average": os.getloadavg(), "torch": torch.__version__, "transformers": T.__version__,
         "llama_cpp_python": __import__("llama_cpp").__version__,
@@ -237,7 +239,9 @@ def main() -> None:
 def markdown(meta: dict, rows: dict) -> str:
     lines = [
         f"`{meta['command']}`: {meta['layers']} layers, {meta['dtype']} GGUF, llama-cpp-python "
-        f"{meta['llama_cpp_python']}, {meta['threads']} thread, {meta['rounds']} rounds; prompt {meta['prompt_tokens']}"
+        f"{meta['llama_cpp_python']}, {meta['threads']} thread{'s' if meta['threads'] != 1 else ''}"
+        f"{', flash attention' if meta.get('flash_attn') else ''}, "
+        f"{meta['rounds']} rounds; prompt {meta['prompt_tokens']}"
         f" tokens in one batch (logits of {'the last position' if meta['logits'] == 'last' else 'every position'}),"
         f" then {meta['new_tokens']} generated tokens; load average at the end {meta['load_average'][0]:.1f}. "
         "Speed-ups are by llama.cpp's own timers: medians [quartiles] of the per-round ratios to the dense model. "

@@ -42,10 +42,15 @@ def _quiet_llama_cpp() -> None:
 
 
 def load(
-    path: str | os.PathLike, n_ctx: int = 256, n_threads: int = 1, n_batch: int | None = None, logits_all: bool = True
+    path: str | os.PathLike,
+    n_ctx: int = 256,
+    n_threads: int = 1,
+    n_batch: int | None = None,
+    logits_all: bool = True,
+    **llama_kwargs: Any,
 ) -> Any:
     """A llama_cpp.Llama for `path` that keeps the logits of every position (`logits_all=False`: of the last one
-    only, as a server computes them)."""
+    only, as a server computes them); `llama_kwargs` go to llama_cpp.Llama (e.g. flash_attn=True)."""
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -54,7 +59,7 @@ def load(
     kw = dict(n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, logits_all=logits_all, verbose=False)
     if n_batch:
         kw.update(n_batch=n_batch, n_ubatch=n_batch)
-    return Llama(model_path=os.fspath(path), **kw)
+    return Llama(model_path=os.fspath(path), **{**kw, **llama_kwargs})
 
 
 def llama_cpp_logits(llm: Any, ids: list[int]) -> torch.Tensor:
