@@ -12,7 +12,7 @@ from torch import nn
 
 from .export import ExportError, pruned_structure
 from .pruned_modules import shrink
-from .record import RECORD_KEY, PruningRecord, RecordError
+from .record import RECORD_KEY, PruningRecord, RebuildSpec, RecordError
 from .recording import rebuild_spec
 from .registry import PRUNED_MODEL_TYPE_PREFIX
 
@@ -28,18 +28,18 @@ def rebuild_structure(model: nn.Module, structure: dict[str, Any] | PruningRecor
     return model
 
 
-def rebuild_spec_for(record: PruningRecord, model_class: type, config: Any) -> dict[str, Any]:
+def rebuild_spec_for(record: PruningRecord, model_class: type, config: Any) -> RebuildSpec:
     """The spec `shrink` applies to `model_class` built from `config`: the record's own when the class is the one
     the export was saved from (the spec names its modules), else translated from the per-layer lists."""
     archs = getattr(config, "architectures", None) or [None]
     name = getattr(model_class, "__name__", None)
     spec = record.rebuild
-    if spec is not None and spec.get("model_class", archs[0]) == name:
+    if spec is not None and (spec.model_class or archs[0]) == name:
         return spec
     exported = name == archs[0]
     from .legacy_records import rebuild_from_lists
 
-    return rebuild_from_lists(record, model_class, config, exported=exported)
+    return RebuildSpec.from_dict(rebuild_from_lists(record, model_class, config, exported=exported))
 
 
 class AutoPrunedModel:
@@ -119,7 +119,7 @@ def _base_config(path: str) -> Any:
     return CONFIG_MAPPING[base].from_dict({**config_dict, "model_type": base})
 
 
-def _shrinking_init(model_class: type, spec: dict[str, Any]):
+def _shrinking_init(model_class: type, spec: RebuildSpec):
     def __init__(self, config, *args, **kwargs):  # noqa: N807
         model_class.__init__(self, config, *args, **kwargs)
         with torch.no_grad():

@@ -105,6 +105,8 @@ def shrink(model, spec):
     """Reshape a freshly built model to `spec` (tensor shapes, int attributes, per-module head configs, modules
     left without heads or inputs) before its weights are loaded: the one rebuild of every reload (AutoPrunedModel
     and the generated loader call it with the record's spec)."""
+    if hasattr(spec, "to_dict"):  # record.py's RebuildSpec
+        spec = spec.to_dict()
     kinds = {"shapes": dict, "attrs": dict, "no_head": dict, "no_input": list}
     if not isinstance(spec, dict) or not all(isinstance(spec.get(k), t) for k, t in kinds.items()):
         raise ValueError("config.dgate_pruning has no readable rebuild spec; re-export the model with hf_dgate.")

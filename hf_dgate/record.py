@@ -7,10 +7,10 @@ load unchanged.
 - version 1: one block stack; the per-layer lists sit at the top level next to the export's settings;
 - version 2: several block stacks (encoder/decoder, text/vision towers); `stacks` maps each stack's module path
   to its per-layer lists.
-- version 3 (written now): either layout (`stacks` present: several stacks), plus `rebuild`: what a model freshly
-  built from the saved config must change to take the pruned shapes (tensor shapes, int attributes, modules left
-  without heads or inputs). Every reload rebuilds from it, through `pruned_modules.shrink`: AutoPrunedModel and the
-  generated loader alike. Records without it (versions 1 and 2) are translated into one by
+- version 3 (written now): either layout (`stacks` present: several stacks), plus `rebuild` (`RebuildSpec`): what a
+  model freshly built from the saved config must change to take the pruned shapes (tensor shapes, int attributes,
+  modules left without heads or inputs). Every reload rebuilds from it, through `pruned_modules.shrink`:
+  AutoPrunedModel and the generated loader alike. Records without it (versions 1 and 2) are translated into one by
   `legacy_records.rebuild_from_lists`, from their per-layer lists.
 A record of a version this code does not know is refused: guessing its meaning could rebuild the wrong shapes.
 Plain data only (no torch, standard library only): the CLI reads it without loading a model, and the export copies
@@ -27,7 +27,6 @@ SINGLE_STACK, MULTI_STACK = 1, 2  # the layouts' version numbers before the rebu
 WITH_REBUILD = 3  # either layout, plus `rebuild`
 CURRENT = WITH_REBUILD
 VERSIONS = (SINGLE_STACK, MULTI_STACK, WITH_REBUILD)
-REBUILD_KINDS = {"shapes": dict, "attrs": dict, "no_head": dict, "no_input": list}  # (+ optional head_configs)
 HF_PRUNED_HEADS = "hf_pruned_heads"  # heads removed by transformers' own prune_heads (4.x): config.pruned_heads
 
 
@@ -75,6 +74,38 @@ class StackRecord:
         return list(getattr(self, key, None) or [])
 
 
+@dataclass
+class RebuildSpec:
+    """What a model freshly built from the saved config must change to take the pruned shapes (version 3's
+    `rebuild`): found by the export (recording.rebuild_spec), applied by `pruned_modules.shrink`, which checks every
+    name and size in it as data, in AutoPrunedModel and the generated loader alike."""
+
+    shapes: dict[str, list[int]]  # parameter or buffer name -> its pruned shape
+    attrs: dict[str, dict[str, int]]  # module name -> int attributes that changed (out_features, num_heads, ...)
+    no_head: dict[str, str | None]  # attention modules left with no head -> their output projection (or None)
+    no_input: list[str]  # GPT-2 Conv1Ds left with no input feature
+    head_configs: dict[str, list[int]] | None = None  # modules given their own [heads, kv heads] config (Phi-3)
+    model_class: str | None = None  # the class whose module names these are (another class: legacy_records.py)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = f"config.{RECORD_KEY}['rebuild']") -> RebuildSpec:
+        kinds = {"shapes": dict, "attrs": dict, "no_head": dict, "no_input": list}
+        if not isinstance(data, dict) or not all(isinstance(data.get(k), t) for k, t in kinds.items()):
+            raise RecordError(f"{where} is not a rebuild spec (shapes, attrs, no_head, no_input); re-export it.")
+        if not isinstance(data.get("head_configs", {}), dict) or not isinstance(data.get("model_class", ""), str):
+            raise RecordError(f"{where} has a malformed head_configs or model_class; re-export it.")
+        known = _field_names(cls)
+        return cls(**{k: data[k] for k in known if k in data}, extra={k: v for k, v in data.items() if k not in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"shapes": self.shapes, "attrs": self.attrs, "no_head": self.no_head, "no_input": self.no_input}
+        for key in ("head_configs", "model_class"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return {**out, **self.extra}
+
+
 # the export's settings; everything else at the top of a version-1 record belongs to its one stack
 _TOP = (
     "version", "module_names", "threshold", "not_removed", "native", "base_model_type", "rebuild", "remote", "stacks"
@@ -92,11 +123,7 @@ class PruningRecord:
     not_removed: list[str] | None = None  # targets whose zeros were kept (custom GroupRules)
     native: bool | None = None  # the rewritten config builds these shapes by itself
     base_model_type: str | None = None  # set when saved under its own model type ("dgate_pruned_<type>")
-    # what a fresh build from the saved config must change (pruned_modules.shrink applies it; recording.rebuild_spec
-    # finds it): {"shapes": {param: shape}, "attrs": {module: {name: int}}, "no_head": {module: out}, "no_input":
-    # [module], "head_configs": {module: [heads, kv heads]}, "model_class": the class these names belong to}; None in
-    # records written before version 3
-    rebuild: dict[str, Any] | None = None
+    rebuild: RebuildSpec | None = None  # what a fresh build must change; None in records before version 3
     remote: dict[str, Any] | None = None  # versions 1-2: the same spec, written only with the generated loader
     extra: dict[str, Any] = field(default_factory=dict)
     present: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
@@ -113,7 +140,8 @@ class PruningRecord:
                 f"{VERSIONS}); upgrade hf_dgate to load this export."
             )
         top = {k: data[k] for k in _TOP if k in data and k not in ("version", "stacks")}
-        _check_rebuild(top.get("rebuild"))
+        if top.get("rebuild") is not None:
+            top["rebuild"] = RebuildSpec.from_dict(top["rebuild"])
         if version == MULTI_STACK or (version == WITH_REBUILD and "stacks" in data):
             raw = data.get("stacks")
             if not isinstance(raw, dict):
@@ -191,16 +219,6 @@ def _check_counts(data: dict[str, Any], where: str) -> None:
             )
 
 
-def _check_rebuild(spec: Any) -> None:
-    """The rebuild spec's outline (pruned_modules.shrink checks every name and size in it as it applies it)."""
-    if spec is None:
-        return
-    if not isinstance(spec, dict) or not all(isinstance(spec.get(k), t) for k, t in REBUILD_KINDS.items()):
-        raise RecordError(
-            f"config.{RECORD_KEY}['rebuild'] is not a rebuild spec (shapes, attrs, no_head, no_input); re-export it."
-        )
-
-
 def _field_names(cls: type) -> set[str]:
     return {f.name for f in fields(cls)} - {"extra", "present"}
 
@@ -212,5 +230,6 @@ def _dump(obj: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
         for f in fields(obj)
         if f.name not in ("extra", "present", *skip) and (getattr(obj, f.name) is not None or f.name in obj.present)
     }
+    out = {k: v.to_dict() if isinstance(v, RebuildSpec) else v for k, v in out.items()}
     out.update(obj.extra)
     return out

@@ -44,7 +44,7 @@ def test_earlier_exports_reload_with_their_outputs(name, version, monkeypatch):
     applied = []  # the one rebuild: every reload goes through pruned_modules.shrink
     monkeypatch.setattr("hf_dgate.loading.shrink", lambda model, spec: applied.append(spec) or _shrink(model, spec))
     model = hf_dgate.AutoPrunedModel.from_pretrained(path).float().eval()
-    assert len(applied) == 1 and applied[0]["shapes"]
+    assert len(applied) == 1 and applied[0].shapes
     inputs = {k: torch.tensor(v) for k, v in expected["inputs"].items()}
     with torch.no_grad():
         logits = model(**inputs).logits
@@ -171,7 +171,7 @@ def test_a_version_3_record_rebuilds_from_its_own_spec(tmp_path, monkeypatch, re
     record = PruningRecord.from_dict(raw)
     assert record.version == 3 and record.native is False and not record.multi_stack and "remote" not in raw
     k_proj = pruned.model.layers[0].self_attn.k_proj.weight
-    assert record.rebuild["shapes"]["model.layers.0.self_attn.k_proj.weight"] == list(k_proj.shape) == [8, 32]
+    assert record.rebuild.shapes["model.layers.0.self_attn.k_proj.weight"] == list(k_proj.shape) == [8, 32]
     assert record.to_dict() == raw
     assert (out / REMOTE_CODE_FILE).exists() == remote_code
     if remote_code:  # the generated file holds the one rebuild verbatim
@@ -217,4 +217,4 @@ def test_a_native_export_records_an_empty_rebuild_spec():
     record = hf_dgate.export.pruning_record(hf_dgate.export_pruned(model))
     assert record.version == 3 and record.native is True and record.single.layers == [1]
     empty = {"shapes": {}, "attrs": {}, "no_head": {}, "no_input": []}
-    assert record.rebuild == {**empty, "model_class": "LlamaForCausalLM"}
+    assert record.rebuild.to_dict() == {**empty, "model_class": "LlamaForCausalLM"}
