@@ -41,7 +41,51 @@ def no_head_forward(self, hidden_states=None, *args, **kwargs):
         cache.update(marker, marker, layer_idx)
     context = hidden_states.new_zeros(*hidden_states.shape[:-1], 0)
     out = self.get_submodule(self._dgate_out)(context) if self._dgate_out else context
-    return out, None
+    return out if getattr(self, "_dgate_single", False) else (out, None)
+
+
+def returns_one_value(cls):
+    """Does `cls.forward` return one value rather than a tuple (a hybrid's linear attention returns its output
+    alone, softmax attention (output, weights))? Read from the source: every `return` of the forward itself (not
+    of functions nested in it) gives a non-tuple expression."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    except (OSError, TypeError, SyntaxError, AttributeError):
+        return False
+    fn = tree.body[0] if tree.body and isinstance(tree.body[0], (ast.FunctionDef, ast.AsyncFunctionDef)) else None
+    if fn is None:
+        return False
+    found, tuples = [], set()  # returned expressions; names assigned a tuple somewhere in the forward
+    todo = list(fn.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            continue
+        if isinstance(node, ast.Return):
+            found.append(node.value)
+        if isinstance(node, ast.Assign) and _tuple_like(node.value, set()):
+            tuples.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        todo.extend(ast.iter_child_nodes(node))
+    return bool(found) and all(v is not None and not _tuple_like(v, tuples) for v in found)
+
+
+def _tuple_like(node, tuples):
+    """A tuple display, a concatenation with one, `tuple(...)`, or a name assigned a tuple."""
+    import ast
+
+    if isinstance(node, ast.Tuple):
+        return True
+    if isinstance(node, ast.BinOp):
+        return _tuple_like(node.left, tuples) or _tuple_like(node.right, tuples)
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "tuple":
+        return True
+    if isinstance(node, ast.IfExp):
+        return _tuple_like(node.body, tuples) or _tuple_like(node.orelse, tuples)
+    return isinstance(node, ast.Name) and node.id in tuples
 
 
 def no_input_forward(self, x):
@@ -72,6 +116,7 @@ def make_no_head(module, out):
     """Turn an attention module into one without heads whose output is its `out` submodule's bias."""
     module._dgate_out = out
     if not isinstance(module, ZeroHeadAttention):
+        module._dgate_single = returns_one_value(type(module))
         module.__class__ = _subclass(type(module), ZeroHeadAttention, no_head_forward)
 
 

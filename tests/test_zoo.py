@@ -157,3 +157,49 @@ def test_a_mixture_of_experts_without_a_registry_row_gates_its_expert_units():
         pytest.skip("transformers 4.x stores these experts in another layout")
     cell = zoo.run_cell("causal-lm", "granitemoe", "neurons")
     assert cell.outcome == zoo.Outcome.EXACT.value, cell
+
+
+def test_a_failed_head_check_with_a_norm_over_all_heads_names_that_inherent_reason():
+    """OLMo 3 has no registry row; its q_norm/k_norm span every head. The numerical check refuses its heads, and the
+    refusal names the norm (a named inherent reason), not a generic mismatch."""
+    if "olmo3" not in zoo.model_types("causal-lm"):
+        pytest.skip("olmo3 is not in this transformers' causal-LM mapping")
+    cell = zoo.run_cell("causal-lm", "olmo3", "heads")
+    assert (cell.outcome, cell.detail) == (zoo.Outcome.INHERENT.value, zoo.Inherent.QK_NORM.value), cell
+
+
+class _OneValueMixer(nn.Module):
+    """A linear-attention-like mixer whose forward returns its output alone (not (output, weights))."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.in_proj, self.out_proj = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, hidden_states, **kwargs):
+        def helper(x):
+            return x, x  # a nested function's tuple does not count
+
+        return self.out_proj(helper(self.in_proj(hidden_states))[0])
+
+
+def test_an_attention_left_without_heads_returns_what_its_forward_returned():
+    """A layer whose heads all go gets a forward returning the output projection's bias; it returns one value where
+    the original forward did (hybrids' linear attention: the block adds it to the residual directly, and a tuple
+    failed the export), and (output, None) where the original returned a tuple."""
+    from hf_dgate.pruned_modules import make_no_head, returns_one_value
+
+    assert returns_one_value(_OneValueMixer)
+    mixer = _OneValueMixer()
+    mixer.out_proj.weight = nn.Parameter(torch.empty(8, 0))  # what removing every head leaves
+    make_no_head(mixer, "out_proj")
+    out = mixer(torch.randn(2, 3, 8))
+    assert isinstance(out, torch.Tensor) and torch.equal(out, mixer.out_proj.bias.expand(2, 3, 8))
+
+    class _Pair(_OneValueMixer):
+        def forward(self, hidden_states, **kwargs):
+            return self.out_proj(hidden_states), None
+
+    pair = _Pair()
+    pair.out_proj.weight = nn.Parameter(torch.empty(8, 0))
+    make_no_head(pair, "out_proj")
+    assert isinstance(pair(torch.randn(2, 3, 8)), tuple)

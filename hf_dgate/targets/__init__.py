@@ -180,6 +180,13 @@ def _checked(
                     alt.info.stack, alt.info.stack_name = stack.path, stack.name
                     sets = [alt if s is gs else s for s in sets]
                     del bad[i]
+        if bad and target == "heads":  # where the structure says why no head can go alone, say that
+            from .heads import norm_over_all_heads
+
+            for i in bad:
+                gs = guessed[i]
+                if isinstance(gs.layer, int):
+                    bad[i] = norm_over_all_heads(stack.blocks[gs.layer][1], gs) or bad[i]
         for i, why in bad.items():
             failed[guessed[i].layer] = why
         dropped = {id(guessed[i]) for i in bad}

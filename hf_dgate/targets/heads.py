@@ -25,6 +25,7 @@ from ..config import DGateConfig
 from ..errors import ExportError
 from ..groups import UNGATED, GroupSet, HeadInfo, Site, TensorSlice, input_slices, output_slices, slice_index
 from ..pruned_modules import ZeroHeadAttention, make_no_head, own_head_config
+from ..registry import QK_NORM_SPANS_HEADS
 from .base import Target, block_name, keep_slice, per_layer_edit
 
 HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
@@ -157,6 +158,24 @@ _WIDTH_RESHAPE = (
     "output to the width of its input, so it cannot run with fewer heads; gate 'neurons' or 'layers' (or, where a "
     "newer transformers has rewritten the module, upgrade)"
 )
+
+
+def norm_over_all_heads(block: nn.Module, gs: GroupSet) -> str | None:
+    """Why a head set that failed its numerical check cannot be exact, where the structure says so: a norm inside
+    the attention whose weight spans every query (or key) head at once (OLMo 2/3 style q_norm/k_norm over
+    heads x head size) normalises each head by the others, so removing one changes the rest."""
+    info = gs.info
+    if not isinstance(info, HeadInfo) or not info.o or not info.head_dim:
+        return None
+    attn_rel = info.o.rpartition(".")[0]
+    attn = block.get_submodule(attn_rel) if attn_rel else block
+    widths = {info.n_heads * info.head_dim, info.n_kv * info.head_dim} - {info.head_dim}
+    for rel, m in attn.named_modules():
+        w = getattr(m, "weight", None)
+        if rel and "norm" in type(m).__name__.lower() and isinstance(w, torch.Tensor) and w.dim() == 1:
+            if w.numel() in widths:
+                return f"'{attn_rel}.{rel}': {QK_NORM_SPANS_HEADS}"
+    return None
 
 
 def _discovered_head_set(hf_config: Any, layer: int, name: str, block: nn.Module, parts: dict[str, Any]) -> GroupSet:
