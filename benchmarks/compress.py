@@ -42,7 +42,8 @@ from hf_dgate.finish import FinishRecord, zero_exactly
 from hf_dgate.trainer import DGateTrainer
 
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "hf_dgate", "compress_bench")
-METHODS = ("dgate", "dgate+teacher", "l0", "magnitude", "taylor", "wanda-sp", "scratch")
+METHODS = ("dgate", "dgate+teacher", "dgate-flops", "dgate-steered", "l0", "magnitude", "taylor", "wanda-sp",
+           "scratch", "dense")
 
 
 def model_config(vocab: int, size: str) -> LlamaConfig:
@@ -196,13 +197,21 @@ def run_method(method, base, fraction, train, val, args, run_dir) -> dict:
     t0 = time.time()
     if method.startswith("dgate"):
         teacher = copy.deepcopy(base) if method == "dgate+teacher" else None
+        kw = {"group_cost": "flops"} if method == "dgate-flops" else {}
+        kw["budget_schedule"] = "steered" if method == "dgate-steered" else args.schedule
+        if args.finish_steps is not None:
+            kw["finish_steps"] = args.finish_steps
         tr = DGateTrainer(model, ta, dgate_config=cfg, target_params=budget, teacher=teacher, train_dataset=data,
-                          eval_dataset=val_rows)  # fmt: skip
+                          eval_dataset=val_rows, **kw)  # fmt: skip
         tr.train()
+        print(f"{method} {fraction}: Finish: {tr.dgate_finish.describe()}", flush=True)
     elif method == "l0":
         l0cfg = hf_dgate.DGateConfig(target=["heads", "neurons"], method="l0", l0_target_sparsity=1 - fraction,
                                      l0_droprate_init=0.1)  # fmt: skip
-        tr = DGateTrainer(model, ta, dgate_config=l0cfg, train_dataset=data, eval_dataset=val_rows)
+        # the same finish as D-Gating's old default (the last tenth): what L0 has under the threshold then is held at
+        # exactly zero while the rest trains, so its export is exact; its Lagrangian needs the run to reach its target
+        tr = DGateTrainer(model, ta, dgate_config=l0cfg, train_dataset=data, eval_dataset=val_rows,
+                          finish_steps=max(1, args.steps // 10))  # fmt: skip
         tr.train()
     else:
         hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target=["heads", "neurons"], lam=0.0))
@@ -210,6 +219,8 @@ def run_method(method, base, fraction, train, val, args, run_dir) -> dict:
         scores = {"taylor": taylor_scores, "wanda-sp": activation_scores}.get(method)
         scores = scores(model, train) if scores else None
         masks, _ = budget_cut(bank, budget, scores)
+        if method == "dense":  # the reference: nothing cut, the same steps of training
+            masks = {t: torch.zeros_like(m) for t, m in masks.items()}
         if method == "scratch":
             model.apply(model._init_weights)
         tr = fine_tune_held(model, masks, ta, data, val_rows)
@@ -291,6 +302,32 @@ def render(out: str, name: str, also: list[str] = ()) -> list[dict]:
     return results
 
 
+def render_tuning(folder: str) -> str:
+    """The tuning table (`<folder>/tuning.md`) from `<folder>/runs.json` (each run's settings) and `<name>.jsonl`."""
+    with open(os.path.join(folder, "runs.json")) as f:
+        spec = json.load(f)
+    lines = [f"Common flags: `{spec['common']}`; D-Gating, budget_schedule='gradual'. Each cell: validation loss "
+             "(parameters kept).", "",
+             "| run | method | lam | --finish-steps (cut over the first) | 75% | 50% | 25% |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for run in spec["runs"]:
+        cells = {}
+        with open(os.path.join(folder, f"{run['name']}.jsonl")) as f:
+            for line in f:
+                r = json.loads(line)
+                cells[r["block_fraction"]] = f"{r['val_loss']:.4f} ({r['kept_fraction']:.1%})"
+        cut = 300 - run["finish_steps"]
+        lines.append(
+            f"| {run['name']} | {run['method']} | {run['lam']:g} | {run['finish_steps']} ({cut} steps) | "
+            + " | ".join(cells.get(fr, "not run") for fr in (0.75, 0.5, 0.25)) + " |"
+        )
+    table = "\n".join(lines)
+    with open(os.path.join(folder, "tuning.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    return table
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = os.environ.get("DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
@@ -309,12 +346,18 @@ def main() -> None:
     p.add_argument("--block", type=int, default=128, help="characters per training window")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--lam", type=float, default=1e-3, help="D-Gating's starting lam (then steered to the budget)")
+    p.add_argument("--lam", type=float, default=1e-4, help="D-Gating's lam (DGateConfig's default)")
+    p.add_argument("--schedule", default="gradual", choices=("gradual", "steered"), help="dgate's budget_schedule")
+    p.add_argument("--finish-steps", type=int, default=None, help="dgate's finish_steps (default: its 'auto')")
     p.add_argument("--out", default="results/compress")
     p.add_argument("--name", default=None, help="file stem in --out (default compress, or compress_quick)")
     p.add_argument("--render", action="store_true", help="only redraw table and plot from <out>/<name>.jsonl")
     p.add_argument("--also", nargs="*", default=[], help="with --render: other runs' names to add to table and plot")
+    p.add_argument("--render-tuning", metavar="DIR", help="only write DIR/tuning.md from DIR/runs.json and its runs")
     args = p.parse_args()
+    if args.render_tuning:
+        render_tuning(args.render_tuning)
+        return
     if args.render:
         render(args.out, args.name or ("compress_quick" if args.quick else "compress"), args.also)
         return
@@ -340,9 +383,11 @@ def main() -> None:
     with open(os.path.join(args.out, f"{name}.meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
     results = []
-    for fraction in args.fractions:
+    for i, fraction in enumerate(args.fractions):
         for method in args.methods:
-            r = run_method(method, base, fraction, train, val, args, run_dir)
+            if method == "dense" and i > 0:
+                continue  # one reference row: the whole model, the same steps
+            r = run_method(method, base, 1.0 if method == "dense" else fraction, train, val, args, run_dir)
             print(json.dumps(r), flush=True)
             results.append(r)
             with open(os.path.join(args.out, f"{name}.jsonl"), "a") as f:  # each row as it lands (parallel runs)

@@ -32,6 +32,30 @@ class CostUnit(str, Enum):
     FLOPS = "flops"
 
 
+class BudgetSchedule(str, Enum):
+    """How a budgeted run (`target_params`) reaches its budget.
+
+    gradual (default): every controller interval the weakest groups (by D-Gating's norms, relative to their target's
+    median, `budget_cut`) are set to exactly zero and held there, so that the parameters kept fall on a cubic curve
+    from the whole model to the budget by the start of the finish; lam stays as given (the penalty shrinks what the
+    model does not need, the cut reads that off), and the finish (by default the second half of the run) is pure
+    recovery. Measured in docs/compress.md: the penalty alone did not zero groups in a short run, so a finish that
+    cut late removed live groups and left too few steps to recover.
+    steered: lam is steered toward the budget by the controller and a single cut at the finish (a tenth of the run)
+    takes what the penalty has not removed.
+    """
+
+    GRADUAL = "gradual"
+    STEERED = "steered"
+
+
+def gradual_budget(total: int, budget: int, progress: float) -> int:
+    """Parameters the gradual schedule keeps at `progress` in [0, 1] of its ramp: budget + (total - budget) * (1-p)^3
+    (Zhu & Gupta's cubic schedule: cut fastest while the model is most redundant, slowest near the budget)."""
+    p = min(1.0, max(0.0, progress))
+    return int(round(budget + (total - budget) * (1.0 - p) ** 3))
+
+
 FLOPS_SEQ_LEN = 1024  # the sequence length at which `cost="flops"` prices attention scores (per token: ~4 * T * d)
 
 

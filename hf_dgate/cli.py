@@ -592,9 +592,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "compress",
         help="Compress a trained causal LM to a parameter budget (gate, train, finish, verify, export).",
-        description="Gate the heads and neurons of a trained causal LM, train it on --data toward --budget "
-        "(penalty weighted by each group's parameters), hold the removed groups at exactly zero while the rest "
-        "recovers, verify and export the smaller model with its card to --out, and print a summary table.",
+        description="Gate the heads and neurons of a trained causal LM, train it on --data while the weakest groups "
+        "are set to exactly zero a few at a time until --budget is met (first 30%% of the steps), hold them there "
+        "while the rest recovers, verify and export the smaller model with its card to --out, and print a summary "
+        "table.",
         formatter_class=_HelpFormatter,
     )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="A transformers causal-LM folder (with its tokenizer).")
@@ -603,10 +604,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Parameters the export keeps: a fraction in (0, 1) of the model's, or a count.",
     )  # fmt: skip
     p.add_argument("--data", required=True, help="A text/json/jsonl/csv/parquet file or a `datasets` name.")
-    p.add_argument("--steps", type=_int_at_least(2), required=True, help="Optimizer steps (the last tenth: finish).")
+    p.add_argument(
+        "--steps", type=_int_at_least(2), required=True, help="Optimizer steps (first 30%%: cut; the rest: recover)."
+    )
     p.add_argument("--out", required=True, help="Output directory of the export (written atomically).")
     p.add_argument("--target", default="heads,neurons", help="Comma-separated targets to gate.")
-    p.add_argument("--lam", type=_float_above(0.0, strict=True), default=1e-3, help="Starting lam (then steered).")
+    p.add_argument("--lam", type=_float_above(0.0, strict=True), default=1e-4, help="Penalty strength lambda.")
     p.add_argument("--lr", type=_float_above(0.0, strict=True), default=1e-4, help="AdamW peak learning rate.")
     p.add_argument("--batch-size", type=_int_at_least(1), default=8, help="Blocks per optimizer step.")
     p.add_argument("--seq-len", type=_int_at_least(2), default=256, help="Tokens per block.")

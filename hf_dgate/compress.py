@@ -111,7 +111,7 @@ def compress(
     out: str,
     *,
     target: str | list[str] = ("heads", "neurons"),
-    lam: float = 1e-3,
+    lam: float = 1e-4,
     learning_rate: float = 1e-4,
     batch_size: int = 8,
     seq_len: int = 256,

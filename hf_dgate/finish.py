@@ -31,6 +31,8 @@ class FinishRecord:
     budget: int | None = None  # parameters the export may keep
     params_kept: int | None = None  # parameters the export keeps (at the end of training)
     params_total: int | None = None
+    gradual_from: int | None = None  # budget_schedule="gradual": the step its first cut was made
+    gradual_cut: dict[str, int] = field(default_factory=dict)  # ... and the groups it had cut before the finish
 
     @property
     def loss_change(self) -> float | None:
@@ -55,7 +57,13 @@ class FinishRecord:
         """One paragraph for the model card and the end-of-training report."""
         zeroed = ", ".join(f"{n} {t}" for t, n in self.zeroed.items() if n) or "no groups"
         cut = ", ".join(f"{n} {t}" for t, n in self.cut_by_budget.items() if n)
-        text = f"At optimizer step {self.start_step} {zeroed} were set to exactly zero"
+        if self.gradual_from is not None:
+            gradual = ", ".join(f"{n} {t}" for t, n in self.gradual_cut.items() if n) or "no groups"
+            text = (f"From optimizer step {self.gradual_from} the weakest groups were set to exactly zero a few at a "
+                    f"time and held ({gradual} by step {self.start_step}); at step {self.start_step} {zeroed} were "
+                    "zero in all")  # fmt: skip
+        else:
+            text = f"At optimizer step {self.start_step} {zeroed} were set to exactly zero"
         text += f" ({cut} of them above the threshold, cut to meet the budget)" if cut else ""
         if self.loss_change is not None:
             text += f"; the loss moved from {self.loss_before:.4f} to {self.loss_after:.4f} ({self.loss_change:+.4f})"
@@ -73,17 +81,25 @@ class FinishRecord:
 
 @torch.no_grad()
 def zero_exactly(bank: GateBank, masks: dict[str, torch.Tensor], optimizer: Any = None) -> None:
-    """Set every gate of the masked groups to 0 (so theta_g = 0 exactly), and clear their momentum in the D-Gating
-    optimizer group (`hf_dgate.optim`) so that it does not push them back out."""
-    bufs = getattr(optimizer, "dgate_momentum_buffers", None) if optimizer is not None else None
+    """Set the masked groups' scale to exactly 0 (the method's `hold_zero`: D-Gating's gates to 0, L0's log_alpha far
+    negative), and clear their momentum (the D-Gating optimizer group of `hf_dgate.optim`, or an Adam/SGD state) so
+    that it does not push them back out between steps."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the Trainer's optimizer
+    bufs = getattr(inner, "dgate_momentum_buffers", None) if inner is not None else None
     for t, m in masks.items():
         if not bool(m.any()):
             continue
         gam = bank.gammas[t]
         idx = m.to(gam.device)
-        gam[:, idx] = 0.0
+        bank.strategy.hold_zero(bank, t, idx)
         if bufs and gam in bufs:
             bufs[gam][:, idx] = 0.0
+        state = getattr(inner, "state", None)
+        st = state.get(gam) if isinstance(state, dict) or hasattr(state, "get") else None
+        for key in ("exp_avg", "momentum_buffer"):
+            buf = st.get(key) if isinstance(st, dict) else None
+            if isinstance(buf, torch.Tensor) and buf.shape == gam.shape:
+                buf[:, idx] = 0.0
 
 
 @torch.no_grad()

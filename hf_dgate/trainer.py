@@ -26,11 +26,13 @@ from transformers import Trainer, TrainerCallback
 
 from . import optim
 from .budget import (
+    BudgetSchedule,
     CostUnit,
     ParamBudget,
     budget_cut,
     committed,
     cost_weights,
+    gradual_budget,
     group_costs,
     params_after,
 )
@@ -65,6 +67,10 @@ def sparsity_metric_name(target: str) -> str:
     return BUILTIN[target].metric_name() if target in BUILTIN else f"{target}_sparsity"
 
 
+GRADUAL_RAMP_FRACTION = 0.3  # budget_schedule="gradual": the share of the run that cuts; the rest recovers (measured in
+# docs/compress.md: cutting over the first 30% beat 50% and 17% of a 300-step run at 75 and 50% of the blocks kept)
+
+
 class DGateMixin:
     """Adds the D-Gating penalty, a parameter budget, the finish, logging and checkpoints to a `Trainer` class.
 
@@ -93,12 +99,18 @@ class DGateMixin:
             (in parameters, counted as the export counts them), and the finish cuts to it exactly (`hf_dgate.budget`).
         group_cost: "params" (default: the budget's own currency) or "flops" (per token; heads also pay for their
             attention scores at 1024 tokens). Used with `target_params`.
+        budget_schedule: how `target_params` is reached (`hf_dgate.budget.BudgetSchedule`). "gradual" (default):
+            lam stays as given and, every `controller_interval` steps until the finish, the weakest groups by
+            D-Gating's norms are set to exactly zero and held, the parameters kept falling on a cubic curve to the
+            budget; the finish (half the run under "auto") then only recovers. "steered": lam is steered toward the
+            budget and the finish (a tenth of the run under "auto") cuts what the penalty has not removed.
         finish_steps: the last optimizer steps of training in which removed groups are held at exactly zero and the
             penalty is off, so the rest recovers and the export is exact. At its start every group under the
             threshold (and, with a budget, the weakest until the budget is met) is zeroed, and the loss before and
-            after is measured on a few evaluation batches. "auto" (default): a tenth of the run with
-            `target_params`, off otherwise; an int: that many steps (0: off; with a budget the cut then happens at
-            the end). The record is `trainer.dgate_finish`, saved with checkpoints and written into the export card.
+            after is measured on a few evaluation batches. "auto" (default): with `target_params` the last 70% of
+            the run (budget_schedule="gradual") or a tenth ("steered"), off otherwise; an int: that many steps (0:
+            off; with a budget the cut then happens at the end). The record is `trainer.dgate_finish`, saved with
+            checkpoints and written into the export card.
         teacher: a model with the same vocabulary (e.g. a copy of the model before gating) to distil from: the
             loss gains `distill_weight * T^2 * KL(teacher || student)` at temperature `distill_temperature`, plus
             `distill_hidden` times the relative MSE of the last hidden states when their shapes agree. The teacher
@@ -127,6 +139,7 @@ class DGateMixin:
         gated_weights: bool | None = None,
         target_params: float | int | None = None,
         group_cost: str = "params",
+        budget_schedule: str = "gradual",
         finish_steps: int | str = "auto",
         teacher: nn.Module | None = None,
         distill_weight: float = 1.0,
@@ -140,6 +153,7 @@ class DGateMixin:
             "target_ramp_steps": target_ramp_steps, "sparsity_target": sparsity_target,
             "controller_interval": controller_interval, "controller_gain": controller_gain,
             "target_params": target_params, "group_cost": group_cost, "finish_steps": finish_steps,
+            "budget_schedule": budget_schedule,
         }  # fmt: skip
         if model is None or isinstance(model, str):
             raise ValueError(
@@ -198,7 +212,7 @@ class DGateMixin:
         )
         self._dgate_auto_ramp = target_ramp_steps is None
         self._dgate_pen_in_loss: torch.Tensor | None = None
-        self._dgate_init_budget(target_params, group_cost, finish_steps, target_sparsity)
+        self._dgate_init_budget(target_params, group_cost, finish_steps, target_sparsity, budget_schedule)
         super().__init__(model=model, args=args, **trainer_kwargs)
         self.dgate_teacher = None
         if teacher is not None:
@@ -207,7 +221,7 @@ class DGateMixin:
         self.add_callback(_DGateCallback(self))
 
     def _dgate_init_budget(
-        self, target_params: Any, group_cost: str, finish_steps: Any, target_sparsity: float | None
+        self, target_params: Any, group_cost: str, finish_steps: Any, target_sparsity: float | None, schedule: Any
     ) -> None:
         """Validate the budget and finish arguments and price every group (before the Trainer wraps the model)."""
         bank = self.dgate_bank
@@ -219,6 +233,11 @@ class DGateMixin:
             unit = CostUnit(group_cost)
         except ValueError:
             raise ValueError(f"group_cost={group_cost!r} is invalid: pass 'params' or 'flops'.") from None
+        try:
+            self.dgate_budget_schedule = BudgetSchedule(schedule)
+        except ValueError:
+            raise ValueError(f"budget_schedule={schedule!r} is invalid: pass 'gradual' or 'steered'.") from None
+        gradual = self.dgate_budget_schedule is BudgetSchedule.GRADUAL
         self.dgate_budget: int | None = None
         self.dgate_cost_weights: dict[str, torch.Tensor] | None = None
         if target_params is not None:
@@ -229,8 +248,11 @@ class DGateMixin:
                     f"target_params steers D-Gating's penalty; this model is gated with method={bank.method!r} "
                     "(for L0 use DGateConfig(l0_target_sparsity=...))."
                 )
-            if bank.lam <= 0:
-                raise ValueError("target_params needs a starting lam > 0 (the controller scales lam geometrically).")
+            if bank.lam <= 0 and not gradual:
+                raise ValueError(
+                    "target_params with budget_schedule='steered' needs a starting lam > 0 (the controller scales lam "
+                    "geometrically)."
+                )
             total, floor = params_after(bank, {t: torch.ones(n, dtype=torch.bool) for t, n in bank.sizes.items()})
             self.dgate_budget = ParamBudget(target_params).resolve(total)
             if self.dgate_budget < floor:
@@ -240,15 +262,18 @@ class DGateMixin:
                     "targets or ask for more."
                 )
             self.dgate_cost_weights = cost_weights(group_costs(bank, unit))
-            # the controller steers the removed fraction of the parameters toward the budget's
-            self.lam_controller.target_sparsity = 1.0 - self.dgate_budget / total
-            self.lam_controller.__post_init__()
+            self.dgate_params_total = total
+            if not gradual:  # the controller steers the removed fraction of the parameters toward the budget's
+                self.lam_controller.target_sparsity = 1.0 - self.dgate_budget / total
+                self.lam_controller.__post_init__()
         if not bank.strategy.holds_zeros and finish_steps not in ("auto", 0):
             raise ValueError(f"finish_steps holds gates at zero; method={bank.method!r} has no such gates: pass 0.")
         self.dgate_group_cost = unit
         self.dgate_finish_steps = finish_steps
         self.dgate_finish: FinishRecord | None = None
         self._dgate_zero_masks: dict[str, torch.Tensor] | None = None
+        self._dgate_ramp_masks: dict[str, torch.Tensor] | None = None  # held at zero by the gradual schedule
+        self._dgate_ramp_start: int | None = None
         self._dgate_last_norms: dict[str, torch.Tensor] | None = None
 
     def _dgate_penalty(self, lam: float | None = None) -> torch.Tensor:
@@ -497,12 +522,38 @@ class DGateMixin:
         return result
 
     # ---- the budget and the finish -------------------------------------------------------------------------
+    def _dgate_gradual(self) -> bool:
+        return self.dgate_budget is not None and self.dgate_budget_schedule is BudgetSchedule.GRADUAL
+
     def _dgate_finish_len(self) -> int:
-        """Optimizer steps of the finish: finish_steps, or under "auto" a tenth of the run with a budget."""
+        """Optimizer steps of the finish: finish_steps, or under "auto" with a budget all but the first
+        GRADUAL_RAMP_FRACTION of the run (gradual) or a tenth of it (steered)."""
         n = self.dgate_finish_steps
         if n == "auto":
-            return max(1, self.state.max_steps // 10) if self.dgate_budget is not None and self.state.max_steps else 0
+            if self.dgate_budget is None or not self.state.max_steps:
+                return 0
+            if self._dgate_gradual():
+                return max(1, self.state.max_steps - max(1, int(GRADUAL_RAMP_FRACTION * self.state.max_steps)))
+            return max(1, self.state.max_steps // 10)
         return int(n)
+
+    @torch.no_grad()
+    def _dgate_gradual_cut(self, step: int) -> None:
+        """The gradual schedule's cut after `step` optimizer steps: the weakest groups (with those already held) down
+        to the scheduled count, set to exactly zero and held from now on."""
+        bank = self.dgate_bank
+        start = self.lam_controller.warmup_steps
+        end = max(start + 1, self.state.max_steps - self._dgate_finish_len())
+        if step < start:
+            return
+        if self._dgate_ramp_start is None:
+            self._dgate_ramp_start = step
+        goal = gradual_budget(self.dgate_params_total, self.dgate_budget, (step - start) / (end - start))
+        masks, _ = budget_cut(bank, goal)
+        if self._dgate_ramp_masks is not None:  # a group once cut stays cut
+            masks = {t: m | self._dgate_ramp_masks[t] for t, m in masks.items()}
+        zero_exactly(bank, masks, self.optimizer)
+        self._dgate_ramp_masks = masks
 
     def _dgate_observe_budget(self, step: int) -> None:
         """Every controller interval: the removed share of the parameters (zero groups, and zero or falling ones)
@@ -541,12 +592,17 @@ class DGateMixin:
         """Zero every group under the threshold (with a budget: and the weakest others until the export fits it)
         exactly, measure the loss before and after, and hold them at zero from now on with the penalty off."""
         bank = self.dgate_bank
+        ramp = self._dgate_ramp_masks
         with torch.no_grad():
+            if ramp is not None:
+                zero_exactly(bank, ramp, self.optimizer)
             below = {t: bank.zero_groups(t).detach().cpu() for t in bank.targets}
             if self.dgate_budget is not None:
                 masks, _ = budget_cut(bank, self.dgate_budget)
             else:
                 masks = below
+            if ramp is not None:
+                masks = {t: m | ramp[t] for t, m in masks.items()}
         before = self._dgate_probe_loss()
         zero_exactly(bank, masks, self.optimizer)
         after = self._dgate_probe_loss()
@@ -559,7 +615,10 @@ class DGateMixin:
             loss_before=before,
             loss_after=after,
             budget=self.dgate_budget,
+            gradual_from=self._dgate_ramp_start if ramp is not None else None,
+            gradual_cut={t: int(m.sum()) for t, m in ramp.items()} if ramp is not None else {},
         )
+        self._dgate_ramp_masks = None
         return self.dgate_finish
 
     def _dgate_hold(self) -> None:
@@ -766,6 +825,10 @@ class _DGateCallback(TrainerCallback):
         if getattr(tr, "_dgate_restore_masks", False):
             tr._dgate_zero_masks = exact_zero_masks(tr.dgate_bank)
             tr._dgate_restore_masks = False
+        elif tr._dgate_gradual() and tr._dgate_zero_masks is None and state.global_step > 0:
+            masks = exact_zero_masks(tr.dgate_bank)  # resumed during the gradual cut: hold what the checkpoint holds
+            if any(bool(m.any()) for m in masks.values()):
+                tr._dgate_ramp_masks = masks
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -778,7 +841,12 @@ class _DGateCallback(TrainerCallback):
         if n and state.global_step >= state.max_steps - n:
             tr.dgate_start_finish()
             return control
-        if tr.dgate_budget is not None:
+        if tr._dgate_gradual():
+            if state.global_step % ctl.interval == 0:
+                tr._dgate_gradual_cut(state.global_step)
+            elif tr._dgate_ramp_masks is not None:
+                zero_exactly(tr.dgate_bank, tr._dgate_ramp_masks, tr.optimizer)
+        elif tr.dgate_budget is not None:
             if state.global_step % ctl.interval == 0:
                 tr._dgate_observe_budget(state.global_step)
         elif ctl.target_sparsity is not None and state.global_step % ctl.interval == 0:

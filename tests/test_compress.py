@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 import hf_dgate
 from hf_dgate.budget import ParamBudget, budget_cut, cost_weights, group_costs, params_after
@@ -124,7 +124,8 @@ def test_a_budgeted_run_exports_that_many_parameters_exactly(tmp_path, target_pa
                       eval_dataset=copy_data(32, seed=2))  # fmt: skip
     tr.train()
     rec = tr.dgate_finish
-    assert rec is not None and rec.steps == 4 and rec.start_step == 36  # "auto": the last tenth of 40 steps
+    assert rec is not None and rec.steps == 28 and rec.start_step == 12  # "auto" (gradual): cut in the first 30%
+    assert rec.gradual_from == 10 and sum(rec.gradual_cut.values()) > 0  # cut a few at a time before the finish
     assert rec.loss_before is not None and rec.loss_after is not None
     bank = tr.dgate_bank
     for t in bank.targets:  # every group the export removes is exactly zero
@@ -144,6 +145,50 @@ def test_a_budgeted_run_exports_that_many_parameters_exactly(tmp_path, target_pa
     assert saved["finish"]["zeroed"] == rec.zeroed and saved["params_budget"] == tr.dgate_budget
 
 
+def test_gradual_budget_falls_on_a_cubic_from_the_whole_model_to_the_budget():
+    from hf_dgate.budget import gradual_budget
+
+    got = [gradual_budget(1000, 400, p / 10) for p in range(11)]
+    assert got[0] == 1000 and got[-1] == 400 and gradual_budget(1000, 400, 2.0) == 400
+    assert all(a >= b for a, b in zip(got, got[1:]))
+    assert got[0] - got[1] > got[-2] - got[-1]  # fastest first, slowest near the budget
+
+
+def test_the_gradual_schedule_cuts_a_few_groups_at_a_time_and_holds_them(tmp_path):
+    """The default budget_schedule: lam stays as given, the kept parameters fall step by step toward the budget
+    before the finish (groups cut once are exactly zero at every later step), then the finish only recovers."""
+    seen = []
+
+    class Watch(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            bank = tr.dgate_bank
+            seen.append((state.global_step, {t: (bank.scale(t) == 0).clone() for t in bank.targets}))
+
+    tr = DGateTrainer(gated(), targs(tmp_path, max_steps=60), target_params=0.6, controller_interval=5,
+                      train_dataset=copy_data(), callbacks=[Watch()])  # fmt: skip
+    tr.train()
+    rec, bank = tr.dgate_finish, tr.dgate_bank
+    assert tr.lam_controller.lam == bank.config.lam  # not steered
+    assert rec.start_step == 18 and rec.gradual_from == 5 and "a few at a time" in rec.describe()
+    kept = [params_after(bank, z)[1] for _, z in seen]  # seen[i]: after step i + 1, before this step's cut
+    assert len(set(kept[:18])) >= 4  # several cuts (after steps 5, 10, 15), not one
+    assert all(a >= b for a, b in zip(kept, kept[1:]))  # nothing comes back
+    for (_, z0), (_, z1) in zip(seen, seen[1:]):
+        assert all(bool((z1[t] | ~z0[t]).all()) for t in z0)  # a zero group stays exactly zero
+    assert kept[0] > kept[17] >= tr.dgate_budget >= kept[18] and rec.params_kept <= tr.dgate_budget
+    with pytest.raises(ValueError, match="budget_schedule"):
+        DGateTrainer(gated(), targs(tmp_path), target_params=0.6, budget_schedule="fast", train_dataset=copy_data(8))
+
+
+def test_the_steered_schedule_keeps_the_late_finish(tmp_path):
+    tr = DGateTrainer(gated(), targs(tmp_path), target_params=0.6, budget_schedule="steered",
+                      train_dataset=copy_data())  # fmt: skip
+    tr.train()
+    rec = tr.dgate_finish
+    assert rec.steps == 4 and rec.start_step == 36 and rec.gradual_from is None  # the last tenth of 40 steps
+    assert rec.params_kept <= tr.dgate_budget
+
+
 def test_finish_without_a_budget_holds_zeros_exactly_and_lets_the_rest_train(tmp_path):
     model = gated(("neurons",), lam=0.3)
     tr = DGateTrainer(model, targs(tmp_path, max_steps=30), finish_steps=10, train_dataset=copy_data())
@@ -157,6 +202,24 @@ def test_finish_without_a_budget_holds_zeros_exactly_and_lets_the_rest_train(tmp
     assert bool((bank.scale("neurons")[z] == 0).all()) and int(bank.grey_groups("neurons").sum()) == 0
     logs = [h for h in tr.state.log_history if "dgate/finishing" in h]
     assert logs[-1]["dgate/finishing"] == 1.0 and logs[-1]["dgate/penalty"] == 0.0
+
+
+def test_l0_gets_the_same_finish_and_an_exact_export(tmp_path):
+    """L0's log_alpha held far negative: its test-time gate and every training sample are exactly 0, so the groups
+    its finish removes stay removed while the rest trains, and the export needs no allow_inexact."""
+    model = tiny_llama()
+    cfg = hf_dgate.DGateConfig(target=["neurons"], method="l0", l0_target_sparsity=0.5, l0_droprate_init=0.5)
+    hf_dgate.apply_dgate(model, cfg)
+    tr = DGateTrainer(model, targs(tmp_path, max_steps=50), finish_steps=10, train_dataset=copy_data())
+    tr.train()
+    bank, rec = tr.dgate_bank, tr.dgate_finish
+    assert rec.start_step == 40 and rec.zeroed["neurons"] > 0
+    z = bank.zero_groups("neurons")
+    assert bool((bank.scale("neurons")[z] == 0).all()) and int(bank.grey_groups("neurons").sum()) == 0
+    bank.train()
+    assert bool((bank.strategy.forward_scale(bank, "neurons")[bank.scale("neurons") == 0] == 0).all())
+    bank.eval()
+    assert tr.export_pruned(str(tmp_path / "p"))["verification"]["exact"]
 
 
 def test_finish_resumes_from_a_checkpoint_holding_the_same_zeros(tmp_path):
@@ -228,7 +291,7 @@ def test_trl_sft_trainer_gets_the_budget_the_finish_and_an_exact_export(tmp_path
     tr.train()
     assert any("dgate/penalty" in h for h in tr.state.log_history)
     rec = tr.dgate_finish
-    assert rec.steps == 2 and rec.zeroed["neurons"] > 0 and rec.loss_before is not None
+    assert rec.steps == 14 and rec.zeroed["neurons"] > 0 and rec.loss_before is not None  # 70% of 20 steps
     summary = tr.export_pruned(str(tmp_path / "pruned"))
     assert summary["verification"]["exact"] and abs(summary["params_after"] - tr.dgate_budget) <= 0.02 * 20640
 
@@ -243,7 +306,7 @@ def test_peft_lora_with_a_budget_trains_gates_and_adapters_and_exports_exactly(t
     tr = DGateTrainer(model, targs(tmp_path, max_steps=30), target_params=0.7, train_dataset=copy_data())
     tr.train()
     assert torch.equal(base.model.layers[0].mlp.down_proj.weight, frozen)  # the base stays frozen
-    assert tr.dgate_finish.steps == 3 and sum(tr.dgate_finish.zeroed.values()) > 0
+    assert tr.dgate_finish.steps == 21 and sum(tr.dgate_finish.zeroed.values()) > 0  # 70% of 30 steps
     summary = tr.export_pruned(str(tmp_path / "pruned"))  # adapters merged, then pruned
     assert summary["verification"]["exact"]
     assert abs(summary["params_after"] - tr.dgate_budget) <= 0.02 * summary["params_before"]

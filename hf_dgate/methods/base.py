@@ -59,6 +59,12 @@ class Method(ABC):
         """Parameters besides the gates that the method added in `setup` (kept in fp32 like the gates)."""
         return []
 
+    @torch.no_grad()
+    def hold_zero(self, bank: GateBank, target: str, mask: torch.Tensor) -> None:
+        """Set the masked groups' gates so that their scale is exactly 0 (only where `holds_zeros`); default: the
+        gates themselves to 0 (s_g is their product, and a zero product has zero gradient for every factor)."""
+        bank.gammas[target][:, mask.to(bank.gammas[target].device)] = 0.0
+
     def scale(self, bank: GateBank, target: str) -> torch.Tensor:
         """The deterministic scale s_g of every group of `target` (what sparsity, export and folding read)."""
         return G.gate_scale(bank.gates(target))

@@ -16,12 +16,20 @@ if TYPE_CHECKING:
     from ..groups import GateBank
 
 L0_LR = 0.1  # an Adam rate: CoFiPruning's reg_learning_rate; measured in docs/compare_methods.md
+L0_OFF = -100.0  # a log_alpha whose test-time gate and every training sample are exactly 0 (see `L0.hold_zero`)
 
 
 class L0(Method):
     name = "l0"
     options = ("l0_train_size", "l0_target_sparsity")
     optimizer = OptimizerPolicy(helper="l0_optimizer", group_key="dgate_l0", auto_lr=L0_LR)
+    holds_zeros = True
+
+    @torch.no_grad()
+    def hold_zero(self, bank: GateBank, target: str, mask: torch.Tensor) -> None:
+        """log_alpha = L0_OFF: sigmoid(L0_OFF) (zeta - gamma) + gamma < 0, and a sample's logit noise is at most
+        log(1e6) (u is clipped to [1e-6, 1 - 1e-6]), so both clip to exactly 0."""
+        bank.gammas[target][:, mask.to(bank.gammas[target].device)] = L0_OFF
 
     def init_gates(self, config: Any, n_groups: int) -> torch.Tensor:
         return G.l0_init_log_alpha(n_groups, config.l0_droprate_init)
