@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compat import HAS_HF_PRUNE_HEADS
 from .export import ExportError, pruned_structure
 from .pruned_modules import shrink
 from .record import RECORD_KEY, PruningRecord, RebuildSpec, RecordError
@@ -34,7 +35,10 @@ def rebuild_spec_for(record: PruningRecord, model_class: type, config: Any) -> R
     archs = getattr(config, "architectures", None) or [None]
     name = getattr(model_class, "__name__", None)
     spec = record.rebuild
-    if spec is not None and (spec.model_class or archs[0]) == name:
+    # heads removed by transformers 4.x's own prune_heads are rebuilt there from config.pruned_heads, so a spec
+    # written on 4.x leaves them out; transformers 5 does not rebuild them: the lists say what to remove
+    hf_heads = not HAS_HF_PRUNE_HEADS and any(st.hf_pruned_heads for st in record.stacks.values())
+    if spec is not None and (spec.model_class or archs[0]) == name and not hf_heads:
         return spec
     exported = name == archs[0]
     from .legacy_records import rebuild_from_lists

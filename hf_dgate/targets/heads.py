@@ -20,7 +20,14 @@ from ..architectures import (
     out_features,
 )
 from ..choices import AttentionKind, HeadSide
-from ..compat import TRANSFORMERS_VERSION, config_value, input_width_reshape, output_width_attrs, per_layer_overrides
+from ..compat import (
+    HAS_HF_PRUNE_HEADS,
+    TRANSFORMERS_VERSION,
+    config_value,
+    input_width_reshape,
+    output_width_attrs,
+    per_layer_overrides,
+)
 from ..config import DGateConfig
 from ..errors import ExportError
 from ..groups import UNGATED, GroupSet, HeadInfo, Site, TensorSlice, input_slices, output_slices, slice_index
@@ -294,7 +301,8 @@ class Heads(Target):
 
     def recorded_in(self, record):
         # heads that transformers' own prune_heads removed (4.x) come back from config.pruned_heads at construction
-        return bool(record.heads) and not record.hf_pruned_heads
+        # there; transformers 5 ignores config.pruned_heads, so on 5.x they are removed like any others
+        return bool(record.heads) and not (record.hf_pruned_heads and HAS_HF_PRUNE_HEADS)
 
     def track_kept(self, gs, dead, kept):
         """The record lists kept query heads in their original numbering; a key/value group takes its queries."""
