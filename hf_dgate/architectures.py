@@ -338,12 +338,9 @@ def stack_config(model: nn.Module, block_name: str) -> Any:
     if staged is not None:
         return staged
     parts = block_name.split(".")
-    for key in getattr(cfg, "sub_configs", None) or {}:
-        stem = key.removesuffix("_config")
-        aliases = {stem, "language"} if stem == "text" else {stem}
-        sub = getattr(cfg, key, None)
-        if sub is not None and any(p.split("_")[0] in aliases for p in parts):
-            return sub
+    sub = _sub_config(cfg, parts)
+    if sub is not None:
+        return sub
     for side in ("encoder", "decoder"):
         if side in parts and hasattr(cfg, f"{side}_attention_heads"):
             return _StackConfig(cfg, _prefixed(cfg, side))
@@ -388,6 +385,19 @@ def _stage_config(model: nn.Module, cfg: Any, block_name: str) -> Any:
     if "hidden_size" not in overrides and widths:
         overrides["hidden_size"] = max(set(widths), key=lambda w: (widths.count(w), -w))
     return _StackConfig(cfg, overrides, stage=i) if overrides else None
+
+
+def _sub_config(cfg: Any, parts: list[str]) -> Any:
+    """The sub-config a module path names (`vision_model` -> vision_config), refined through nested ones (T5Gemma 2's
+    encoder config holds a text and a vision config); None when no part names one."""
+    for key in getattr(cfg, "sub_configs", None) or {}:
+        stem = key.removesuffix("_config")
+        aliases = {stem, "language"} if stem == "text" else {stem}
+        sub = getattr(cfg, key, None)
+        hit = next((i for i, p in enumerate(parts) if p.split("_")[0] in aliases), None)
+        if sub is not None and hit is not None:
+            return _sub_config(sub, parts[hit + 1 :]) or sub
+    return None
 
 
 def layer_config(cfg: Any, layer: int | str) -> Any:

@@ -332,7 +332,9 @@ def _first(x: Any) -> Any:
 def _blocks_are_residual(model: nn.Module, plan: list[tuple[GroupSet, torch.Tensor]], inputs: Any) -> bool:
     """With the gates of each gated block at zero, the block returns its input (x + g * f(x) with g = 0, whatever
     scales or permutes f after the gate, as ConvNeXt's layer scale): then dropping it computes the same. A block
-    that normalises after the residual add (post-norm) or has a branch beside the gated ones fails."""
+    that normalises after the residual add (post-norm) or has a branch beside the gated ones fails; the norms'
+    weights are moved off their initial values for the check, so that a freshly built post-norm block (whose norm
+    of an already normalised input is the identity) fails as a trained one does."""
     calls: dict[str, list[tuple[Any, Any]]] = {}
     handles = []
 
@@ -342,7 +344,15 @@ def _blocks_are_residual(model: nn.Module, plan: list[tuple[GroupSet, torch.Tens
             calls.setdefault(name, []).append((x, _first(out)))
         return hook
 
+    saved = []
     try:
+        with torch.no_grad():  # norms away from the identity: a post-norm block at init (LN(LN(y)) = LN(y)) fails
+            g = torch.Generator().manual_seed(5)
+            for m in model.modules():
+                if "norm" in type(m).__name__.lower():
+                    for p in m.parameters(recurse=False):
+                        saved.append((p, p.detach().clone()))
+                        p.add_(0.3 * torch.randn(p.shape, generator=g).to(p.device, p.dtype))
         for gs, _ in plan:
             block = gs.info.block
             handles.append(model.get_submodule(block).register_forward_hook(block_hook(block), with_kwargs=True))
@@ -350,6 +360,9 @@ def _blocks_are_residual(model: nn.Module, plan: list[tuple[GroupSet, torch.Tens
     finally:
         for h in handles:
             h.remove()
+        with torch.no_grad():
+            for p, old in saved:
+                p.copy_(old)
     if not calls:
         return False
     for seq in calls.values():

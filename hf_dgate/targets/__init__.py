@@ -69,6 +69,7 @@ def find_group_sets(
                 )
         stacks = block_stacks(model, config)
         off_path: list[str] = []
+        absent: list[StructureNotFoundError] = []
         for stack in stacks:
             try:
                 sets += _stack_group_sets(model, config, stack, per_block, refuse, example_inputs)
@@ -76,6 +77,14 @@ def find_group_sets(
                 if len(stacks) == 1:
                     raise ValueError(f"{e} Pass example_inputs=<a batch that uses it> to apply_dgate.") from None
                 off_path.append(stack.path)
+            except StructureNotFoundError as e:  # a stack without this kind of group (a conv tokenizer's stages)
+                if len(stacks) == 1 or config.module_names:
+                    raise
+                absent.append(e)
+        if absent and not sets:
+            raise absent[0]
+        if absent:
+            logger.warning("%d stack(s) stay dense, they have no such groups: %s", len(absent), str(absent[0])[:200])
         if off_path and not sets:
             raise ValueError(
                 f"No gated stack is reached by the probe batch ({', '.join(off_path)}); pass example_inputs=<a batch> "
