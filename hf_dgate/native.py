@@ -140,6 +140,13 @@ def reload_problem(model: nn.Module) -> str | None:
                 rebuild_structure(fresh, record)
         except Exception as e:  # noqa: BLE001
             return f"the pruned structure cannot be rebuilt from its record ({_short(e)})"
+    fresh_modules = dict(fresh.named_modules())
+    for name, m in model.named_modules():  # the config builds other modules (BigBird switched to full attention)
+        f = fresh_modules.get(name)
+        weighted = next(m.parameters(), None) is not None  # (a drop path that is Identity at rate 0 does not count)
+        if f is not None and weighted and _base_class(m) is not _base_class(f):
+            return (f"its config builds {_base_class(f).__name__} at '{name}' where the export has "
+                    f"{_base_class(m).__name__}")
     mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
     if mine != theirs:
@@ -147,6 +154,12 @@ def reload_problem(model: nn.Module) -> str | None:
         shown = ", ".join(f"{k} {mine.get(k, 'absent')} vs {theirs.get(k, 'absent')}" for k in diff[:3])
         return f"the reloaded model would have other tensors than the export ({len(diff)}: {shown})"
     return None
+
+
+def _base_class(m: nn.Module) -> type:
+    """The module's class without hf_dgate's no-head / no-input subclass."""
+    cls = type(m)
+    return cls.__mro__[1] if issubclass(cls, (ZeroHeadAttention, ZeroInputConv1D)) else cls
 
 
 def _short(e: BaseException) -> str:

@@ -203,3 +203,11 @@ def test_an_attention_left_without_heads_returns_what_its_forward_returned():
     pair.out_proj.weight = nn.Parameter(torch.empty(8, 0))
     make_no_head(pair, "out_proj")
     assert isinstance(pair(torch.randn(2, 3, 8)), tuple)
+
+
+def test_an_export_whose_config_builds_other_modules_is_refused():
+    """BigBird's config says block-sparse attention, but a short batch switches the model to full attention modules
+    at run time: a reload would build the block-sparse ones, which cannot run with the pruned heads. The rehearsal
+    compares module classes and refuses by name (before: the reload crashed on its first forward)."""
+    cell = zoo.run_cell("masked-lm", "big_bird", "heads")
+    assert cell.outcome == zoo.Outcome.REFUSED.value and "builds BigBirdBlockSparseAttention" in cell.detail, cell

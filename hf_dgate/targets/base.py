@@ -219,6 +219,8 @@ def block_name(gs: GroupSet) -> str:
 
 
 def settable(cfg: Any, key: str) -> bool:
-    """False for config fields computed from others (Mamba's `layer_types` is a read-only property)."""
+    """False for config fields computed from others (Mamba's `layer_types` is a read-only property; RecurrentGemma's
+    maps through `attribute_map` to one)."""
+    key = (getattr(cfg, "attribute_map", None) or {}).get(key, key)
     prop = getattr(type(cfg), key, None)
     return not isinstance(prop, property) or prop.fset is not None
