@@ -211,3 +211,12 @@ def test_an_export_whose_config_builds_other_modules_is_refused():
     compares module classes and refuses by name (before: the reload crashed on its first forward)."""
     cell = zoo.run_cell("masked-lm", "big_bird", "heads")
     assert cell.outcome == zoo.Outcome.REFUSED.value and "builds BigBirdBlockSparseAttention" in cell.detail, cell
+
+
+def test_per_head_vectors_of_the_attention_go_with_their_heads():
+    """GPT-OSS (no registry row for its heads' sinks) keeps one learned attention sink per query head on the attention
+    module: a removed head takes its sink along (before: the export failed on the probe, 4 sinks for 2 heads)."""
+    if "gpt_oss" not in zoo.model_types("causal-lm"):
+        pytest.skip("gpt_oss is not in this transformers' causal-LM mapping")
+    cell = zoo.run_cell("causal-lm", "gpt_oss", "heads")
+    assert cell.outcome == zoo.Outcome.EXACT.value, cell

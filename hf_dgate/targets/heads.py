@@ -47,7 +47,26 @@ def _head_sets(
     cross = cross_attention_parts(block, hf_config)
     if cross is not None:
         sets.append(head_set(model, hf_config, config, layer, name, block, cross))
+    for gs in sets:
+        gs.removable += per_head_vectors(name, block, gs)
     return sets
+
+
+def per_head_vectors(name: str, block: nn.Module, gs: GroupSet) -> list[TensorSlice]:
+    """Vectors of the attention module with one entry per query head (attention sinks, per-head scales): a removed
+    head takes its entry along. Only tensors held by the attention module itself, not its projections'."""
+    info = gs.info
+    core_rel = (info.v or info.qkv or info.o or "").rpartition(".")[0]
+    core = block.get_submodule(core_rel) if core_rel else block
+    n_heads, n_rep = info.n_heads, info.n_heads // max(1, info.n_kv)
+    if n_heads <= 1 or n_heads == info.head_dim:  # (a vector as long as a head would be ambiguous)
+        return []
+    own = [*core.named_parameters(recurse=False), *core.named_buffers(recurse=False)]
+    where = f"{name}.{core_rel}" if core_rel else name
+    return [
+        TensorSlice(where, pname, 0, torch.arange(n_heads) // n_rep)
+        for pname, t in own if t is not None and t.dim() == 1 and t.numel() == n_heads
+    ]
 
 
 def head_set(
