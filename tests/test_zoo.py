@@ -220,3 +220,13 @@ def test_per_head_vectors_of_the_attention_go_with_their_heads():
         pytest.skip("gpt_oss is not in this transformers' causal-LM mapping")
     cell = zoo.run_cell("causal-lm", "gpt_oss", "heads")
     assert cell.outcome == zoo.Outcome.EXACT.value, cell
+
+
+def test_heads_next_to_a_shared_position_bias_or_a_per_head_convolution():
+    """MPNet's relative position bias (an embedding with one column per head, outside the blocks) is computed once for
+    every layer: heads are refused for that named inherent reason (before: the export failed on the probe).
+    Nystromformer convolves each head's values with its own depthwise filter: the filter goes with its head."""
+    cell = zoo.run_cell("masked-lm", "mpnet", "heads")
+    assert (cell.outcome, cell.detail) == (zoo.Outcome.INHERENT.value, zoo.Inherent.SHARED_POSITION_BIAS.value), cell
+    cell = zoo.run_cell("masked-lm", "nystromformer", "heads")
+    assert cell.outcome == zoo.Outcome.EXACT.value, cell

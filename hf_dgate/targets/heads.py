@@ -32,7 +32,7 @@ from ..config import DGateConfig
 from ..errors import ExportError
 from ..groups import UNGATED, GroupSet, HeadInfo, Site, TensorSlice, input_slices, output_slices, slice_index
 from ..pruned_modules import ZeroHeadAttention, make_no_head, own_head_config
-from ..registry import QK_NORM_SPANS_HEADS
+from ..registry import QK_NORM_SPANS_HEADS, spec_for
 from .base import Target, block_name, keep_slice, per_layer_edit
 
 HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
@@ -49,6 +49,8 @@ def _head_sets(
         sets.append(head_set(model, hf_config, config, layer, name, block, cross))
     for gs in sets:
         gs.removable += per_head_vectors(name, block, gs)
+        if spec_for(hf_config) is None and gs.info.refuse is None:
+            gs.info.refuse = shared_position_bias(model, name, gs.info.n_heads)
     return sets
 
 
@@ -63,10 +65,26 @@ def per_head_vectors(name: str, block: nn.Module, gs: GroupSet) -> list[TensorSl
         return []
     own = [*core.named_parameters(recurse=False), *core.named_buffers(recurse=False)]
     where = f"{name}.{core_rel}" if core_rel else name
-    return [
-        TensorSlice(where, pname, 0, torch.arange(n_heads) // n_rep)
-        for pname, t in own if t is not None and t.dim() == 1 and t.numel() == n_heads
-    ]
+    group = torch.arange(n_heads) // n_rep
+    out = [TensorSlice(where, p, 0, group) for p, t in own if t is not None and t.dim() == 1 and t.numel() == n_heads]
+    for rel, m in core.named_modules():  # a depthwise convolution over heads (Nystromformer's conv on the values)
+        if rel and isinstance(m, nn.modules.conv._ConvNd) and m.groups == m.in_channels == m.out_channels == n_heads:
+            out += [TensorSlice(f"{where}.{rel}", p, 0, group) for p in ("weight", "bias") if getattr(m, p) is not None]
+    return out
+
+
+def shared_position_bias(model: nn.Module, name: str, n_heads: int) -> str | None:
+    """Why no layer can lose heads alone where a table with one column per head sits outside the blocks (a relative
+    position bias computed once and added to every layer's scores, as in MPNet and T5); None without one."""
+    stack = name.rpartition(".")[0]
+    for rel, m in model.named_modules():
+        if isinstance(m, nn.Embedding) and m.embedding_dim == n_heads and not rel.startswith(stack + "."):
+            return (
+                f"target='heads' is not available for {type(model).__name__}: the relative position bias '{rel}' "
+                "(one column per head) is computed once and added to every "
+                "layer's attention scores, so one layer cannot lose heads alone; gate 'neurons' or 'layers'"
+            )
+    return None
 
 
 def head_set(
