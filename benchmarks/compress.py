@@ -2,23 +2,30 @@
 
 A character-level Llama is pretrained on Shakespeare once (cached in ~/.cache/hf_dgate/compress_bench), then each
 method gets the same optimizer steps, batch and schedule (AdamW, cosine) to reach the same parameter budget:
-- dgate: `DGateTrainer(target_params=...)` with its defaults (cost-weighted penalty, steered lam, finish);
+- dgate: `DGateTrainer(target_params=...)` with its defaults (cost-weighted penalty at DGateConfig's lam 1e-4, the
+  weakest groups zeroed a few at a time over the first 30% of the steps, the rest a finish that recovers);
 - dgate+teacher: the same, distilling from the pretrained model (`teacher=`, logit KL at T = 2);
+- dgate-flops: the defaults with `group_cost="flops"` (the penalty priced by FLOPs per token instead of parameters);
+- dgate-steered: `budget_schedule="steered"` (the old default: lam steered, one cut at the last tenth);
 - magnitude: one-shot, groups with the smallest weight norm (relative to their target's median) removed to the
   budget, then fine-tuned with the removed groups held at exactly zero;
 - l0: hard-concrete L0 gates under CoFiPruning's Lagrangian target (`DGateConfig(method="l0",
   l0_target_sparsity=1 - fraction)`, log_alpha in its own group via `hf_dgate.optim.l0_optimizer`, which
-  DGateTrainer builds); its target counts groups, not parameters, so its kept share is reported as it lands;
+  DGateTrainer builds); its target counts groups, not parameters, so its kept share is reported as it lands; the
+  groups under the threshold at the last tenth of the steps are held at exactly zero (the finish): an exact export;
 - wanda-sp: one-shot activation-aware score in the style of Wanda-sp / FLAP: for every weight a group removes,
   |W_ij| times the norm of input feature j over calibration batches, summed over the group; then the same fine-tune;
 - taylor: one-shot first-order importance |dL/ds_g * s_g| of each group's scale on calibration batches (the group
   form of LLM-Pruner's Taylor score), then the same fine-tune;
-- scratch: the shape the magnitude cut leaves, re-initialised and trained for the same steps.
+- magnitude+teacher, taylor+teacher: those one-shot cuts, fine-tuned with the same teacher as dgate+teacher;
+- scratch: the shape the magnitude cut leaves, re-initialised and trained for the same steps;
+- dense: the pretrained model, nothing cut, trained for the same steps (one row: what the steps alone give).
 Every export is checked exact; validation loss (nats per character) of the exported model on the held-out 10%.
 
     python benchmarks/compress.py --quick                       # a minute: tiny model, a few steps (a smoke run)
     nice python benchmarks/compress.py --data $DATA/shakespeare.txt --steps 400 --out results/compress
     # what ran on 2 CPU cores (docs/compress.md): --size small --block 64 --pretrain-steps 500 --steps 300 --batch 16
+    python benchmarks/compress.py --render-tuning results/compress/tuning   # the schedule/lam tuning table
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ from hf_dgate.trainer import DGateTrainer
 
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "hf_dgate", "compress_bench")
 METHODS = ("dgate", "dgate+teacher", "dgate-flops", "dgate-steered", "l0", "magnitude", "taylor", "wanda-sp",
-           "scratch", "dense")
+           "magnitude+teacher", "taylor+teacher", "scratch", "dense")
 
 
 def model_config(vocab: int, size: str) -> LlamaConfig:
@@ -176,10 +183,10 @@ def activation_scores(model, train: torch.Tensor, batches: int = 8) -> dict[str,
     return scores
 
 
-def fine_tune_held(model, masks, args, data, val_rows) -> DGateTrainer:
+def fine_tune_held(model, masks, args, data, val_rows, teacher=None) -> DGateTrainer:
     """Train with the masked groups held at exactly zero from the first step (lam 0): the one-shot peers'
-    fine-tune, through the same finish machinery D-Gating ends with."""
-    tr = DGateTrainer(model, args, train_dataset=data, eval_dataset=val_rows, finish_steps=0)
+    fine-tune, through the same finish machinery D-Gating ends with (and its distillation, given a teacher)."""
+    tr = DGateTrainer(model, args, train_dataset=data, eval_dataset=val_rows, finish_steps=0, teacher=teacher)
     zero_exactly(tr.dgate_bank, masks)
     tr._dgate_zero_masks = masks
     zeroed = {t: int(m.sum()) for t, m in masks.items()}
@@ -216,14 +223,15 @@ def run_method(method, base, fraction, train, val, args, run_dir) -> dict:
     else:
         hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target=["heads", "neurons"], lam=0.0))
         bank = hf_dgate.get_bank(model)
-        scores = {"taylor": taylor_scores, "wanda-sp": activation_scores}.get(method)
+        peer, _, with_teacher = method.partition("+")
+        scores = {"taylor": taylor_scores, "wanda-sp": activation_scores}.get(peer)
         scores = scores(model, train) if scores else None
         masks, _ = budget_cut(bank, budget, scores)
         if method == "dense":  # the reference: nothing cut, the same steps of training
             masks = {t: torch.zeros_like(m) for t, m in masks.items()}
         if method == "scratch":
             model.apply(model._init_weights)
-        tr = fine_tune_held(model, masks, ta, data, val_rows)
+        tr = fine_tune_held(model, masks, ta, data, val_rows, copy.deepcopy(base) if with_teacher else None)
     bank = hf_dgate.get_bank(model)
     total, kept = params_after(bank, {t: bank.zero_groups(t) for t in bank.targets})
     out = os.path.join(run_dir, f"export_{method}_{fraction}")
@@ -259,12 +267,16 @@ def plot(results: list[dict], dense: float, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m in dict.fromkeys(r["method"] for r in results):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = plt.get_cmap("tab20").colors
+    for i, m in enumerate(sorted(dict.fromkeys(r["method"] for r in results))):
         pts = sorted((r["kept_fraction"], r["val_loss"]) for r in results if r["method"] == m)
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=m)
-    ax.axhline(dense, color="k", ls="--", lw=1, label="dense")
+        if m == "dense":
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "k*", ms=10, label="dense + the same steps")
+        elif pts:
+            style = "o-" if m.startswith("dgate") else "s--"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=colors[i % 20], label=m)
+    ax.axhline(dense, color="k", ls=":", lw=1, label="dense (pretrained, no steps)")
     ax.set_xlabel("parameters kept (fraction of the model)")
     ax.set_ylabel("validation loss (nats / char)")
     ax.legend(fontsize=8)
