@@ -41,13 +41,41 @@ def no_head_forward(self, hidden_states=None, *args, **kwargs):
         cache.update(marker, marker, layer_idx)
     context = hidden_states.new_zeros(*hidden_states.shape[:-1], 0)
     out = self.get_submodule(self._dgate_out)(context) if self._dgate_out else context
-    return out if getattr(self, "_dgate_single", False) else (out, None)
+    if getattr(self, "_dgate_single", False):
+        return out
+    extras = getattr(self, "_dgate_extras", None) or [None]  # what the original returned after its output
+    return (out, *[getattr(self, a) if a else None for a in extras])
 
 
 def returns_one_value(cls):
     """Does `cls.forward` return one value rather than a tuple (a hybrid's linear attention returns its output
     alone, softmax attention (output, weights))? Read from the source: every `return` of the forward itself (not
     of functions nested in it) gives a non-tuple expression."""
+    found, tuples = _returns(cls)
+    return bool(found) and all(v is not None and not _tuple_like(v, tuples) for v in found)
+
+
+def returned_extras(cls):
+    """What `cls.forward` returns after its output when every `return` gives a tuple of one length: per position the
+    module attribute returned there (`self.dense_bias`, which GPT-NeoX-Japanese's block adds itself), else None;
+    None when the source does not say."""
+    import ast
+
+    found, _ = _returns(cls)
+    if not found or not all(isinstance(v, ast.Tuple) for v in found) or len({len(v.elts) for v in found}) != 1:
+        return None
+    extras = []
+    for i in range(1, len(found[0].elts)):
+        attrs = {
+            e.attr if isinstance(e, ast.Attribute) and isinstance(e.value, ast.Name) and e.value.id == "self" else None
+            for e in (v.elts[i] for v in found)
+        }
+        extras.append(attrs.pop() if len(attrs) == 1 else None)
+    return extras
+
+
+def _returns(cls):
+    """The expressions `cls.forward` itself returns, and the names it assigns a tuple to."""
     import ast
     import inspect
     import textwrap
@@ -55,10 +83,10 @@ def returns_one_value(cls):
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
     except (OSError, TypeError, SyntaxError, AttributeError):
-        return False
+        return [], set()
     fn = tree.body[0] if tree.body and isinstance(tree.body[0], (ast.FunctionDef, ast.AsyncFunctionDef)) else None
     if fn is None:
-        return False
+        return [], set()
     found, tuples = [], set()  # returned expressions; names assigned a tuple somewhere in the forward
     todo = list(fn.body)
     while todo:
@@ -70,7 +98,7 @@ def returns_one_value(cls):
         if isinstance(node, ast.Assign) and _tuple_like(node.value, set()):
             tuples.update(t.id for t in node.targets if isinstance(t, ast.Name))
         todo.extend(ast.iter_child_nodes(node))
-    return bool(found) and all(v is not None and not _tuple_like(v, tuples) for v in found)
+    return found, tuples
 
 
 def _tuple_like(node, tuples):
@@ -117,6 +145,7 @@ def make_no_head(module, out):
     module._dgate_out = out
     if not isinstance(module, ZeroHeadAttention):
         module._dgate_single = returns_one_value(type(module))
+        module._dgate_extras = returned_extras(type(module))
         module.__class__ = _subclass(type(module), ZeroHeadAttention, no_head_forward)
 
 

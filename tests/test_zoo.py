@@ -204,6 +204,17 @@ def test_an_attention_left_without_heads_returns_what_its_forward_returned():
     make_no_head(pair, "out_proj")
     assert isinstance(pair(torch.randn(2, 3, 8)), tuple)
 
+    class _WithBias(_OneValueMixer):  # returns (output, weights, a bias its block adds itself: GPT-NeoX-Japanese)
+        def forward(self, hidden_states, **kwargs):
+            return self.out_proj(hidden_states), None, self.dense_bias
+
+    three = _WithBias()
+    three.dense_bias = nn.Parameter(torch.randn(8))
+    three.out_proj.weight = nn.Parameter(torch.empty(8, 0))
+    make_no_head(three, "out_proj")
+    out = three(torch.randn(2, 3, 8))
+    assert len(out) == 3 and out[1] is None and out[2] is three.dense_bias
+
 
 def test_an_export_whose_config_builds_other_modules_is_refused():
     """BigBird's config says block-sparse attention, but a short batch switches the model to full attention modules
