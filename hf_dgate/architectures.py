@@ -251,8 +251,12 @@ def _stack(model: nn.Module, path: str, blocks: nn.ModuleList) -> BlockStack:
         text = counts or _text_config(model)
         field = "num_hidden_layers"
         for side in ("encoder", "decoder"):  # an encoder-decoder config counts each side's blocks
-            if any(p.endswith(side) for p in path.split(".")) and getattr(cfg, f"{side}_layers", None) == len(blocks):
-                text, field = cfg, f"{side}_layers"
+            if not any(p.endswith(side) for p in path.split(".")):
+                continue
+            names = (f"{side}_layers", f"num_{side}_layers", *(("num_layers",) if side == "encoder" else ()))
+            counted = next((k for k in names if getattr(cfg, k, None) == len(blocks)), None)
+            if counted:
+                text, field = cfg, counted
         stage = own.__dict__["_stage"] if isinstance(own, _StackConfig) else None
         for key in STAGE_DEPTHS if stage is not None else ():  # a stage's depth: its entry in the config's list
             depths = getattr(cfg, key, None)
@@ -616,6 +620,8 @@ def mlp_parts(name: str, block: nn.Module, config: DGateConfig, hf_config: Any =
             return mlp.down, ups
     leaves = _leaves(block)
     o_rel = _attention_out_name(name, block, config, hf_config)
+    if o_rel and not set(ATTENTION_KEYS) & set(names) and not _inside_attention(block, o_rel):
+        o_rel = None  # a common name outside any attention module (T5's MLP output `wo`): not the attention's
     taken = {p for p in (o_rel,) if p}
     down = names.get("down") or _match(leaves, DOWN_NAMES, taken)
     ups = names.get("up")
@@ -636,6 +642,12 @@ def mlp_parts(name: str, block: nn.Module, config: DGateConfig, hf_config: Any =
     if not ups:
         raise not_found("MLP up (first) projection", name, block, "up", "['mlp.up_proj']")
     return down, [ups] if isinstance(ups, str) else list(ups)
+
+
+def _inside_attention(block: nn.Module, rel: str) -> bool:
+    """Whether some module on the path to `rel` (itself excluded) is an attention module."""
+    parts = rel.split(".")[:-1]
+    return any(attention_like("", block.get_submodule(".".join(parts[: i + 1]))) for i in range(len(parts)))
 
 
 def _attention_out_name(name: str, block: nn.Module, config: DGateConfig, hf_config: Any = None) -> str | None:

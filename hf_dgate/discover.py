@@ -157,7 +157,13 @@ def residual_branches(block: nn.Module, hf_config: Any) -> list[tuple[str, list[
     hidden = hidden_size(hf_config, block)
     leaves = _linears(block)
     out = []
-    for child, module in block.named_children():
+    children = []
+    for child, module in block.named_children():  # a list of sub-layers (T5's `layer`): each is a branch
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            children += [(f"{child}.{n}", m) for n, m in module.named_children()]
+        else:
+            children.append((child, module))
+    for child, module in children:
         last = [r for r, m in leaves.items() if (r == child or _under(r, child)) and _shape(m)[1] == hidden]
         stacked = [
             f"{child}.{n}" for n, p in module.named_parameters() if p.dim() == 3 and p.shape[1] == hidden

@@ -116,7 +116,14 @@ def _stack_group_sets(
 ) -> list[GroupSet]:
     spec = spec_for(stack.config)
     sets: list[GroupSet] = []
+    shared = _shared_position_bias(stack) if spec is None and refuse and not config.module_names else None
     for target in targets:
+        if shared and target.name in ("heads", "layers"):
+            raise ValueError(
+                f"target={target.name!r} is not available for {stack.path!r}: its first block owns a relative position "
+                f"bias ('{shared}') that the other blocks reuse (a position bias shared across layers), so that block "
+                "cannot go and the others cannot lose heads; gate 'neurons' instead."
+            )
         stack_why = dict(stack.refuse).get(target.name)
         why = stack_why or (spec.refusal(target.name, stack.config) if spec is not None else None)
         if why and refuse:
@@ -143,6 +150,20 @@ def _stack_group_sets(
             raise StructureNotFoundError(next(iter(missing.values())))
         sets += found
     return sets
+
+
+def _shared_position_bias(stack: BlockStack) -> str | None:
+    """The relative name of an embedding that only the stack's first block has (T5's relative position bias,
+    computed once and passed on to every block), else None."""
+    if len(stack.blocks) < 2:
+        return None
+    heads = next((v for k in ("num_attention_heads", "num_heads", "n_heads") if isinstance(
+        v := getattr(stack.config, k, None), int)), None)  # fmt: skip
+    first = {
+        n: m for n, m in stack.blocks[0][1].named_modules() if isinstance(m, nn.Embedding) and m.embedding_dim == heads
+    }
+    others = [dict(b.named_modules()) for _, b in stack.blocks[1:]]
+    return next((n for n in first if all(n not in o for o in others)), None)
 
 
 def _checked(

@@ -196,6 +196,8 @@ def sync_features(module: nn.Module) -> None:
         module.nx, module.nf = w.shape
         if module.nx == 0:
             make_no_input(module)
+    elif isinstance(module, nn.Embedding):  # a position bias with one column per head
+        module.embedding_dim = w.shape[1]
     elif isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.in_channels == module.out_channels > 0:
         # depthwise: one filter per channel; one left empty runs no convolution (no_input_forward) and keeps sizes
         # of 1, which weight inits divide by

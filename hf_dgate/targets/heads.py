@@ -238,14 +238,19 @@ def _discovered_head_set(hf_config: Any, layer: int, name: str, block: nn.Module
     for rel in parts["per_kv_head"]:
         width = out_features(get(rel)) // n_kv
         removable += output_slices(full(rel), get(rel), slice_index(n_kv * width, width))
+    core_rel = parts["o"].rpartition(".")[0]
+    core = get(core_rel) if core_rel else block
+    for rel, emb in core.named_modules():  # a per-layer position bias with one column per head (UMT5)
+        if isinstance(emb, nn.Embedding) and emb.embedding_dim == n_heads:
+            removable.append(TensorSlice(full(f"{core_rel}.{rel}" if core_rel else rel), "weight", 1,
+                                         torch.arange(n_heads) // n_rep))
     sites = [Site(full(parts["o"]), "input", -1, q_group)]
     primary = input_slices(full(parts["o"]), o, q_group)
     info = HeadInfo(
         o=parts["o"], per_head=tuple(parts["per_head"]), per_kv_head=tuple(parts["per_kv_head"]), discovered=True,
         guessed=True, n_heads=n_heads, n_kv=n_kv, head_dim=hd, side=HeadSide.OUTPUT, attention=AttentionKind.SELF,
     )
-    core_rel = parts["o"].rpartition(".")[0]
-    if input_width_reshape(get(core_rel) if core_rel else block):
+    if input_width_reshape(core):
         info.refuse = _WIDTH_RESHAPE.format(name=name, version=TRANSFORMERS_VERSION)
     return GroupSet("heads", layer, n_kv, sites, primary, removable, info)
 
@@ -314,7 +319,7 @@ def _set_head_counts(model: nn.Module, gs: GroupSet, dead: torch.Tensor, core_re
             setattr(core, attr, n_kv)
     if info.config_heads and getattr(core, "config", None) is not None:
         own_head_config(core, n_q, n_kv)  # this layer's own head counts (the forward reads them there)
-    for attr in ("all_head_size", "split_size", *output_width_attrs(core)):
+    for attr in ("all_head_size", "split_size", "inner_dim", *output_width_attrs(core)):
         if isinstance(getattr(core, attr, None), int):
             setattr(core, attr, n_q * hd)
     if n_kv == 0 and not isinstance(core, ZeroHeadAttention):
