@@ -259,9 +259,9 @@ def _stack(model: nn.Module, path: str, blocks: nn.ModuleList) -> BlockStack:
                 text, field = cfg, counted
         stage = own.__dict__["_stage"] if isinstance(own, _StackConfig) else None
         for key in STAGE_DEPTHS if stage is not None else ():  # a stage's depth: its entry in the config's list
-            depths = getattr(cfg, key, None)
+            depths = getattr(own.__dict__["_cfg"], key, None)
             if isinstance(depths, (list, tuple)) and stage < len(depths) and depths[stage] == len(blocks):
-                return BlockStack(path, path, unique, own, cfg, key, layers_index=stage)
+                return BlockStack(path, path, unique, own, own.__dict__["_cfg"], key, layers_index=stage)
         return BlockStack(path, path, unique, own, text, field)
     if entry.config:
         sub = getattr(cfg, entry.config)
@@ -338,11 +338,11 @@ def stack_config(model: nn.Module, block_name: str) -> Any:
             if entry.config:
                 return getattr(cfg, entry.config)
             return _StackConfig(cfg, _prefixed(cfg, entry.prefix)) if entry.prefix else cfg
-    staged = _stage_config(model, cfg, block_name)
-    if staged is not None:
-        return staged
     parts = block_name.split(".")
     sub = _sub_config(cfg, parts)
+    staged = _stage_config(model, sub if sub is not None else cfg, block_name)
+    if staged is not None:
+        return staged
     if sub is not None:
         return sub
     for side in ("encoder", "decoder"):

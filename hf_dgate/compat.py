@@ -160,7 +160,7 @@ def input_width_reshape(module: nn.Module) -> bool:
     """Does the module reshape its attention output to the width of its input (`embed_dim` read off
     `hidden_states`)? Then it cannot run with fewer heads (CLIP's attention in transformers 4.x)."""
     src = _forward_source(type(module))
-    reads = re.search(r"\w+,\s*\w+,\s*(\w+)\s*=\s*hidden_states\.(shape|size\(\))", src)
+    reads = re.search(r"\w+,\s*\w+,\s*(\w+)\s*=\s*(hidden_states|query)\.(shape|size\(\))", src)
     if not reads:
         return False
     width = re.escape(reads.group(1))  # embed_dim (CLIP 4.x), num_channels (PVTv2)

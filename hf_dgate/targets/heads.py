@@ -11,6 +11,7 @@ from torch import nn
 
 from ..architectures import (
     StructureNotFoundError,
+    attention_like,
     attention_parts,
     cross_attention_parts,
     discovered_attention,
@@ -322,6 +323,14 @@ def _set_head_counts(model: nn.Module, gs: GroupSet, dead: torch.Tensor, core_re
     for attr in ("all_head_size", "split_size", "inner_dim", *output_width_attrs(core)):
         if isinstance(getattr(core, attr, None), int):
             setattr(core, attr, n_q * hd)
+    for name, inner in core.named_modules():  # an attention module inside the wrapper holding its output layer
+        if name and attention_like(name, inner) and not isinstance(inner, ZeroHeadAttention):
+            for attr in HEAD_COUNT_ATTRS:
+                if getattr(inner, attr, None) == info.n_heads:
+                    setattr(inner, attr, n_q)
+            for attr in ("all_head_size", "inner_dim", *output_width_attrs(inner)):
+                if getattr(inner, attr, None) == info.n_heads * hd:
+                    setattr(inner, attr, n_q * hd)
     if n_kv == 0 and not isinstance(core, ZeroHeadAttention):
         o_rel = info.o
         inside = not core_rel or o_rel.startswith(core_rel + ".")

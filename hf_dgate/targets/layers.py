@@ -173,7 +173,8 @@ def drop_layers(model: nn.Module, st: BlockStack, dead: set[int]) -> None:
             setattr(st.layers_config, st.layers_field, depths)
         return
     configs = [st.layers_config]
-    if st.layers_field == "num_hidden_layers":  # a text config inside a composite one may count them too
+    mine = any(c is st.layers_config for c in _configs(model))  # (not a tower's or one side's own sub-config)
+    if st.layers_field == "num_hidden_layers" and mine:  # a text config inside a composite one may count them too
         configs += [c for c in _configs(model) if c is not st.layers_config]
     for cfg in configs:
         n_old = getattr(cfg, st.layers_field, None)
