@@ -225,8 +225,6 @@ def _shrink(d: dict[str, Any]) -> dict[str, Any]:
     for key in ("mamba_d_state", "ssm_state_size", "state_size", "mamba_chunk_size", "chunk_size"):
         if isinstance(d.get(key), int) and d[key] > 16:
             out[key] = 16
-    if d.get("attention_type") == "block_sparse":  # too short a probe for it: transformers would switch at run time
-        out["attention_type"] = "original_full"
     for key in LAYER_SCALE_FIELDS:  # a tiny init scale (1e-6) hides every branch from the probe: as if trained
         if isinstance(d.get(key), float) and 0 < d[key] < 0.1:
             out[key] = 0.5

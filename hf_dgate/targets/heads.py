@@ -78,8 +78,15 @@ def shared_position_bias(model: nn.Module, name: str, n_heads: int) -> str | Non
     """Why no layer can lose heads alone where a table with one column per head sits outside the blocks (a relative
     position bias computed once and added to every layer's scores, as in MPNet and T5); None without one."""
     stack = name.rpartition(".")[0]
+    stacks: list[str] | None = None
     for rel, m in model.named_modules():
         if isinstance(m, nn.Embedding) and m.embedding_dim == n_heads and not rel.startswith(stack + "."):
+            if stacks is None:
+                from ..architectures import find_stacks
+
+                stacks = [p for p, _ in find_stacks(model)]
+            if any(rel.startswith(p + ".") for p in stacks):  # a bias of another stack's own layer (UMT5's decoder)
+                continue
             return (
                 f"target='heads' is not available for {type(model).__name__}: the relative position bias '{rel}' "
                 "(one column per head) is computed once and added to every "
