@@ -537,6 +537,12 @@ class DGateMixin:
             return max(1, self.state.max_steps // 10)
         return int(n)
 
+    def _dgate_first_cut_step(self) -> int:
+        """The step of the gradual schedule's first cut (the first controller interval after the lam warm-up); the
+        same when a run resumes mid-ramp, so the record says when cutting began."""
+        iv, start = self.lam_controller.interval, self.lam_controller.warmup_steps
+        return max(iv, -(-start // iv) * iv)
+
     @torch.no_grad()
     def _dgate_gradual_cut(self, step: int) -> None:
         """The gradual schedule's cut after `step` optimizer steps: the weakest groups (with those already held) down
@@ -547,7 +553,7 @@ class DGateMixin:
         if step < start:
             return
         if self._dgate_ramp_start is None:
-            self._dgate_ramp_start = step
+            self._dgate_ramp_start = self._dgate_first_cut_step()
         goal = gradual_budget(self.dgate_params_total, self.dgate_budget, (step - start) / (end - start))
         masks, _ = budget_cut(bank, goal)
         if self._dgate_ramp_masks is not None:  # a group once cut stays cut
@@ -829,6 +835,7 @@ class _DGateCallback(TrainerCallback):
             masks = exact_zero_masks(tr.dgate_bank)  # resumed during the gradual cut: hold what the checkpoint holds
             if any(bool(m.any()) for m in masks.values()):
                 tr._dgate_ramp_masks = masks
+                tr._dgate_ramp_start = tr._dgate_first_cut_step()
         return control
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -180,6 +180,26 @@ def test_the_gradual_schedule_cuts_a_few_groups_at_a_time_and_holds_them(tmp_pat
         DGateTrainer(gated(), targs(tmp_path), target_params=0.6, budget_schedule="fast", train_dataset=copy_data(8))
 
 
+def test_a_run_resumed_during_the_gradual_cut_holds_what_the_checkpoint_held(tmp_path):
+    kw = dict(max_steps=40, save_strategy="steps", save_steps=10)
+
+    def run():
+        return DGateTrainer(gated(), targs(tmp_path, **kw), target_params=0.6, controller_interval=5,
+                            train_dataset=copy_data())  # fmt: skip
+
+    run().train()
+    ckpt = hf_dgate.load_gated(str(tmp_path / "checkpoint-10"))
+    held = {t: (hf_dgate.get_bank(ckpt).scale(t) == 0) for t in hf_dgate.get_bank(ckpt).targets}
+    assert any(bool(m.any()) for m in held.values())  # the cut had begun at the checkpoint (finish at step 12)
+    tr = run()
+    tr.train(resume_from_checkpoint=str(tmp_path / "checkpoint-10"))
+    rec = tr.dgate_finish
+    assert rec.start_step == 12 and rec.gradual_from == 5
+    for t, m in held.items():
+        assert bool((tr.dgate_bank.scale(t)[m] == 0).all())
+    assert rec.params_kept <= tr.dgate_budget
+
+
 def test_the_steered_schedule_keeps_the_late_finish(tmp_path):
     tr = DGateTrainer(gated(), targs(tmp_path), target_params=0.6, budget_schedule="steered",
                       train_dataset=copy_data())  # fmt: skip
