@@ -126,20 +126,20 @@ def reload_problem(model: nn.Module) -> str | None:
         fresh = build_on_meta(type(model), again)
     except Exception as e:  # noqa: BLE001
         return f"{type(model).__name__} cannot be built from its config ({_short(e)})"
-    init = getattr(fresh, "initialize_weights", None)
-    try:
-        if callable(init):
-            init()
-    except (ArithmeticError, ValueError, TypeError, KeyError, IndexError) as e:  # (not meta-device limits)
-        return f"{type(model).__name__} cannot initialise its weights from the pruned config ({_short(e)})"
-    except Exception:  # noqa: BLE001 - an init the meta device cannot run says nothing about loading
-        pass
     if record and not record.get("native", True):
         try:
             with torch.device("cpu"):
                 rebuild_structure(fresh, record)
         except Exception as e:  # noqa: BLE001
             return f"the pruned structure cannot be rebuilt from its record ({_short(e)})"
+    init = getattr(fresh, "initialize_weights", None)  # the loader initialises the shrunk model (once)
+    try:
+        if callable(init):
+            init()
+    except (ArithmeticError, ValueError, TypeError, KeyError, IndexError) as e:  # (not meta-device limits)
+        return f"{type(model).__name__} cannot initialise its weights in the pruned shapes ({_short(e)})"
+    except Exception:  # noqa: BLE001 - an init the meta device cannot run says nothing about loading
+        pass
     fresh_modules = dict(fresh.named_modules())
     for name, m in model.named_modules():  # the config builds other modules (BigBird switched to full attention)
         f = fresh_modules.get(name)

@@ -241,3 +241,13 @@ def test_heads_next_to_a_shared_position_bias_or_a_per_head_convolution():
     assert (cell.outcome, cell.detail) == (zoo.Outcome.INHERENT.value, zoo.Inherent.SHARED_POSITION_BIAS.value), cell
     cell = zoo.run_cell("masked-lm", "nystromformer", "heads")
     assert cell.outcome == zoo.Outcome.EXACT.value, cell
+
+
+def test_a_per_head_output_gate_beside_name_found_projections_goes_with_its_heads():
+    """AFMoE's attention has q/k/v/o found by their names plus a gate_proj with one block of outputs per query head
+    (no registry row says so): it is found from its width, removed with its heads and checked (before: the export
+    failed on the probe)."""
+    if "afmoe" not in zoo.model_types("causal-lm"):
+        pytest.skip("afmoe is not in this transformers' causal-LM mapping")
+    cell = zoo.run_cell("causal-lm", "afmoe", "heads")
+    assert cell.outcome == zoo.Outcome.EXACT.value, cell

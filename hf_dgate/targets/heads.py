@@ -51,7 +51,10 @@ def _head_sets(
     for gs in sets:
         gs.removable += per_head_vectors(name, block, gs)
         if spec_for(hf_config) is None and gs.info.refuse is None:
-            gs.info.refuse = shared_position_bias(model, name, gs.info.n_heads)
+            normed = norm_over_all_heads(block, gs, qk_only=True)  # (other norms: only once the check has failed)
+            gs.info.refuse = shared_position_bias(model, name, gs.info.n_heads) or (
+                f"target='heads' is not available for '{name}': {normed}" if normed else None
+            )
     return sets
 
 
@@ -72,6 +75,10 @@ def per_head_vectors(name: str, block: nn.Module, gs: GroupSet) -> list[TensorSl
         if rel and isinstance(m, nn.modules.conv._ConvNd) and m.groups == m.in_channels == m.out_channels == n_heads:
             out += [TensorSlice(f"{where}.{rel}", p, 0, group) for p in ("weight", "bias") if getattr(m, p) is not None]
     return out
+
+
+def _leaf_linears(block: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in block.named_modules() if n and isinstance(m, nn.Linear)}
 
 
 def shared_position_bias(model: nn.Module, name: str, n_heads: int) -> str | None:
@@ -159,6 +166,14 @@ def head_set(
                 removable += output_slices(full(parts[key]), get(parts[key]), idx)
         value_site = Site(full(parts["v"]), "output", -1, kv_group)
         value_primary = output_slices(full(parts["v"]), v, kv_group)
+    if parts.get("guessed") and not parts.get("per_head"):  # a per-head output gate beside them (AFMoE's gate_proj)
+        taken = {parts.get(k) for k in ("q", "k", "v", "o", "qkv")}
+        attn_rel = parts["o"].rpartition(".")[0]
+        parts = {**parts, "per_head": tuple(
+            rel for rel, m in _leaf_linears(block).items()
+            if rel not in taken and rel.rpartition(".")[0] == attn_rel and out_features(m) == n_heads * hd
+            and in_features(m) == in_features(get(parts["q"] or parts["v"] or parts["qkv"]))
+        )} if (parts.get("q") or parts.get("v") or parts.get("qkv")) else parts
     for rel in parts.get("per_head", ()):  # outputs in one block per query head (a per-head gate)
         extra = get(rel)
         if out_features(extra) % n_heads:
@@ -212,21 +227,34 @@ _WIDTH_RESHAPE = (
 )
 
 
-def norm_over_all_heads(block: nn.Module, gs: GroupSet) -> str | None:
+def norm_over_all_heads(block: nn.Module, gs: GroupSet, qk_only: bool = False) -> str | None:
     """Why a head set that failed its numerical check cannot be exact, where the structure says so: a norm inside
     the attention whose weight spans every query (or key) head at once (OLMo 2/3 style q_norm/k_norm over
     heads x head size) normalises each head by the others, so removing one changes the rest."""
     info = gs.info
     if not isinstance(info, HeadInfo) or not info.o or not info.head_dim:
         return None
-    attn_rel = info.o.rpartition(".")[0]
-    attn = block.get_submodule(attn_rel) if attn_rel else block
+    # the module computing the heads (where q/k/v live; BERT's output LayerNorm beside `o` is on the residual sum)
+    head_rel = next((r for r in (info.v, info.qkv, info.q, *info.per_head, *info.per_kv_head) if r), info.o)
+    attn_rel = head_rel.rpartition(".")[0]
+    if not attn_rel:
+        return None
+    attn = block.get_submodule(attn_rel)
     widths = {info.n_heads * info.head_dim, info.n_kv * info.head_dim} - {info.head_dim}
     for rel, m in attn.named_modules():
         w = getattr(m, "weight", None)
         if rel and "norm" in type(m).__name__.lower() and isinstance(w, torch.Tensor) and w.dim() == 1:
-            if w.numel() in widths:
+            if w.numel() not in widths:
+                continue
+            if rel.rpartition(".")[2].lower().startswith(("q", "k")):
                 return f"'{attn_rel}.{rel}': {QK_NORM_SPANS_HEADS}"
+            if qk_only:  # (a norm as wide as all heads may also be the attention's input norm: not up front)
+                continue
+            return (
+                f"'{attn_rel}.{rel}' is a norm over all heads' outputs at once, "
+                "so removing one head changes how the others are normalised (no exact export); gate 'neurons' or "
+                "'layers'"
+            )
     return None
 
 
