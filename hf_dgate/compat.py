@@ -148,7 +148,7 @@ def output_width_attrs(module: nn.Module) -> tuple[str, ...]:
     `self.dim` (DistilBERT), which must follow the number of heads left."""
     src = _forward_source(type(module))
     found = []
-    for attr in ("hidden_size", "embed_dim", "dim"):
+    for attr in ("hidden_size", "embed_dim", "dim", "d_model_size"):
         shaped = re.search(rf"\.(view|reshape)\([^()]*self\.{attr}\b", src)
         per_head = re.search(rf"self\.{attr}\s*//\s*self\.n(um)?_heads", src)
         if isinstance(getattr(module, attr, None), int) and (shaped or per_head):
