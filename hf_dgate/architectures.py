@@ -229,7 +229,7 @@ def _checkable(model: nn.Module, stacks: list[BlockStack]) -> bool:
     if spec_for(getattr(model, "config", None)) is not None:  # a registered family: its entry must name the stacks
         return False
     return all(
-        isinstance(getattr(st.config, "num_attention_heads", None), int)
+        _count([st.config], HEAD_FIELDS) is not None
         or isinstance(st.config, _StackConfig) and isinstance(getattr(st.config, "hidden_size", None), int)
         for st in stacks
     )
@@ -401,6 +401,10 @@ def _sub_config(cfg: Any, parts: list[str]) -> Any:
         hit = next((i for i, p in enumerate(parts) if p.split("_")[0] in aliases), None)
         if sub is not None and hit is not None:
             return _sub_config(sub, parts[hit + 1 :]) or sub
+    for i, p in enumerate(parts):  # a config held under the module's own name, not listed in sub_configs (4.x)
+        sub = getattr(cfg, p, None) if p.isidentifier() else None
+        if sub is not cfg and hasattr(sub, "to_dict") and hasattr(sub, "num_hidden_layers"):
+            return _sub_config(sub, parts[i + 1 :]) or sub
     return None
 
 
