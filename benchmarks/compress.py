@@ -86,12 +86,12 @@ def rows(blocks: torch.Tensor) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": b, "labels": b} for b in blocks]
 
 
-def targs(out: str, steps: int, lr: float, batch: int) -> TrainingArguments:
+def targs(out: str, steps: int, lr: float, batch: int, seed: int = 0) -> TrainingArguments:
     return TrainingArguments(
         output_dir=out, max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
         lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.0, report_to=[],
         use_cpu=not torch.cuda.is_available(), save_strategy="no", disable_tqdm=True, logging_steps=max(1, steps // 5),
-        seed=0,
+        seed=seed,
     )  # fmt: skip
 
 
@@ -200,7 +200,7 @@ def run_method(method, base, fraction, train, val, args, run_dir) -> dict:
     model = copy.deepcopy(base)
     budget = block_budget(model, fraction)
     data, val_rows = rows(train), rows(val[:64])
-    ta = targs(os.path.join(run_dir, f"{method}_{fraction}"), args.steps, args.lr, args.batch)
+    ta = targs(os.path.join(run_dir, f"{method}_{fraction}"), args.steps, args.lr, args.batch, args.seed)
     t0 = time.time()
     if method.startswith("dgate"):
         teacher = copy.deepcopy(base) if method == "dgate+teacher" else None
@@ -361,6 +361,7 @@ def main() -> None:
     p.add_argument("--lam", type=float, default=1e-4, help="D-Gating's lam (DGateConfig's default)")
     p.add_argument("--schedule", default="gradual", choices=("gradual", "steered"), help="dgate's budget_schedule")
     p.add_argument("--finish-steps", type=int, default=None, help="dgate's finish_steps (default: its 'auto')")
+    p.add_argument("--seed", type=int, default=0, help="training seed (data order, L0 samples)")
     p.add_argument("--out", default="results/compress")
     p.add_argument("--name", default=None, help="file stem in --out (default compress, or compress_quick)")
     p.add_argument("--render", action="store_true", help="only redraw table and plot from <out>/<name>.jsonl")
@@ -390,7 +391,7 @@ def main() -> None:
     name = args.name or ("compress_quick" if args.quick else "compress")
     meta = {"quick": args.quick, "size": size, "block": block, "steps": args.steps,
             "pretrain_steps": args.pretrain_steps, "batch": args.batch, "lr": args.lr,
-            "lam": args.lam, "dense_val_loss": dense,
+            "lam": args.lam, "seed": args.seed, "dense_val_loss": dense,
             "val_characters": int(val.numel())}  # fmt: skip
     with open(os.path.join(args.out, f"{name}.meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
