@@ -57,8 +57,6 @@ class Inherent(str, Enum):
 
     POST_NORM = "post-norm blocks cannot drop layers"
     QK_NORM = "a query/key norm spans all heads"
-    # an RMSNorm over the concatenated head outputs (BitNet's attn_sub_norm): each head is scaled by all heads' RMS
-    NORM_OVER_HEADS = "a norm spans the outputs of all heads"
     SHARED_POSITION_BIAS = "a position bias shared across layers"
     NO_HEADS = "no attention heads (recurrent or convolutional mixer)"
     NO_MLP = "no MLP in the blocks"
@@ -74,7 +72,6 @@ class Inherent(str, Enum):
 PHRASES: dict[Inherent, tuple[str, ...]] = {
     Inherent.POST_NORM: ("pre-norm", "post-norm", "normalises after the residual add"),
     Inherent.QK_NORM: ("norm spans all heads", "RMSNorm spans"),
-    Inherent.NORM_OVER_HEADS: ("norm over all heads",),
     Inherent.SHARED_POSITION_BIAS: ("relative position bias", "position bias shared"),
     Inherent.NO_HEADS: ("no attention heads",),
     Inherent.NO_MLP: ("have no MLP", "has no MLP"),

@@ -30,6 +30,10 @@ def test_zoo_sample_is_exact_or_refused_for_a_named_reason(mapping, family):
 def test_refusals_are_classified_by_named_reasons():
     assert zoo.inherent_reason("target='layers' needs pre-norm blocks (x + f(x))") is zoo.Inherent.POST_NORM
     assert zoo.inherent_reason("Could not find the MLP down (second) projection") is None
+    from hf_dgate.discover import _check  # noqa: F401 - the check's generic failure is no inherent reason
+    generic = ("no block passed (block 0: a zero gate does not equal removing its slices (something else reads them, "
+               "e.g. a norm over all heads or a branch beside it))")
+    assert zoo.inherent_reason(generic) is None
 
 
 def test_tiny_config_shrinks_nested_configs_and_keeps_one_layer_of_each_kind():

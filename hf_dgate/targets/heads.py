@@ -51,10 +51,7 @@ def _head_sets(
     for gs in sets:
         gs.removable += per_head_vectors(name, block, gs)
         if spec_for(hf_config) is None and gs.info.refuse is None:
-            normed = norm_over_all_heads(block, gs, qk_only=True)  # (other norms: only once the check has failed)
-            gs.info.refuse = shared_position_bias(model, name, gs.info.n_heads) or (
-                f"target='heads' is not available for '{name}': {normed}" if normed else None
-            )
+            gs.info.refuse = shared_position_bias(model, name, gs.info.n_heads)
     return sets
 
 
@@ -227,10 +224,11 @@ _WIDTH_RESHAPE = (
 )
 
 
-def norm_over_all_heads(block: nn.Module, gs: GroupSet, qk_only: bool = False) -> str | None:
-    """Why a head set that failed its numerical check cannot be exact, where the structure says so: a norm inside
-    the attention whose weight spans every query (or key) head at once (OLMo 2/3 style q_norm/k_norm over
-    heads x head size) normalises each head by the others, so removing one changes the rest."""
+def norm_over_all_heads(block: nn.Module, gs: GroupSet) -> str | None:
+    """Why a head set that failed its numerical check cannot be exact, where the structure says so: a query or key
+    norm inside the attention whose weight spans every head at once (OLMo 2/3 style q_norm/k_norm over heads x head
+    size) normalises each head by the others, so removing one changes the rest. (Other norms as wide as all heads
+    are not named: an input norm inside the attention can be as wide.)"""
     info = gs.info
     if not isinstance(info, HeadInfo) or not info.o or not info.head_dim:
         return None
@@ -244,17 +242,8 @@ def norm_over_all_heads(block: nn.Module, gs: GroupSet, qk_only: bool = False) -
     for rel, m in attn.named_modules():
         w = getattr(m, "weight", None)
         if rel and "norm" in type(m).__name__.lower() and isinstance(w, torch.Tensor) and w.dim() == 1:
-            if w.numel() not in widths:
-                continue
-            if rel.rpartition(".")[2].lower().startswith(("q", "k")):
+            if w.numel() in widths and rel.rpartition(".")[2].lower().startswith(("q", "k")):
                 return f"'{attn_rel}.{rel}': {QK_NORM_SPANS_HEADS}"
-            if qk_only:  # (a norm as wide as all heads may also be the attention's input norm: not up front)
-                continue
-            return (
-                f"'{attn_rel}.{rel}' is a norm over all heads' outputs at once, "
-                "so removing one head changes how the others are normalised (no exact export); gate 'neurons' or "
-                "'layers'"
-            )
     return None
 
 
