@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from .compat import TRANSFORMERS_VERSION, config_value, experts_list
@@ -189,9 +190,12 @@ def block_stacks(model: nn.Module, config: DGateConfig) -> list[BlockStack]:
         return [_stack(model, names["layers"], blocks)]
     found = find_stacks(model)
     hf_model = hasattr(getattr(model, "config", None), "to_dict")  # a transformers model (its config)
-    if not found and hf_model and not any(attention_like(n, m) for n, m in model.named_modules()):
+    if not found and hf_model and (
+        not any(attention_like(n, m) for n, m in model.named_modules()) or not _linear_in_a_list(model)
+    ):  # (VAN: "attention" that is all convolutions, its only linear layer the classifier)
         raise StructureNotFoundError(
-            f"{type(model).__name__} has no transformer blocks (no attention module anywhere): heads, neurons and "
+            f"{type(model).__name__} has no transformer blocks (no attention module anywhere, or none of its blocks "
+            "has a linear layer): heads, neurons and "
             "layers do not apply; gate 'filters' for a convolutional network."
         )
     if not found:
@@ -219,6 +223,17 @@ def block_stacks(model: nn.Module, config: DGateConfig) -> list[BlockStack]:
             )
         stacks = [st for st in stacks if st.name in chosen or st.path in chosen]
     return stacks
+
+
+def _linear_in_a_list(model: nn.Module) -> bool:
+    """Whether any linear layer (a 2-D weight) sits in a list of modules: a transformer's blocks have them, a
+    convolutional network's blocks do not (its only linear layer is the classifier)."""
+    lists = [n for n, m in model.named_modules() if n and isinstance(m, BLOCK_LISTS)]
+    return any(
+        isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2 and not isinstance(m, nn.Embedding)
+        and any(n.startswith(p + ".") for p in lists)
+        for n, m in model.named_modules()
+    )
 
 
 def _checkable(model: nn.Module, stacks: list[BlockStack]) -> bool:
