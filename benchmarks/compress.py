@@ -320,8 +320,8 @@ def render_tuning(folder: str) -> str:
         spec = json.load(f)
     lines = [f"Common flags: `{spec['common']}`; D-Gating, budget_schedule='gradual'. Each cell: validation loss "
              "(parameters kept).", "",
-             "| run | method | lam | --finish-steps (cut over the first) | 75% | 50% | 25% |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| run | method | lam | --finish-steps (cut over the first) | seed | 75% | 50% | 25% |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for run in spec["runs"]:
         cells = {}
         with open(os.path.join(folder, f"{run['name']}.jsonl")) as f:
@@ -331,6 +331,7 @@ def render_tuning(folder: str) -> str:
         cut = 300 - run["finish_steps"]
         lines.append(
             f"| {run['name']} | {run['method']} | {run['lam']:g} | {run['finish_steps']} ({cut} steps) | "
+            f"{run.get('seed', 0)} | "
             + " | ".join(cells.get(fr, "not run") for fr in (0.75, 0.5, 0.25)) + " |"
         )
     table = "\n".join(lines)
