@@ -18,7 +18,7 @@ from ..architectures import (
     routed_experts,
     stacked_experts,
 )
-from ..compat import config_value
+from ..compat import config_value, experts_list
 from ..config import DGateConfig
 from ..discover import propose_mlp
 from ..errors import ExportError
@@ -37,8 +37,19 @@ def _neuron_sets(
     if found is None:  # a dense MLP (or a dense block of a family that mixes both)
         return [_neuron_set(model, hf_config, config, layer, name, block)]
     moe, discovered = found
-    sets = [_expert_unit_set(layer, name, block, moe)]
-    sets[0].info.guessed = discovered
+    listed = experts_list(block.get_submodule(moe.experts)) if has_module(block, moe.experts) else None
+    if listed is not None:  # transformers 4.x: one dense MLP module per expert; its units, expert by expert
+        sets = []
+        for i, expert in listed:
+            rel = f"{moe.experts}.{i}"
+            down, ups = mlp_parts(f"{name}.{rel}", expert, config, hf_config)
+            parts = (f"{rel}.{down}", [f"{rel}.{u}" for u in ups])
+            gs = _neuron_set(model, hf_config, config, layer, name, block, parts)
+            gs.info.guessed = True  # (names inside each expert: checked numerically like any found MLP)
+            sets.append(gs)
+    else:
+        sets = [_expert_unit_set(layer, name, block, moe)]
+        sets[0].info.guessed = discovered
     if moe.shared is not None and all(has_module(block, r) for r in (moe.shared.down, *moe.shared.up)):
         dense = _neuron_set(model, hf_config, config, layer, name, block, (moe.shared.down, list(moe.shared.up)))
         dense.info.shared_expert = True
