@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..architectures import BlockStack, StructureNotFoundError, attention_like, block_stacks, layer_config
+from ..compat import config_value
 from ..config import DGateConfig
 from ..discover import OFF_PATH, OffPath, verify
 from ..flops import example_inputs as probe_batch
@@ -157,8 +158,9 @@ def _shared_position_bias(stack: BlockStack) -> str | None:
     computed once and passed on to every block), else None."""
     if len(stack.blocks) < 2:
         return None
+    cfg = layer_config(stack.config, stack.blocks[0][0])  # the first block's own view of a per-layer config
     heads = next((v for k in ("num_attention_heads", "num_heads", "n_heads") if isinstance(
-        v := getattr(stack.config, k, None), int)), None)  # fmt: skip
+        v := config_value(cfg, k), int)), None)  # fmt: skip
     first = {
         n: m for n, m in stack.blocks[0][1].named_modules() if isinstance(m, nn.Embedding) and m.embedding_dim == heads
     }
