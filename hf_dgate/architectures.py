@@ -684,11 +684,30 @@ def routed_experts(hf_config: Any, block: nn.Module, config: DGateConfig | None 
         return None
     spec = spec_for(hf_config)
     if spec is not None and spec.experts is not None:
-        return None if dense_mlp_block(spec, block) else (spec.experts, False)
+        if dense_mlp_block(spec, block):
+            return None
+        return (_moved_experts(block, spec.experts) or spec.experts), False
     from .discover import propose_experts
 
     found = propose_experts(block, hf_config)
     return (found, True) if found is not None else None
+
+
+def _moved_experts(block: nn.Module, moe: Any) -> Any:
+    """The registry's experts where this transformers puts them under another parent (Mixtral and PhiMoE in 4.x:
+    `block_sparse_moe.experts` for 5.x's `mlp.experts`): the same entry with its paths moved, or None."""
+    import dataclasses
+
+    if has_module(block, moe.experts):
+        return None
+    tail = moe.experts.rpartition(".")[2]
+    for rel, _ in block.named_modules():
+        parent, _, last = rel.rpartition(".")
+        if last == tail and parent:
+            router = f"{parent}.{moe.router.rpartition('.')[2]}"
+            router = router if has_module(block, router) else ""
+            return dataclasses.replace(moe, block=parent, experts=rel, router=router)
+    return None
 
 
 def stacked_experts(name: str, block: nn.Module, moe: Any) -> tuple[str, nn.Module, int, int]:

@@ -19,6 +19,7 @@ from ..architectures import (
     has_module,
     mlp_parts,
     out_features,
+    routed_experts,
     stacked_experts,
 )
 from ..compat import experts_list, rekey_per_layer_config
@@ -72,7 +73,8 @@ def _layer_set(
         )
     # a MoE block: attention output + the whole MoE block's output (a family may mix dense and MoE blocks)
     if spec is not None and spec.experts is not None and not dense_mlp_block(spec, block):
-        return _moe_layer_set(layer, name, block, config, hf_config, spec.experts)
+        found = routed_experts(hf_config, block)  # (the registry's paths, moved where this transformers has them)
+        return _moe_layer_set(layer, name, block, config, hf_config, found[0] if found else spec.experts)
     if spec is not None and spec.branches:
         branches = spec.branches
     else:
