@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -225,8 +227,7 @@ def _scale_param(p: torch.Tensor, axis: Any, f: torch.Tensor) -> None:
 
 
 def _run_gated(model: nn.Module, sets: list[tuple[GroupSet, torch.Tensor]], inputs: Any, value: float) -> torch.Tensor:
-    handles, saved = [], []
-    try:
+    with _undone() as (handles, saved):
         for gs, dead in sets:
             for site in gs.sites:
                 m = model.get_submodule(site.module)
@@ -240,6 +241,16 @@ def _run_gated(model: nn.Module, sets: list[tuple[GroupSet, torch.Tensor]], inpu
                 reg = m.register_forward_hook if site.where == "output" else m.register_forward_pre_hook
                 handles.append(reg(hook))
         return _forward(model, inputs)
+
+
+@contextmanager
+def _undone() -> Iterator[tuple[list, list]]:
+    """(hook handles, (parameter, saved copy) pairs) for a check to fill: all removed and restored on exit, also on
+    an error, so a check never leaves the user's model changed."""
+    handles: list = []
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        yield handles, saved
     finally:
         for h in handles:
             h.remove()
@@ -342,7 +353,6 @@ def _blocks_are_residual(model: nn.Module, plan: list[tuple[GroupSet, torch.Tens
     weights are moved off their initial values for the check, so that a freshly built post-norm block (whose norm
     of an already normalised input is the identity) fails as a trained one does."""
     calls: dict[str, list[tuple[Any, Any]]] = {}
-    handles = []
 
     def block_hook(name: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
@@ -350,8 +360,7 @@ def _blocks_are_residual(model: nn.Module, plan: list[tuple[GroupSet, torch.Tens
             calls.setdefault(name, []).append((x, _first(out)))
         return hook
 
-    saved = []
-    try:
+    with _undone() as (handles, saved):
         with torch.no_grad():  # norms away from the identity: a post-norm block at init (LN(LN(y)) = LN(y)) fails
             g = torch.Generator().manual_seed(5)
             for m in model.modules():
@@ -363,12 +372,6 @@ def _blocks_are_residual(model: nn.Module, plan: list[tuple[GroupSet, torch.Tens
             block = gs.info.block
             handles.append(model.get_submodule(block).register_forward_hook(block_hook(block), with_kwargs=True))
         _run_gated(model, plan, inputs, 0.0)
-    finally:
-        for h in handles:
-            h.remove()
-        with torch.no_grad():
-            for p, old in saved:
-                p.copy_(old)
     if not calls:
         return False
     for seq in calls.values():

@@ -55,10 +55,10 @@ class FinishRecord:
 
     def describe(self) -> str:
         """One paragraph for the model card and the end-of-training report."""
-        zeroed = ", ".join(f"{n} {t}" for t, n in self.zeroed.items() if n) or "no groups"
-        cut = ", ".join(f"{n} {t}" for t, n in self.cut_by_budget.items() if n)
+        zeroed = _counts(self.zeroed) or "no groups"
+        cut = _counts(self.cut_by_budget)
         if self.gradual_from is not None:
-            gradual = ", ".join(f"{n} {t}" for t, n in self.gradual_cut.items() if n) or "no groups"
+            gradual = _counts(self.gradual_cut) or "no groups"
             text = (f"From optimizer step {self.gradual_from} the weakest groups were set to exactly zero a few at a "
                     f"time and held ({gradual} by step {self.start_step}); at step {self.start_step} {zeroed} were "
                     "zero in all")  # fmt: skip
@@ -70,7 +70,7 @@ class FinishRecord:
         if self.steps:
             text += f", then held at zero for {self.steps} steps while the rest trained without the penalty"
         text += "."
-        late = ", ".join(f"{n} {t}" for t, n in self.late_zeros.items() if n)
+        late = _counts(self.late_zeros)
         if late:
             text += f" At the end {late} more fell under the threshold and were zeroed too."
         if self.budget is not None and self.params_kept is not None:
@@ -106,3 +106,8 @@ def zero_exactly(bank: GateBank, masks: dict[str, torch.Tensor], optimizer: Any 
 def exact_zero_masks(bank: GateBank) -> dict[str, torch.Tensor]:
     """Groups whose scale is exactly zero (what the finish leaves; read back when a run resumes)."""
     return {t: (bank.scale(t).detach() == 0).cpu() for t in bank.targets}
+
+
+def _counts(by_target: dict[str, int]) -> str:
+    """'3 heads, 1 neuron': target names are plural; a count of one reads singular."""
+    return ", ".join(f"{n} {t[:-1] if n == 1 and t.endswith('s') else t}" for t, n in by_target.items() if n)

@@ -398,3 +398,10 @@ def test_compress_cli_gates_trains_finishes_and_exports_to_the_budget(tmp_path, 
     # a bad --out is refused before any work, in one line
     rc = main(["compress", str(model_dir), "--budget", "0.5", "--data", str(data), "--steps", "4", "--out", str(out)])
     assert rc == 2
+
+
+def test_the_finish_paragraph_counts_in_words():
+    from hf_dgate.finish import FinishRecord
+
+    rec = FinishRecord(start_step=3, steps=2, zeroed={"heads": 1, "neurons": 12, "layers": 0})
+    assert "1 head, 12 neurons were set to exactly zero" in rec.describe()
