@@ -98,7 +98,10 @@ def shapes_match(model: nn.Module) -> bool:
 
 
 def has_patched_modules(model: nn.Module) -> bool:
-    return any(isinstance(m, (ZeroHeadAttention, ZeroInputConv1D)) for m in model.modules())
+    return any(
+        isinstance(m, (ZeroHeadAttention, ZeroInputConv1D)) or getattr(m, "_dgate_head_inputs", None)
+        for m in model.modules()
+    )
 
 
 def reload_problem(model: nn.Module) -> str | None:

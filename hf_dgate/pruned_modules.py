@@ -41,6 +41,11 @@ def no_head_forward(self, hidden_states=None, *args, **kwargs):
         cache.update(marker, marker, layer_idx)
     context = hidden_states.new_zeros(*hidden_states.shape[:-1], 0)
     out = self.get_submodule(self._dgate_out)(context) if self._dgate_out else context
+    at = getattr(self, "_dgate_residual", None)  # the module adds the residual itself (BLOOM's attention)
+    if at is not None:
+        residual = kwargs["residual"] if "residual" in kwargs else args[at] if at < len(args) else None
+        if residual is not None:
+            out = out + residual
     if getattr(self, "_dgate_single", False):
         return out
     extras = getattr(self, "_dgate_extras", None) or [None]  # what the original returned after its output
@@ -143,10 +148,23 @@ def _subclass(cls, marker, forward):
 def make_no_head(module, out):
     """Turn an attention module into one without heads whose output is its `out` submodule's bias."""
     module._dgate_out = out
+    module._dgate_residual = residual_argument(type(module))
     if not isinstance(module, ZeroHeadAttention):
         module._dgate_single = returns_one_value(type(module))
         module._dgate_extras = returned_extras(type(module))
         module.__class__ = _subclass(type(module), ZeroHeadAttention, no_head_forward)
+
+
+def residual_argument(cls):
+    """Where `cls.forward` takes a `residual` argument that it adds to its output itself (BLOOM's attention): its
+    index among the positional arguments after the hidden states; None without one."""
+    import inspect
+
+    try:
+        names = list(inspect.signature(cls.forward).parameters)[1:]  # (without self)
+    except (TypeError, ValueError):
+        return None
+    return names.index("residual") - 1 if "residual" in names[1:] else None
 
 
 def make_no_input(module):
@@ -158,6 +176,51 @@ def own_head_config(module, n_heads, n_kv):
     """Give an attention module a config copy with its own head counts (Phi-3 reads them from its config)."""
     module.config = copy.copy(module.config)
     module.config.num_attention_heads, module.config.num_key_value_heads = n_heads, n_kv
+
+
+def select_head_inputs(module, args, heads, of):
+    """Give an attention module that lost heads only its kept heads' share of per-head tensors it receives from
+    outside (a position bias the model builds once for all layers from the config's head count: ALiBi as BLOOM's
+    `alibi` and MPT's `position_bias`, CPM-Ant's learned segment bias): `heads` are the kept heads' numbers among
+    the `of` heads of that tensor. The selection is data on the module (`_dgate_head_inputs`); a forward pre-hook
+    applies it, and a second selection on an already pruned module composes with the first."""
+    old = getattr(module, "_dgate_head_inputs", None)
+    if old:
+        heads, of = [old["heads"][h] for h in heads], old["of"]
+    module._dgate_head_inputs = {"args": list(args), "heads": [int(h) for h in heads], "of": int(of)}
+    if not getattr(module, "_dgate_head_hook", False):
+        module.register_forward_pre_hook(_head_inputs_hook, with_kwargs=True)
+        module._dgate_head_hook = True
+
+
+def _head_inputs_hook(module, args, kwargs):
+    import inspect
+
+    sel = getattr(module, "_dgate_head_inputs", None)
+    if not sel:
+        return None
+    names = [p for p in inspect.signature(module.forward).parameters]
+    args = list(args)
+    for name in sel["args"]:
+        if name in kwargs:
+            kwargs[name] = _take_heads(kwargs[name], sel["heads"], sel["of"])
+        elif name in names and names.index(name) < len(args):
+            args[names.index(name)] = _take_heads(args[names.index(name)], sel["heads"], sel["of"])
+    return tuple(args), kwargs
+
+
+def _take_heads(t, heads, of):
+    """The kept heads of a per-head bias: (batch, heads, queries, keys) as a 4-d tensor, else dim 0 as (batch x
+    `of` heads), heads varying fastest; anything else as is (the module then fails loudly on the width, and the
+    export's numerical check stands behind every layout)."""
+    if not isinstance(t, torch.Tensor) or t.dim() == 0:
+        return t
+    idx = torch.tensor(heads, dtype=torch.long, device=t.device)
+    if t.dim() == 4 and t.shape[1] == of:
+        return t[:, idx]
+    if t.shape[0] % of:
+        return t
+    return t.reshape(t.shape[0] // of, of, *t.shape[1:])[:, idx].reshape(-1, *t.shape[1:])
 
 
 # ---- rebuilding a recorded structure (the "rebuild" spec in config.dgate_pruning) -------------------------------
@@ -200,6 +263,15 @@ def shrink(model, spec):
             setattr(module, _name(key, attribute=True), _int(value))
     for module_name, heads in spec.get("head_configs", {}).items():
         own_head_config(model.get_submodule(_name(module_name)), _int(heads[0]), _int(heads[1]))
+    for module_name, sel in (spec.get("head_inputs") or {}).items():
+        if not isinstance(sel, dict) or not isinstance(sel.get("args"), list) or not isinstance(sel.get("heads"), list):
+            raise ValueError("config.dgate_pruning has a malformed head_inputs entry; re-export the model.")
+        of = _int(sel.get("of"))
+        heads = [_int(h) for h in sel["heads"]]
+        if any(h >= of for h in heads):
+            raise ValueError("config.dgate_pruning selects a head beyond the count it names; re-export the model.")
+        select_head_inputs(model.get_submodule(_name(module_name)), [_name(a, attribute=True) for a in sel["args"]],
+                           heads, of)
     for module_name, out in spec["no_head"].items():
         make_no_head(model.get_submodule(_name(module_name)), _name(out) if out else None)
     for module_name in spec["no_input"]:

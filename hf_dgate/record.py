@@ -86,6 +86,7 @@ class RebuildSpec:
     no_input: list[str]  # GPT-2 Conv1Ds left with no input feature
     head_configs: dict[str, list[int]] | None = None  # modules given their own [heads, kv heads] config (Phi-3)
     model_class: str | None = None  # the class whose module names these are (another class: legacy_records.py)
+    head_inputs: dict[str, dict[str, Any]] | None = None  # attention modules -> kept heads of an outside ALiBi bias
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -93,14 +94,16 @@ class RebuildSpec:
         kinds = {"shapes": dict, "attrs": dict, "no_head": dict, "no_input": list}
         if not isinstance(data, dict) or not all(isinstance(data.get(k), t) for k, t in kinds.items()):
             raise RecordError(f"{where} is not a rebuild spec (shapes, attrs, no_head, no_input); re-export it.")
-        if not isinstance(data.get("head_configs", {}), dict) or not isinstance(data.get("model_class", ""), str):
-            raise RecordError(f"{where} has a malformed head_configs or model_class; re-export it.")
+        if not all(isinstance(data.get(k, {}), dict) for k in ("head_configs", "head_inputs")) or not isinstance(
+            data.get("model_class", ""), str
+        ):
+            raise RecordError(f"{where} has a malformed head_configs, head_inputs or model_class; re-export it.")
         known = _field_names(cls)
         return cls(**{k: data[k] for k in known if k in data}, extra={k: v for k, v in data.items() if k not in known})
 
     def to_dict(self) -> dict[str, Any]:
         out = {"shapes": self.shapes, "attrs": self.attrs, "no_head": self.no_head, "no_input": self.no_input}
-        for key in ("head_configs", "model_class"):
+        for key in ("head_configs", "model_class", "head_inputs"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return {**out, **self.extra}

@@ -309,4 +309,7 @@ def rebuild_spec(model: nn.Module) -> dict[str, Any] | None:
     spec = {"shapes": shapes, "attrs": attrs, "no_head": no_head, "no_input": no_input}
     if head_configs:
         spec["head_configs"] = head_configs
+    head_inputs = {n: m._dgate_head_inputs for n, m in model.named_modules() if getattr(m, "_dgate_head_inputs", None)}
+    if head_inputs:
+        spec["head_inputs"] = head_inputs
     return {**spec, "model_class": type(model).__name__}  # whose module names these are

@@ -32,7 +32,7 @@ from ..compat import (
 from ..config import DGateConfig
 from ..errors import ExportError
 from ..groups import UNGATED, GroupSet, HeadInfo, Site, TensorSlice, input_slices, output_slices, slice_index
-from ..pruned_modules import ZeroHeadAttention, make_no_head, own_head_config
+from ..pruned_modules import ZeroHeadAttention, make_no_head, own_head_config, select_head_inputs
 from ..registry import QK_NORM_SPANS_HEADS, spec_for
 from .base import Target, block_name, keep_slice, per_layer_edit
 
@@ -355,10 +355,34 @@ def _set_head_counts(model: nn.Module, gs: GroupSet, dead: torch.Tensor, core_re
             for attr in ("all_head_size", "inner_dim", *output_width_attrs(inner)):
                 if getattr(inner, attr, None) == info.n_heads * hd:
                     setattr(inner, attr, n_q * hd)
+    if 0 < n_kv < info.n_kv:
+        _select_outside_heads(core, info, dead)
     if n_kv == 0 and not isinstance(core, ZeroHeadAttention):
         o_rel = info.o
         inside = not core_rel or o_rel.startswith(core_rel + ".")
         make_no_head(core, (o_rel[len(core_rel) + 1 :] if core_rel else o_rel) if inside else None)
+
+
+def outside_head_inputs(core: nn.Module) -> list[str]:
+    """The arguments of an attention module's forward that can carry a per-head position bias built once by the
+    model for all layers from the config's head count: `alibi` (BLOOM, Falcon) and `position_bias` (MPT's ALiBi,
+    CPM-Ant's learned segment bias). A layer with fewer heads must take its kept heads' share of them (the
+    export's numerical check verifies the result)."""
+    import inspect
+
+    try:
+        params = inspect.signature(type(core).forward).parameters
+    except (TypeError, ValueError):
+        return []
+    return [a for a in ("alibi", "position_bias") if a in params]
+
+
+def _select_outside_heads(core: nn.Module, info: HeadInfo, dead: torch.Tensor) -> None:
+    args = outside_head_inputs(core)
+    if args:
+        n_rep = info.n_heads // info.n_kv
+        kept = [h for h in range(info.n_heads) if not bool(dead[h // n_rep])]
+        select_head_inputs(core, args, kept, info.n_heads)
 
 
 class Heads(Target):

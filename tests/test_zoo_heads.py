@@ -1,0 +1,46 @@
+"""Head surgery of zoo families whose attention needs more than its projections sliced (issue 20): an ALiBi bias
+built once from the config's head count, an attention module that adds the residual itself."""
+
+import pytest
+import torch
+
+from hf_dgate import zoo
+
+
+def _exact(family: str) -> zoo.Cell:
+    if family not in zoo.model_types("causal-lm"):
+        pytest.skip(f"{family} is not in this transformers' causal-LM mapping")
+    return zoo.run_cell("causal-lm", family, "heads")
+
+
+@pytest.mark.parametrize("family", ["bloom", "mpt", "cpmant"])
+def test_layers_take_their_kept_heads_share_of_a_bias_built_once(family):
+    """BLOOM and MPT build one ALiBi bias for all layers from the config's head count (BLOOM's `alibi`, MPT's
+    `position_bias`, heads folded into dim 0), CPM-Ant one learned segment bias (batch, heads, q, k): a layer with
+    fewer heads takes its kept heads' share, recorded in the rebuild spec so AutoPrunedModel and the generated loader
+    select it too (before: the export failed on the probe, 8 bias rows for 4 heads). BLOOM's attention adds the
+    residual itself: a layer without heads keeps it."""
+    cell = _exact(family)
+    assert cell.outcome == zoo.Outcome.EXACT.value and cell.reload.startswith("AutoPrunedModel"), cell
+
+
+def test_head_selection_of_an_outside_bias_composes_and_is_checked_as_data():
+    from hf_dgate.pruned_modules import select_head_inputs, shrink
+
+    class Attn(torch.nn.Module):
+        def forward(self, x, alibi=None):
+            return alibi
+
+    m = Attn()
+    select_head_inputs(m, ["alibi"], [0, 2, 3], 4)
+    select_head_inputs(m, ["alibi"], [0, 2], 4)  # a second export of the pruned module: heads 0 and 3 of the 4
+    assert m._dgate_head_inputs["heads"] == [0, 3]
+    bias = torch.arange(8.0).reshape(8, 1)  # batch 2 x 4 heads
+    assert m(None, bias).flatten().tolist() == [0, 3, 4, 7]
+    assert m(None, alibi=bias).flatten().tolist() == [0, 3, 4, 7]
+    four = torch.arange(8.0).reshape(2, 4, 1, 1)  # (batch, heads, queries, keys)
+    assert m(None, four).flatten().tolist() == [0, 3, 4, 7]
+    spec = {"shapes": {}, "attrs": {}, "no_head": {}, "no_input": [], "head_inputs": {"": {"args": ["alibi"],
+                                                                                          "heads": [5], "of": 4}}}
+    with pytest.raises(ValueError, match="beyond"):
+        shrink(Attn(), spec)
