@@ -710,8 +710,31 @@ def _moved_experts(block: nn.Module, moe: Any) -> Any:
     return None
 
 
-def stacked_experts(name: str, block: nn.Module, moe: Any) -> tuple[str, nn.Module, int, int]:
-    """The stacked expert tensors of a block: (qualified name, module, experts, units per expert)."""
+@dataclass
+class ExpertTensors:
+    """The stacked expert tensors of one block, resolved: qualified module and parameter name of `down` (E, H, I) or
+    (E, I, H) and `gate_up` (E, 2I, H) or (E, H, 2I) (and its (E, 2I) bias), the axis of each that indexes units."""
+
+    experts: str  # the qualified name of the module holding them (the module `moe.experts` names)
+    module: nn.Module
+    n_experts: int
+    units: int
+    down: tuple[str, str]  # (qualified module, parameter)
+    gate_up: tuple[str, str]
+    bias: tuple[str, str] | None
+    down_axis: int  # the axis of down that indexes units (2, or 1 when transposed)
+    gate_up_axis: int  # the axis of gate_up (and 1 of its bias) that indexes [gate | up] rows
+    interleaved: bool
+
+
+def _param_path(root: str, rel: str) -> tuple[str, str]:
+    owner, _, leaf = rel.rpartition(".")
+    return (f"{root}.{owner}" if owner else root).strip("."), leaf
+
+
+def expert_tensors(name: str, block: nn.Module, moe: Any) -> ExpertTensors:
+    """The stacked expert tensors of a block, checked against each other; refused when they are not a fused
+    [gate | up] projection and a down projection of the same experts and units."""
     if not has_module(block, moe.experts):
         raise not_found("routed experts", name, block, "experts", moe.experts)
     experts = block.get_submodule(moe.experts)
@@ -721,19 +744,42 @@ def stacked_experts(name: str, block: nn.Module, moe: Any) -> tuple[str, nn.Modu
             "gates experts and their units in the stacked layout of transformers 5. Gate 'heads' or 'layers' here, "
             "or upgrade transformers."
         )
-    down, gate_up = getattr(experts, moe.down, None), getattr(experts, moe.gate_up, None)
-    flags_ok = not getattr(experts, "is_transposed", False) and getattr(experts, "is_concatenated", True)
-    if down is None or gate_up is None or down.dim() != 3 or not flags_ok:
+
+    def param(rel: str) -> Any:
+        try:
+            return experts.get_parameter(rel) if rel else None
+        except AttributeError:
+            return None
+
+    down, gate_up, bias = param(moe.down), param(moe.gate_up), param(getattr(moe, "bias", ""))
+    transposed = getattr(moe, "transposed", False) or getattr(experts, "is_transposed", False)
+    # transformers 5's experts declare their layout (is_transposed; is_concatenated False: alternating rows)
+    interleaved = getattr(moe, "interleaved", False) or getattr(experts, "is_concatenated", True) is False
+    if down is None or gate_up is None or down.dim() != 3 or getattr(experts, "has_gate", True) is False:
         raise StructureNotFoundError(
-            f"The experts of '{name}' are not stored as [gate | up] (E, 2I, H) and (E, H, I) tensors; hf_dgate gates "
-            "that layout only."
+            f"The experts of '{name}' are not stored as a fused [gate | up] (E, 2I, H) and a (E, H, I) tensor (or "
+            "their transposes); hf_dgate gates that layout only."
         )
-    n_exp, units = down.shape[0], down.shape[2]
-    if tuple(gate_up.shape[:2]) != (n_exp, 2 * units):
+    n_exp, units = down.shape[0], down.shape[1 if transposed else 2]
+    two = gate_up.shape[2 if transposed else 1]
+    if gate_up.dim() != 3 or gate_up.shape[0] != n_exp or two != 2 * units or (
+        bias is not None and tuple(bias.shape) != (n_exp, 2 * units)
+    ):  # fmt: skip
         raise StructureNotFoundError(
             f"The expert tensors of '{name}' disagree: {tuple(gate_up.shape)} vs {tuple(down.shape)}."
         )
-    return f"{name}.{moe.experts}", experts, n_exp, units
+    full = f"{name}.{moe.experts}"
+    return ExpertTensors(
+        full, experts, n_exp, units, _param_path(full, moe.down), _param_path(full, moe.gate_up),
+        _param_path(full, moe.bias) if bias is not None else None, 1 if transposed else 2, 2 if transposed else 1,
+        interleaved,
+    )
+
+
+def stacked_experts(name: str, block: nn.Module, moe: Any) -> tuple[str, nn.Module, int, int]:
+    """The stacked expert tensors of a block: (qualified name, module, experts, units per expert)."""
+    t = expert_tensors(name, block, moe)
+    return t.experts, t.module, t.n_experts, t.units
 
 
 # ---- whole layers ----------------------------------------------------------------------------------------------

@@ -126,30 +126,52 @@ def propose_mlp(block: nn.Module, hf_config: Any, exclude: str | None = None) ->
 
 
 def propose_experts(block: nn.Module, hf_config: Any) -> Any:
-    """Routed experts stored as stacked tensors, from shapes (a `registry.Experts`, or None): one module holding a
-    (E, H, I) tensor that writes the hidden size H from I units per expert and an (E, 2I, H) tensor producing
-    [gate | up] halves; the router is a layer beside it with one output per expert. Only the layout is proposed:
-    that rows j and I + j of the second tensor feed unit j alone is what the numerical check decides."""
+    """Routed experts stored as stacked tensors, from shapes (a `registry.Experts`, or None): an (E, H, I) tensor
+    writing the hidden size H from I units per expert and an (E, 2I, H) tensor producing [gate | up] rows (or their
+    transposes (E, I, H) and (E, H, 2I), as GPT-OSS stores them), in one module or in two sibling modules' weights
+    (GraniteMoE and JetMoE in transformers 4.x); an (E, 2I) bias beside the second goes with its rows; the router is
+    a layer nearby with one output per expert. Only the layout is proposed: that rows j and I + j of the second
+    tensor feed unit j alone is what the numerical check decides (the alternating layout is tried next)."""
     from .registry import Experts
 
     hidden = hidden_size(hf_config, block)
     if hidden is None:
         return None
     leaves = _linears(block)
-    for rel, m in block.named_modules():
-        stacked = {n: p for n, p in m.named_parameters(recurse=False) if p.dim() == 3}
-        if not rel or len(stacked) < 2:
-            continue
+    stacked = {n: p for n, p in block.named_parameters() if p.dim() == 3}
+    for transposed in (False, True):
         for down, p in stacked.items():
-            n_exp, out, units = p.shape
-            ups = [n for n, q in stacked.items() if n != down and tuple(q.shape) == (n_exp, 2 * units, hidden)]
+            n_exp, a, b = p.shape
+            out, units = (b, a) if transposed else (a, b)
+            want = (n_exp, hidden, 2 * units) if transposed else (n_exp, 2 * units, hidden)
+            ups = [n for n, q in stacked.items() if n != down and tuple(q.shape) == want]
             if out != hidden or not ups:
                 continue
+            rel = _common_parent(down, ups[0])
+            if not rel:
+                continue
+            owner = block.get_submodule(_parent(ups[0]))
+            bias = next((n for n, q in owner.named_parameters(recurse=False)
+                         if tuple(q.shape) == (n_exp, 2 * units)), "")
             parent = _parent(rel)
             routers = [r for r, lin in leaves.items() if _under(r, parent) and _shape(lin) == (hidden, n_exp)]
-            return Experts(block=parent or rel, experts=rel, router=routers[0] if routers else "", gate_up=ups[0],
-                           down=down, count_field="", units_field="")
+            routers.sort(key=lambda r: not _under(r, rel))  # the experts' own module's first
+            up_rel = ups[0][len(rel) + 1:]
+            return Experts(block=parent or rel, experts=rel, router=routers[0] if routers else "", gate_up=up_rel,
+                           down=down[len(rel) + 1:], count_field="", units_field="", transposed=transposed,
+                           bias=f"{_parent(up_rel) + '.' if _parent(up_rel) else ''}{bias}" if bias else "")
     return None
+
+
+def _common_parent(a: str, b: str) -> str:
+    """The deepest module holding both parameters (dotted names), '' for the block itself."""
+    pa, pb = a.split(".")[:-1], b.split(".")[:-1]
+    common = []
+    for x, y in zip(pa, pb):
+        if x != y:
+            break
+        common.append(x)
+    return ".".join(common)
 
 
 def residual_branches(block: nn.Module, hf_config: Any) -> list[tuple[str, list[str]]]:

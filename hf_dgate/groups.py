@@ -133,6 +133,7 @@ class ExpertUnitInfo(SetInfo):
     units: int = 0
     gate_up: str = ""
     down: str = ""
+    interleaved: bool = False  # gate and up rows alternate (GPT-OSS) instead of [gate | up] halves
 
 
 @dataclass

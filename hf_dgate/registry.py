@@ -62,18 +62,22 @@ class Mlp:
 
 @dataclass(frozen=True)
 class Experts:
-    """A sparse mixture-of-experts MLP whose routed experts are stored as 3D tensors (transformers 5):
-    `gate_up` (E, 2I, H) holding [gate | up] halves per expert, `down` (E, H, I), and a router with one row per
-    expert. A shared expert (Qwen2-MoE) is a dense MLP next to them; its units count as neurons."""
+    """A sparse mixture-of-experts MLP whose routed experts are stored as 3D tensors (transformers 5, and some 4.x
+    families as two modules' weights): `gate_up` (E, 2I, H) holding [gate | up] halves per expert, `down` (E, H, I)
+    (or their transposes), and a router with one row per expert. A shared expert (Qwen2-MoE) is a dense MLP next
+    to them; its units count as neurons."""
 
     block: str = "mlp"  # the MoE module; its output is the residual branch
     experts: str = "mlp.experts"
     router: str = "mlp.gate"
-    gate_up: str = "gate_up_proj"
+    gate_up: str = "gate_up_proj"  # (dotted) parameter paths under `experts`
     down: str = "down_proj"
     shared: Mlp | None = None
     count_field: str = "num_experts"  # config fields holding the expert count and the units per expert
     units_field: str = "moe_intermediate_size"
+    transposed: bool = False  # gate_up (E, H, 2I) and down (E, I, H), as GPT-OSS stores them
+    interleaved: bool = False  # gate and up rows alternate (unit j is rows 2j, 2j + 1) instead of halves
+    bias: str = ""  # an (E, 2I) bias beside gate_up (its rows go with the units)
 
 
 @dataclass(frozen=True)

@@ -134,33 +134,86 @@ class _StackedExperts(nn.Module):
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_experts_found_from_shapes_are_gated_only_where_the_check_confirms_the_layout(interleaved):
     """Stacked expert tensors in no registry row are proposed from their shapes ((E, H, I) writing the hidden size,
-    (E, 2I, H) beside it, a router with one output per expert); the numerical check, which scales the gated tensor
-    itself, then accepts [gate | up] halves and refuses alternating rows (zeroing rows j and I + j would hit two
-    units)."""
+    (E, 2I, H) beside it, a router with one output per expert) as [gate | up] halves; the numerical check, which
+    scales the gated tensor itself, accepts them where they are halves, and where rows alternate (zeroing rows j and
+    I + j hits two units) refuses them and accepts the alternating layout instead."""
     from types import SimpleNamespace
 
     from hf_dgate.discover import propose_experts, verify
-    from hf_dgate.targets.neurons import _expert_unit_set
+    from hf_dgate.targets.neurons import _expert_unit_set, alternating_expert_unit_set
 
     torch.manual_seed(0)
     block = _StackedExperts(interleaved=interleaved)
-    moe = propose_experts(block, SimpleNamespace(hidden_size=16))
+    cfg = SimpleNamespace(hidden_size=16)
+    moe = propose_experts(block, cfg)
     assert (moe.experts, moe.down, moe.gate_up, moe.router) == ("experts", "down_proj", "gate_up_proj", "router")
     gs = _expert_unit_set(0, "", block, moe)
-    gs.sites[0].module = gs.primary[0].module = gs.removable[1].module = "experts"
-    failed = verify(block, [gs], torch.randn(2, 5, 16))
-    assert bool(failed) == interleaved, failed
+    gs.info.guessed = True
+    x = torch.randn(2, 5, 16)
+    assert bool(verify(block, [gs], x)) == interleaved
+    alt = alternating_expert_unit_set(gs, "", block, cfg)
+    assert alt is not None and bool(verify(block, [alt], x)) != interleaved
+
+
+class _TwoModuleExperts(nn.Module):
+    """GPT-OSS's layout in two sibling modules of `moe`: `up.w` (E, H, 2I) with alternating gate/up columns and an
+    (E, 2I) bias, `down.w` (E, I, H) with an (E, H) bias; dense softmax routing."""
+
+    def __init__(self, d: int = 16, units: int = 8, n_exp: int = 3):
+        super().__init__()
+        self.moe = nn.Module()
+        self.moe.gate = nn.Linear(d, n_exp)
+        self.moe.up, self.moe.down = nn.Module(), nn.Module()
+        self.moe.up.w = nn.Parameter(torch.randn(n_exp, d, 2 * units) / 4)
+        self.moe.up.b = nn.Parameter(torch.randn(n_exp, 2 * units) / 4)
+        self.moe.down.w = nn.Parameter(torch.randn(n_exp, units, d) / 4)
+        self.moe.down.b = nn.Parameter(torch.randn(n_exp, d) / 4)
+
+    def forward(self, x):
+        m = self.moe
+        gu = torch.einsum("btd,edu->bteu", x, m.up.w) + m.up.b
+        h = nn.functional.silu(gu[..., 0::2]) * gu[..., 1::2]
+        y = torch.einsum("bteu,eud->bted", h, m.down.w) + m.down.b
+        return x + (torch.softmax(m.gate(x), -1).unsqueeze(-1) * y).sum(2)
+
+
+def test_transposed_experts_in_two_modules_are_found_checked_and_removed_exactly():
+    """Transposed expert tensors split over two sibling modules, alternating gate/up columns and an (E, 2I) bias:
+    found from shapes, the alternating layout confirmed by the check, and removing dead units (each expert repacked
+    to the fullest one's count, padded with zero units) computes what the gated block computes."""
+    from types import SimpleNamespace
+
+    from hf_dgate.discover import propose_experts, verify
+    from hf_dgate.targets.neurons import _expert_unit_set, alternating_expert_unit_set, prune_expert_unit_group_set
+
+    torch.manual_seed(0)
+    block, cfg, x = _TwoModuleExperts(), SimpleNamespace(hidden_size=16), torch.randn(2, 5, 16)
+    moe = propose_experts(block, cfg)
+    got = (moe.experts, moe.down, moe.gate_up, moe.bias, moe.router, moe.transposed)
+    assert got == ("moe", "down.w", "up.w", "up.b", "moe.gate", True)
+    gs = _expert_unit_set(0, "", block, moe)
+    gs.info.guessed = True
+    assert verify(block, [gs], x)  # as halves: refused
+    alt = alternating_expert_unit_set(gs, "", block, cfg)
+    assert not verify(block, [alt], x)
+    dead = torch.zeros(alt.n_groups, dtype=torch.bool)
+    dead[torch.randperm(alt.n_groups, generator=torch.Generator().manual_seed(1))[:10]] = True
+    dead[8:16] = True  # expert 1 loses every unit
+    with torch.no_grad():  # the gated block: dead units' rows of down at zero
+        block.moe.down.w.mul_((~dead).reshape(3, 8, 1).float())
+        want = block(x)
+    prune_expert_unit_group_set(block, alt, dead)
+    assert block.moe.down.w.shape == (3, 8, 16) and block.moe.up.w.shape == (3, 16, 16)
+    torch.testing.assert_close(block(x), want, rtol=0, atol=1e-6)
 
 
 def test_a_mixture_of_experts_without_a_registry_row_gates_its_expert_units():
-    """GraniteMoE (no registry row) stores its experts stacked in transformers 5: found from shapes, checked, and
-    its expert units export exactly and reload."""
-    from hf_dgate.compat import TRANSFORMERS_VERSION
-
-    if int(TRANSFORMERS_VERSION.split(".")[0]) < 5:
-        pytest.skip("transformers 4.x stores these experts in another layout")
-    cell = zoo.run_cell("causal-lm", "granitemoe", "neurons")
-    assert cell.outcome == zoo.Outcome.EXACT.value, cell
+    """GraniteMoE (no registry row) stores its experts stacked (in transformers 4.x as two modules' (E, out, in)
+    weights): found from shapes, checked, and its expert units export exactly and reload; GPT-OSS's transposed,
+    alternating gate/up tensors with biases likewise."""
+    for family in ("granitemoe", "gpt_oss"):
+        cell = zoo.run_cell("causal-lm", family, "neurons")
+        assert cell.outcome == zoo.Outcome.EXACT.value, cell
 
 
 def test_a_failed_head_check_with_a_norm_over_all_heads_names_that_inherent_reason():

@@ -201,6 +201,17 @@ def _checked(
                     alt.info.stack, alt.info.stack_name = stack.path, stack.name
                     sets = [alt if s is gs else s for s in sets]
                     del bad[i]
+        if bad and target == "neurons":  # experts whose gate and up rows alternate: the layout shapes cannot tell
+            from .neurons import alternating_expert_unit_set
+
+            for i in list(bad):
+                gs = guessed[i]
+                name, block = stack.blocks[gs.layer]
+                alt = alternating_expert_unit_set(gs, name, block, layer_config(stack.config, gs.layer))
+                if alt is not None and not verify(model, [alt], probe):
+                    alt.info.stack, alt.info.stack_name = stack.path, stack.name
+                    sets = [alt if s is gs else s for s in sets]
+                    del bad[i]
         if bad and target == "layers":  # children that add the residual themselves: gate their last layers
             from .layers import alternative_layer_set
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..architectures import StructureNotFoundError, routed_experts, stacked_experts
+from ..architectures import StructureNotFoundError, expert_tensors, routed_experts
 from ..config import DGateConfig
 from ..errors import ExportError
 from ..groups import ExpertInfo, GroupSet, Site, TensorSlice
@@ -36,15 +36,21 @@ def _expert_sets(
             "no routed experts (gate 'neurons' or 'layers')."
         )
     moe, discovered = found
-    full, experts, n_exp, _ = stacked_experts(name, block, moe)
+    t = expert_tensors(name, block, moe)
+    n_exp = t.n_experts
     idx = torch.arange(n_exp)
     router_name = f"{name}.{moe.router}"
     router = block.get_submodule(moe.router)
-    site = Site(full, "param", 0, idx, param=moe.down)
-    primary = [TensorSlice(full, moe.down, 0, idx)]
-    removable = [*primary, TensorSlice(full, moe.gate_up, 0, idx)]
+    site = Site(t.down[0], "param", 0, idx, param=t.down[1])
+    primary = [TensorSlice(*t.down, 0, idx)]
+    removable = [*primary, TensorSlice(*t.gate_up, 0, idx)]
+    owner = t.module  # per-expert biases beside the stacked tensors (GPT-OSS's (E, 2I) and (E, H) ones)
+    removable += [
+        TensorSlice(t.experts, n, 0, idx) for n, p in owner.named_parameters(recurse=False)
+        if p.dim() == 2 and p.shape[0] == n_exp and (t.experts, n) not in (t.down, t.gate_up)
+    ]
     per_expert = [*router.named_parameters(recurse=False), *router.named_buffers(recurse=False)]
-    removable += [TensorSlice(router_name, n, 0, idx) for n, t in per_expert if t.dim() and t.shape[0] == n_exp]
+    removable += [TensorSlice(router_name, n, 0, idx) for n, x in per_expert if x.dim() and x.shape[0] == n_exp]
     info = ExpertInfo(experts=moe.experts, router=moe.router, n_experts=n_exp, guessed=discovered)
     return [GroupSet("experts", layer, n_exp, [site], primary, removable, info)]
 
@@ -60,10 +66,8 @@ def prune_expert_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -
         )
     for sl in gs.removable:
         keep_slice(model, sl, dead)
-    experts = model.get_submodule(gs.sites[0].module)
-    router = model.get_submodule(gs.removable[-1].module)
-    moe_block = model.get_submodule(gs.sites[0].module.rpartition(".")[0])
-    for m in (experts, router, moe_block):
+    owners = {sl.module for sl in gs.removable} | {gs.sites[0].module.rpartition(".")[0]}
+    for m in (model.get_submodule(o) for o in owners):
         for attr in ("num_experts", "num_local_experts"):
             if isinstance(getattr(m, attr, None), int):
                 setattr(m, attr, n_left)

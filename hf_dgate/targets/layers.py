@@ -16,11 +16,11 @@ from ..architectures import (
     attention_parts,
     cross_attention_parts,
     dense_mlp_block,
+    expert_tensors,
     has_module,
     mlp_parts,
     out_features,
     routed_experts,
-    stacked_experts,
 )
 from ..compat import experts_list, rekey_per_layer_config
 from ..config import DGateConfig
@@ -140,8 +140,8 @@ def _moe_layer_set(layer: int, name: str, block: nn.Module, config: DGateConfig,
                 if isinstance(m, nn.Linear) and m.out_features == hidden:
                     primary += whole_weight_slices(f"{name}.{moe.experts}.{i}.{rel}", m)
     else:
-        full = stacked_experts(name, block, moe)[0]
-        primary.append(TensorSlice(full, moe.down, None, torch.tensor([0])))
+        down = expert_tensors(name, block, moe).down
+        primary.append(TensorSlice(*down, None, torch.tensor([0])))
     if moe.shared is not None and has_module(block, moe.shared.down):
         primary += whole_weight_slices(f"{name}.{moe.shared.down}", block.get_submodule(moe.shared.down))
     return GroupSet("layers", layer, 1, sites, primary, whole_module_slices(name, block), LayerInfo(block=name))

@@ -11,12 +11,12 @@ from torch import nn
 from ..architectures import (
     StructureNotFoundError,
     _attention_out_name,
+    expert_tensors,
     has_module,
     in_features,
     mlp_parts,
     out_features,
     routed_experts,
-    stacked_experts,
 )
 from ..compat import config_value, experts_list
 from ..config import DGateConfig
@@ -44,8 +44,8 @@ def _neuron_sets(
             rel = f"{moe.experts}.{i}"
             down, ups = mlp_parts(f"{name}.{rel}", expert, config, hf_config)
             parts = (f"{rel}.{down}", [f"{rel}.{u}" for u in ups])
-            gs = _neuron_set(model, hf_config, config, layer, name, block, parts)
-            gs.info.guessed = True  # (names inside each expert: checked numerically like any found MLP)
+            # (names inside each expert: checked numerically like any found MLP)
+            gs = _neuron_set(model, hf_config, config, layer, name, block, parts, found=True)
             sets.append(gs)
     else:
         sets = [_expert_unit_set(layer, name, block, moe)]
@@ -57,8 +57,8 @@ def _neuron_sets(
     elif discovered:  # a dense MLP beside the experts (a shared expert), found from shapes like any MLP
         shared = shared_mlp(block, hf_config, config, name, moe)
         if shared is not None:
-            dense = _neuron_set(model, hf_config, config, layer, name, block, shared)
-            dense.info.shared_expert = dense.info.guessed = True
+            dense = _neuron_set(model, hf_config, config, layer, name, block, shared, found=True)
+            dense.info.shared_expert = True
             sets.append(dense)
     return sets
 
@@ -76,15 +76,37 @@ def shared_mlp(
 
 
 def _expert_unit_set(layer: int, name: str, block: nn.Module, moe: Any) -> GroupSet:
-    """Group (e, j): unit j of expert e, i.e. column j of down_proj[e] and rows j, I + j of gate_up_proj[e]."""
-    full, _, n_exp, units = stacked_experts(name, block, moe)
+    """Group (e, j): unit j of expert e, i.e. column j of down_proj[e] and the rows of gate_up_proj[e] (and of its
+    bias) that feed unit j: j and I + j ([gate | up] halves) or 2j and 2j + 1 (alternating)."""
+    t = expert_tensors(name, block, moe)
+    n_exp, units = t.n_experts, t.units
     idx = torch.arange(n_exp * units).reshape(n_exp, units)
-    gate_up_idx = idx[:, torch.arange(2 * units) % units]
-    site = Site(full, "param", (0, 2), idx, param=moe.down)
-    primary = [TensorSlice(full, moe.down, (0, 2), idx)]
-    removable = [*primary, TensorSlice(full, moe.gate_up, (0, 1), gate_up_idx)]
-    info = ExpertUnitInfo(experts=moe.experts, n_experts=n_exp, units=units, gate_up=moe.gate_up, down=moe.down)
+    rows = torch.arange(2 * units)
+    gate_up_idx = idx[:, rows // 2 if t.interleaved else rows % units]
+    site = Site(t.down[0], "param", (0, t.down_axis), idx, param=t.down[1])
+    primary = [TensorSlice(*t.down, (0, t.down_axis), idx)]
+    removable = [*primary, TensorSlice(*t.gate_up, (0, t.gate_up_axis), gate_up_idx)]
+    if t.bias is not None:
+        removable.append(TensorSlice(*t.bias, (0, 1), gate_up_idx))
+    info = ExpertUnitInfo(experts=moe.experts, n_experts=n_exp, units=units, gate_up=moe.gate_up, down=moe.down,
+                          interleaved=t.interleaved)
     return GroupSet("neurons", layer, n_exp * units, [site], primary, removable, info)
+
+
+def alternating_expert_unit_set(gs: GroupSet, name: str, block: nn.Module, hf_config: Any) -> GroupSet | None:
+    """The same discovered experts with gate and up rows alternating (GPT-OSS) instead of in halves: the layout the
+    shapes cannot tell apart, proposed when the halves fail the numerical check (None: already tried)."""
+    import dataclasses
+
+    info = gs.info
+    if not isinstance(info, ExpertUnitInfo) or info.interleaved or not info.guessed:
+        return None
+    moe = routed_experts(hf_config, block)
+    if moe is None or not moe[1]:
+        return None
+    alt = _expert_unit_set(gs.layer, name, block, dataclasses.replace(moe[0], interleaved=True))
+    alt.info.guessed = True
+    return alt
 
 
 def _neuron_set(
@@ -95,14 +117,18 @@ def _neuron_set(
     name: str,
     block: nn.Module,
     parts: tuple[str, list[str]] | None = None,
+    found: bool = False,
 ) -> GroupSet:
+    """`parts`: (down, ups) already located; `found`: located from names or shapes (checked numerically), so an up
+    projection twice as wide as the units is read as [gate | up] halves."""
     down_rel, up_rels = parts or mlp_parts(name, block, config, hf_config)
     spec = spec_for(hf_config)
     registered = spec is not None and any(m.down == down_rel for m in spec.mlps())
     named = {"up", "down"} & set(config.module_names or {})
-    guessed = parts is None and not registered and not named  # checked numerically before gating
+    guessed = found or parts is None and not registered and not named  # checked numerically before gating
     width = in_features(block.get_submodule(down_rel))
-    if guessed and any(out_features(block.get_submodule(r)) not in (width, 2 * width) for r in up_rels):
+    misfit = any(out_features(block.get_submodule(r)) not in (width, 2 * width) for r in up_rels)
+    if parts is None and guessed and misfit:
         o_rel = _attention_out_name(name, block, config, hf_config)  # names that do not fit: ask the shapes
         exclude = o_rel.rpartition(".")[0] if o_rel else None
         down_rel, up_rels = propose_mlp(block, hf_config, exclude=exclude) or (down_rel, up_rels)
@@ -155,25 +181,56 @@ def prune_expert_unit_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tens
     which add exactly nothing (act(0) * 0 = 0, times a zero column). Units within an expert are
     interchangeable, so each expert's kept units move to the front."""
     info = gs.info
-    experts = model.get_submodule(gs.sites[0].module)
     n_exp, units = info.n_experts, info.units
     alive = ~dead.reshape(n_exp, units).cpu()
     # grouped expert matmuls (torch._grouped_mm) need rows of a non-zero multiple of 16 bytes: round up with
     # zero units (a layer whose every unit is zero keeps 8 of them)
     keep = min(units, max(8, -(-int(alive.sum(1).max()) // 8) * 8))
-    down, gate_up = getattr(experts, info.down), getattr(experts, info.gate_up)
-    new_down = down.data.new_zeros(n_exp, down.shape[1], keep)
-    new_gate_up = gate_up.data.new_zeros(n_exp, 2 * keep, gate_up.shape[2])
-    for e in range(n_exp):
-        idx = torch.nonzero(alive[e]).flatten().to(down.device)
-        k = len(idx)
-        new_down[e, :, :k] = down.data[e].index_select(1, idx)
-        new_gate_up[e, :k] = gate_up.data[e].index_select(0, idx)
-        new_gate_up[e, keep : keep + k] = gate_up.data[e].index_select(0, idx + units)
-    setattr(experts, info.down, nn.Parameter(new_down, requires_grad=down.requires_grad))
-    setattr(experts, info.gate_up, nn.Parameter(new_gate_up, requires_grad=gate_up.requires_grad))
-    if isinstance(getattr(experts, "intermediate_dim", None), int):
-        experts.intermediate_dim = keep
+    for sl in gs.removable:
+        _repack(model.get_submodule(sl.module), sl, alive, units, keep)
+    for owner in {sl.module for sl in gs.removable}:
+        m = model.get_submodule(owner)
+        for attr in ("intermediate_dim", "intermediate_size", "expert_dim"):
+            if getattr(m, attr, None) == units:
+                setattr(m, attr, keep)
+        for attr in ("input_size", "output_size"):  # a module holding one (E, out, in) weight (GraniteMoE 4.x)
+            w = getattr(m, "weight", None)
+            if isinstance(getattr(m, attr, None), int) and isinstance(w, torch.Tensor) and w.dim() == 3:
+                setattr(m, attr, w.shape[2 if attr == "input_size" else 1])
+
+
+def _repack(module: nn.Module, sl: TensorSlice, alive: torch.Tensor, units: int, keep: int) -> None:
+    """Keep each expert's live units of one stacked tensor along its unit axis, moved to the front and padded with
+    zeros to `keep` units; the tensor's own layout of the units (one row each, [gate | up] halves or alternating
+    rows) is kept."""
+    p = getattr(module, sl.param)
+    axis = sl.axis[1]
+    n = p.shape[axis]
+    reps = n // units
+    unit = sl.index[0].cpu()  # expert 0's positions: the unit each one belongs to
+    pos = torch.arange(n)
+    if torch.equal(unit, pos % units):
+        def new_pos(slots: torch.Tensor, r: int) -> torch.Tensor:
+            return r * keep + slots
+        part = pos // units
+    elif torch.equal(unit, pos // reps):
+        def new_pos(slots: torch.Tensor, r: int) -> torch.Tensor:
+            return slots * reps + r
+        part = pos % reps
+    else:
+        raise ExportError(f"The expert tensor {sl.module}.{sl.param} holds its units in a layout hf_dgate cannot "
+                          "repack.")
+    shape = list(p.shape)
+    shape[axis] = reps * keep
+    new = p.data.new_zeros(shape)
+    for e in range(alive.shape[0]):
+        units_kept = torch.nonzero(alive[e]).flatten()
+        slots = torch.arange(len(units_kept))
+        for r in range(reps):
+            old = pos[part == r][units_kept]
+            src = p.data[e].index_select(axis - 1, old.to(p.device))
+            new[e].index_copy_(axis - 1, new_pos(slots, r).to(p.device), src)
+    setattr(module, sl.param, nn.Parameter(new, requires_grad=p.requires_grad))
 
 
 class Neurons(Target):
