@@ -49,7 +49,8 @@ def no_head_forward(self, hidden_states=None, *args, **kwargs):
     if getattr(self, "_dgate_single", False):
         return out
     extras = getattr(self, "_dgate_extras", None) or [None]  # what the original returned after its output
-    return (out, *[getattr(self, a) if a else None for a in extras])
+    values = (out, *[getattr(self, a) if a else None for a in extras])
+    return list(values) if getattr(self, "_dgate_list", False) else values
 
 
 def returns_one_value(cls):
@@ -58,6 +59,30 @@ def returns_one_value(cls):
     of functions nested in it) gives a non-tuple expression."""
     found, tuples = _returns(cls)
     return bool(found) and all(v is not None and not _tuple_like(v, tuples) for v in found)
+
+
+def returns_list(cls):
+    """Does `cls.forward` return a list (OpenAI GPT's attention: `[a] + attn_outputs[1:]`, which its block extends
+    with `+`)? Every `return` gives a list display, a concatenation starting with one, or a name assigned one."""
+    import ast
+
+    found, _ = _returns(cls)
+    fn = _forward_tree(cls)
+    lists = set()
+    for node in ast.walk(fn) if fn is not None else ():
+        if isinstance(node, ast.Assign) and _list_like(node.value, set()):
+            lists.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    return bool(found) and all(v is not None and _list_like(v, lists) for v in found)
+
+
+def _list_like(node, lists):
+    import ast
+
+    if isinstance(node, ast.List):
+        return True
+    if isinstance(node, ast.BinOp):
+        return _list_like(node.left, lists)
+    return isinstance(node, ast.Name) and node.id in lists
 
 
 def returned_extras(cls):
@@ -82,14 +107,8 @@ def returned_extras(cls):
 def _returns(cls):
     """The expressions `cls.forward` itself returns, and the names it assigns a tuple to."""
     import ast
-    import inspect
-    import textwrap
 
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
-    except (OSError, TypeError, SyntaxError, AttributeError):
-        return [], set()
-    fn = tree.body[0] if tree.body and isinstance(tree.body[0], (ast.FunctionDef, ast.AsyncFunctionDef)) else None
+    fn = _forward_tree(cls)
     if fn is None:
         return [], set()
     found, tuples = [], set()  # returned expressions; names assigned a tuple somewhere in the forward
@@ -106,11 +125,24 @@ def _returns(cls):
     return found, tuples
 
 
+def _forward_tree(cls):
+    """The syntax tree of `cls.forward` (None when its source cannot be read)."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    except (OSError, TypeError, SyntaxError, AttributeError):
+        return None
+    return tree.body[0] if tree.body and isinstance(tree.body[0], (ast.FunctionDef, ast.AsyncFunctionDef)) else None
+
+
 def _tuple_like(node, tuples):
     """A tuple display, a concatenation with one, `tuple(...)`, or a name assigned a tuple."""
     import ast
 
-    if isinstance(node, ast.Tuple):
+    if isinstance(node, (ast.Tuple, ast.List)):  # (a list of outputs is a sequence too: OpenAI GPT)
         return True
     if isinstance(node, ast.BinOp):
         return _tuple_like(node.left, tuples) or _tuple_like(node.right, tuples)
@@ -151,6 +183,7 @@ def make_no_head(module, out):
     module._dgate_residual = residual_argument(type(module))
     if not isinstance(module, ZeroHeadAttention):
         module._dgate_single = returns_one_value(type(module))
+        module._dgate_list = returns_list(type(module))
         module._dgate_extras = returned_extras(type(module))
         module.__class__ = _subclass(type(module), ZeroHeadAttention, no_head_forward)
 

@@ -44,3 +44,13 @@ def test_head_selection_of_an_outside_bias_composes_and_is_checked_as_data():
                                                                                           "heads": [5], "of": 4}}}
     with pytest.raises(ValueError, match="beyond"):
         shrink(Attn(), spec)
+
+
+@pytest.mark.parametrize("family", ["openai-gpt", "doge"])
+def test_heads_whose_attention_returns_a_list_or_has_per_head_mask_parts(family):
+    """OpenAI GPT's attention returns a list its block extends with `+`: a layer left without heads returns a list
+    too (before: 'can only concatenate list (not "Tensor") to list'). Doge's dynamic mask reads every key/value
+    head's values through dt_proj and writes one mask row per key/value head, scaled by a per-head vector A: a
+    removed head takes its dt_proj columns and row and its entry of A (before: the export failed on the probe)."""
+    cell = _exact(family)
+    assert cell.outcome == zoo.Outcome.EXACT.value, cell

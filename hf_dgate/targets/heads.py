@@ -68,9 +68,36 @@ def per_head_vectors(name: str, block: nn.Module, gs: GroupSet) -> list[TensorSl
     where = f"{name}.{core_rel}" if core_rel else name
     group = torch.arange(n_heads) // n_rep
     out = [TensorSlice(where, p, 0, group) for p, t in own if t is not None and t.dim() == 1 and t.numel() == n_heads]
+    if info.n_kv not in (n_heads, info.head_dim, 1):  # one entry per key/value head (Doge's dynamic-mask A)
+        out += [
+            TensorSlice(where, p, 0, torch.arange(info.n_kv))
+            for p, t in own if t is not None and t.dim() == 1 and t.numel() == info.n_kv
+        ]
+    out += _per_head_linears(name, block, gs, core_rel)
     for rel, m in core.named_modules():  # a depthwise convolution over heads (Nystromformer's conv on the values)
         if rel and isinstance(m, nn.modules.conv._ConvNd) and m.groups == m.in_channels == m.out_channels == n_heads:
             out += [TensorSlice(f"{where}.{rel}", p, 0, group) for p in ("weight", "bias") if getattr(m, p) is not None]
+    return out
+
+
+def _per_head_linears(name: str, block: nn.Module, gs: GroupSet, core_rel: str) -> list[TensorSlice]:
+    """Other Linears of the attention module that read the key/value heads' states or write one output per head
+    (Doge's dynamic-mask dt_proj: values of every key/value head in, one mask row per key/value head out): a removed
+    head takes its columns and its row along. Proposed from widths; the numerical checks decide."""
+    info = gs.info
+    n_heads, n_kv, hd = info.n_heads, info.n_kv, info.head_dim
+    n_rep = n_heads // max(1, n_kv)
+    taken = {r for r in (info.q, info.k, info.v, info.o, info.qkv, *info.per_head, *info.per_kv_head) if r}
+    if not (info.v or info.qkv) or info.side != HeadSide.VALUE:  # only zero values make their readers' columns free
+        return []
+    out: list[TensorSlice] = []
+    for rel, m in _leaf_linears(block).items():
+        if rel in taken or rel.rpartition(".")[0] != core_rel or in_features(m) != n_kv * hd:
+            continue
+        if out_features(m) not in (n_kv, n_heads):
+            continue
+        rows = torch.arange(n_kv) if out_features(m) == n_kv else torch.arange(n_heads) // n_rep
+        out += input_slices(f"{name}.{rel}", m, slice_index(n_kv * hd, hd)) + output_slices(f"{name}.{rel}", m, rows)
     return out
 
 
