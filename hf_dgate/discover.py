@@ -202,6 +202,72 @@ def residual_branches(block: nn.Module, hf_config: Any) -> list[tuple[str, list[
     return out
 
 
+def branch_candidates(block: nn.Module, child: str, hidden: int) -> list[list[tuple[str, str]]]:
+    """The parameter groups of a residual branch (a direct child of `block`) that may carry its scale, as
+    (relative module, parameter) pairs: the layers writing the hidden size, one group per name pattern (every copy
+    in a list of experts together), and each stacked expert tensor with a hidden-size axis in either layout
+    ((E, H, I) or (E, I, H)) with its own per-expert bias. Which of them are the branch's last layers is what
+    `fit_branch_scale` decides numerically."""
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for rel, m in _linears(block).items():
+        if (rel == child or _under(rel, child)) and _shape(m)[1] == hidden:
+            key = re.sub(r"\.\d+(?=\.|$)", ".#", rel)
+            groups.setdefault(key, []).extend((rel, pn) for pn, _ in m.named_parameters(recurse=False))
+    for rel, m in block.get_submodule(child).named_modules():
+        own = dict(m.named_parameters(recurse=False))
+        for pn, p in own.items():
+            if p.dim() == 3 and hidden in (p.shape[1], p.shape[2]):
+                full = f"{child}.{rel}" if rel else child
+                biases = [q for q, b in own.items() if q != pn and q.startswith(pn) and b.dim() == 2
+                          and b.shape[-1] == hidden]
+                groups[f"{full}.{pn}"] = [(full, q) for q in (pn, *biases)]
+    return list(groups.values())
+
+
+def fit_branch_scale(
+    model: nn.Module, block_name: str, child: str, candidates: list[list[tuple[str, str]]], inputs: Any,
+    max_tries: int = 64,
+) -> list[tuple[str, str]] | None:
+    """The smallest union of `candidates` whose parameters, scaled by 0.5, halve the branch's output on the probe
+    (its last layers: the scale of anything feeding a nonlinearity, such as an output gate, does not pass through),
+    or None. One forward pass of the model per try, the branch's output read by a hook."""
+    from itertools import combinations
+
+    module = model.get_submodule(f"{block_name}.{child}")
+    seen: list[torch.Tensor] = []
+
+    def hook(_m: nn.Module, _args: Any, out: Any) -> None:
+        if not seen:
+            seen.append(_first(out))
+
+    def branch_out(scaled: list[tuple[str, str]]) -> torch.Tensor | None:
+        seen.clear()
+        with _undone() as (handles, saved), torch.no_grad():
+            for rel, pn in scaled:
+                p = getattr(model.get_submodule(f"{block_name}.{rel}"), pn)
+                saved.append((p, p.detach().clone()))
+                p.mul_(0.5)
+            handles.append(module.register_forward_hook(hook))
+            _forward(model, inputs)
+        return seen[0].float() if seen and isinstance(seen[0], torch.Tensor) else None
+
+    ref = branch_out([])
+    if ref is None or not float(ref.abs().max()) > 0:
+        return None
+    tol = 1e-5 * float(ref.abs().max())
+    tries = 0
+    for k in range(1, len(candidates) + 1):
+        for combo in combinations(candidates, k):
+            tries += 1
+            if tries > max_tries:
+                return None
+            scaled = [pair for group in combo for pair in group]
+            out = branch_out(scaled)
+            if out is not None and _close(out, 0.5 * ref, tol):
+                return scaled
+    return None
+
+
 # ---- the numerical check --------------------------------------------------------------------------------------
 class _Scale:
     """A forward (pre-)hook multiplying the feature axis of an activation by a fixed factor vector."""

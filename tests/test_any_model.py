@@ -138,3 +138,59 @@ def test_unnamed_model_gates_and_exports_exactly(kind, target):
     if kind == "hybrid" and target == "heads":  # the recurrent cell has no heads: it stays dense, the others not
         assert [gs.layer for gs in bank.group_sets] == [0, 2]
         assert bank.group_sets[0].info.dense_blocks == (1,)
+
+
+class GatedMixer(Mixer):
+    """Mixer whose output is gated per feature by a layer registered after `merge` that also writes the hidden size:
+    the last layer registered is not the last in the data flow."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(D, D)
+
+    def forward(self, x):
+        return super().forward(x) * torch.sigmoid(self.gate(x))
+
+
+class Routed(nn.Module):
+    """A mixture of experts: stacked experts in the (E, in, out) layout with a per-expert output bias, softmax-routed,
+    beside an always-on shared expert (a plain FF)."""
+
+    def __init__(self, n_exp: int = 3, units: int = 8):
+        super().__init__()
+        self.router = nn.Linear(D, n_exp, bias=False)
+        self.experts = nn.Module()
+        self.experts.w_in = nn.Parameter(torch.randn(n_exp, D, 2 * units) / 4)
+        self.experts.w_out = nn.Parameter(torch.randn(n_exp, units, D) / 4)
+        self.experts.w_out_bias = nn.Parameter(torch.randn(n_exp, D) / 4)
+        self.shared = FF(gated=True)
+
+    def forward(self, x):
+        g, u = torch.einsum("btd,edu->bteu", x, self.experts.w_in).chunk(2, -1)
+        y = torch.einsum("bteu,eud->bted", F.silu(g) * u, self.experts.w_out) + self.experts.w_out_bias
+        return (torch.softmax(self.router(x), -1).unsqueeze(-1) * y).sum(2) + self.shared(x)
+
+
+def test_layers_of_an_unnamed_mixture_of_experts_fold_into_the_weights_the_check_finds():
+    """A whole-layer gate folds into each branch's last layers. Here the last layer registered is an output gate
+    (a sigmoid follows it) and the MoE branch ends in stacked (E, in, out) experts with a bias beside a shared expert:
+    the weights that carry each branch's scale are found numerically, and gates left at 0.5 fold exactly (before:
+    'no block passed', as for GPT-OSS, Llama 4, AFMoE)."""
+    torch.manual_seed(0)
+    cells = []
+    for _ in range(3):
+        cell = Cell(GatedMixer())
+        cell.ff = Routed()
+        cells.append(cell)
+    model = Net(cells, "stack").eval()
+    ids = torch.randint(0, V, (2, 9))
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="layers"), example_inputs=ids)
+    with torch.no_grad():
+        gates = hf_dgate.get_bank(model).gammas["layers"]
+        gates[:, 0] = 0
+        gates[:, 1:] = 0.5 ** (1 / gates.shape[0])  # a kept layer's gate of 0.5 folds into its weights
+        gated = model(ids)
+    pruned = hf_dgate.export_pruned(model, example_inputs=ids)
+    assert pruned.dgate_verification.exact and len(pruned.stack) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(ids), gated, atol=1e-5, rtol=1e-5)

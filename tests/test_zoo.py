@@ -308,3 +308,15 @@ def test_a_per_head_output_gate_beside_name_found_projections_goes_with_its_head
         pytest.skip("afmoe is not in this transformers' causal-LM mapping")
     cell = zoo.run_cell("causal-lm", "afmoe", "heads")
     assert cell.outcome == zoo.Outcome.EXACT.value, cell
+
+
+@pytest.mark.parametrize("family", ["recurrent_gemma", "glm4_moe", "nemotron_h"])
+def test_a_layer_drop_rewrites_the_config_patterns_of_the_kept_layers(family):
+    """RecurrentGemma cycles `block_types` over the layers, GLM-4-MoE (4.x) makes its first `first_k_dense_replace`
+    layers dense, Nemotron-H lists `layers_block_type`: after a drop each is written for the kept layers, and the
+    reload builds the export's own modules (before: refused by the reload rehearsal, or the export failed on the
+    probe)."""
+    if family not in zoo.model_types("causal-lm"):
+        pytest.skip(f"{family} is not in this transformers' causal-LM mapping")
+    cell = zoo.run_cell("causal-lm", family, "layers")
+    assert cell.outcome == zoo.Outcome.EXACT.value, cell

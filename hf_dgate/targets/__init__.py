@@ -213,16 +213,22 @@ def _checked(
                     sets = [alt if s is gs else s for s in sets]
                     del bad[i]
         if bad and target == "layers":  # children that add the residual themselves: gate their last layers
-            from .layers import alternative_layer_set
+            from .layers import alternative_layer_set, fitted_layer_set
 
             for i in list(bad):
                 gs = guessed[i]
                 name, block = stack.blocks[gs.layer]
-                alt = alternative_layer_set(gs.layer, name, block, layer_config(stack.config, gs.layer))
-                if not verify(model, [alt], probe):
-                    alt.info.stack, alt.info.stack_name = stack.path, stack.name
-                    sets = [alt if s is gs else s for s in sets]
-                    del bad[i]
+                cfg = layer_config(stack.config, gs.layer)
+                for propose in (  # then the weights that carry each branch's scale, found numerically
+                    lambda: alternative_layer_set(gs.layer, name, block, cfg),  # noqa: B023 - called in this pass
+                    lambda: fitted_layer_set(model, gs, block, cfg, probe),  # noqa: B023
+                ):
+                    alt = propose()
+                    if alt is not None and not verify(model, [alt], probe):
+                        alt.info.stack, alt.info.stack_name = stack.path, stack.name
+                        sets = [alt if s is gs else s for s in sets]
+                        del bad[i]
+                        break
         if bad and target == "heads":  # where the structure says why no head can go alone, say that
             from .heads import norm_over_all_heads
 

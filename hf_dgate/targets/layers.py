@@ -24,7 +24,7 @@ from ..architectures import (
 )
 from ..compat import experts_list, rekey_per_layer_config
 from ..config import DGateConfig
-from ..discover import hidden_size, residual_branches
+from ..discover import branch_candidates, fit_branch_scale, hidden_size, residual_branches
 from ..errors import ExportError
 from ..groups import GroupSet, LayerInfo, Site, TensorSlice, whole_module_slices, whole_weight_slices
 from ..registry import spec_for
@@ -41,7 +41,12 @@ PER_LAYER_CONFIG_LISTS = (
     "num_attention_heads_per_layer",
     "swiglu_limits",  # Step 3.7
     "swiglu_limits_shared",
+    "layers_block_type",  # Nemotron-H, Zamba, Zamba 2
 )
+# a pattern that repeats over the layers (RecurrentGemma's block_types): written out for the kept layers
+CYCLED_CONFIG_LISTS = ("block_types",)
+# the first k layers are of one kind (dense MLPs before MoE ones): k becomes the number of those layers kept
+PREFIX_COUNT_FIELDS = ("first_k_dense_replace", "num_dense_layers", "moe_layer_start_index")
 
 
 def _layer_sets(
@@ -93,6 +98,28 @@ def alternative_layer_set(layer: int, name: str, block: nn.Module, hf_config: An
     """The same branches gated at their last layers instead of at the child's output (for children that add the
     residual themselves, as BERT's attention output does)."""
     return _guessed_layer_set(layer, name, block, hf_config, at_child=False)
+
+
+def fitted_layer_set(model: nn.Module, gs: GroupSet, block: nn.Module, hf_config: Any, inputs: Any) -> GroupSet | None:
+    """`gs` with each branch's scale carried by the weights found numerically (discover.fit_branch_scale) instead of
+    by the last layer writing the hidden size: for branches whose last registered layer is not their last in the
+    data flow (an attention output gate), a mixture of experts beside a shared expert, or stacked experts with a
+    bias or in the (E, I, H) layout. None when some branch has no such weights."""
+    name = gs.info.block
+    hidden = hidden_size(hf_config, block)
+    if hidden is None:
+        return None
+    primary = []
+    for site in gs.sites:
+        child = site.module.removeprefix(f"{name}.")
+        if site.where != "output" or child == site.module or "." in child and not child.split(".")[-1].isdigit():
+            return None  # (only the gates on a direct child's output, as `_guessed_layer_set` places them)
+        fitted = fit_branch_scale(model, name, child, branch_candidates(block, child, hidden), inputs)
+        if fitted is None:
+            return None
+        primary += [TensorSlice(f"{name}.{rel}", pn, None, torch.tensor([0])) for rel, pn in fitted]
+    info = LayerInfo(block=name, guessed=True)
+    return GroupSet("layers", gs.layer, 1, list(gs.sites), primary, list(gs.removable), info)
 
 
 def _guessed_layer_set(layer: int, name: str, block: nn.Module, hf_config: Any, at_child: bool = True) -> GroupSet:
@@ -182,10 +209,16 @@ def drop_layers(model: nn.Module, st: BlockStack, dead: set[int]) -> None:
         n_old = getattr(cfg, st.layers_field, None)
         if n_old != len(old):
             continue
-        for key in PER_LAYER_CONFIG_LISTS:
+        for key in PER_LAYER_CONFIG_LISTS + CYCLED_CONFIG_LISTS:
             val = getattr(cfg, key, None)
+            if key in CYCLED_CONFIG_LISTS and isinstance(val, (list, tuple)) and 0 < len(val) < n_old:
+                val = [val[i % len(val)] for i in range(n_old)]
             if isinstance(val, (list, tuple)) and len(val) == n_old and settable(cfg, key):
                 setattr(cfg, key, [v for i, v in enumerate(val) if i not in dead])
+        for key in PREFIX_COUNT_FIELDS:
+            k = getattr(cfg, key, None)
+            if isinstance(k, int) and not isinstance(k, bool) and settable(cfg, key):
+                setattr(cfg, key, sum(1 for i in range(min(k, n_old)) if i not in dead))
         setattr(cfg, st.layers_field, len(kept))
         if st.layers_field == "num_hidden_layers":
             rekey_per_layer_config(cfg, [i for i in range(len(old)) if i not in dead])
