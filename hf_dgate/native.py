@@ -19,9 +19,11 @@ from .compat import (
     per_layer_overrides,
     set_per_layer_overrides,
 )
-from .pruned_modules import ZeroHeadAttention, ZeroInputConv1D
+from .pruned_modules import KeepsPrunedAttention, ZeroHeadAttention, ZeroInputConv1D
 from .targets import BUILTIN
 from .targets.base import MISSING, merge_edits, settable
+
+PATCHED = (ZeroHeadAttention, ZeroInputConv1D, KeepsPrunedAttention)  # hf_dgate's subclasses of pruned modules
 
 
 def text_config(model: nn.Module) -> Any:
@@ -98,10 +100,7 @@ def shapes_match(model: nn.Module) -> bool:
 
 
 def has_patched_modules(model: nn.Module) -> bool:
-    return any(
-        isinstance(m, (ZeroHeadAttention, ZeroInputConv1D)) or getattr(m, "_dgate_head_inputs", None)
-        for m in model.modules()
-    )
+    return any(isinstance(m, PATCHED) or getattr(m, "_dgate_head_inputs", None) for m in model.modules())
 
 
 def reload_problem(model: nn.Module) -> str | None:
@@ -143,8 +142,17 @@ def reload_problem(model: nn.Module) -> str | None:
         return f"{type(model).__name__} cannot initialise its weights in the pruned shapes ({_short(e)})"
     except Exception:  # noqa: BLE001 - an init the meta device cannot run says nothing about loading
         pass
+    switched = _switch_like(model, fresh)
     fresh_modules = dict(fresh.named_modules())
-    for name, m in model.named_modules():  # the config builds other modules (BigBird switched to full attention)
+    for name in switched:  # the attention the switch built must have the export's head counts
+        for rel, m in model.get_submodule(name).named_children():
+            f = fresh_modules.get(f"{name}.{rel}")
+            sizes = {k: v for k, v in vars(m).items() if k in SIZE_ATTRS and isinstance(v, int)}
+            theirs = {k: vars(f).get(k) for k in sizes} if f is not None else {}
+            if f is not None and sizes != theirs:
+                return (f"'{name}.{rel}' would have {theirs} after {type(m).__name__} is rebuilt at run time, the "
+                        f"export has {sizes}")
+    for name, m in model.named_modules():  # the config builds other modules
         f = fresh_modules.get(name)
         weighted = next(m.parameters(), None) is not None  # (a drop path that is Identity at rate 0 does not count)
         if f is not None and weighted and _base_class(m) is not _base_class(f):
@@ -159,10 +167,34 @@ def reload_problem(model: nn.Module) -> str | None:
     return None
 
 
+SIZE_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head", "attention_head_size", "head_dim",
+              "all_head_size", "num_key_value_heads")
+
+
+def _switch_like(model: nn.Module, fresh: nn.Module) -> list[str]:
+    """Put the freshly built model's run-time attention switches where the export's are: BigBird's config builds
+    block-sparse attention and its forward swaps in full attention for short inputs (`set_attention_type`, from the
+    config), so an export made after a short input holds the full one. The names of the modules switched."""
+    fresh_modules = dict(fresh.named_modules())
+    switched = []
+    for name, m in model.named_modules():
+        f = fresh_modules.get(name)
+        kind = getattr(m, "attention_type", None)
+        if f is not None and isinstance(kind, str) and callable(getattr(f, "set_attention_type", None)):
+            if getattr(f, "attention_type", None) != kind:
+                switched.append(name)
+    for name in switched:  # outer first (named_modules order); inner ones are switched along
+        f = fresh.get_submodule(name)
+        if f.attention_type != model.get_submodule(name).attention_type:
+            with torch.device("meta"):
+                f.set_attention_type(model.get_submodule(name).attention_type)
+    return switched
+
+
 def _base_class(m: nn.Module) -> type:
-    """The module's class without hf_dgate's no-head / no-input subclass."""
+    """The module's class without hf_dgate's no-head / no-input / kept-heads subclass."""
     cls = type(m)
-    return cls.__mro__[1] if issubclass(cls, (ZeroHeadAttention, ZeroInputConv1D)) else cls
+    return cls.__mro__[1] if issubclass(cls, PATCHED) else cls
 
 
 def _short(e: BaseException) -> str:

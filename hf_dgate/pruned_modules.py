@@ -21,6 +21,12 @@ class ZeroInputConv1D:
     depthwise convolution with no channel left (torch refuses zero groups)."""
 
 
+class KeepsPrunedAttention:
+    """Marker base: a module that replaces its attention by a new one built from the config at run time (BigBird
+    swaps block-sparse for full attention on short inputs, `set_attention_type`); the new one keeps the pruned one's
+    head counts and, where no head is left, its no-head forward."""
+
+
 def no_head_forward(self, hidden_states=None, *args, **kwargs):
     """Forward of an attention layer without heads: the output projection applied to an empty context."""
     if hidden_states is None:
@@ -166,14 +172,31 @@ def no_input_forward(self, x):
     return x.new_zeros(*x.shape[:-1], self.nf) + self.bias.to(x.dtype)
 
 
+def set_attention_type_keeping_heads(self, value, *args, **kwargs):
+    """`set_attention_type` of a pruned module: the attention the config builds gets the pruned one's int sizes
+    (head counts, head size, width) and, where it had no head left, the no-head forward."""
+    before = dict(self.named_children())
+    super(type(self), self).set_attention_type(value, *args, **kwargs)
+    for name, new in self.named_children():
+        old = before.get(name)
+        if old is None or new is old:
+            continue
+        for key, size in vars(old).items():
+            if isinstance(size, int) and not isinstance(size, bool) and not key.startswith("_"):
+                if isinstance(vars(new).get(key), int) and not isinstance(vars(new)[key], bool):
+                    setattr(new, key, size)
+        if isinstance(old, ZeroHeadAttention):
+            make_no_head(new, old._dgate_out)
+
+
 _CLASSES = {}
+_PREFIXES = {ZeroHeadAttention: "NoHead", ZeroInputConv1D: "NoInput", KeepsPrunedAttention: "Pruned"}
 
 
-def _subclass(cls, marker, forward):
+def _subclass(cls, marker, methods):
     key = (cls, marker)
     if key not in _CLASSES:
-        prefix = "NoHead" if marker is ZeroHeadAttention else "NoInput"
-        _CLASSES[key] = type(prefix + cls.__name__, (cls, marker), {"forward": forward, "__module__": __name__})
+        _CLASSES[key] = type(_PREFIXES[marker] + cls.__name__, (cls, marker), {**methods, "__module__": __name__})
     return _CLASSES[key]
 
 
@@ -185,7 +208,7 @@ def make_no_head(module, out):
         module._dgate_single = returns_one_value(type(module))
         module._dgate_list = returns_list(type(module))
         module._dgate_extras = returned_extras(type(module))
-        module.__class__ = _subclass(type(module), ZeroHeadAttention, no_head_forward)
+        module.__class__ = _subclass(type(module), ZeroHeadAttention, {"forward": no_head_forward})
 
 
 def residual_argument(cls):
@@ -202,7 +225,14 @@ def residual_argument(cls):
 
 def make_no_input(module):
     if not isinstance(module, ZeroInputConv1D):
-        module.__class__ = _subclass(type(module), ZeroInputConv1D, no_input_forward)
+        module.__class__ = _subclass(type(module), ZeroInputConv1D, {"forward": no_input_forward})
+
+
+def keep_pruned_on_switch(module):
+    """Make a module whose `set_attention_type` rebuilds its attention from the config keep the pruned sizes."""
+    if not isinstance(module, KeepsPrunedAttention) and callable(getattr(module, "set_attention_type", None)):
+        module.__class__ = _subclass(type(module), KeepsPrunedAttention,
+                                     {"set_attention_type": set_attention_type_keeping_heads})
 
 
 def own_head_config(module, n_heads, n_kv):
@@ -309,3 +339,5 @@ def shrink(model, spec):
         make_no_head(model.get_submodule(_name(module_name)), _name(out) if out else None)
     for module_name in spec["no_input"]:
         make_no_input(model.get_submodule(_name(module_name)))
+    for module_name in spec.get("keep_on_switch", []):
+        keep_pruned_on_switch(model.get_submodule(_name(module_name)))

@@ -85,6 +85,7 @@ class RebuildSpec:
     no_head: dict[str, str | None]  # attention modules left with no head -> their output projection (or None)
     no_input: list[str]  # GPT-2 Conv1Ds left with no input feature
     head_configs: dict[str, list[int]] | None = None  # modules given their own [heads, kv heads] config (Phi-3)
+    keep_on_switch: list[str] | None = None  # modules whose attention rebuilt at run time keeps its sizes (BigBird)
     model_class: str | None = None  # the class whose module names these are (another class: legacy_records.py)
     head_inputs: dict[str, dict[str, Any]] | None = None  # attention modules -> kept heads of an outside ALiBi bias
     extra: dict[str, Any] = field(default_factory=dict)
@@ -98,12 +99,14 @@ class RebuildSpec:
             data.get("model_class", ""), str
         ):
             raise RecordError(f"{where} has a malformed head_configs, head_inputs or model_class; re-export it.")
+        if not isinstance(data.get("keep_on_switch", []), list):
+            raise RecordError(f"{where} has a malformed keep_on_switch; re-export it.")
         known = _field_names(cls)
         return cls(**{k: data[k] for k in known if k in data}, extra={k: v for k, v in data.items() if k not in known})
 
     def to_dict(self) -> dict[str, Any]:
         out = {"shapes": self.shapes, "attrs": self.attrs, "no_head": self.no_head, "no_input": self.no_input}
-        for key in ("head_configs", "model_class", "head_inputs"):
+        for key in ("head_configs", "keep_on_switch", "model_class", "head_inputs"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return {**out, **self.extra}

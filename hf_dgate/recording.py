@@ -17,7 +17,7 @@ from .architectures import BlockStack
 from .compat import HAS_HF_PRUNE_HEADS, build_on_meta, config_value
 from .config import DGateConfig
 from .native import make_native
-from .pruned_modules import ZeroHeadAttention, ZeroInputConv1D
+from .pruned_modules import KeepsPrunedAttention, ZeroHeadAttention, ZeroInputConv1D
 from .record import CURRENT, HF_PRUNED_HEADS, RECORD_KEY, PruningRecord
 from .registry import spec_for
 
@@ -312,4 +312,7 @@ def rebuild_spec(model: nn.Module) -> dict[str, Any] | None:
     head_inputs = {n: m._dgate_head_inputs for n, m in model.named_modules() if getattr(m, "_dgate_head_inputs", None)}
     if head_inputs:
         spec["head_inputs"] = head_inputs
+    keep = [n for n, m in model.named_modules() if isinstance(m, KeepsPrunedAttention)]
+    if keep:  # attention rebuilt from the config at run time (BigBird) keeps the pruned sizes
+        spec["keep_on_switch"] = keep
     return {**spec, "model_class": type(model).__name__}  # whose module names these are

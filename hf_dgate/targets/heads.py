@@ -32,7 +32,13 @@ from ..compat import (
 from ..config import DGateConfig
 from ..errors import ExportError
 from ..groups import UNGATED, GroupSet, HeadInfo, Site, TensorSlice, input_slices, output_slices, slice_index
-from ..pruned_modules import ZeroHeadAttention, make_no_head, own_head_config, select_head_inputs
+from ..pruned_modules import (
+    ZeroHeadAttention,
+    keep_pruned_on_switch,
+    make_no_head,
+    own_head_config,
+    select_head_inputs,
+)
 from ..registry import QK_NORM_SPANS_HEADS, spec_for
 from .base import Target, block_name, keep_slice, per_layer_edit
 
@@ -388,6 +394,11 @@ def _set_head_counts(model: nn.Module, gs: GroupSet, dead: torch.Tensor, core_re
         o_rel = info.o
         inside = not core_rel or o_rel.startswith(core_rel + ".")
         make_no_head(core, (o_rel[len(core_rel) + 1 :] if core_rel else o_rel) if inside else None)
+    # a module that rebuilds this attention from the config at run time (BigBird) keeps its sizes: the attention's
+    # parent, or the wrapper found as the attention (BigBird-Pegasus' encoder attention holds its output projection)
+    keep_pruned_on_switch(core)
+    if core_rel:
+        keep_pruned_on_switch(model.get_submodule(f"{block}.{core_rel}".rpartition(".")[0]))
 
 
 def outside_head_inputs(core: nn.Module) -> list[str]:

@@ -1,0 +1,107 @@
+"""Encoder families whose attention is not plain: BigBird swaps block-sparse for full attention at run time
+(short inputs), building the new attention from the config; a pruned export must keep its head counts across the
+swap, both ways, and reload exactly with either."""
+
+import warnings
+
+import pytest
+import torch
+
+import hf_dgate
+from hf_dgate.loading import AutoPrunedModel, save_pruned
+
+transformers = pytest.importorskip("transformers")
+# block size 4 and one random block: block-sparse attention runs from (5 + 2) * 4 = 28 tokens on
+SPARSE = dict(vocab_size=64, max_position_embeddings=128, block_size=4, num_random_blocks=1,
+              attention_type="block_sparse")
+
+
+def _bigbird(family):
+    torch.manual_seed(0)
+    if family == "big_bird":
+        cfg = transformers.BigBirdConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=64, **SPARSE)
+        return transformers.BigBirdForMaskedLM(cfg).eval(), "AutoModelForMaskedLM"
+    cfg = transformers.BigBirdPegasusConfig(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
+                                            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                            **SPARSE)
+    return transformers.BigBirdPegasusForConditionalGeneration(cfg).eval(), "AutoModelForSeq2SeqLM"
+
+
+def _batch(n, seq2seq):
+    ids = torch.randint(3, 60, (2, n), generator=torch.Generator().manual_seed(n))
+    return {"input_ids": ids, **({"decoder_input_ids": ids[:, :4]} if seq2seq else {})}
+
+
+def _logits(model, batch, kind):
+    next(m for m in model.modules() if hasattr(m, "set_attention_type")).set_attention_type(kind)  # the outermost
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.mark.parametrize("target", ["heads", "neurons"])
+@pytest.mark.parametrize("family", ["big_bird", "bigbird_pegasus"])
+def test_bigbird_export_is_exact_with_full_and_block_sparse_attention(tmp_path, family, target):
+    model, auto = _bigbird(family)
+    seq2seq = family == "bigbird_pegasus"
+    short, long = _batch(8, seq2seq), _batch(64, seq2seq)
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target=target), example_inputs=short)
+    attention = [m for m in model.modules() if hasattr(m, "set_attention_type")]
+    assert {m.attention_type for m in attention} == {"original_full"}  # the probe's short batch switched them
+    with torch.no_grad():
+        bank = hf_dgate.get_bank(model)
+        gammas = bank.gammas[target]
+        gammas[:, : bank.group_sets[0].n_groups] = 0  # every group of the first layer
+        gammas[:, -1] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruned = hf_dgate.export_pruned(model, example_inputs=short)
+        assert save_pruned(pruned, tmp_path) == auto
+        again = AutoPrunedModel.from_pretrained(tmp_path).eval()
+        remote = getattr(transformers, auto).from_pretrained(tmp_path, trust_remote_code=True).eval()
+    assert next(m for m in again.modules() if hasattr(m, "set_attention_type")).attention_type == "block_sparse"
+    for kind, batch in (("block_sparse", long), ("original_full", short), ("original_full", long)):
+        want = _logits(model, batch, kind)
+        for m in (pruned, again, remote):
+            assert torch.allclose(_logits(m, batch, kind), want, atol=1e-5), (kind, batch["input_ids"].shape)
+    # a fresh load meets a short input first: its forward swaps in full attention built from the config
+    again = AutoPrunedModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.allclose(again(**short).logits, _logits(model, short, "original_full"), atol=1e-5)
+    if target == "heads":
+        heads = [m.num_attention_heads for m in again.modules() if type(m).__name__.endswith("SelfAttention")]
+        assert heads[:2] == [0, 4 - (family == "big_bird")], heads
+
+
+def test_the_reload_rehearsal_refuses_other_modules_or_lost_head_counts():
+    """The rehearsal rebuilds the export as a loader would and switches its run-time attention where the export's
+    was switched; it refuses an export holding another class than its config builds, and one whose attention,
+    rebuilt from the config by that switch, would lose the pruned head counts (before: a crash on the first short
+    input after loading)."""
+    from hf_dgate.native import reload_problem
+    from hf_dgate.pruned_modules import KeepsPrunedAttention
+    from hf_dgate.record import RECORD_KEY
+
+    model, _ = _bigbird("big_bird")
+    short = _batch(8, False)
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="heads"), example_inputs=short)
+    with torch.no_grad():
+        hf_dgate.get_bank(model).gammas["heads"][:, :5] = 0
+    pruned = hf_dgate.export_pruned(model, example_inputs=short)
+    assert reload_problem(pruned) is None
+    for m in pruned.modules():  # as if the export had not kept its head counts across the switch
+        if isinstance(m, KeepsPrunedAttention):
+            m.__class__ = type(m).__mro__[1]
+    assert getattr(pruned.config, RECORD_KEY)["rebuild"].pop("keep_on_switch")
+    why = reload_problem(pruned)
+    assert "'bert.encoder.layer.0.attention.self' would have {'num_attention_heads': 4" in why, why
+    assert "after NoHeadBigBirdSelfAttention is rebuilt at run time" in why
+
+    torch.manual_seed(0)
+    bert = transformers.BertForMaskedLM(transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64))
+    attn = bert.bert.encoder.layer[0].attention
+    attn.self.__class__ = type("OtherSelfAttention", (type(attn.self),), {})
+    built = type(attn.self).__mro__[1].__name__  # (4.57 builds BertSdpaSelfAttention)
+    assert reload_problem(bert) == (
+        f"its config builds {built} at 'bert.encoder.layer.0.attention.self' where the export has OtherSelfAttention")
