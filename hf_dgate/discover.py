@@ -174,6 +174,33 @@ def _common_parent(a: str, b: str) -> str:
     return ".".join(common)
 
 
+def recurrent_mixer(block: nn.Module, hf_config: Any) -> tuple[str, str] | None:
+    """(relative name, what shows it) of a sequence mixer in `block` that carries a recurrent state over its channels
+    instead of attention heads (RWKV's time mixing, a Mamba mixer): a module whose output projection writes the
+    hidden size from C channels and that either keeps parameters of its own with one row per channel (RWKV's
+    `time_decay`, Mamba's `A_log` and `D`: the state's decay per channel) or convolves those channels along the
+    sequence (Mamba's depthwise `conv1d`). None when no module of the block looks so."""
+    hidden = hidden_size(hf_config, block)
+    leaves = _linears(block)
+    for rel, m in block.named_modules():
+        if not rel:
+            continue
+        outs = [r for r, lin in leaves.items() if _under(r, rel) and _shape(lin)[1] == hidden]
+        if not outs:
+            continue
+        width = _shape(leaves[outs[-1]])[0]
+        own = [n for n, p in m.named_parameters(recurse=False) if p.dim() and p.shape[0] == width and p.dim() <= 2]
+        convs = [
+            n for n, c in m.named_modules() if isinstance(c, nn.Conv1d) and c.kernel_size[0] > 1
+            and c.groups == c.in_channels == c.out_channels and c.in_channels >= width
+        ]
+        if own:
+            return rel, f"its own per-channel state parameters {', '.join(repr(n) for n in own)}"
+        if convs:
+            return rel, f"a convolution of its channels along the sequence ('{rel}.{convs[0]}')"
+    return None
+
+
 def residual_branches(block: nn.Module, hf_config: Any) -> list[tuple[str, list[str]]]:
     """Each direct child of the block that writes the hidden size (attention, cross-attention, MLP, mixture of
     experts, a recurrent mixer), with the weights whose scale is the branch's scale: its last layer writing the

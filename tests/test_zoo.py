@@ -312,3 +312,18 @@ def test_a_layer_drop_rewrites_the_config_patterns_of_the_kept_layers(family):
         pytest.skip(f"{family} is not in this transformers' causal-LM mapping")
     cell = zoo.run_cell("causal-lm", family, "layers")
     assert cell.outcome == zoo.Outcome.EXACT.value, cell
+
+
+def test_a_recurrent_mixer_is_named_where_heads_or_an_mlp_were_sought():
+    """RWKV's time mixing keeps one decay per channel and its config has no head count: 'no attention heads'.
+    FalconMamba (no registry row) has in_proj/out_proj shaped like a fused MLP around a convolution along the sequence
+    and a state update: its blocks have no MLP. Both are named inherent reasons; a Llama block has no such mixer."""
+    from hf_dgate.discover import recurrent_mixer
+
+    cell = zoo.run_cell("causal-lm", "rwkv", "heads")
+    assert (cell.outcome, cell.detail) == (zoo.Outcome.INHERENT.value, zoo.Inherent.NO_HEADS.value), cell
+    if "falcon_mamba" in zoo.model_types("causal-lm"):
+        cell = zoo.run_cell("causal-lm", "falcon_mamba", "neurons")
+        assert (cell.outcome, cell.detail) == (zoo.Outcome.INHERENT.value, zoo.Inherent.NO_MLP.value), cell
+    llama, _ = zoo.build("causal-lm", "llama")
+    assert recurrent_mixer(llama.model.layers[0], llama.config) is None

@@ -12,12 +12,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..architectures import BlockStack, StructureNotFoundError, attention_like, block_stacks, layer_config
+from ..architectures import (
+    HEAD_FIELDS,
+    BlockStack,
+    StructureNotFoundError,
+    _count,
+    attention_like,
+    block_stacks,
+    layer_config,
+)
 from ..compat import config_value
 from ..config import DGateConfig
-from ..discover import OFF_PATH, OffPath, verify
+from ..discover import OFF_PATH, OffPath, recurrent_mixer, verify
 from ..flops import example_inputs as probe_batch
-from ..groups import GroupSet
+from ..groups import GroupSet, NeuronInfo
 from ..registry import spec_for
 from ..target_catalog import CATALOG, describe
 from .base import Target
@@ -236,16 +244,26 @@ def _checked(
                 gs = guessed[i]
                 if isinstance(gs.layer, int):
                     bad[i] = norm_over_all_heads(stack.blocks[gs.layer][1], gs) or bad[i]
+        if bad and target == "neurons":  # an "MLP" that is a recurrent mixer's in and out projections: say so
+            for i in bad:
+                gs = guessed[i]
+                if isinstance(gs.layer, int) and isinstance(gs.info, NeuronInfo):
+                    bad[i] = _mixer_not_mlp(stack, gs) or bad[i]
         for i, why in bad.items():
             failed[guessed[i].layer] = why
         dropped = {id(guessed[i]) for i in bad}
         sets = [gs for gs in sets if id(gs) not in dropped]
-    if missing and not sets and not guessed:  # nothing found anywhere: say how to name the parts
+    if missing and not sets and not guessed:  # nothing found anywhere: say why where the structure does, else how
+        why = _recurrent_without(target, stack, missing)  # to name the parts
+        if why:
+            raise ValueError(f"target={target!r} is not available for {stack.path!r}: {why}.")
         raise StructureNotFoundError(next(iter(missing.values())))
     if failed and not sets:
         layer, why = next(iter(failed.items()))
         if all(w == OFF_PATH for w in failed.values()):
             raise OffPath(f"target={target!r}: {stack.path!r} is not reached by the probe batch ({why}).")
+        if all(NO_MLP in w for w in failed.values()):  # every block's "MLP" is a recurrent mixer's projections
+            raise ValueError(f"target={target!r} is not available for {stack.path!r}: {why}.")
         raise ValueError(
             f"target={target!r} is not available for {stack.path!r}: no block passed (block {layer}: {why}). Name "
             "the parts with DGateConfig(module_names={...}) if they exist."
@@ -258,3 +276,42 @@ def _checked(
         for gs in sets:
             gs.info.dense_blocks = tuple(sorted(failed))
     return sets
+
+
+NO_MLP = "has no MLP"
+
+
+def _recurrent_without(target: str, stack: BlockStack, missing: dict[int, str]) -> str | None:
+    """Why no block of a stack has attention heads, where its structure says so: a recurrent sequence mixer (RWKV's
+    time mixing) in every block, and no head count in the config: its channels are mixed over time one by one
+    (one decay each), never split into heads."""
+    if target != "heads" or _count([stack.config], HEAD_FIELDS) is not None:
+        return None
+    found = [recurrent_mixer(stack.blocks[i][1], layer_config(stack.config, i)) for i in missing]
+    if not found or any(f is None for f in found):
+        return None
+    rel, evidence = found[0]
+    kind = type(stack.blocks[next(iter(missing))][1].get_submodule(rel)).__name__
+    return (
+        f"it has no attention heads: its mixer '{rel}' ({kind}) is recurrent, with {evidence}, and the config "
+        "gives no head count; gate 'neurons' or 'layers'"
+    )
+
+
+def _mixer_not_mlp(stack: BlockStack, gs: GroupSet) -> str | None:
+    """Why a proposed MLP of a block failed its check, where the structure says so: its up and down projections are
+    the input and output projections of a recurrent sequence mixer (Mamba's in_proj and out_proj, with a convolution
+    along the sequence and a state update reading every unit between them): the block has no MLP."""
+    name, block = stack.blocks[gs.layer]
+    found = recurrent_mixer(block, layer_config(stack.config, gs.layer))
+    if found is None:
+        return None
+    rel, evidence = found
+    if not (gs.info.down.startswith(rel + ".") and all(u.startswith(rel + ".") for u in gs.info.up)):
+        return None
+    kind = type(block.get_submodule(rel)).__name__
+    return (
+        f"block {gs.layer} {NO_MLP}: its only layers shaped like one ('{gs.info.up[0]}', '{gs.info.down}') are the "
+        f"input and output projections of a recurrent mixer ('{rel}', {kind}, with {evidence}), whose state reads "
+        "all their units; gate 'layers'"
+    )
