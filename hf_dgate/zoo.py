@@ -262,7 +262,23 @@ def build(mapping: str, family: str, seed: int = 0) -> tuple[torch.nn.Module, di
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = auto_class(mapping).from_config(cfg).float().eval()
+    as_if_trained(model, seed)
     return model, batch_for(mapping, model)
+
+
+def as_if_trained(model: torch.nn.Module, seed: int = 0) -> list[str]:
+    """Give linear layers that the family initialises to zero (NeoMME's output and down projections, so that each
+    branch starts as the identity) small random weights, as training would: a zero projection hides its branch from
+    every probe. The names of the layers filled."""
+    g = torch.Generator().manual_seed(seed)
+    filled = []
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            w = getattr(m, "weight", None)
+            if isinstance(m, torch.nn.Linear) and isinstance(w, torch.Tensor) and w.numel() and not w.any():
+                w.copy_(torch.randn(w.shape, generator=g) * 0.02)
+                filled.append(name)
+    return filled
 
 
 def batch_for(mapping: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -327,3 +327,29 @@ def test_a_recurrent_mixer_is_named_where_heads_or_an_mlp_were_sought():
         assert (cell.outcome, cell.detail) == (zoo.Outcome.INHERENT.value, zoo.Inherent.NO_MLP.value), cell
     llama, _ = zoo.build("causal-lm", "llama")
     assert recurrent_mixer(llama.model.layers[0], llama.config) is None
+
+
+def test_the_sweep_fills_zero_initialised_projections_as_training_would():
+    """NeoMME initialises its output and down projections to zero (each branch starts as the identity), which hides
+    every group from the probe; the sweep gives such linear layers small random weights, as a trained model has,
+    and leaves other zero tensors (embeddings, biases) alone."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Embedding(5, 4))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[2].weight.zero_()
+    assert zoo.as_if_trained(model) == ["1"]
+    assert model[1].weight.abs().max() > 0 and not model[2].weight.any()
+
+
+def test_a_config_that_refuses_the_new_layer_count_is_a_refusal_not_a_crash():
+    if "neomme" not in zoo.model_types("masked-lm"):
+        pytest.skip("neomme is not in this transformers' masked-LM mapping")
+    import hf_dgate
+    from hf_dgate.errors import ExportError
+
+    model, batch = zoo.build("masked-lm", "neomme")
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="layers"), example_inputs=batch)
+    with torch.no_grad():
+        hf_dgate.get_bank(model).gammas["layers"].zero_()
+    with pytest.raises(ExportError, match=r"its config refuses num_hidden_layers=0 \(.*positive integer"):
+        hf_dgate.export_pruned(model, example_inputs=batch)

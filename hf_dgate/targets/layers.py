@@ -219,7 +219,14 @@ def drop_layers(model: nn.Module, st: BlockStack, dead: set[int]) -> None:
             k = getattr(cfg, key, None)
             if isinstance(k, int) and not isinstance(k, bool) and settable(cfg, key):
                 setattr(cfg, key, sum(1 for i in range(min(k, n_old)) if i not in dead))
-        setattr(cfg, st.layers_field, len(kept))
+        try:
+            setattr(cfg, st.layers_field, len(kept))
+        except Exception as e:  # noqa: BLE001 - a strict config validates the count (NeoMME: a positive int)
+            reason = (str(e).splitlines() or [type(e).__name__])[-1].strip()
+            raise ExportError(
+                f"Cannot drop {len(dead)} of {len(old)} layers of '{st.path}': its config refuses "
+                f"{st.layers_field}={len(kept)} ({reason}). Keep at least one layer, or gate other targets."
+            ) from None
         if st.layers_field == "num_hidden_layers":
             rekey_per_layer_config(cfg, [i for i in range(len(old)) if i not in dead])
 
