@@ -463,6 +463,12 @@ def _match(leaves: dict[str, nn.Module], patterns: tuple[str, ...], taken: set[s
         for rel in leaves:
             if rel not in taken and (rel == p or rel.endswith("." + p)):
                 return rel
+    for p in patterns:  # a wrapper of that name around one weighted layer (Moshi's q_proj.linear)
+        for rel in leaves:
+            parent = rel.rpartition(".")[0]
+            if rel not in taken and (parent == p or parent.endswith("." + p)):
+                if sum(r.startswith(parent + ".") for r in leaves) == 1:
+                    return rel
     return None
 
 

@@ -82,6 +82,8 @@ def propose_attention(block: nn.Module, hf_config: Any, n_heads: int, n_kv: int)
         if not siblings:
             continue
         attn_like = any(k in type(block.get_submodule(_parent(rel))).__name__.lower() for k in ("attn", "attention"))
+        if not attn_like and fan_in != hidden and fan_in in _mlp_widths(hf_config):
+            continue  # the MLP's down projection (XLNet's ff.layer_2): its units are no heads
         # an attention-named module first, then heads x head_dim == hidden (an MLP's down reads more), then the
         # layer registered last (the output projection usually is)
         cands.append((not attn_like, fan_in != hidden, -order, rel, siblings))
@@ -98,6 +100,12 @@ def propose_attention(block: nn.Module, hf_config: Any, n_heads: int, n_kv: int)
             return {"o": o_rel, "per_head": tuple(per_head), "per_kv_head": tuple(per_kv), "head_dim": hd,
                     "n_heads": n_heads, "n_kv": n_kv, "discovered": True}
     return None
+
+
+def _mlp_widths(hf_config: Any) -> set[int]:
+    """The config's MLP widths under their common names."""
+    names = ("intermediate_size", "d_inner", "ffn_dim", "n_inner", "ffn_hidden_size", "d_ff", "ffn_size")
+    return {v for v in (getattr(hf_config, k, None) for k in names) if isinstance(v, int) and not isinstance(v, bool)}
 
 
 def propose_mlp(block: nn.Module, hf_config: Any, exclude: str | None = None) -> tuple[str, list[str]] | None:

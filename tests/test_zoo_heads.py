@@ -54,3 +54,30 @@ def test_heads_whose_attention_returns_a_list_or_has_per_head_mask_parts(family)
     removed head takes its dt_proj columns and row and its entry of A (before: the export failed on the probe)."""
     cell = _exact(family)
     assert cell.outcome == zoo.Outcome.EXACT.value, cell
+
+
+def test_projections_wrapped_in_a_module_of_their_name_are_found():
+    """Moshi wraps each projection in a MoshiLinear (q_proj.linear): the common names find the wrapped Linear, and
+    the attention module is the wrapper's parent (before: the MLP was proposed as heads and failed its check)."""
+    cell = _exact("moshi")
+    assert cell.outcome == zoo.Outcome.EXACT.value, cell
+
+
+def test_an_mlp_is_never_proposed_as_heads():
+    """XLNet's attention keeps its projections as raw parameters; the MLP beside it (ff.layer_2 reads the config's
+    d_inner) was proposed as 4 'heads' of 1024 units. Now no attention is found, and a Mamba mixer's out_proj alone
+    is no attention either: Jamba's Mamba layers stay dense and its attention layers are gated."""
+    from hf_dgate.discover import propose_attention
+
+    if "xlnet" in zoo.model_types("causal-lm"):
+        model, _ = zoo.build("causal-lm", "xlnet")
+        block = model.transformer.layer[0]
+        assert propose_attention(block, model.config, model.config.n_head, model.config.n_head) is None
+    if "jamba" not in zoo.model_types("causal-lm"):
+        return
+    try:
+        zoo.run(*zoo.build("causal-lm", "jamba"))
+    except ValueError:  # transformers 4.57's Jamba asks for CUDA Mamba kernels
+        return
+    cell = _exact("jamba")
+    assert cell.outcome == zoo.Outcome.EXACT.value, cell

@@ -65,7 +65,7 @@ def per_head_vectors(name: str, block: nn.Module, gs: GroupSet) -> list[TensorSl
     """Vectors of the attention module with one entry per query head (attention sinks, per-head scales): a removed
     head takes its entry along. Only tensors held by the attention module itself, not its projections'."""
     info = gs.info
-    core_rel = (info.v or info.qkv or info.o or "").rpartition(".")[0]
+    core_rel = attention_of(block, info.v or info.qkv or info.o or "")
     core = block.get_submodule(core_rel) if core_rel else block
     n_heads, n_rep = info.n_heads, info.n_heads // max(1, info.n_kv)
     if n_heads <= 1 or n_heads == info.head_dim:  # (a vector as long as a head would be ambiguous)
@@ -150,8 +150,10 @@ def head_set(
         parts = discovered_attention(block, hf_config) or parts
     if parts.get("discovered"):
         return _discovered_head_set(hf_config, layer, name, block, parts)
+    if parts.get("guessed") and not named_ok:  # an output projection alone (a Mamba mixer's out_proj): no heads
+        raise not_found("query/key/value projections of an attention", name, block, "value", "attn.v_proj")
     o = get(parts["o"])
-    core_rel = (parts.get("v") or parts.get("qkv") or "").rpartition(".")[0]
+    core_rel = attention_of(block, parts.get("v") or parts.get("qkv") or "")
     row = None if cross else _recorded_row(model, name, layer)
     n_heads, n_kv, hd = head_geometry(
         hf_config, o, name, get(core_rel) if core_rel else block, _kv_width(parts, get, o), (row or {}).get("head_dim")
@@ -219,7 +221,7 @@ def head_set(
         primary, used = input_slices(full(parts["o"]), o, q_group), "output"
     kind = AttentionKind.CROSS if cross else AttentionKind.SELF
     info = HeadInfo(**parts, n_heads=n_heads, n_kv=n_kv, head_dim=hd, side=HeadSide(used), attention=kind)
-    core_rel = (parts.get("v") or parts.get("qkv") or parts.get("o") or "").rpartition(".")[0]
+    core_rel = attention_of(block, parts.get("v") or parts.get("qkv") or parts.get("o") or "")
     if input_width_reshape(get(core_rel) if core_rel else block):
         # apply_dgate refuses; reloading an export (no head removed here) goes on
         info.refuse = _WIDTH_RESHAPE.format(name=name, version=TRANSFORMERS_VERSION)
@@ -232,6 +234,15 @@ def head_set(
             "these weights. Re-export the model from its gated source."
         )
     return GroupSet("heads", layer, n_kv, sites, primary, removable, info)
+
+
+def attention_of(block: nn.Module, rel: str) -> str:
+    """The module holding projection `rel` (the attention): its parent, or the parent's parent where the parent only
+    wraps this one weighted layer (Moshi's q_proj.linear)."""
+    parent = rel.rpartition(".")[0]
+    if parent and rel.rpartition(".")[2] and len(list(block.get_submodule(parent).children())) == 1:
+        return parent.rpartition(".")[0]
+    return parent
 
 
 def _names_fit(hf_config: Any, block: nn.Module, parts: dict[str, Any], name: str) -> bool:
@@ -358,7 +369,7 @@ def prune_head_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -> 
         )
     for sl in gs.removable:
         keep_slice(model, sl, dead)
-    _set_head_counts(model, gs, dead, (info.v or info.qkv).rpartition(".")[0])
+    _set_head_counts(model, gs, dead, attention_of(model.get_submodule(block_name(gs)), info.v or info.qkv))
 
 
 def _set_head_counts(model: nn.Module, gs: GroupSet, dead: torch.Tensor, core_rel: str) -> None:
