@@ -17,7 +17,11 @@ method gets the same optimizer steps, batch and schedule (AdamW, cosine) to reac
   |W_ij| times the norm of input feature j over calibration batches, summed over the group; then the same fine-tune;
 - taylor: one-shot first-order importance |dL/ds_g * s_g| of each group's scale on calibration batches (the group
   form of LLM-Pruner's Taylor score), then the same fine-tune;
-- magnitude+teacher, taylor+teacher: those one-shot cuts, fine-tuned with the same teacher as dgate+teacher;
+- magnitude+teacher, taylor+teacher, wanda-sp+teacher: those one-shot cuts, fine-tuned with the same teacher as
+  dgate+teacher;
+- fisher+teacher: the one-shot form of dgate's default ranking (the sum over calibration batches of
+  (s_g dL/ds_g)^2 per parameter of the group, compared across targets), fine-tuned with the teacher: the same
+  scores without the gradual cut;
 - scratch: the shape the magnitude cut leaves, re-initialised and trained for the same steps;
 - dense: the pretrained model, nothing cut, trained for the same steps (one row: what the steps alone give).
 Every export is checked exact; validation loss (nats per character) of the exported model on the held-out 10%.
@@ -43,14 +47,14 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 from transformers import logging as hf_logging
 
 import hf_dgate
-from hf_dgate.budget import budget_cut, params_after
+from hf_dgate.budget import budget_cut, group_costs, params_after
 from hf_dgate.errors import ExportError
 from hf_dgate.finish import FinishRecord, zero_exactly
 from hf_dgate.trainer import DGateTrainer
 
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "hf_dgate", "compress_bench")
 METHODS = ("dgate", "dgate+teacher", "dgate-flops", "dgate-steered", "l0", "magnitude", "taylor", "wanda-sp",
-           "magnitude+teacher", "taylor+teacher", "scratch", "dense")
+           "magnitude+teacher", "taylor+teacher", "wanda-sp+teacher", "fisher+teacher", "scratch", "dense")
 
 
 def model_config(vocab: int, size: str) -> LlamaConfig:
@@ -132,6 +136,24 @@ def block_budget(model, fraction: float) -> int:
     return int(total - (1 - fraction) * blocks)
 
 
+def fisher_scores(model, train: torch.Tensor, batches: int = 8) -> dict[str, torch.Tensor]:
+    """One-shot form of D-Gating's saliency ranking: sum over calibration batches of (dL/dgamma_g * gamma_g)^2 =
+    (s_g dL/ds_g)^2 per group, divided by its parameter cost (compared across targets without the median)."""
+    bank = hf_dgate.get_bank(model)
+    model.train()
+    total = {t: torch.zeros(n) for t, n in bank.sizes.items()}
+    for i in range(batches):
+        for p in bank.parameters():
+            p.grad = None
+        x = train[i * 16 : (i + 1) * 16]
+        model(input_ids=x, labels=x).loss.backward()
+        for t in bank.targets:
+            total[t] += (bank.gammas[t].grad[0] * bank.gammas[t][0]).detach().pow(2)
+    model.zero_grad()
+    costs = group_costs(bank)
+    return {t: total[t] / costs[t].float() for t in bank.targets}
+
+
 def taylor_scores(model, train: torch.Tensor, batches: int = 8) -> dict[str, torch.Tensor]:
     """|sum over calibration batches of dL/dgamma_g * gamma_g| = |dL/ds_g * s_g| for every group."""
     bank = hf_dgate.get_bank(model)
@@ -200,12 +222,15 @@ def run_method(method, base, fraction, train, val, args, run_dir) -> dict:
     model = copy.deepcopy(base)
     budget = block_budget(model, fraction)
     data, val_rows = rows(train), rows(val[:64])
+    run_dir = os.path.join(run_dir, f"seed{args.seed}")  # (runs of other seeds may run side by side)
     ta = targs(os.path.join(run_dir, f"{method}_{fraction}"), args.steps, args.lr, args.batch, args.seed)
     t0 = time.time()
     if method.startswith("dgate"):
         teacher = copy.deepcopy(base) if method == "dgate+teacher" else None
         kw = {"group_cost": "flops"} if method == "dgate-flops" else {}
         kw["budget_schedule"] = "steered" if method == "dgate-steered" else args.schedule
+        if args.ranking is not None:
+            kw["budget_ranking"] = args.ranking
         if args.finish_steps is not None:
             kw["finish_steps"] = args.finish_steps
         tr = DGateTrainer(model, ta, dgate_config=cfg, target_params=budget, teacher=teacher, train_dataset=data,
@@ -224,9 +249,9 @@ def run_method(method, base, fraction, train, val, args, run_dir) -> dict:
         hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target=["heads", "neurons"], lam=0.0))
         bank = hf_dgate.get_bank(model)
         peer, _, with_teacher = method.partition("+")
-        scores = {"taylor": taylor_scores, "wanda-sp": activation_scores}.get(peer)
+        scores = {"taylor": taylor_scores, "wanda-sp": activation_scores, "fisher": fisher_scores}.get(peer)
         scores = scores(model, train) if scores else None
-        masks, _ = budget_cut(bank, budget, scores)
+        masks, _ = budget_cut(bank, budget, scores, relative=peer != "fisher")
         if method == "dense":  # the reference: nothing cut, the same steps of training
             masks = {t: torch.zeros_like(m) for t, m in masks.items()}
         if method == "scratch":
@@ -245,18 +270,28 @@ def run_method(method, base, fraction, train, val, args, run_dir) -> dict:
         "method": method, "block_fraction": fraction, "budget": budget, "params_total": total, "params_kept": kept,
         "kept_fraction": kept / total, "val_loss": loss, "exact": bool(summary["verification"]["exact"]),
         "heads_zero": int(bank.zero_groups("heads").sum()), "neurons_zero": int(bank.zero_groups("neurons").sum()),
-        "seconds": time.time() - t0, "export_refused": refused,
+        "seconds": time.time() - t0, "export_refused": refused, "seed": args.seed,
+        "ranking": getattr(getattr(tr, "dgate_finish", None), "ranking", None),
     }  # fmt: skip
+
+
+def _ranking(row: dict) -> str:
+    """What a D-Gating row's budget cut was ranked by (rows from before the ranking was recorded: norms, the only
+    ranking then); blank for the one-shot peers (their scorer is their name)."""
+    if not row["method"].startswith("dgate") or row["method"].startswith("dgate-steered"):
+        return ""
+    return row.get("ranking") or "norm"
 
 
 def markdown(results: list[dict], dense: float) -> str:
     lines = [f"dense (pretrained, no compression): val loss {dense:.4f}", "",
-             "| block params kept | method | params kept | heads zero | neurons zero | val loss | exact |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in sorted(results, key=lambda r: (-r["block_fraction"], r["val_loss"])):
+             "| block params kept | method | seed | params kept | heads zero | neurons zero | val loss | exact | "
+             "cut ranked by |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in sorted(results, key=lambda r: (-r["block_fraction"], r.get("seed", 0), r["val_loss"])):
         lines.append(
-            f"| {r['block_fraction']:.0%} | {r['method']} | {r['params_kept']:,} ({r['kept_fraction']:.1%}) | "
-            f"{r['heads_zero']} | {r['neurons_zero']} | {r['val_loss']:.4f} | {'yes' if r['exact'] else 'NO'} |"
+            f"| {r['block_fraction']:.0%} | {r['method']} | {r.get('seed', 0)} | {r['params_kept']:,} "
+            f"({r['kept_fraction']:.1%}) | {r['heads_zero']} | {r['neurons_zero']} | {r['val_loss']:.4f} | "
+            f"{'yes' if r['exact'] else 'NO'} | {_ranking(r)} |"
         )
     return "\n".join(lines)
 
@@ -270,15 +305,21 @@ def plot(results: list[dict], dense: float, path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = plt.get_cmap("tab20").colors
     for i, m in enumerate(sorted(dict.fromkeys(r["method"] for r in results))):
-        pts = sorted((r["kept_fraction"], r["val_loss"]) for r in results if r["method"] == m)
+        by_f: dict = {}  # per budget: the kept fraction (the first seed's) and every seed's loss
+        for r in sorted(results, key=lambda r: r.get("seed", 0)):
+            if r["method"] == m:
+                by_f.setdefault(r["block_fraction"], (r["kept_fraction"], []))[1].append(r["val_loss"])
+        pts = sorted((x, sum(v) / len(v), min(v), max(v)) for x, v in by_f.values())
         if m == "dense":
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "k*", ms=10, label="dense + the same steps")
         elif pts:
             style = "o-" if m.startswith("dgate") else "s--"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=colors[i % 20], label=m)
+            err = [[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]]
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=err, fmt=style, color=colors[i % 20],
+                        capsize=3, label=m)  # fmt: skip
     ax.axhline(dense, color="k", ls=":", lw=1, label="dense (pretrained, no steps)")
     ax.set_xlabel("parameters kept (fraction of the model)")
-    ax.set_ylabel("validation loss (nats / char)")
+    ax.set_ylabel("validation loss (nats / char; mean, bars: min - max over seeds)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -286,27 +327,83 @@ def plot(results: list[dict], dense: float, path: str) -> None:
     plt.close(fig)
 
 
-def render(out: str, name: str, also: list[str] = ()) -> list[dict]:
-    """Table (markdown), plot and one JSON from the rows in `<name>.jsonl` (the last row per method and fraction);
-    `also`: other runs' names (e.g. another --lam) whose rows join as "<method> (<name>)"."""
+def _read_rows(out: str, name: str) -> list[dict]:
+    """The rows of `<name>.jsonl`, each with its training seed (rows written before seeds were recorded: the run's)."""
+    with open(os.path.join(out, f"{name}.meta.json")) as f:
+        seed = json.load(f).get("seed", 0)
+    with open(os.path.join(out, f"{name}.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    for r in rows:
+        r.setdefault("seed", seed)
+        r.setdefault("source", name)
+    return rows
+
+
+def seed_summary(results: list[dict]) -> tuple[str, dict]:
+    """Per method and budget: mean, min and max of the validation loss over the seeds run (a markdown table), and
+    the verdict per budget: the lowest mean among the methods run on every seed that dgate+teacher ran on."""
+    cells: dict = {}
+    for r in results:
+        cells.setdefault((r["method"], r["block_fraction"]), {})[r["seed"]] = r["val_loss"]
+    fractions = sorted({f for _, f in cells if f < 1.0}, reverse=True)
+    methods = sorted({m for m, _ in cells}, key=lambda m: (m == "dense", m))
+    lines = ["| method | " + " | ".join(f"{f:.0%} kept: mean (min - max, seeds)" for f in fractions) + " |",
+             "|---|" + "---|" * len(fractions)]  # fmt: skip
+    for m in methods:
+        row = []
+        for f in fractions if m != "dense" else [1.0]:
+            v = cells.get((m, f))
+            if not v:
+                row.append("")
+                continue
+            xs = list(v.values())
+            seeds = ",".join(str(s) for s in sorted(v))
+            row.append(f"{sum(xs) / len(xs):.4f} ({min(xs):.4f} - {max(xs):.4f}, {seeds})")
+        if m == "dense":
+            row = [row[0] + " (100% kept)"] + [""] * (len(fractions) - 1)
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
+    verdict = {}
+    for f in fractions:
+        ref = set(cells.get(("dgate+teacher", f), {}))
+        if not ref:
+            continue
+        means = {m: sum(v[s] for s in ref) / len(ref) for (m, g), v in cells.items() if g == f and ref <= set(v)}
+        best = min(means, key=means.get)
+        peers = {m: x for m, x in means.items() if not m.startswith("dgate")}
+        peer = min(peers, key=peers.get) if peers else None
+        verdict[f] = {"seeds": sorted(ref), "best": best, "means": means, "best_peer": peer}
+        gap = f"; best peer {peer} {peers[peer]:.4f}" if peer else ""
+        lines.append("")
+        lines.append(f"{f:.0%} kept, mean over seeds {sorted(ref)}: best {best} ({means[best]:.4f}); "
+                     f"dgate+teacher {means['dgate+teacher']:.4f}{gap}.")  # fmt: skip
+    return "\n".join(lines), verdict
+
+
+def render(out: str, name: str, also: list[str] = (), merge: list[str] = ()) -> list[dict]:
+    """Table (markdown), plot and one JSON from the rows in `<name>.jsonl` (the last row per method, fraction and
+    seed); `merge`: other runs' names whose rows join as the same methods (e.g. other seeds); `also`: other runs'
+    names (e.g. another --lam) whose rows join as "<method> (<name>)". With more than one seed the markdown starts
+    with the mean and range per method and budget."""
     with open(os.path.join(out, f"{name}.meta.json")) as f:
         meta = json.load(f)
     rows_by_key: dict = {}
-    with open(os.path.join(out, f"{name}.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            rows_by_key[(r["method"], r["block_fraction"])] = r
+    for source in [*merge, name]:
+        for r in _read_rows(out, source):
+            rows_by_key[(r["method"], r["block_fraction"], r["seed"])] = r
     for other in also:
-        with open(os.path.join(out, f"{other}.jsonl")) as f:
-            for line in f:
-                r = json.loads(line)
-                r["method"] = f"{r['method']} ({other})"
-                rows_by_key[(r["method"], r["block_fraction"])] = r
+        for r in _read_rows(out, other):
+            r["method"] = f"{r['method']} ({other})"
+            rows_by_key[(r["method"], r["block_fraction"], r["seed"])] = r
     results = list(rows_by_key.values())
     dense = meta["dense_val_loss"]
-    with open(os.path.join(out, f"{name}.json"), "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=2, default=str)
     table = markdown(results, dense)
+    verdict = None
+    if len({r["seed"] for r in results}) > 1:
+        summary, verdict = seed_summary(results)
+        table = f"{summary}\n\nEvery run:\n\n{table}"
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump({"meta": meta, "merged": list(merge), "verdict": verdict, "results": results}, f, indent=2,
+                  default=str)  # fmt: skip
     with open(os.path.join(out, f"{name}.md"), "w") as f:
         f.write(table + "\n")
     plot(results, dense, os.path.join(out, f"{name}.png"))
@@ -361,19 +458,23 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lam", type=float, default=1e-4, help="D-Gating's lam (DGateConfig's default)")
     p.add_argument("--schedule", default="gradual", choices=("gradual", "steered"), help="dgate's budget_schedule")
+    p.add_argument("--ranking", default=None, choices=("saliency", "norm"), help="dgate's budget_ranking")
     p.add_argument("--finish-steps", type=int, default=None, help="dgate's finish_steps (default: its 'auto')")
     p.add_argument("--seed", type=int, default=0, help="training seed (data order, L0 samples)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="several training seeds, one after another")
     p.add_argument("--out", default="results/compress")
     p.add_argument("--name", default=None, help="file stem in --out (default compress, or compress_quick)")
     p.add_argument("--render", action="store_true", help="only redraw table and plot from <out>/<name>.jsonl")
     p.add_argument("--also", nargs="*", default=[], help="with --render: other runs' names to add to table and plot")
+    p.add_argument("--merge", nargs="*", default=[], help="with --render: other runs' names whose rows join as the "
+                   "same methods (other seeds): the table gains the mean and range per method and budget")
     p.add_argument("--render-tuning", metavar="DIR", help="only write DIR/tuning.md from DIR/runs.json and its runs")
     args = p.parse_args()
     if args.render_tuning:
         render_tuning(args.render_tuning)
         return
     if args.render:
-        render(args.out, args.name or ("compress_quick" if args.quick else "compress"), args.also)
+        render(args.out, args.name or ("compress_quick" if args.quick else "compress"), args.also, args.merge)
         return
     warnings.filterwarnings("ignore")
     hf_logging.set_verbosity_error()
@@ -388,24 +489,26 @@ def main() -> None:
     base = pretrained(cfg, train, args.pretrain_steps, tag)
     dense = val_loss(base, val)
     os.makedirs(args.out, exist_ok=True)
-    run_dir = os.path.join(CACHE, "runs", tag)
     name = args.name or ("compress_quick" if args.quick else "compress")
+    run_dir = os.path.join(CACHE, "runs", tag, name)  # (and per seed: runs side by side never share a folder)
     meta = {"quick": args.quick, "size": size, "block": block, "steps": args.steps,
             "pretrain_steps": args.pretrain_steps, "batch": args.batch, "lr": args.lr,
-            "lam": args.lam, "seed": args.seed, "dense_val_loss": dense,
+            "lam": args.lam, "seed": (args.seeds or [args.seed])[0], "dense_val_loss": dense,
             "val_characters": int(val.numel())}  # fmt: skip
     with open(os.path.join(args.out, f"{name}.meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
     results = []
-    for i, fraction in enumerate(args.fractions):
-        for method in args.methods:
-            if method == "dense" and i > 0:
-                continue  # one reference row: the whole model, the same steps
-            r = run_method(method, base, 1.0 if method == "dense" else fraction, train, val, args, run_dir)
-            print(json.dumps(r), flush=True)
-            results.append(r)
-            with open(os.path.join(args.out, f"{name}.jsonl"), "a") as f:  # each row as it lands (parallel runs)
-                f.write(json.dumps(r) + "\n")
+    for seed in args.seeds or [args.seed]:
+        args.seed = seed
+        for i, fraction in enumerate(args.fractions):
+            for method in args.methods:
+                if method == "dense" and i > 0:
+                    continue  # one reference row per seed: the whole model, the same steps
+                r = run_method(method, base, 1.0 if method == "dense" else fraction, train, val, args, run_dir)
+                print(json.dumps(r), flush=True)
+                results.append(r)
+                with open(os.path.join(args.out, f"{name}.jsonl"), "a") as f:  # each row as it lands (parallel runs)
+                    f.write(json.dumps(r) + "\n")
     results = render(args.out, name)
     if not all(math.isfinite(r["val_loss"]) for r in results):
         raise SystemExit("a method diverged (NaN validation loss)")

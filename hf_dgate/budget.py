@@ -49,6 +49,25 @@ class BudgetSchedule(str, Enum):
     STEERED = "steered"
 
 
+class BudgetRanking(str, Enum):
+    """Which groups the gradual schedule cuts first (`DGateTrainer(budget_ranking=...)`).
+
+    saliency (default): the smallest estimated loss increase per unit of cost. For a group of scale s_g (D-Gating:
+    the product of its gates, so gamma_1 dL/dgamma_1 = s_g dL/ds_g) removal is s_g -> 0, and E[(s_g dL/ds_g)^2]
+    over training batches (an exponential average, the gradients training computes anyway) is the Fisher estimate of
+    that loss change (Molchanov et al. 2019's gate importance); divided by the group's price (`group_cost`) it compares
+    heads and neurons in one currency. Measured in docs/compress.md.
+    norm: the smallest D-Gating norm ||theta_g|| relative to the median of its target's live groups (the earlier
+    default: with a small lam this is gradual magnitude pruning).
+    """
+
+    SALIENCY = "saliency"
+    NORM = "norm"
+
+
+SALIENCY_DECAY = 0.9  # the saliency average's per-step decay: about one cut interval (10 steps) of memory
+
+
 def gradual_budget(total: int, budget: int, progress: float) -> int:
     """Parameters the gradual schedule keeps at `progress` in [0, 1] of its ramp: budget + (total - budget) * (1-p)^3
     (Zhu & Gupta's cubic schedule: cut fastest while the model is most redundant, slowest near the budget)."""
@@ -144,13 +163,14 @@ def committed(bank: GateBank, previous: dict[str, torch.Tensor] | None) -> tuple
 
 @torch.no_grad()
 def budget_cut(
-    bank: GateBank, budget: int, importance: dict[str, torch.Tensor] | None = None
+    bank: GateBank, budget: int, importance: dict[str, torch.Tensor] | None = None, relative: bool = True
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Which groups to zero so that the export keeps at most `budget` parameters: every group already under its
     threshold, then the weakest others, ranked by norm relative to the median norm of their target's live groups
     (heads and neurons have norms of different scales; their prices already acted through the penalty, which is
     what made the dear ones fall). `importance` replaces the norms as what that is ranked (one-shot pruners:
-    magnitude, Taylor); they are compared the same way, relative to the median of their target. Returns (dead
+    magnitude, Taylor); they are compared the same way, relative to the median of their target, unless
+    `relative=False` (scores already in one currency across targets, e.g. loss change per parameter). Returns (dead
     masks, parameters kept).
     Exact by bisection on the report's count, then the strongest cut groups that still fit are given back (a dear
     head cut last would otherwise overshoot by its price); if nothing can reach the budget, everything removable goes.
@@ -163,7 +183,7 @@ def budget_cut(
         if importance is not None:
             n = importance[t].detach().float().cpu()
         live = n[~z]
-        ref = float(live.median()) if live.numel() else 1.0
+        ref = float(live.median()) if live.numel() and relative else 1.0
         s = n / max(ref, 1e-30)
         alive = (~z).nonzero().flatten()
         scores.append(s[alive])

@@ -33,6 +33,7 @@ class FinishRecord:
     params_total: int | None = None
     gradual_from: int | None = None  # budget_schedule="gradual": the step its first cut was made
     gradual_cut: dict[str, int] = field(default_factory=dict)  # ... and the groups it had cut before the finish
+    ranking: str | None = None  # ... and what it ranked the groups by (hf_dgate.budget.BudgetRanking)
 
     @property
     def loss_change(self) -> float | None:
@@ -57,14 +58,18 @@ class FinishRecord:
         """One paragraph for the model card and the end-of-training report."""
         zeroed = _counts(self.zeroed) or "no groups"
         cut = _counts(self.cut_by_budget)
+        by = {"saliency": "ranked by the estimated loss change of removing them per unit of cost, from the gates' "
+                          "gradients", "norm": "ranked by D-Gating's norms"}.get(self.ranking or "", "")
         if self.gradual_from is not None:
             gradual = _counts(self.gradual_cut) or "no groups"
-            text = (f"From optimizer step {self.gradual_from} the weakest groups were set to exactly zero a few at a "
-                    f"time and held ({gradual} by step {self.start_step}); at step {self.start_step} {zeroed} were "
-                    "zero in all")  # fmt: skip
+            which = f"the weakest groups ({by})" if by else "the weakest groups"
+            text = (f"From optimizer step {self.gradual_from} {which} were set to exactly zero a few "
+                    f"at a time and held ({gradual} by step {self.start_step}); at step {self.start_step} {zeroed} "
+                    "were zero in all")  # fmt: skip
         else:
             text = f"At optimizer step {self.start_step} {zeroed} were set to exactly zero"
-        text += f" ({cut} of them above the threshold, cut to meet the budget)" if cut else ""
+        by = f", {by}" if by and self.gradual_from is None else ""
+        text += f" ({cut} of them above the threshold, cut to meet the budget{by})" if cut else ""
         if self.loss_change is not None:
             text += f"; the loss moved from {self.loss_before:.4f} to {self.loss_after:.4f} ({self.loss_change:+.4f})"
         if self.steps:

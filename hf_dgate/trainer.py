@@ -26,6 +26,8 @@ from transformers import Trainer, TrainerCallback
 
 from . import optim
 from .budget import (
+    SALIENCY_DECAY,
+    BudgetRanking,
     BudgetSchedule,
     CostUnit,
     ParamBudget,
@@ -100,10 +102,14 @@ class DGateMixin:
         group_cost: "params" (default: the budget's own currency) or "flops" (per token; heads also pay for their
             attention scores at 1024 tokens). Used with `target_params`.
         budget_schedule: how `target_params` is reached (`hf_dgate.budget.BudgetSchedule`). "gradual" (default):
-            lam stays as given and, every `controller_interval` steps until the finish, the weakest groups by
-            D-Gating's norms are set to exactly zero and held, the parameters kept falling on a cubic curve to the
-            budget; the finish (half the run under "auto") then only recovers. "steered": lam is steered toward the
-            budget and the finish (a tenth of the run under "auto") cuts what the penalty has not removed.
+            lam stays as given and, every `controller_interval` steps until the finish, the weakest groups (by
+            `budget_ranking`) are set to exactly zero and held, the parameters kept falling on a cubic curve to the
+            budget; the finish (the last 70% of the run under "auto") then only recovers. "steered": lam is steered
+            toward the budget and the finish (a tenth of the run under "auto") cuts what the penalty has not removed.
+        budget_ranking: which groups the gradual schedule cuts first (`hf_dgate.budget.BudgetRanking`).
+            "saliency" (default): the smallest running average of (s_g dL/ds_g)^2 (the Fisher estimate of the loss
+            change of removing the group, from the gates' own gradients) per unit of `group_cost`; "norm": the
+            smallest D-Gating norm relative to its target's median. The finish record and the card say which ran.
         finish_steps: the last optimizer steps of training in which removed groups are held at exactly zero and the
             penalty is off, so the rest recovers and the export is exact. At its start every group under the
             threshold (and, with a budget, the weakest until the budget is met) is zeroed, and the loss before and
@@ -140,6 +146,7 @@ class DGateMixin:
         target_params: float | int | None = None,
         group_cost: str = "params",
         budget_schedule: str = "gradual",
+        budget_ranking: str = "saliency",
         finish_steps: int | str = "auto",
         teacher: nn.Module | None = None,
         distill_weight: float = 1.0,
@@ -153,7 +160,7 @@ class DGateMixin:
             "target_ramp_steps": target_ramp_steps, "sparsity_target": sparsity_target,
             "controller_interval": controller_interval, "controller_gain": controller_gain,
             "target_params": target_params, "group_cost": group_cost, "finish_steps": finish_steps,
-            "budget_schedule": budget_schedule,
+            "budget_schedule": budget_schedule, "budget_ranking": budget_ranking,
         }  # fmt: skip
         if model is None or isinstance(model, str):
             raise ValueError(
@@ -213,6 +220,12 @@ class DGateMixin:
         self._dgate_auto_ramp = target_ramp_steps is None
         self._dgate_pen_in_loss: torch.Tensor | None = None
         self._dgate_init_budget(target_params, group_cost, finish_steps, target_sparsity, budget_schedule)
+        try:
+            self.dgate_budget_ranking = BudgetRanking(budget_ranking)
+        except ValueError:
+            raise ValueError(f"budget_ranking={budget_ranking!r} is invalid: pass 'saliency' or 'norm'.") from None
+        self._dgate_saliency: dict[str, torch.Tensor] | None = None  # running mean of (s_g dL/ds_g)^2 per target
+        self._dgate_saliency_steps = 0
         super().__init__(model=model, args=args, **trainer_kwargs)
         self.dgate_teacher = None
         if teacher is not None:
@@ -555,11 +568,49 @@ class DGateMixin:
         if self._dgate_ramp_start is None:
             self._dgate_ramp_start = self._dgate_first_cut_step()
         goal = gradual_budget(self.dgate_params_total, self.dgate_budget, (step - start) / (end - start))
-        masks, _ = budget_cut(bank, goal)
+        masks, _ = self._dgate_budget_cut(goal)
         if self._dgate_ramp_masks is not None:  # a group once cut stays cut
             masks = {t: m | self._dgate_ramp_masks[t] for t, m in masks.items()}
         zero_exactly(bank, masks, self.optimizer)
         self._dgate_ramp_masks = masks
+
+    def _dgate_ranking_used(self) -> str:
+        """What the gradual cut ranked by (saliency falls back to norms when no gate had a gradient yet)."""
+        if self.dgate_budget_ranking is BudgetRanking.SALIENCY and self._dgate_saliency is not None:
+            return BudgetRanking.SALIENCY.value
+        return BudgetRanking.NORM.value
+
+    def _dgate_budget_cut(self, goal: int) -> tuple[dict[str, torch.Tensor], int]:
+        """`budget_cut` to `goal` parameters, ranked the way `budget_ranking` says."""
+        bank = self.dgate_bank
+        if self._dgate_ranking_used() == BudgetRanking.NORM.value:
+            return budget_cut(bank, goal)
+        sal = self._dgate_saliency
+        corr = 1.0 - SALIENCY_DECAY**self._dgate_saliency_steps  # (bias correction of an average started at 0)
+        per_cost = {t: sal[t] / corr / self.dgate_cost_weights[t].clamp_min(1e-12) for t in bank.targets}
+        return budget_cut(bank, goal, per_cost, relative=False)
+
+    @torch.no_grad()
+    def _dgate_accumulate_saliency(self) -> None:
+        """Before every optimizer step of the gradual cut: fold (s_g dL/ds_g)^2 of this step's gradients (after the
+        Trainer's clipping; the training loss, distillation and the small penalty included) into the running mean.
+        s_g is the product of the gate rows, so gamma_1 * dL/dgamma_1 = s_g dL/ds_g."""
+        bank = self.dgate_bank
+        if self._dgate_saliency is None:
+            self._dgate_saliency = {t: torch.zeros(n, dtype=torch.float32) for t, n in bank.sizes.items()}
+        seen = False
+        for t in bank.targets:
+            gam = bank.gammas[t]
+            if gam.grad is None:
+                continue
+            x = (gam[0].detach().float() * gam.grad[0].detach().float()).pow(2).cpu()
+            s = self._dgate_saliency[t]
+            s.mul_(SALIENCY_DECAY).add_(x, alpha=1.0 - SALIENCY_DECAY)
+            seen = True
+        if seen:
+            self._dgate_saliency_steps += 1
+        elif self._dgate_saliency_steps == 0:
+            self._dgate_saliency = None
 
     def _dgate_observe_budget(self, step: int) -> None:
         """Every controller interval: the removed share of the parameters (zero groups, and zero or falling ones)
@@ -604,7 +655,8 @@ class DGateMixin:
                 zero_exactly(bank, ramp, self.optimizer)
             below = {t: bank.zero_groups(t).detach().cpu() for t in bank.targets}
             if self.dgate_budget is not None:
-                masks, _ = budget_cut(bank, self.dgate_budget)
+                gradual = self._dgate_gradual()
+                masks, _ = self._dgate_budget_cut(self.dgate_budget) if gradual else budget_cut(bank, self.dgate_budget)
             else:
                 masks = below
             if ramp is not None:
@@ -623,6 +675,7 @@ class DGateMixin:
             budget=self.dgate_budget,
             gradual_from=self._dgate_ramp_start if ramp is not None else None,
             gradual_cut={t: int(m.sum()) for t, m in ramp.items()} if ramp is not None else {},
+            ranking=self._dgate_ranking_used() if self._dgate_gradual() else None,
         )
         self._dgate_ramp_masks = None
         return self.dgate_finish
@@ -836,6 +889,16 @@ class _DGateCallback(TrainerCallback):
             if any(bool(m.any()) for m in masks.values()):
                 tr._dgate_ramp_masks = masks
                 tr._dgate_ramp_start = tr._dgate_first_cut_step()
+        return control
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        tr = self.trainer
+        if (
+            tr._dgate_gradual()
+            and tr.dgate_budget_ranking is BudgetRanking.SALIENCY
+            and tr._dgate_zero_masks is None  # (the finish ranks nothing: its cut is done)
+        ):
+            tr._dgate_accumulate_saliency()
         return control
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -180,6 +180,55 @@ def test_the_gradual_schedule_cuts_a_few_groups_at_a_time_and_holds_them(tmp_pat
         DGateTrainer(gated(), targs(tmp_path), target_params=0.6, budget_schedule="fast", train_dataset=copy_data(8))
 
 
+def test_the_saliency_ranking_averages_the_gates_own_gradients_and_cuts_the_cheapest_loss(tmp_path):
+    """budget_ranking="saliency" (default): before every optimizer step of the cut, (gamma_1 dL/dgamma_1)^2 =
+    (s_g dL/ds_g)^2 joins an exponential average (bias-corrected), and the cut removes the groups with the smallest
+    average per unit of cost, compared across targets without the per-target median."""
+    from hf_dgate.budget import SALIENCY_DECAY
+
+    want: dict = {}
+
+    class Watch(TrainerCallback):  # runs before the trainer's own callback (added last)
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            if tr._dgate_zero_masks is not None:
+                return
+            for t, gam in tr.dgate_bank.gammas.items():
+                x = (gam[0] * gam.grad[0]).detach().pow(2)
+                want[t] = SALIENCY_DECAY * want.get(t, torch.zeros_like(x)) + (1 - SALIENCY_DECAY) * x
+
+    tr = DGateTrainer(gated(), targs(tmp_path, max_steps=20), target_params=0.6, controller_interval=5,
+                      train_dataset=copy_data(), callbacks=[Watch()])  # fmt: skip
+    tr.train()
+    assert tr._dgate_saliency_steps == 6  # the cut phase: steps 1-6, the finish from step 6 on
+    for t in want:
+        assert torch.allclose(tr._dgate_saliency[t], want[t], rtol=1e-5, atol=1e-12)
+    assert tr.dgate_finish.ranking == "saliency" and "estimated loss change" in tr.dgate_finish.describe()
+
+    # the cut follows the saliency per cost, not the norms: plant scores that reverse the norm order of the neurons
+    tr2 = DGateTrainer(gated(), targs(tmp_path), target_params=0.9, train_dataset=copy_data(8))
+    bank = tr2.dgate_bank
+    norms = bank.effective_norms("neurons").detach()
+    tr2._dgate_saliency = {"heads": torch.full((bank.sizes["heads"],), 1e9), "neurons": 1.0 / norms}
+    tr2._dgate_saliency_steps = 50
+    masks, kept = tr2._dgate_budget_cut(tr2.dgate_budget)
+    assert kept <= tr2.dgate_budget and int(masks["heads"].sum()) == 0
+    n = int(masks["neurons"].sum())
+    assert n > 0 and set(masks["neurons"].nonzero().flatten().tolist()) == set(norms.argsort()[-n:].tolist())
+    norm_masks, _ = budget_cut(bank, tr2.dgate_budget)
+    assert not torch.equal(norm_masks["neurons"], masks["neurons"])
+
+
+def test_the_norm_ranking_is_kept_as_an_option_and_named_in_the_record(tmp_path):
+    tr = DGateTrainer(gated(), targs(tmp_path, max_steps=20), target_params=0.6, controller_interval=5,
+                      budget_ranking="norm", train_dataset=copy_data())  # fmt: skip
+    tr.train()
+    rec = tr.dgate_finish
+    assert tr._dgate_saliency is None and rec.ranking == "norm" and "D-Gating's norms" in rec.describe()
+    assert rec.params_kept <= tr.dgate_budget
+    with pytest.raises(ValueError, match="budget_ranking='taylor' is invalid"):
+        DGateTrainer(gated(), targs(tmp_path), target_params=0.6, budget_ranking="taylor", train_dataset=copy_data(8))
+
+
 def test_a_run_resumed_during_the_gradual_cut_holds_what_the_checkpoint_held(tmp_path):
     kw = dict(max_steps=40, save_strategy="steps", save_steps=10)
 
