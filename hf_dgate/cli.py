@@ -593,7 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
         "compress",
         help="Compress a trained causal LM to a parameter budget (gate, train, finish, verify, export).",
         description="Gate the heads and neurons of a trained causal LM, train it on --data while the weakest groups "
-        "are set to exactly zero a few at a time until --budget is met (first 30% of the steps), hold them there "
+        "(lowest estimated loss change per parameter, from the gates' gradients) are set to exactly zero a few at a "
+        "time until --budget is met (first 30% of the steps), hold them there "
         "while the rest recovers, verify and export the smaller model with its card to --out, and print a summary "
         "table.",
         formatter_class=_HelpFormatter,
