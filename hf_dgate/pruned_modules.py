@@ -56,6 +56,9 @@ def no_head_forward(self, hidden_states=None, *args, **kwargs):
         return out
     extras = getattr(self, "_dgate_extras", None) or [None]  # what the original returned after its output
     values = (out, *[getattr(self, a) if a else None for a in extras])
+    nested = getattr(self, "_dgate_nested", None)  # tuples of tuples (I-BERT: its outputs and their scales)
+    if nested and len(nested) == len(values):
+        values = tuple((v,) if inner else v for v, inner in zip(values, nested))
     return list(values) if getattr(self, "_dgate_list", False) else values
 
 
@@ -108,6 +111,20 @@ def returned_extras(cls):
         }
         extras.append(attrs.pop() if len(attrs) == 1 else None)
     return extras
+
+
+def returned_tuples(cls):
+    """Per position of what `cls.forward` returns, whether it is itself a tuple in every `return` (a name assigned
+    tuples: I-BERT's attention returns `outputs, output_scaling_factor`, each a tuple); None when not all returns
+    are tuples of one length, or none of their positions is one."""
+    import ast
+
+    found, tuples = _returns(cls)
+    if not found or not all(isinstance(v, ast.Tuple) for v in found) or len({len(v.elts) for v in found}) != 1:
+        return None
+    nested = [all(isinstance(v.elts[i], ast.Name) and v.elts[i].id in tuples for v in found)
+              for i in range(len(found[0].elts))]
+    return nested if any(nested) else None
 
 
 def _returns(cls):
@@ -208,6 +225,7 @@ def make_no_head(module, out):
         module._dgate_single = returns_one_value(type(module))
         module._dgate_list = returns_list(type(module))
         module._dgate_extras = returned_extras(type(module))
+        module._dgate_nested = returned_tuples(type(module))
         module.__class__ = _subclass(type(module), ZeroHeadAttention, {"forward": no_head_forward})
 
 

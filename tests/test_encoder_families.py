@@ -105,3 +105,17 @@ def test_the_reload_rehearsal_refuses_other_modules_or_lost_head_counts():
     built = type(attn.self).__mro__[1].__name__  # (4.57 builds BertSdpaSelfAttention)
     assert reload_problem(bert) == (
         f"its config builds {built} at 'bert.encoder.layer.0.attention.self' where the export has OtherSelfAttention")
+
+
+def test_an_attention_without_heads_returns_tuples_where_its_forward_returned_tuples():
+    """I-BERT's attention returns (outputs, scaling factors), each a tuple; a layer left without heads returns the
+    same nesting (before: its block indexed the scaling factor None and the export failed on the probe)."""
+    from transformers.models.ibert.modeling_ibert import IBertSelfAttention
+
+    from hf_dgate import zoo
+    from hf_dgate.pruned_modules import returned_tuples
+
+    assert returned_tuples(IBertSelfAttention) == [True, True]
+    assert returned_tuples(transformers.models.bert.modeling_bert.BertSelfAttention) is None
+    cell = zoo.run_cell("masked-lm", "ibert", "heads")
+    assert cell.outcome == zoo.Outcome.EXACT.value, cell
