@@ -359,3 +359,9 @@ def shrink(model, spec):
         make_no_input(model.get_submodule(_name(module_name)))
     for module_name in spec.get("keep_on_switch", []):
         keep_pruned_on_switch(model.get_submodule(_name(module_name)))
+    for module in model.modules():  # an empty weight has nothing to initialise, and some families' inits divide by
+        # its width (RWKV's gain, the LeCun init of SigLIP): transformers skips a module marked initialised (its
+        # tensors all come from the checkpoint); modules with buffers are left alone (non-persistent ones need init)
+        own = list(module.parameters(recurse=False))
+        if any(p.numel() == 0 for p in own) and not any(True for _ in module.buffers(recurse=False)):
+            module._is_hf_initialized = True

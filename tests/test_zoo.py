@@ -353,3 +353,13 @@ def test_a_config_that_refuses_the_new_layer_count_is_a_refusal_not_a_crash():
         hf_dgate.get_bank(model).gammas["layers"].zero_()
     with pytest.raises(ExportError, match=r"its config refuses num_hidden_layers=0 \(.*positive integer"):
         hf_dgate.export_pruned(model, example_inputs=batch)
+
+
+@pytest.mark.parametrize("mapping,family,target", [("causal-lm", "rwkv", "neurons"),
+                                                   ("image-classification", "siglip", "neurons")])
+def test_a_layer_left_empty_reloads_where_the_family_init_divides_by_its_width(mapping, family, target):
+    """RWKV's init divides by a Linear's input width, SigLIP's LeCun init by its fan-in: a layer that lost every
+    neuron or head has an empty weight there. The reload marks such modules initialised (their tensors all come from
+    the checkpoint), so the export loads back exactly (before: refused by the reload rehearsal on 5.x)."""
+    cell = zoo.run_cell(mapping, family, target)
+    assert cell.outcome == zoo.Outcome.EXACT.value, cell
