@@ -50,6 +50,7 @@ import hf_dgate
 from hf_dgate.budget import budget_cut, group_costs, params_after
 from hf_dgate.errors import ExportError
 from hf_dgate.finish import FinishRecord, zero_exactly
+from hf_dgate.optim import BLOCK_TARGET_LR
 from hf_dgate.trainer import DGateTrainer
 
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "hf_dgate", "compress_bench")
@@ -208,7 +209,10 @@ def activation_scores(model, train: torch.Tensor, batches: int = 8) -> dict[str,
 def fine_tune_held(model, masks, args, data, val_rows, teacher=None) -> DGateTrainer:
     """Train with the masked groups held at exactly zero from the first step (lam 0): the one-shot peers'
     fine-tune, through the same finish machinery D-Gating ends with (and its distillation, given a teacher)."""
-    tr = DGateTrainer(model, args, train_dataset=data, eval_dataset=val_rows, finish_steps=0, teacher=teacher)
+    # gated_lr: the gates' momentum-SGD group at 0.2, as in the dgate rows (DGateTrainer's "auto" gives it to
+    # heads and neurons only with target_params, which this fine-tune does not set)
+    tr = DGateTrainer(model, args, train_dataset=data, eval_dataset=val_rows, finish_steps=0, teacher=teacher,
+                      gated_lr=BLOCK_TARGET_LR)  # fmt: skip
     zero_exactly(tr.dgate_bank, masks)
     tr._dgate_zero_masks = masks
     zeroed = {t: int(m.sum()) for t, m in masks.items()}

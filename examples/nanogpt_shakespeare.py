@@ -97,8 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--gated-lr",
         type=_gated_lr,
-        help="momentum-SGD rate of the gates inside AdamW (hf_dgate.optim): auto (default, 0.2 for heads), a float, "
-        "or off (plain AdamW, as in the paper)",
+        help="momentum-SGD rate of the gates inside AdamW (hf_dgate.optim): auto (default; heads and neurons keep "
+        "AdamW, as in the paper), a float (e.g. 0.2), or off (plain AdamW)",
     )
     p.add_argument("--gates-only", action="store_true", help="with --gated-lr: only the gates take SGD steps")
     p.add_argument("--min-lr-ratio", type=float)

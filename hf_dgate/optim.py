@@ -35,9 +35,11 @@ BUFFERS_KEY = "dgate_momentum_buffers"  # the recipe's momentum buffers in the o
 # - module targets (features, filters, GroupRules): gates + gated weights at the paper's SGD rate for LeNet and VGG.
 #   Their gated tensors are small per-group slices that SGD trains well, and only the full update matches SGD's
 #   zeros on VGG filters (gates alone at 0.05 leave most filters grey, at 0.2 they remove 90% of them).
-# - transformer block targets (heads, neurons, layers, experts): the gates only, at a higher rate. The gated
-#   tensors are whole projection matrices that momentum SGD does not train (NanoGPT: accuracy 0.31-0.36 against
-#   0.41); the gates alone reach plain AdamW's sparsity and accuracy and make the tiny demo's zeros exact.
+# - transformer block targets (heads, neurons, layers, experts), when asked for: the gates only, at a higher rate.
+#   The gated tensors are whole projection matrices that momentum SGD does not train (NanoGPT: accuracy 0.31-0.36
+#   against 0.41). DGateTrainer's gated_lr="auto" leaves these gates to the Trainer's own optimizer instead
+#   (block_gates=False): on NanoGPT the gates on SGD at 0.2 turn a lam sweep into a cliff (heads 0% at lam 0.003,
+#   100% at 0.02) where AdamW moves gradually (62.5% to 96.9% over lam 0.003 to 0.3) with exact D = 3 zeros.
 MODULE_TARGET_LR = 0.05
 BLOCK_TARGET_LR = 0.2
 
@@ -47,11 +49,20 @@ def _is_block_target(name: str) -> bool:
     return target is not None and target.per_block
 
 
-def gated_parameters(model: nn.Module, include_weights: bool | None = True) -> list[nn.Parameter]:
+def has_module_targets(model: nn.Module) -> bool:
+    """Whether the model gates a module target (features, filters, GroupRules), whose gates take the SGD group
+    under DGateTrainer's gated_lr="auto"."""
+    return any(not _is_block_target(gs.target) for gs in get_bank(model).group_sets)
+
+
+def gated_parameters(
+    model: nn.Module, include_weights: bool | None = True, *, block_gates: bool = True
+) -> list[nn.Parameter]:
     """The trainable gates and every parameter tensor that holds gated primary weights (each once, in model order).
 
     include_weights: True every target's gated weights, False none, None those of module targets (features,
     filters, GroupRules) but not of transformer block targets (heads, neurons, layers, experts).
+    block_gates: whether the gates of transformer block targets are included (False: module targets only).
     Fused tensors (GPT-2's `c_attn`) count whole: their ungated rows get the same plain-gradient update.
     """
     bank = get_bank(model)
@@ -61,8 +72,10 @@ def gated_parameters(model: nn.Module, include_weights: bool | None = True) -> l
             f"with method={bank.method!r}, which keeps the optimizer it was given."
         )
     ids = {id(p) for p in bank.parameters() if p.requires_grad}
+    if not block_gates:
+        ids -= {id(p) for t, p in bank.gammas.items() if _is_block_target(t)}
     for gs in bank.group_sets if include_weights is not False else ():
-        if include_weights is None and _is_block_target(gs.target):
+        if (include_weights is None or not block_gates) and _is_block_target(gs.target):
             continue
         for sl in gs.primary:
             p = getattr(bank.module(sl.module), sl.param)
@@ -84,6 +97,7 @@ def dgate_optimizer(
     lr: float | None = None,
     momentum: float = 0.9,
     include_weights: bool | None = None,
+    block_gates: bool = True,
 ):
     """Give `optimizer` the D-Gating update for gates and gated weights and return it (the same object).
 
@@ -105,6 +119,10 @@ def dgate_optimizer(
         (0.05) when gated weights move, else BLOCK_TARGET_LR (0.2). Measured on LeNet features (Adam for the rest):
         0.02 and below leave every group above the threshold within 10 epochs, 0.05 matches SGD, 0.1 and above
         remove more and cost accuracy (docs/optimizers.md).
+    block_gates: whether the gates of transformer block targets join the group (True, default: you asked for the
+        recipe). DGateTrainer's gated_lr="auto" passes False and leaves them to the Trainer's optimizer: on NanoGPT
+        heads, gates on SGD at 0.2 make the lam sweep a cliff (0% to 100% heads within lam 0.003 to 0.02), while
+        AdamW alone moves it gradually and still reaches exact D = 3 zeros (docs/optimizers.md).
     """
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
         raise ValueError(f"lr={lr!r}: pass the gated group's SGD learning rate, a float > 0 (e.g. 0.05), or None.")
@@ -112,11 +130,17 @@ def dgate_optimizer(
         raise ValueError(f"momentum={momentum!r}: pass a float in [0, 1).")
     if include_weights not in (None, True, False):
         raise ValueError(f"include_weights={include_weights!r}: pass None (per target), True or False.")
-    gated = gated_parameters(model, include_weights)
+    if not isinstance(block_gates, bool):
+        raise ValueError(f"block_gates={block_gates!r}: pass True or False.")
+    gated = gated_parameters(model, include_weights, block_gates=block_gates)
     if lr is None:
-        lr = MODULE_TARGET_LR if len(gated) > len(gated_parameters(model, False)) else BLOCK_TARGET_LR
+        few = gated_parameters(model, False, block_gates=block_gates)
+        lr = MODULE_TARGET_LR if len(gated) > len(few) else BLOCK_TARGET_LR
     if not gated:
-        raise ValueError("The model's gates and gated weights are all frozen: the recipe has nothing to update.")
+        raise ValueError(
+            "The model's gates and gated weights are all frozen (or, with block_gates=False, it gates no module "
+            "target): the recipe has nothing to update."
+        )
     group = {"lr": float(lr), "weight_decay": 0.0, GROUP_KEY: True, "dgate_momentum": float(momentum)}
     _own_group(optimizer, gated, group, "dgate_optimizer")
     optimizer.dgate_momentum_buffers = {}  # kept out of optimizer.state, whose entries each optimizer class parses

@@ -89,11 +89,17 @@ class DGateMixin:
         controller_interval, controller_gain: optimizer steps between controller updates, and its gain.
         gated_lr: the gates (and, for vision/tabular targets, their gated weights) take momentum-SGD steps in a
             parameter group of their own inside the Trainer's optimizer (`hf_dgate.optim.dgate_optimizer`), because
-            Adam-family optimizers alone do not reach D-Gating's exact zeros (docs/optimizers.md). "auto" (default):
-            that group's rate and content are chosen per target (`dgate_optimizer`'s defaults), and nothing changes
-            when the Trainer's optimizer is plain SGD, which already is the paper's update. A float: that rate (SGD
-            units). None: the Trainer's optimizer updates gates and weights like everything else. With method='l0'
-            the same switch gives log_alpha its own group (`hf_dgate.optim.l0_optimizer`, rate 0.1 under "auto").
+            Adam-family optimizers alone do not reach exact zeros on module targets (docs/optimizers.md). "auto"
+            (default): module targets (features, filters, GroupRules) get that group, gates and gated weights at
+            0.05; transformer block targets (heads, neurons, layers, experts) keep the Trainer's optimizer, under
+            which NanoGPT's zeros are exact and a lam sweep moves sparsity gradually (with their gates on SGD at
+            0.2, its heads go from 0% to 100% between lam 0.003 and 0.02), except with `target_params`, where the
+            budget sets the sparsity and their gates take the group at 0.2 (the setting docs/compress.md measured).
+            A gate on Adam moves about lr per step from 1, so a short run at a small learning rate may zero
+            nothing: pass 0.2 there. Nothing changes when the Trainer's optimizer is plain SGD, which already is the
+            paper's update. A float: every target's gates take that rate (SGD units). None: the Trainer's optimizer
+            updates gates and weights like everything else. With method='l0' the same switch gives log_alpha its
+            own group (`hf_dgate.optim.l0_optimizer`, rate 0.1 under "auto").
         gated_weights: with `gated_lr`, whether the gated weights move with the gates: None (default) per target
             (module targets yes, transformer block targets no), True all, False none.
         target_params: a parameter budget for the export: a fraction in (0, 1) of the model's parameters or a count
@@ -403,7 +409,8 @@ class DGateMixin:
     # ---- optimizer ------------------------------------------------------------------------------------------
     def create_optimizer(self, *args: Any, **kwargs: Any):
         """The Trainer's optimizer; with `gated_lr`, gates (and gated weights, per `gated_weights`) move to their own
-        momentum-SGD group. A user-supplied optimizer is left alone, and so is plain SGD under `gated_lr="auto"`.
+        momentum-SGD group; under "auto" without a budget those of module targets only. A user-supplied optimizer
+        is left alone, and so is plain SGD under `gated_lr="auto"`.
         The scheduler is built afterwards, so it scales that group too."""
         built = self.optimizer is None
         optimizer = super().create_optimizer(*args, **kwargs)
@@ -412,6 +419,13 @@ class DGateMixin:
             return optimizer
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it later; some integrations earlier
         if lr == "auto" and type(inner) is torch.optim.SGD:
+            return optimizer
+        # "auto" without a budget gives the SGD group to module targets only: transformer block targets' gates stay
+        # on the Trainer's optimizer, where NanoGPT's lam sweep is gradual (on SGD at 0.2 it is a cliff). With
+        # target_params the budget, not lam, sets the sparsity, and the budget runs were measured with the SGD group
+        # (docs/optimizers.md, docs/compress.md)
+        modules_only = lr == "auto" and policy.takes_weights and self.dgate_budget is None
+        if modules_only and not optim.has_module_targets(self.model):
             return optimizer
         helper = policy.helper
         if not built:
@@ -426,6 +440,8 @@ class DGateMixin:
             return optimizer
         # the method's own helper (l0: log_alpha at its own, larger rate in the optimizer's units, Adam: 0.1)
         kwargs: dict[str, Any] = {"include_weights": self.dgate_gated_weights} if policy.takes_weights else {}
+        if modules_only:
+            kwargs["block_gates"] = False
         rate = policy.auto_lr if lr == "auto" else lr
         if rate is not None:  # (None: the helper's own default)
             kwargs["lr"] = rate

@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback
 
 import hf_dgate
 from hf_dgate.budget import ParamBudget, budget_cut, cost_weights, group_costs, params_after
+from hf_dgate.optim import BLOCK_TARGET_LR
 from hf_dgate.trainer import DGateTrainer, with_dgate
 
 V, T = 32, 16
@@ -260,7 +261,10 @@ def test_the_steered_schedule_keeps_the_late_finish(tmp_path):
 
 def test_finish_without_a_budget_holds_zeros_exactly_and_lets_the_rest_train(tmp_path):
     model = gated(("neurons",), lam=0.3)
-    tr = DGateTrainer(model, targs(tmp_path, max_steps=30), finish_steps=10, train_dataset=copy_data())
+    # gates on momentum SGD: in 20 steps AdamW moves a gate only ~20 learning rates from 1 (no neuron would be zero)
+    tr = DGateTrainer(
+        model, targs(tmp_path, max_steps=30), finish_steps=10, gated_lr=BLOCK_TARGET_LR, train_dataset=copy_data()
+    )
     tr.train()
     rec = tr.dgate_finish
     assert rec.start_step == 20 and rec.steps == 10 and rec.cut_by_budget == {"neurons": 0}
@@ -295,8 +299,10 @@ def test_finish_resumes_from_a_checkpoint_holding_the_same_zeros(tmp_path):
     kw = dict(max_steps=30, save_strategy="steps", save_steps=25)
 
     def run():
-        model = gated(("neurons",), lam=0.3)
-        return DGateTrainer(model, targs(tmp_path, **kw), finish_steps=10, train_dataset=copy_data())
+        model = gated(("neurons",), lam=0.3)  # gates on SGD, so the finish has zeros to hold (above)
+        return DGateTrainer(
+            model, targs(tmp_path, **kw), finish_steps=10, gated_lr=BLOCK_TARGET_LR, train_dataset=copy_data()
+        )
 
     tr = run()
     tr.train()

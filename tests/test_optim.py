@@ -99,8 +99,10 @@ def test_gates_only_variant_moves_only_the_gates():
 
 
 def test_trainer_uses_the_recipe_by_default(tmp_path):
-    """DGateTrainer's default AdamW gets the recipe's group (per target); gated_lr=None turns it off; SGD keeps its
-    own update under 'auto'; an explicit rate is used as given."""
+    """DGateTrainer's default AdamW gets the recipe's group for module targets only (transformer block targets'
+    gates stay on AdamW: on SGD they make NanoGPT's lam sweep a cliff); gated_lr=None turns it off; SGD keeps its
+    own update under 'auto'; an explicit rate is used as given, for block targets too, and so is 'auto' with a
+    budget (target_params sets the sparsity there, and was measured with the group)."""
     from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 
     from hf_dgate.optim import BLOCK_TARGET_LR, MODULE_TARGET_LR
@@ -114,10 +116,26 @@ def test_trainer_uses_the_recipe_by_default(tmp_path):
     (mine,) = dgate_groups(DGateTrainer(model, args))  # features: gates + gated weights at the SGD rate
     assert mine["lr"] == MODULE_TARGET_LR
     assert [id(p) for p in mine["params"]] == [id(p) for p in gated_parameters(model)]
-    gpt = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50, n_positions=16))
-    (mine,) = dgate_groups(DGateTrainer(gpt, args, dgate_config=hf_dgate.DGateConfig(target="heads")))
-    bank = hf_dgate.get_bank(gpt)  # heads: the gates only (c_attn keeps AdamW)
-    assert mine["lr"] == BLOCK_TARGET_LR and [id(p) for p in mine["params"]] == [id(bank.gammas["heads"])]
+
+    def gpt2(**config):
+        gpt = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50, n_positions=16))
+        return gpt, hf_dgate.DGateConfig(target="heads", **config)
+
+    gpt, cfg = gpt2()
+    trainer = DGateTrainer(gpt, args, dgate_config=cfg)
+    assert not dgate_groups(trainer)  # heads alone: gates and weights all stay on AdamW (no weight decay on them)
+    heads = id(hf_dgate.get_bank(gpt).gammas["heads"])
+    assert any(heads in {id(p) for p in g["params"]} and g["weight_decay"] == 0 for g in trainer.optimizer.param_groups)
+    for kwargs in ({"gated_lr": BLOCK_TARGET_LR}, {"target_params": 0.9}):  # a rate, or a budget under "auto"
+        gpt, cfg = gpt2()
+        (mine,) = dgate_groups(DGateTrainer(gpt, args, dgate_config=cfg, **kwargs))
+        bank = hf_dgate.get_bank(gpt)  # heads with a rate: the gates only (c_attn keeps AdamW)
+        assert mine["lr"] == BLOCK_TARGET_LR and [id(p) for p in mine["params"]] == [id(bank.gammas["heads"])]
+    gpt, cfg = gpt2(groups=[hf_dgate.GroupRule("cols", r"^lm_head$", kind="in", size=4)])
+    (mine,) = dgate_groups(DGateTrainer(gpt, args, dgate_config=cfg))  # heads + a module target: the module's only
+    bank = hf_dgate.get_bank(gpt)
+    assert mine["lr"] == MODULE_TARGET_LR
+    assert [id(p) for p in mine["params"]] == [id(p) for p in (gpt.lm_head.weight, bank.gammas["cols"])]
     (mine,) = dgate_groups(DGateTrainer(_gated_lenet(), args, gated_lr=0.1, gated_weights=False))
     assert mine["lr"] == 0.1 and len(mine["params"]) == 1
     assert not dgate_groups(DGateTrainer(_gated_lenet(), args, gated_lr=None))
@@ -138,6 +156,7 @@ def test_bad_arguments_are_refused_before_anything_moves():
         ({"momentum": 1.0}, "momentum="),
         ({"momentum": True}, "momentum="),
         ({"include_weights": "yes"}, "include_weights="),
+        ({"block_gates": None}, "block_gates="),
     ):
         with pytest.raises(ValueError, match=match):
             dgate_optimizer(opt, model, **kwargs)
@@ -145,7 +164,7 @@ def test_bad_arguments_are_refused_before_anything_moves():
 
 
 def test_trainer_warns_when_given_an_adam_without_the_recipe(tmp_path):
-    from transformers import TrainingArguments
+    from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 
     from hf_dgate.trainer import DGateTrainer
 
@@ -159,6 +178,11 @@ def test_trainer_warns_when_given_an_adam_without_the_recipe(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert DGateTrainer(model, args, optimizers=(opt, None)).create_optimizer() is opt
+        # heads alone: "auto" would not give them the group either, so a plain Adam is what the default does
+        gpt = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=20, n_positions=8))
+        gpt = hf_dgate.apply_dgate(gpt, hf_dgate.DGateConfig(target="heads"))
+        opt = torch.optim.Adam(gpt.parameters(), lr=1e-3)
+        assert DGateTrainer(gpt, args, optimizers=(opt, None)).create_optimizer() is opt
 
 
 def test_trainer_gives_l0_gates_their_own_rate(tmp_path):
