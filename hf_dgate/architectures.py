@@ -499,6 +499,8 @@ def attention_parts(name: str, block: nn.Module, config: DGateConfig, hf_config:
     spec = spec_for(hf_config)
     if spec is not None and spec.attention is not None and not set(ATTENTION_KEYS) & set(names):
         parts = spec.attention.parts(hf_config)
+        if parts.pop("per_head_optional", False):  # per-head projections where the config builds them
+            parts["per_head"] = tuple(r for r in parts["per_head"] if has_module(block, r))
         if _present(block, parts):
             return parts
     leaves = _leaves(block)

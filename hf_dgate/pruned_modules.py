@@ -52,6 +52,9 @@ def no_head_forward(self, hidden_states=None, *args, **kwargs):
         residual = kwargs["residual"] if "residual" in kwargs else args[at] if at < len(args) else None
         if residual is not None:
             out = out + residual
+    post_norm = getattr(self, "_dgate_post_norm", None)  # the module adds its input and norms (ALBERT)
+    if post_norm:
+        out = self.get_submodule(post_norm)(hidden_states + out)
     if getattr(self, "_dgate_single", False):
         return out
     extras = getattr(self, "_dgate_extras", None) or [None]  # what the original returned after its output
@@ -111,6 +114,26 @@ def returned_extras(cls):
         }
         extras.append(attrs.pop() if len(attrs) == 1 else None)
     return extras
+
+
+def post_norm_inside(cls):
+    """The norm `cls.forward` applies to its first input plus its output (ALBERT's attention ends with
+    `self.LayerNorm(hidden_states + attn_output)`), by attribute name; None where the source shows no such call."""
+    import ast
+
+    fn = _forward_tree(cls)
+    if fn is None or len(fn.args.args) < 2:
+        return None
+    first = fn.args.args[1].arg
+    for node in ast.walk(fn):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args):
+            continue
+        owner, arg = node.func.value, node.args[0]
+        if isinstance(owner, ast.Name) and owner.id == "self" and isinstance(arg, ast.BinOp):
+            if isinstance(arg.op, ast.Add) and first in [getattr(x, "id", None) for x in (arg.left, arg.right)]:
+                if "norm" in node.func.attr.lower():
+                    return node.func.attr
+    return None
 
 
 def returned_tuples(cls):
@@ -226,6 +249,7 @@ def make_no_head(module, out):
         module._dgate_list = returns_list(type(module))
         module._dgate_extras = returned_extras(type(module))
         module._dgate_nested = returned_tuples(type(module))
+        module._dgate_post_norm = post_norm_inside(type(module))
         module.__class__ = _subclass(type(module), ZeroHeadAttention, {"forward": no_head_forward})
 
 

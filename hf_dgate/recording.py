@@ -304,6 +304,7 @@ def rebuild_spec(model: nn.Module) -> dict[str, Any] | None:
     for name, m in model.named_modules():
         f = fresh_modules.get(name)
         heads = [config_value(getattr(x, "config", None), k) for x in (m, f) for k in HEAD_FIELDS]
+        heads = [h if h is not None or i % 2 == 0 else heads[i - 1] for i, h in enumerate(heads)]  # (no kv: MHA)
         if name and f is not None and all(isinstance(h, int) for h in heads) and heads[:2] != heads[2:]:
             head_configs[name] = heads[:2]
     spec = {"shapes": shapes, "attrs": attrs, "no_head": no_head, "no_input": no_input}

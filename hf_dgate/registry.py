@@ -37,6 +37,7 @@ class Attention:
     config_heads: bool = False
     # more projections with one block of outputs per query head (Step 3.7's per-head output gate `g_proj`)
     per_head: tuple[str, ...] = ()
+    per_head_optional: bool = False  # the config may not build them (DeBERTa's pos_proj without relative attention)
 
     def parts(self, config: Any) -> dict[str, Any]:
         """The dict architectures.py works with: {'o', 'q', 'k', 'v'} or {'o', 'qkv', 'layout'} (+ extras)."""
@@ -47,6 +48,8 @@ class Attention:
             parts = {"o": self.o, "q": self.q, "k": self.k, "v": self.v}
         if self.per_head:
             parts["per_head"] = self.per_head
+            if self.per_head_optional:
+                parts["per_head_optional"] = True
         return {**parts, "config_heads": True} if self.config_heads else parts
 
 
@@ -238,6 +241,12 @@ SPECS: dict[str, ArchSpec] = {
     "xlm-roberta": _bert_like(),
     "electra": _bert_like(),
     "deberta-v2": _bert_like(q="query_proj", k="key_proj", v="value_proj"),
+    "deberta": ArchSpec(  # one fused in_proj, per head [q_h | k_h | v_h]; its q_bias and v_bias go per head too
+        Attention(o="attention.output.dense", qkv="attention.self.in_proj", layout="interleaved",
+                  per_head=("attention.self.pos_proj", "attention.self.pos_q_proj"), per_head_optional=True),
+        Mlp(down="output.dense", up=("intermediate.dense",)),
+        pre_norm=False,
+    ),
     "distilbert": ArchSpec(
         Attention(o="attention.out_lin", q="attention.q_lin", k="attention.k_lin", v="attention.v_lin"),
         Mlp(down="ffn.lin2", up=("ffn.lin1",)),

@@ -119,3 +119,66 @@ def test_an_attention_without_heads_returns_tuples_where_its_forward_returned_tu
     assert returned_tuples(transformers.models.bert.modeling_bert.BertSelfAttention) is None
     cell = zoo.run_cell("masked-lm", "ibert", "heads")
     assert cell.outcome == zoo.Outcome.EXACT.value, cell
+
+
+def test_funnel_heads_take_their_per_head_blocks_and_a_layer_without_heads_keeps_its_norm():
+    """Funnel's relative attention holds per-head blocks (r_w_bias (heads, d_head), r_kernel (d_model, heads,
+    d_head), seg_embed (2, heads, d_head)), reads its head count from its config and adds the residual and its
+    LayerNorm itself: the blocks go with their heads, each layer gets its own head count, and a layer without heads
+    runs its own forward on zero-width heads."""
+    from hf_dgate import zoo
+
+    cell = zoo.run_cell("masked-lm", "funnel", "heads")
+    assert cell.outcome == zoo.Outcome.EXACT.value, cell
+    torch.manual_seed(0)
+    cfg = transformers.FunnelConfig(vocab_size=64, d_model=32, n_head=4, d_head=8, d_inner=64, block_sizes=[1, 1],
+                                    num_decoder_layers=1)
+    model = transformers.FunnelForMaskedLM(cfg).eval()
+    batch = {"input_ids": _batch(8, False)["input_ids"]}
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="heads"), example_inputs=batch)
+    with torch.no_grad():
+        hf_dgate.get_bank(model).gammas["heads"][:, [0, 1, 2, 3, 5]] = 0  # layer 0: none left; layer 1: 3 left
+    pruned = hf_dgate.export_pruned(model, example_inputs=batch)
+    attn = [b.attention for b in pruned.funnel.encoder.blocks[1]][0]
+    assert attn.r_kernel.shape == (32, 3, 8) and attn.seg_embed.shape == (2, 3, 8) and attn.config.n_head == 3
+    assert pruned.config.n_head == 4
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_deberta_heads_leave_its_fused_in_proj_and_per_head_biases(tmp_path, relative):
+    """DeBERTa (v1) fuses q/k/v in one in_proj laid out per head [q_h | k_h | v_h] with separate q_bias and v_bias
+    vectors; with relative attention its pos_proj / pos_q_proj have one block of outputs per head too."""
+    torch.manual_seed(0)
+    extra = dict(relative_attention=True, pos_att_type=["p2c", "c2p"], max_relative_positions=16) if relative else {}
+    cfg = transformers.DebertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=64, **extra)
+    model = transformers.DebertaForMaskedLM(cfg).eval()
+    batch = {"input_ids": _batch(8, False)["input_ids"]}
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="heads"), example_inputs=batch)
+    with torch.no_grad():
+        hf_dgate.get_bank(model).gammas["heads"][:, [0, 1, 2, 3, 6]] = 0
+        gated = model(**batch).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruned = hf_dgate.export_pruned(model, example_inputs=batch)
+        save_pruned(pruned, tmp_path)
+        again = AutoPrunedModel.from_pretrained(tmp_path).eval()
+    attn = pruned.deberta.encoder.layer[1].attention.self
+    assert attn.in_proj.weight.shape[0] == 3 * 3 * 8 and attn.q_bias.shape == attn.v_bias.shape == (24,)
+    with torch.no_grad():
+        assert torch.allclose(again(**batch).logits, gated, atol=1e-5)
+
+
+def test_albert_heads_of_its_shared_layer_and_an_attention_that_norms_its_own_sum():
+    """ALBERT applies one layer at every depth: its heads are one group set, gated once, and removed from the
+    shared layer. Its attention ends with LayerNorm(input + output): one left without heads returns that norm of its
+    input plus the output projection's bias (before: the projection's bias alone, an inexact export)."""
+    from transformers.models.albert.modeling_albert import AlbertAttention
+
+    from hf_dgate import zoo
+    from hf_dgate.pruned_modules import post_norm_inside
+
+    assert post_norm_inside(AlbertAttention) == "LayerNorm"
+    assert post_norm_inside(transformers.models.bert.modeling_bert.BertSelfAttention) is None
+    cell = zoo.run_cell("masked-lm", "albert", "heads")
+    assert cell.outcome == zoo.Outcome.EXACT.value, cell

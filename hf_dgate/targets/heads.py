@@ -74,6 +74,15 @@ def per_head_vectors(name: str, block: nn.Module, gs: GroupSet) -> list[TensorSl
     where = f"{name}.{core_rel}" if core_rel else name
     group = torch.arange(n_heads) // n_rep
     out = [TensorSlice(where, p, 0, group) for p, t in own if t is not None and t.dim() == 1 and t.numel() == n_heads]
+    width = slice_index(n_heads * info.head_dim, info.head_dim * n_rep)  # a vector of one block per head (DeBERTa's
+    out += [TensorSlice(where, p, 0, width)  # q_bias and v_bias beside its fused in_proj)
+            for p, t in own if t is not None and t.dim() == 1 and t.numel() == n_heads * info.head_dim]
+    for p, t in own:  # a block per head: an axis of n_heads followed by one of the head size (Funnel's r_w_bias
+        if t is None or t.dim() < 2:  # (heads, d_head), r_kernel (d_model, heads, d_head), seg_embed (2, heads, ..))
+            continue
+        axes = [d for d in range(t.dim() - 1) if t.shape[d] == n_heads and t.shape[d + 1] == info.head_dim]
+        if len(axes) == 1:
+            out.append(TensorSlice(where, p, axes[0], group))
     if info.n_kv not in (n_heads, info.head_dim, 1):  # one entry per key/value head (Doge's dynamic-mask A)
         out += [
             TensorSlice(where, p, 0, torch.arange(info.n_kv))
@@ -386,7 +395,7 @@ def _set_head_counts(model: nn.Module, gs: GroupSet, dead: torch.Tensor, core_re
     for attr in ("num_key_value_heads", "num_kv_heads", "n_kv_heads"):
         if isinstance(getattr(core, attr, None), int):
             setattr(core, attr, n_kv)
-    if info.config_heads and getattr(core, "config", None) is not None:
+    if (info.config_heads or reads_heads_from_config(core)) and getattr(core, "config", None) is not None:
         own_head_config(core, n_q, n_kv)  # this layer's own head counts (the forward reads them there)
     for attr in ("all_head_size", "split_size", "inner_dim", *output_width_attrs(core)):
         if isinstance(getattr(core, attr, None), int):
@@ -401,7 +410,7 @@ def _set_head_counts(model: nn.Module, gs: GroupSet, dead: torch.Tensor, core_re
                     setattr(inner, attr, n_q * hd)
     if 0 < n_kv < info.n_kv:
         _select_outside_heads(core, info, dead)
-    if n_kv == 0 and not isinstance(core, ZeroHeadAttention):
+    if n_kv == 0 and not isinstance(core, ZeroHeadAttention) and not _adds_and_norms_itself(core, info, core_rel):
         o_rel = info.o
         inside = not core_rel or o_rel.startswith(core_rel + ".")
         make_no_head(core, (o_rel[len(core_rel) + 1 :] if core_rel else o_rel) if inside else None)
@@ -410,6 +419,35 @@ def _set_head_counts(model: nn.Module, gs: GroupSet, dead: torch.Tensor, core_re
     keep_pruned_on_switch(core)
     if core_rel:
         keep_pruned_on_switch(model.get_submodule(f"{block}.{core_rel}".rpartition(".")[0]))
+
+
+def _adds_and_norms_itself(core: nn.Module, info: HeadInfo, core_rel: str) -> bool:
+    """An attention module that holds its output projection and a norm as wide as the model, and reads its head
+    count from its config (Funnel: `layer_norm(query + post_proj(...))` inside the module): its own forward runs with
+    no head (zero-width heads, the output projection's bias), which the no-head forward would not reproduce (it
+    returns the projection alone). The export's numerical check stands behind it."""
+    if not info.o or (core_rel and not info.o.startswith(core_rel + ".")) or not reads_heads_from_config(core):
+        return False
+    width = out_features(core.get_submodule(info.o[len(core_rel) + 1 :] if core_rel else info.o))
+    return any(
+        "norm" in type(m).__name__.lower() and getattr(m, "weight", None) is not None and m.weight.numel() == width
+        for _, m in core.named_children()
+    )
+
+
+def reads_heads_from_config(core: nn.Module) -> bool:
+    """Does the attention's forward read its head count from its config (Funnel: `self.config.n_head`)? Then the
+    layer gets its own config copy with its own head count."""
+    import inspect
+
+    try:
+        source = inspect.getsource(type(core).forward)
+    except (OSError, TypeError):
+        return False
+    names = ("num_attention_heads", "n_head", "num_heads", "n_heads", "num_key_value_heads")
+    return any(f"self.config.{n}" in source.replace(" ", "") for n in names) and not any(
+        isinstance(getattr(core, n, None), int) for n in HEAD_COUNT_ATTRS
+    )
 
 
 def outside_head_inputs(core: nn.Module) -> list[str]:
