@@ -182,3 +182,19 @@ def test_albert_heads_of_its_shared_layer_and_an_attention_that_norms_its_own_su
     assert post_norm_inside(transformers.models.bert.modeling_bert.BertSelfAttention) is None
     cell = zoo.run_cell("masked-lm", "albert", "heads")
     assert cell.outcome == zoo.Outcome.EXACT.value, cell
+
+
+def test_convbert_heads_are_refused_because_its_convolution_kernels_mix_them():
+    """ConvBERT computes every head's dynamic-convolution kernel from all heads' query channels (conv_kernel_layer):
+    no head can go without changing the others, an inherent reason named at apply_dgate; a BERT attention has no
+    such projection."""
+    from hf_dgate import zoo
+
+    cell = zoo.run_cell("masked-lm", "convbert", "heads")
+    assert (cell.outcome, cell.detail) == (zoo.Outcome.INHERENT.value, zoo.Inherent.HEADS_MIXED.value), cell
+    torch.manual_seed(0)
+    cfg = transformers.ConvBertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                      intermediate_size=64, embedding_size=32)
+    with pytest.raises(ValueError, match=r"mixes its heads \('attention.self.conv_kernel_layer' computes"):
+        hf_dgate.apply_dgate(transformers.ConvBertForMaskedLM(cfg).eval(), hf_dgate.DGateConfig(target="heads"))
+    assert zoo.run_cell("masked-lm", "bert", "heads").outcome == zoo.Outcome.EXACT.value

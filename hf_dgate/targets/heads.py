@@ -116,6 +116,28 @@ def _per_head_linears(name: str, block: nn.Module, gs: GroupSet, core_rel: str) 
     return out
 
 
+def _kernel_from_all_queries(block: nn.Module, parts: dict[str, Any], core_rel: str) -> str | None:
+    """A Linear of the attention module beside q/k/v that reads all query channels and writes several outputs per
+    head (ConvBERT's conv_kernel_layer: every head's dynamic-convolution kernel from all heads' queries), by name;
+    None without one. The attention module's own head count says how many heads there are."""
+    if not parts.get("q") or not core_rel:
+        return None
+    core = block.get_submodule(core_rel)
+    n_heads = next((getattr(core, a) for a in HEAD_COUNT_ATTRS if isinstance(getattr(core, a, None), int)), None)
+    q = block.get_submodule(parts["q"])
+    width = out_features(q)
+    if width == in_features(q):  # (query space as wide as the input: a reader of either cannot be told apart)
+        return None
+    taken = {parts.get(k) for k in ("q", "k", "v", "o")}
+    for rel, m in core.named_children():
+        if not n_heads or not isinstance(m, nn.Linear) or f"{core_rel}.{rel}" in taken:
+            continue
+        out = out_features(m)
+        if in_features(m) == width and out != width and out % n_heads == 0 and out // n_heads > 1:
+            return rel
+    return None
+
+
 def _leaf_linears(block: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in block.named_modules() if n and isinstance(m, nn.Linear)}
 
@@ -163,6 +185,13 @@ def head_set(
         raise not_found("query/key/value projections of an attention", name, block, "value", "attn.v_proj")
     o = get(parts["o"])
     core_rel = attention_of(block, parts.get("v") or parts.get("qkv") or "")
+    mixer = _kernel_from_all_queries(block, parts, core_rel)
+    if mixer is not None:
+        raise StructureNotFoundError(
+            f"target='heads' is not available for '{name}': its attention mixes its heads ('{core_rel}.{mixer}' "
+            "computes every head's convolution kernel from all heads' query channels, as ConvBERT's span-based "
+            "dynamic convolution does), so one head cannot be removed without changing the others; gate 'neurons'"
+        )
     row = None if cross else _recorded_row(model, name, layer)
     n_heads, n_kv, hd = head_geometry(
         hf_config, o, name, get(core_rel) if core_rel else block, _kv_width(parts, get, o), (row or {}).get("head_dim")
