@@ -160,6 +160,9 @@ def input_width_reshape(module: nn.Module) -> bool:
     """Does the module reshape its attention output to the width of its input (`embed_dim` read off
     `hidden_states`)? Then it cannot run with fewer heads (CLIP's attention in transformers 4.x)."""
     src = _forward_source(type(module))
+    named = re.search(r"\b(\w+)\s*=\s*\w*hidden_states\.shape\[(2|-1)\]", src)  # PEGASUS-X: a field of its
+    if named and re.search(rf"\.(reshape|view)\([^()]*,\s*(\w+\.)?{named.group(1)}\)", src):  # dimensions
+        return True
     reads = re.search(r"\w+,\s*\w+,\s*(\w+)\s*=\s*(hidden_states|query)\.(shape|size\(\))", src)
     if not reads:
         return False

@@ -198,3 +198,20 @@ def test_convbert_heads_are_refused_because_its_convolution_kernels_mix_them():
     with pytest.raises(ValueError, match=r"mixes its heads \('attention.self.conv_kernel_layer' computes"):
         hf_dgate.apply_dgate(transformers.ConvBertForMaskedLM(cfg).eval(), hf_dgate.DGateConfig(target="heads"))
     assert zoo.run_cell("masked-lm", "bert", "heads").outcome == zoo.Outcome.EXACT.value
+
+
+def test_an_attention_that_views_its_output_to_its_input_width_through_a_field_is_named():
+    """PEGASUS-X's global-local attention reads the model width off its input into a dimensions record
+    (`hidden_dim=token_hidden_states.shape[2]`) and views both outputs to it: it cannot run with fewer heads, the
+    refusal names that (before: the export failed on the probe with a KeyError)."""
+    from transformers.models.pegasus_x.modeling_pegasus_x import PegasusXGlobalLocalAttention
+
+    from hf_dgate import zoo
+    from hf_dgate.compat import input_width_reshape
+
+    attn = PegasusXGlobalLocalAttention(embed_dim=32, num_heads=4, block_size=4)
+    assert input_width_reshape(attn)
+    assert not input_width_reshape(transformers.models.bert.modeling_bert.BertSelfAttention(
+        transformers.BertConfig(hidden_size=32, num_attention_heads=4)))
+    cell = zoo.run_cell("seq2seq-lm", "pegasus_x", "heads")
+    assert (cell.outcome, cell.detail) == (zoo.Outcome.INHERENT.value, zoo.Inherent.OLD_TRANSFORMERS.value), cell
