@@ -100,6 +100,7 @@ class HeadInfo(SetInfo):
     layout: str | None = None
     per_head: tuple[str, ...] = ()
     per_kv_head: tuple[str, ...] = ()  # projections with one block of outputs per key/value head (found from shapes)
+    sub_norms: tuple[str, ...] = ()  # RMSNorms over all heads' outputs before `o` (BitNet): rescaled on removal
     discovered: bool = False  # found from shapes: gated at o's input, removed from o and every per-head projection
     config_heads: bool = False
     n_heads: int = 0
@@ -119,6 +120,7 @@ class NeuronInfo(SetInfo):
     down: str = ""
     up: tuple[str, ...] = ()
     shared_expert: bool = False
+    sub_norms: tuple[str, ...] = ()  # RMSNorms over all units before `down` (BitNet): rescaled on removal
 
     def block_parts(self) -> tuple[str | None, ...]:
         return (self.down,)

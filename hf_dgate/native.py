@@ -100,7 +100,11 @@ def shapes_match(model: nn.Module) -> bool:
 
 
 def has_patched_modules(model: nn.Module) -> bool:
-    return any(isinstance(m, PATCHED) or getattr(m, "_dgate_head_inputs", None) for m in model.modules())
+    return any(
+        isinstance(m, PATCHED) or getattr(m, "_dgate_head_inputs", None)
+        or getattr(m, "_dgate_rescaled", False)  # an RMSNorm's epsilon that no config field holds
+        for m in model.modules()
+    )
 
 
 def reload_problem(model: nn.Module) -> str | None:

@@ -365,6 +365,12 @@ def shrink(model, spec):
     for module_name, attrs in spec["attrs"].items():
         module = model.get_submodule(_name(module_name))
         for key, value in attrs.items():
+            if isinstance(value, float) and key in ("variance_epsilon", "eps", "epsilon"):  # a rescaled RMSNorm's
+                if not 0.0 <= value < 1.0:
+                    raise ValueError(f"config.dgate_pruning holds {value!r} as a norm's epsilon; re-export the model.")
+                setattr(module, key, value)
+                module._dgate_rescaled = True
+                continue
             setattr(module, _name(key, attribute=True), _int(value))
     for module_name, heads in spec.get("head_configs", {}).items():
         own_head_config(model.get_submodule(_name(module_name)), _int(heads[0]), _int(heads[1]))

@@ -81,7 +81,8 @@ class RebuildSpec:
     name and size in it as data, in AutoPrunedModel and the generated loader alike."""
 
     shapes: dict[str, list[int]]  # parameter or buffer name -> its pruned shape
-    attrs: dict[str, dict[str, int]]  # module name -> int attributes that changed (out_features, num_heads, ...)
+    attrs: dict[str, dict[str, int | float]]  # module -> int attributes that changed (out_features, num_heads, ...)
+    # and the epsilon of an RMSNorm rescaled with the features it lost (float)
     no_head: dict[str, str | None]  # attention modules left with no head -> their output projection (or None)
     no_input: list[str]  # GPT-2 Conv1Ds left with no input feature
     head_configs: dict[str, list[int]] | None = None  # modules given their own [heads, kv heads] config (Phi-3)

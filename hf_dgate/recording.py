@@ -20,6 +20,7 @@ from .native import make_native
 from .pruned_modules import KeepsPrunedAttention, ZeroHeadAttention, ZeroInputConv1D
 from .record import CURRENT, HF_PRUNED_HEADS, RECORD_KEY, PruningRecord
 from .registry import spec_for
+from .targets.base import RMS_EPS_ATTRS
 
 
 def stack_record(
@@ -296,6 +297,8 @@ def rebuild_spec(model: nn.Module) -> dict[str, Any] | None:
             for k, v in vars(m).items()
             if isinstance(v, int) and not isinstance(v, bool) and not k.startswith("_") and vars(f).get(k, v) != v
         }
+        if getattr(m, "_dgate_rescaled", False):  # an RMSNorm's epsilon, rescaled with the features it lost
+            diff.update({k: float(v) for k, v in vars(m).items() if k in RMS_EPS_ATTRS and isinstance(v, float)})
         if diff:
             attrs[name] = diff
     no_head = {n: m._dgate_out for n, m in model.named_modules() if isinstance(m, ZeroHeadAttention)}

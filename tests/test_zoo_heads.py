@@ -81,3 +81,54 @@ def test_an_mlp_is_never_proposed_as_heads():
         return
     cell = _exact("jamba")
     assert cell.outcome == zoo.Outcome.EXACT.value, cell
+
+
+@pytest.mark.parametrize("target", ["heads", "neurons"])
+def test_an_rms_norm_over_all_heads_or_units_is_rescaled_with_them(target):
+    """BitNet normalises all heads' outputs (attn_sub_norm) and all MLP units (ffn_sub_norm) with one RMSNorm before
+    the output projection. A dead head or unit reaches the norm as zero (heads gated at the values, units at the up
+    projection's output), so removing it only changes the mean's count: the norm's weight grows by sqrt(n / kept) and
+    its epsilon by n / kept, recorded in the rebuild spec (before: the export failed on the probe, and neurons were
+    refused by the numerical check)."""
+    if "bitnet" not in zoo.model_types("causal-lm"):
+        pytest.skip("bitnet is not in this transformers' causal-LM mapping")
+    cell = zoo.run_cell("causal-lm", "bitnet", target)
+    assert cell.outcome == zoo.Outcome.EXACT.value and cell.reload.startswith("AutoPrunedModel"), cell
+
+
+def test_rescaling_an_rms_norm_is_exact_and_a_layer_norm_is_not_taken():
+    from hf_dgate.targets.base import rescale_rms_norm, rms_eps
+
+    class RMS(torch.nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.weight, self.variance_epsilon = torch.nn.Parameter(torch.rand(n) + 0.5), 1e-2
+
+        def forward(self, x):
+            return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+    norm = RMS(8)
+    x = torch.randn(5, 8)
+    x[:, [1, 4, 6]] = 0  # dead units arrive as zeros
+    keep = torch.tensor([0, 2, 3, 5, 7])
+    want = norm(x)[:, keep]
+    norm.weight = torch.nn.Parameter(norm.weight.data[keep])
+    rescale_rms_norm(norm, 8, 5)
+    assert torch.allclose(norm(x[:, keep]), want, atol=1e-6) and norm.variance_epsilon == pytest.approx(1.6e-2)
+    assert rms_eps(torch.nn.LayerNorm(8, bias=False)) is None  # centres: its dead units do not stay zero
+    from hf_dgate.pruned_modules import shrink
+
+    spec = {"shapes": {}, "attrs": {"": {"variance_epsilon": 7.0}}, "no_head": {}, "no_input": []}
+    with pytest.raises(ValueError, match="epsilon"):
+        shrink(RMS(8), spec)
+
+
+@pytest.mark.parametrize("family", ["ergo", "lfm3", "minicpm5_moe", "inkling_text"])
+def test_heads_counted_in_the_config_or_gated_per_head(family):
+    """Ergo splits its fused qkv by the counts in self.config at run time: a layer with fewer heads gets a config of
+    its own (found in the forward's source). LFM3 gates each head's output with one sigmoid per head (g_proj, one
+    output per head) and MiniCPM5-MoE computes [query | gate] per head in q_gate_proj: both go with their heads.
+    Inkling convolves each key/value channel with its own filter (k_sconv, v_sconv): a removed head takes its
+    channels (before: each export failed on the probe)."""
+    cell = _exact(family)
+    assert cell.outcome == zoo.Outcome.EXACT.value, cell

@@ -226,3 +226,54 @@ def settable(cfg: Any, key: str) -> bool:
     key = (getattr(cfg, "attribute_map", None) or {}).get(key, key)
     prop = getattr(type(cfg), key, None)
     return not isinstance(prop, property) or prop.fset is not None
+
+
+RMS_EPS_ATTRS = ("variance_epsilon", "eps", "epsilon")
+
+
+def rms_eps(m: nn.Module) -> str | None:
+    """The name of `m`'s epsilon attribute where `m` computes weight * x / sqrt(mean(x^2) + eps) over its last axis
+    (checked on a random input, so a LayerNorm or a (1 + weight) RMSNorm does not pass); None otherwise."""
+    w = getattr(m, "weight", None)
+    attr = next((a for a in RMS_EPS_ATTRS if isinstance(getattr(m, a, None), float)), None)
+    if attr is None or not isinstance(w, torch.Tensor) or w.dim() != 1 or getattr(m, "bias", None) is not None:
+        return None
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, w.numel(), generator=g).to(w.device, w.dtype)
+    try:
+        with torch.no_grad():
+            y = m(x)
+            want = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + getattr(m, attr)))
+    except Exception:  # noqa: BLE001 - a module this input does not fit is no such norm
+        return None
+    ok = isinstance(y, torch.Tensor) and y.shape == want.shape and torch.allclose(y, want, rtol=1e-4, atol=1e-6)
+    return attr if ok else None
+
+
+def rms_norms_over(block: nn.Module, parent_rel: str, width: int, exclude: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """RMSNorms directly under `parent_rel` that normalise `width` features (BitNet's attn_sub_norm over all heads'
+    outputs, ffn_sub_norm over all MLP units); names starting with `exclude` (q_norm/k_norm) are not taken."""
+    parent = block.get_submodule(parent_rel) if parent_rel else block
+    found = []
+    for child, m in parent.named_children():
+        w = getattr(m, "weight", None)
+        if "norm" not in type(m).__name__.lower() or not isinstance(w, torch.Tensor) or w.numel() != width:
+            continue
+        if child.lower().startswith(exclude) or rms_eps(m) is None:
+            continue
+        found.append(f"{parent_rel}.{child}" if parent_rel else child)
+    return tuple(found)
+
+
+@torch.no_grad()
+def rescale_rms_norm(m: nn.Module, before: int, after: int) -> None:
+    """An RMSNorm that read `before` features of which only `after` were nonzero, now given those `after` alone:
+    x / sqrt(S / before + eps) = sqrt(before / after) * x / sqrt(S / after + eps * before / after), so the weight
+    grows by sqrt(before / after) and eps by before / after: the same outputs, exactly."""
+    attr = rms_eps(m)
+    if attr is None or after <= 0 or after == before:
+        return
+    r = before / after
+    m.weight.mul_(r**0.5)
+    setattr(m, attr, float(getattr(m, attr)) * r)
+    m._dgate_rescaled = True

@@ -40,7 +40,7 @@ from ..pruned_modules import (
     select_head_inputs,
 )
 from ..registry import QK_NORM_SPANS_HEADS, spec_for
-from .base import Target, block_name, keep_slice, per_layer_edit
+from .base import Target, block_name, keep_slice, per_layer_edit, rescale_rms_norm, rms_norms_over
 
 HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
 
@@ -89,9 +89,15 @@ def per_head_vectors(name: str, block: nn.Module, gs: GroupSet) -> list[TensorSl
             for p, t in own if t is not None and t.dim() == 1 and t.numel() == info.n_kv
         ]
     out += _per_head_linears(name, block, gs, core_rel)
+    hd = info.head_dim
     for rel, m in core.named_modules():  # a depthwise convolution over heads (Nystromformer's conv on the values)
-        if rel and isinstance(m, nn.modules.conv._ConvNd) and m.groups == m.in_channels == m.out_channels == n_heads:
+        if not rel or not isinstance(m, nn.modules.conv._ConvNd) or not m.groups == m.in_channels == m.out_channels:
+            continue
+        if m.groups == n_heads:
             out += [TensorSlice(f"{where}.{rel}", p, 0, group) for p in ("weight", "bias") if getattr(m, p) is not None]
+        elif hd and m.groups in (info.n_kv * hd, n_heads * hd):  # over each head's channels (Inkling's k/v sconv)
+            idx = slice_index(m.groups, hd * (n_rep if m.groups == n_heads * hd else 1))
+            out += [TensorSlice(f"{where}.{rel}", p, 0, idx) for p in ("weight", "bias") if getattr(m, p) is not None]
     return out
 
 
@@ -236,12 +242,14 @@ def head_set(
                 removable += output_slices(full(parts[key]), get(parts[key]), idx)
         value_site = Site(full(parts["v"]), "output", -1, kv_group)
         value_primary = output_slices(full(parts["v"]), v, kv_group)
-    if parts.get("guessed") and not parts.get("per_head"):  # a per-head output gate beside them (AFMoE's gate_proj)
+    if parts.get("guessed") and not parts.get("per_head"):  # per-head output gates (AFMoE's gate_proj, LFM3's g_proj;
+        # MiniCPM5-MoE's q_gate_proj: [query | gate] per head)
         taken = {parts.get(k) for k in ("q", "k", "v", "o", "qkv")}
         attn_rel = parts["o"].rpartition(".")[0]
+        widths = (n_heads * hd, n_heads, 2 * n_heads * hd)
         parts = {**parts, "per_head": tuple(
             rel for rel, m in _leaf_linears(block).items()
-            if rel not in taken and rel.rpartition(".")[0] == attn_rel and out_features(m) == n_heads * hd
+            if rel not in taken and rel.rpartition(".")[0] == attn_rel and out_features(m) in widths
             and in_features(m) == in_features(get(parts["q"] or parts["v"] or parts["qkv"]))
         )} if (parts.get("q") or parts.get("v") or parts.get("qkv")) else parts
     for rel in parts.get("per_head", ()):  # outputs in one block per query head (a per-head gate)
@@ -258,7 +266,13 @@ def head_set(
         sites = [Site(full(parts["o"]), "input", -1, q_group)]
         primary, used = input_slices(full(parts["o"]), o, q_group), "output"
     kind = AttentionKind.CROSS if cross else AttentionKind.SELF
-    info = HeadInfo(**parts, n_heads=n_heads, n_kv=n_kv, head_dim=hd, side=HeadSide(used), attention=kind)
+    sub_norms: tuple[str, ...] = ()
+    if used == "value":  # dead heads give zero outputs: an RMSNorm over all of them can be rescaled exactly
+        sub_norms = rms_norms_over(block, core_rel, n_heads * hd, exclude=("q", "k"))
+        for rel in sub_norms:
+            removable.append(TensorSlice(full(rel), "weight", 0, q_group))
+    info = HeadInfo(**parts, n_heads=n_heads, n_kv=n_kv, head_dim=hd, side=HeadSide(used), attention=kind,
+                    sub_norms=sub_norms)
     core_rel = attention_of(block, parts.get("v") or parts.get("qkv") or parts.get("o") or "")
     if input_width_reshape(get(core_rel) if core_rel else block):
         # apply_dgate refuses; reloading an export (no head removed here) goes on
@@ -407,6 +421,10 @@ def prune_head_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -> 
         )
     for sl in gs.removable:
         keep_slice(model, sl, dead)
+    n_rep = info.n_heads // info.n_kv
+    kept = int((~dead).sum()) * n_rep * info.head_dim
+    for rel in info.sub_norms if kept else ():
+        rescale_rms_norm(model.get_submodule(f"{block_name(gs)}.{rel}"), info.n_heads * info.head_dim, kept)
     _set_head_counts(model, gs, dead, attention_of(model.get_submodule(block_name(gs)), info.v or info.qkv))
 
 

@@ -24,7 +24,16 @@ from ..discover import propose_mlp
 from ..errors import ExportError
 from ..groups import ExpertUnitInfo, GroupSet, NeuronInfo, Site, TensorSlice, input_slices, output_slices, slice_index
 from ..registry import spec_for
-from .base import MISSING, Target, block_name, keep_slice, merge_edits, per_layer_edit
+from .base import (
+    MISSING,
+    Target,
+    block_name,
+    keep_slice,
+    merge_edits,
+    per_layer_edit,
+    rescale_rms_norm,
+    rms_norms_over,
+)
 
 NEURON_CONFIG_ATTRS = ("intermediate_size", "n_inner", "ffn_dim")
 
@@ -154,7 +163,17 @@ def _neuron_set(
             removable += output_slices(f"{name}.{parent + '.' if parent else ''}{rel}", conv, idx)
     site = Site(f"{name}.{down_rel}", "input", -1, idx)
     primary = input_slices(f"{name}.{down_rel}", down, idx)
-    info = NeuronInfo(down=down_rel, up=tuple(up_rels), guessed=guessed)
+    sub_norms = rms_norms_over(block, parent, n)
+    linear_up = sorted((r for r in up_rels if out_features(block.get_submodule(r)) == n),
+                       key=lambda r: "up" not in r.rpartition(".")[2])  # fmt: skip
+    if sub_norms and linear_up:  # an RMSNorm over all units before down (BitNet's ffn_sub_norm): gate before it,
+        up_rel = linear_up[0]  # on the up projection's output, so a dead unit reaches the norm as zero
+        site = Site(f"{name}.{up_rel}", "output", -1, idx)
+        primary = output_slices(f"{name}.{up_rel}", block.get_submodule(up_rel), idx)
+        removable += [TensorSlice(f"{name}.{rel}", "weight", 0, idx) for rel in sub_norms]
+    else:
+        sub_norms = ()
+    info = NeuronInfo(down=down_rel, up=tuple(up_rels), guessed=guessed, sub_norms=sub_norms)
     return GroupSet("neurons", layer, n, [site], primary, removable, info)
 
 
@@ -170,6 +189,8 @@ def prune_neuron_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -
     parent_rel = gs.info.down.rpartition(".")[0]
     parent = model.get_submodule(f"{block}.{parent_rel}" if parent_rel else block)
     n = int((~dead).sum())
+    for rel in gs.info.sub_norms if n else ():
+        rescale_rms_norm(model.get_submodule(f"{block}.{rel}"), gs.n_groups, n)
     for attr in ("intermediate_size", "ffn_dim"):
         if isinstance(getattr(parent, attr, None), int):
             setattr(parent, attr, n)
