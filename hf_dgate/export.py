@@ -15,6 +15,7 @@ loads the export as well. Writing to a directory with a model card and uploading
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from .registry import spec_for
 from .targets import get_target
 from .targets.layers import drop_layers
 
+logger = logging.getLogger(__name__)
 PRUNING_KEY = RECORD_KEY  # (the names earlier code imported from here)
 
 __all__ = ["ExportError", "export_checked", "export_pruned", "prune_heads", "pruned_structure", "pruning_record"]
@@ -132,17 +134,89 @@ def export_checked(
         plan = bank.per_set(dead)
         dconfig = bank.config
         base = unwrap(model)
-        pruned = base if inplace else copy.deepcopy(base)
-        remove_dgate(pruned, merge=True)
-        if padded:
-            from .formats.shape import pad_plan
 
-            padding = pad_plan(pruned, plan, shape, multiple_of)
-        _apply_plan(pruned, plan, dconfig, float(thr))
-        pruned.eval()
+        def prune(keep: dict[str, set[int]]) -> tuple[nn.Module, Any]:
+            pruned = base if inplace else copy.deepcopy(base)
+            remove_dgate(pruned, merge=True)
+            padding = None
+            if padded:
+                from .formats.shape import pad_plan
+
+                padding = pad_plan(pruned, plan, shape, multiple_of)
+            _apply_plan(pruned, plan, dconfig, float(thr), keep)
+            return pruned.eval(), padding
+
+        refused: ExportError | None = None
+        try:
+            pruned, padding = prune({})
+        except ExportError as e:  # (a strict config that refuses the new layer count)
+            if inplace:
+                raise
+            pruned, refused = None, e
+        keeps = [] if inplace else _dead_blocks_to_keep(base, plan)
+        why = str(refused) if refused else (_reload_problem(pruned) or check.run_problem(pruned)) if keeps else None
+        for keep in keeps if why else ():  # dead blocks without which transformers cannot load or run the family
+            try:
+                again, again_padding = prune(keep)
+            except ExportError:
+                continue
+            if _reload_problem(again) is None and check.run_problem(again) is None:
+                logger.warning(
+                    "export: dead blocks %s stay in place as identity blocks (their branches zero): without them "
+                    "this transformers cannot load or run the export (%s).",
+                    {k: sorted(v) for k, v in keep.items()}, why,
+                )
+                pruned, padding = again, again_padding
+                break
+        if pruned is None:
+            raise refused
         _check_reloadable(pruned)
     pruned.dgate_padding = padding.to_dict() if padding is not None else None
     return pruned, check.finish(pruned, allow_inexact)
+
+
+def _reload_problem(pruned: nn.Module) -> str | None:
+    from .native import reload_problem
+
+    return reload_problem(pruned)
+
+
+def _dead_blocks_to_keep(model: nn.Module, plan: list[tuple[GroupSet, torch.Tensor]]) -> list[dict[str, set[int]]]:
+    """Sets of dead blocks to keep (zeroed: the identity) where dropping them all leaves a config transformers
+    cannot load: a kind of layer the family needs that would vanish (OLMo-Hybrid needs a linear-attention layer;
+    one dead block of each kind of a per-layer config list that has no block left), the last or first dead block
+    (a family that forces its last layer's kind, an init dividing by layers - 1), both, and every dead block."""
+    from .targets.layers import CYCLED_CONFIG_LISTS, PER_LAYER_CONFIG_LISTS
+
+    dead: dict[str, list[int]] = {}
+    for gs, d in plan:
+        if get_target(gs.target).removes_blocks and bool(d.all()) and isinstance(gs.layer, int):
+            dead.setdefault(gs.info.stack, []).append(gs.layer)
+    dead = {k: sorted(set(v)) for k, v in dead.items()}
+    if not dead:
+        return []
+    kinds: dict[str, set[int]] = {}
+    for st in block_stacks(model, get_bank(model).config):
+        n = len(st.blocks)
+        for key in PER_LAYER_CONFIG_LISTS + CYCLED_CONFIG_LISTS:
+            val = getattr(st.layers_config, key, None)
+            if st.path not in dead or not isinstance(val, (list, tuple)) or not val or len(val) > n:
+                continue
+            per_layer = [val[i % len(val)] for i in range(n)]
+            left = {per_layer[i] for i in range(n) if i not in dead[st.path]}
+            for i in reversed(dead[st.path]):
+                if isinstance(per_layer[i], str) and per_layer[i] not in left:
+                    left.add(per_layer[i])
+                    kinds.setdefault(st.path, set()).add(i)
+    last = {k: {v[-1]} for k, v in dead.items()}
+    first = {k: {v[0]} for k, v in dead.items()}
+    options = [kinds, last, first, {k: first[k] | last[k] for k in dead},
+               {k: kinds.get(k, set()) | last[k] for k in dead}, {k: set(v) for k, v in dead.items()}]
+    out: list[dict[str, set[int]]] = []
+    for opt in sorted(options, key=lambda o: sum(len(v) for v in o.values())):  # the fewest first
+        if opt and any(opt.values()) and opt not in out:
+            out.append(opt)
+    return out
 
 
 def _check_reloadable(pruned: nn.Module) -> None:
@@ -169,8 +243,12 @@ def pruning_record(model: nn.Module) -> PruningRecord | None:
 
 
 # ---- the plan -------------------------------------------------------------------------------------------------
-def _apply_plan(model: nn.Module, plan: list[tuple[GroupSet, torch.Tensor]], dconfig: DGateConfig, thr: float) -> None:
-    """Remove the dead groups of every gated stack and record what is left (per stack for multi-stack models)."""
+def _apply_plan(
+    model: nn.Module, plan: list[tuple[GroupSet, torch.Tensor]], dconfig: DGateConfig, thr: float,
+    keep: dict[str, set[int]] | None = None,
+) -> None:
+    """Remove the dead groups of every gated stack and record what is left (per stack for multi-stack models);
+    `keep`: dead blocks per stack path that stay in place (zeroed)."""
     prev = read_record(model) or {}
     block_targets = {t for t in dconfig.targets if get_target(t, dconfig).per_block}
     skipped = sorted({gs.target for gs, d in plan if gs.target not in block_targets and d.any()})
@@ -181,7 +259,7 @@ def _apply_plan(model: nn.Module, plan: list[tuple[GroupSet, torch.Tensor]], dco
     for st in stacks:
         sub_plan = [(gs, d) for gs, d in plan if gs.info.stack == st.path]
         before = prev.get("stacks", {}).get(st.path, {}) if multi else prev
-        records[st.path] = _prune_stack(model, st, sub_plan, dconfig, before, multi)
+        records[st.path] = _prune_stack(model, st, sub_plan, dconfig, before, multi, (keep or {}).get(st.path, set()))
     write_record(model, model_record(dconfig, records, prev, multi, thr, skipped))
 
 
@@ -192,12 +270,14 @@ def _prune_stack(
     dconfig: DGateConfig,
     prev: dict,
     multi: bool = False,
+    keep: set[int] = frozenset(),
 ) -> dict[str, Any]:
     n_before = len(st.blocks)
     kept = {kind: current_heads(model, st.blocks, dconfig, prev, kind) for kind in ("self", "cross")}
     dead_layers = {gs.layer for gs, d in plan if get_target(gs.target).removes_blocks and bool(d.all())}
     spec = spec_for(st.config)
     kept_dead = sorted(dead_layers & {0}) if spec is not None and spec.keeps_first_layer else []
+    kept_dead = sorted(set(kept_dead) | (dead_layers & set(keep)))  # (`keep`: see _dead_blocks_to_keep)
     dead_layers -= set(kept_dead)
     single = not multi and not prev.get("stacks")  # transformers' prune_heads numbers the layers of one stack
     by_hf = prune_with_transformers(model, st, plan, dead_layers, kept["self"], single=single)

@@ -207,6 +207,18 @@ class ExportCheck:
         warnings.warn(msg, ExportInexactWarning, stacklevel=3)
         return result
 
+    def run_problem(self, pruned: nn.Module) -> str | None:
+        """Why the export fails on the probe batch (None: it runs, or there is no probe to run)."""
+        inputs = self._adapt_inputs(pruned) if self.ref is not None else None
+        if inputs is None:
+            return None
+        try:
+            with _as_float32(pruned, self.half):
+                _run(pruned, _inputs_as(inputs, self.half))
+        except Exception as e:  # noqa: BLE001 - any failure is the reason
+            return _short(e)
+        return None
+
     def _adapt_inputs(self, pruned: nn.Module) -> Any:
         """An export without some input features reads only the kept columns (`dgate_kept_features`); that is
         only well defined when the probe is the gated first Linear's input (flattened). None otherwise."""

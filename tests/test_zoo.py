@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+import hf_dgate
 from hf_dgate import zoo
 
 # families in no registry row: found from common names or from shapes, and checked numerically
@@ -103,13 +104,36 @@ def test_an_alias_family_reloads_under_its_own_model_type():
     assert cell.outcome == zoo.Outcome.EXACT.value, cell
 
 
-def test_an_export_that_would_not_load_back_is_refused_at_export():
-    """RWKV's weight init divides by (layers - 1): an export down to one layer computes what the gated model does,
-    but no loader could initialise it. The export rehearses its reload on the meta device and refuses by name instead
-    of writing a directory that fails on load."""
-    cell = zoo.run_cell("causal-lm", "rwkv", "layers")
-    assert cell.outcome == zoo.Outcome.REFUSED.value, cell
-    assert "would not load back" in cell.detail and "ZeroDivisionError" in cell.detail
+def test_dead_blocks_the_family_cannot_lose_stay_as_identity_blocks():
+    """RWKV's weight init divides by (layers - 1), OLMo-Hybrid's config needs a linear-attention layer, an empty
+    stack does not build for many families: where the drop's config would not load back (the reload rehearsal) or
+    the export would not run, the fewest dead blocks stay in place, their branches zero, and the record lists them
+    (before: refused by the rehearsal)."""
+    from hf_dgate.export import pruned_structure
+
+    for family in ("rwkv", "olmo_hybrid"):
+        if family not in zoo.model_types("causal-lm"):
+            continue
+        cell = zoo.run_cell("causal-lm", family, "layers")
+        assert cell.outcome == zoo.Outcome.EXACT.value, cell
+    model, batch = zoo.build("causal-lm", "rwkv")
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="layers"), example_inputs=batch)
+    with torch.no_grad():
+        hf_dgate.get_bank(model).gammas["layers"].zero_()
+        gated = zoo.run(model, batch)
+    pruned = hf_dgate.export_pruned(model, example_inputs=batch)
+    assert pruned.dgate_verification.exact and pruned.config.num_hidden_layers == 2  # (block 0 is not gated)
+    assert pruned_structure(pruned)["dead_layers_kept"] == [1]
+    torch.testing.assert_close(zoo.run(pruned, batch), gated)
+
+
+def test_a_layer_drop_slices_the_per_layer_input_embeddings():
+    """Gemma 4 packs one slice of per-layer inputs per layer into an embedding and a projection outside the stack:
+    a dropped layer's slices go with it (before: the export failed on the probe)."""
+    if "gemma4_text" not in zoo.model_types("causal-lm"):
+        pytest.skip("gemma4_text is not in this transformers' causal-LM mapping")
+    cell = zoo.run_cell("causal-lm", "gemma4_text", "layers")
+    assert cell.outcome == zoo.Outcome.EXACT.value, cell
 
 
 class _StackedExperts(nn.Module):
@@ -341,18 +365,22 @@ def test_the_sweep_fills_zero_initialised_projections_as_training_would():
     assert model[1].weight.abs().max() > 0 and not model[2].weight.any()
 
 
-def test_a_config_that_refuses_the_new_layer_count_is_a_refusal_not_a_crash():
+def test_a_config_that_refuses_the_new_layer_count_keeps_a_dead_block():
+    """NeoMME's strict config takes only a positive num_hidden_layers: with every layer zero, one dead block stays
+    as the identity and the export is exact (before: an ExportError; before that, a crash)."""
     if "neomme" not in zoo.model_types("masked-lm"):
         pytest.skip("neomme is not in this transformers' masked-LM mapping")
-    import hf_dgate
-    from hf_dgate.errors import ExportError
+    from hf_dgate.export import pruned_structure
 
     model, batch = zoo.build("masked-lm", "neomme")
     hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="layers"), example_inputs=batch)
     with torch.no_grad():
         hf_dgate.get_bank(model).gammas["layers"].zero_()
-    with pytest.raises(ExportError, match=r"its config refuses num_hidden_layers=0 \(.*positive integer"):
-        hf_dgate.export_pruned(model, example_inputs=batch)
+        gated = zoo.run(model, batch)
+    pruned = hf_dgate.export_pruned(model, example_inputs=batch)
+    assert pruned.dgate_verification.exact and pruned.config.num_hidden_layers == 1
+    assert len(pruned_structure(pruned)["dead_layers_kept"]) == 1
+    torch.testing.assert_close(zoo.run(pruned, batch), gated)
 
 
 @pytest.mark.parametrize("mapping,family,target", [("causal-lm", "rwkv", "neurons"),

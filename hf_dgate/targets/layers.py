@@ -47,6 +47,9 @@ PER_LAYER_CONFIG_LISTS = (
 CYCLED_CONFIG_LISTS = ("block_types",)
 # the first k layers are of one kind (dense MLPs before MoE ones): k becomes the number of those layers kept
 PREFIX_COUNT_FIELDS = ("first_k_dense_replace", "num_dense_layers", "moe_layer_start_index")
+# the width of each layer's slice of a packed per-layer input (Gemma 3n/4: an embedding and a projection writing
+# num_hidden_layers x this many features outside the stack)
+PER_LAYER_INPUT_FIELDS = ("hidden_size_per_layer_input",)
 
 
 def _layer_sets(
@@ -209,6 +212,10 @@ def drop_layers(model: nn.Module, st: BlockStack, dead: set[int]) -> None:
         n_old = getattr(cfg, st.layers_field, None)
         if n_old != len(old):
             continue
+        for key in PER_LAYER_INPUT_FIELDS:
+            width = getattr(cfg, key, None)
+            if isinstance(width, int) and width > 0:
+                _slice_per_layer_inputs(model, st.path, n_old, width, [i for i in range(n_old) if i not in dead])
         for key in PER_LAYER_CONFIG_LISTS + CYCLED_CONFIG_LISTS:
             val = getattr(cfg, key, None)
             if key in CYCLED_CONFIG_LISTS and isinstance(val, (list, tuple)) and 0 < len(val) < n_old:
@@ -229,6 +236,24 @@ def drop_layers(model: nn.Module, st: BlockStack, dead: set[int]) -> None:
             ) from None
         if st.layers_field == "num_hidden_layers":
             rekey_per_layer_config(cfg, [i for i in range(len(old)) if i not in dead])
+
+
+@torch.no_grad()
+def _slice_per_layer_inputs(model: nn.Module, stack: str, n_old: int, width: int, kept: list[int]) -> None:
+    """Keep the kept layers' slices of every embedding or linear layer outside the stack that writes one slice of
+    `width` features per layer (packed [layer, width]); the export check and the reload rehearsal confirm it."""
+    rows = torch.cat([torch.arange(i * width, (i + 1) * width) for i in kept]) if kept else torch.zeros(0).long()
+    for name, m in model.named_modules():
+        if name == stack or name.startswith(stack + "."):
+            continue
+        if isinstance(m, nn.Embedding) and m.embedding_dim == n_old * width:
+            m.weight = nn.Parameter(m.weight[:, rows].clone(), requires_grad=m.weight.requires_grad)
+            m.embedding_dim = len(rows)
+        elif isinstance(m, nn.Linear) and m.out_features == n_old * width:
+            m.weight = nn.Parameter(m.weight[rows].clone(), requires_grad=m.weight.requires_grad)
+            if m.bias is not None:
+                m.bias = nn.Parameter(m.bias[rows].clone(), requires_grad=m.bias.requires_grad)
+            m.out_features = len(rows)
 
 
 def _configs(model: nn.Module) -> list[Any]:
