@@ -154,7 +154,7 @@ def _stack_group_sets(
                 gs.info.stack, gs.info.stack_name = stack.path, stack.name
             found += new
         if refuse:
-            found = _checked(model, target.name, stack, found, missing, example_inputs)
+            found = _checked(model, target.name, stack, found, missing, example_inputs, config)
         elif missing and not found:
             raise StructureNotFoundError(next(iter(missing.values())))
         sets += found
@@ -177,7 +177,13 @@ def _shared_position_bias(stack: BlockStack) -> str | None:
 
 
 def _checked(
-    model: nn.Module, target: str, stack: BlockStack, sets: list[GroupSet], missing: dict[int, str], inputs: Any
+    model: nn.Module,
+    target: str,
+    stack: BlockStack,
+    sets: list[GroupSet],
+    missing: dict[int, str],
+    inputs: Any,
+    config: DGateConfig | None = None,
 ) -> list[GroupSet]:
     """Check every guessed group set numerically (discover.verify); blocks whose sets fail, or where nothing was
     found, stay dense when other blocks of the stack pass (a hybrid), else the target is refused with the reason."""
@@ -197,14 +203,23 @@ def _checked(
             )
         bad = verify(model, guessed, probe)
         if bad and target == "heads":  # a name-based guess that failed: try the shapes' proposal for those blocks
-            from .heads import alternative_head_set
+            from .heads import alternative_head_set, output_side_head_set
 
             for i in list(bad):
                 gs = guessed[i]
                 if gs.info.discovered or not isinstance(gs.layer, int):
                     continue
                 name, block = stack.blocks[gs.layer]
-                alt = alternative_head_set(layer_config(stack.config, gs.layer), gs.layer, name, block)
+                cfg = layer_config(stack.config, gs.layer)
+                # the same heads gated at the output projection's input: where something besides the values feeds
+                # each head's context (NeZha adds relative-position values), a zero value is no zero head
+                alt = output_side_head_set(model, cfg, config, gs, name, block) if config is not None else None
+                if alt is not None and not verify(model, [alt], probe):
+                    alt.info.stack, alt.info.stack_name = stack.path, stack.name
+                    sets = [alt if s is gs else s for s in sets]
+                    del bad[i]
+                    continue
+                alt = alternative_head_set(cfg, gs.layer, name, block)
                 if alt is not None and not verify(model, [alt], probe):
                     alt.info.stack, alt.info.stack_name = stack.path, stack.name
                     sets = [alt if s is gs else s for s in sets]

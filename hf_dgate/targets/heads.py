@@ -307,6 +307,23 @@ def _names_fit(hf_config: Any, block: nn.Module, parts: dict[str, Any], name: st
     return all(not parts.get(k) or out_features(block.get_submodule(parts[k])) == w for k, w in want.items())
 
 
+def output_side_head_set(
+    model: nn.Module, hf_config: Any, config: DGateConfig, gs: GroupSet, name: str, block: nn.Module
+) -> GroupSet | None:
+    """The heads of a guessed self-attention set gated at the output projection's input instead of the values
+    (None where it already was, or for cross-attention), for a set whose value-side check failed."""
+    import dataclasses
+
+    if gs.info.side != HeadSide.VALUE or gs.info.attention != AttentionKind.SELF or config.head_side == "value":
+        return None
+    try:
+        sets = _head_sets(model, hf_config, dataclasses.replace(config, head_side="output"), gs.layer, name, block)
+    except (StructureNotFoundError, ValueError):
+        return None
+    alt = next((s for s in sets if s.info.attention == AttentionKind.SELF), None)
+    return alt if alt is not None and alt.info.side == HeadSide.OUTPUT else None
+
+
 def alternative_head_set(hf_config: Any, layer: int, name: str, block: nn.Module) -> GroupSet | None:
     """The heads as the shapes propose them, for a block whose name-based guess failed its numerical check."""
     parts = discovered_attention(block, hf_config)
