@@ -114,9 +114,22 @@ def build_on_meta(model_class: type, config: Any) -> nn.Module:
     pruned = getattr(config, "pruned_heads", None) if HAS_HF_PRUNE_HEADS else None
     if pruned:
         config.pruned_heads = {}
-    with torch.device("meta"), warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Initializing zero-element tensors")  # a layer left with no units
-        model = model_class(config)
+        try:
+            with torch.device("meta"):
+                model = model_class(config)
+        except (NotImplementedError, RuntimeError) as e:
+            # a module reading a value off a tensor it just made (Apertus' xIELU in 4.x: `.item()` of a buffer):
+            # parameters on meta, buffers real, as transformers' own loader builds it (accelerate's helper)
+            if "meta" not in str(e):
+                raise
+            try:
+                from accelerate import init_empty_weights
+            except ImportError:
+                raise e from None
+            with init_empty_weights(include_buffers=False):
+                model = model_class(config)
     if pruned:
         with torch.device("cpu"):
             model.prune_heads({int(k): list(v) for k, v in pruned.items()})

@@ -78,10 +78,13 @@ def propose_attention(block: nn.Module, hf_config: Any, n_heads: int, n_kv: int)
         fan_in, fan_out = _shape(m)
         if fan_out != hidden or fan_in % n_heads or not _parent(rel):
             continue
-        siblings = [r for r in leaves if r != rel and _under(r, _parent(rel))]
+        scope = _parent(rel)
+        if not [r for r in leaves if r != rel and _under(r, scope)] and _parent(scope):
+            scope = _parent(scope)  # the output layer alone in a wrapper (CvT's attention.output.dense)
+        siblings = [r for r in leaves if r != rel and _under(r, scope)]
         if not siblings:
             continue
-        attn_like = any(k in type(block.get_submodule(_parent(rel))).__name__.lower() for k in ("attn", "attention"))
+        attn_like = any(k in type(block.get_submodule(scope)).__name__.lower() for k in ("attn", "attention"))
         if not attn_like and fan_in != hidden and fan_in in _mlp_widths(hf_config):
             continue  # the MLP's down projection (XLNet's ff.layer_2): its units are no heads
         # an attention-named module first, then heads x head_dim == hidden (an MLP's down reads more), then the

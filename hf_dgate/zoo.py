@@ -67,6 +67,7 @@ class Inherent(str, Enum):
     HEADS_MIXED = "heads are mixed before the output projection"
     ACTIVATION_CUTOFF = "a cutoff computed over all units"
     OLD_TRANSFORMERS = "the installed transformers' module cannot run with fewer heads"
+    UNIT_NORM = "a norm spans all MLP units"
 
 
 PHRASES: dict[Inherent, tuple[str, ...]] = {
@@ -82,6 +83,7 @@ PHRASES: dict[Inherent, tuple[str, ...]] = {
     Inherent.HEADS_MIXED: ("mixes its heads",),
     Inherent.ACTIVATION_CUTOFF: ("activation_sparsity_pattern",),
     Inherent.OLD_TRANSFORMERS: ("width of its input",),
+    Inherent.UNIT_NORM: ("normalises every MLP unit by statistics over all units",),
 }
 
 

@@ -391,3 +391,101 @@ def test_a_layer_left_empty_reloads_where_the_family_init_divides_by_its_width(m
     the checkpoint), so the export loads back exactly (before: refused by the reload rehearsal on 5.x)."""
     cell = zoo.run_cell(mapping, family, target)
     assert cell.outcome == zoo.Outcome.EXACT.value, cell
+
+
+class _PerUnitScale(nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(n))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def test_a_module_on_the_units_is_sliced_unless_it_normalises_them_together():
+    """Between up and down, a module with one parameter per unit is either elementwise (a per-unit scale: its entries
+    go with their units) or mixes the units (ConvNeXt V2's global response norm divides each unit by the mean over
+    all units: removing one changes the others, a named inherent reason, found with its weight moved off its initial
+    zero, where it is the identity)."""
+    from hf_dgate.targets.neurons import _mixes_units, _per_unit
+
+    n = 12
+    scale, layernorm = _PerUnitScale(n), nn.LayerNorm(n)
+    assert _per_unit(scale, n) and _mixes_units(scale, n) is False
+    assert _per_unit(layernorm, n) and _mixes_units(layernorm, n) is True
+    assert not _per_unit(nn.Linear(n, n), n)
+    if "convnextv2" in zoo.model_types("image-classification"):
+        model, _ = zoo.build("image-classification", "convnextv2")
+        grn = model.convnextv2.encoder.stages[0].layers[0].grn
+        assert _mixes_units(grn, grn.weight.shape[-1]) is True
+        cell = zoo.run_cell("image-classification", "convnextv2", "neurons")
+        assert (cell.outcome, cell.detail) == (zoo.Outcome.INHERENT.value, zoo.Inherent.UNIT_NORM.value), cell
+
+
+class _WrappedOutput(nn.Module):
+    """BERT/CvT's layout: the query/key/value projections in `attention.inner`, the output projection alone in a
+    wrapper `attention.output.dense`."""
+
+    def __init__(self, d: int = 16, heads: int = 4):
+        super().__init__()
+        self.attention = nn.Module()
+        self.attention.inner = nn.Module()
+        for n in ("q", "k", "v"):
+            setattr(self.attention.inner, n, nn.Linear(d, d))
+        self.attention.output = nn.Module()
+        self.attention.output.dense = nn.Linear(d, d)
+
+
+def test_an_output_projection_alone_in_a_wrapper_is_proposed_with_its_siblings_one_level_up():
+    """CvT's output projection sits alone in a wrapper beside the module holding its query/key/value projections: the
+    shapes propose it with the siblings one level up (before: the value projection was taken for the output), and
+    the module whose head counts follow is the one holding them all."""
+    from types import SimpleNamespace
+
+    from hf_dgate.discover import propose_attention
+    from hf_dgate.targets.heads import discovered_core
+
+    parts = propose_attention(_WrappedOutput(), SimpleNamespace(hidden_size=16), 4, 4)
+    assert parts["o"] == "attention.output.dense"
+    assert set(parts["per_head"]) == {"attention.inner.q", "attention.inner.k", "attention.inner.v"}
+    assert discovered_core(parts["o"], parts["per_head"], parts["per_kv_head"]) == "attention"
+
+
+def test_a_stage_whose_every_block_is_dead_keeps_one_as_an_identity():
+    """A Hiera stage returns its last block's attention weights, so it cannot run empty: where every block of a
+    stage is dead, the export keeps one (its zero branches make it the identity; export._dead_blocks_to_keep),
+    exact and reloading."""
+    import tempfile
+
+    import transformers as T
+
+    import hf_dgate
+
+    cfg = T.HieraConfig(embed_dim=8, image_size=[64, 64], patch_size=[7, 7], patch_stride=[4, 4],
+                        patch_padding=[3, 3], masked_unit_size=[8, 8], depths=[1, 2, 1, 1], num_heads=[1, 2, 2, 2])
+    model = T.HieraForImageClassification(cfg).eval()
+    x = {"pixel_values": torch.randn(2, 3, 64, 64)}
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="layers"), example_inputs=x)
+    bank = hf_dgate.get_bank(model)
+    assert bank.group_sets[0].info.stack == "hiera.encoder.stages.0.layers"
+    with torch.no_grad():
+        bank.gammas["layers"][:, 0] = 0
+        want = model(**x).logits
+    pruned = hf_dgate.export_pruned(model, example_inputs=x)
+    assert len(pruned.hiera.encoder.stages[0].layers) == 1
+    torch.testing.assert_close(pruned(**x).logits, want, rtol=0, atol=1e-5)
+    with tempfile.TemporaryDirectory() as d:
+        pruned.save_pretrained(d)
+        torch.testing.assert_close(hf_dgate.AutoPrunedModel.from_pretrained(d)(**x).logits, want, rtol=0, atol=1e-5)
+
+
+def test_a_family_whose_construction_reads_a_buffer_is_rehearsed_with_real_buffers():
+    """Apertus' xIELU activation (transformers 4.x) reads a value off a buffer it has just made, which the meta device
+    cannot give: the reload rehearsal builds it with parameters on meta and buffers real, as transformers' loader
+    does, instead of refusing an export that loads fine."""
+    from hf_dgate.compat import TRANSFORMERS_VERSION
+
+    if int(TRANSFORMERS_VERSION.split(".")[0]) >= 5 or "apertus" not in zoo.model_types("causal-lm"):
+        pytest.skip("transformers 5 builds xIELU on the meta device")
+    cell = zoo.run_cell("causal-lm", "apertus", "neurons")
+    assert cell.outcome == zoo.Outcome.EXACT.value, cell

@@ -360,6 +360,15 @@ def norm_over_all_heads(block: nn.Module, gs: GroupSet) -> str | None:
     return None
 
 
+def discovered_core(o: str, per_head: tuple[str, ...] | list[str], per_kv_head: tuple[str, ...] | list[str]) -> str:
+    """The module holding an attention found from shapes: the output projection's parent, or, where that wraps the
+    output layer alone (CvT's attention.output), the deepest module holding it and the per-head projections."""
+    core = o.rpartition(".")[0]
+    while core and not all(r.startswith(core + ".") for r in (*per_head, *per_kv_head)):
+        core = core.rpartition(".")[0]
+    return core
+
+
 def _discovered_head_set(hf_config: Any, layer: int, name: str, block: nn.Module, parts: dict[str, Any]) -> GroupSet:
     """Heads of an attention found from its shapes: gated at the output projection's input, one block of outputs
     per (query or key/value) head removed from every sibling projection. Checked numerically before gating."""
@@ -376,7 +385,7 @@ def _discovered_head_set(hf_config: Any, layer: int, name: str, block: nn.Module
     for rel in parts["per_kv_head"]:
         width = out_features(get(rel)) // n_kv
         removable += output_slices(full(rel), get(rel), slice_index(n_kv * width, width))
-    core_rel = parts["o"].rpartition(".")[0]
+    core_rel = discovered_core(parts["o"], parts["per_head"], parts["per_kv_head"])
     core = get(core_rel) if core_rel else block
     for rel, emb in core.named_modules():  # a per-layer position bias with one column per head (UMT5)
         if isinstance(emb, nn.Embedding) and emb.embedding_dim == n_heads:
@@ -429,7 +438,7 @@ def prune_head_group_set(model: nn.Module, gs: GroupSet, dead: torch.Tensor) -> 
     if info.discovered:
         for sl in gs.removable:
             keep_slice(model, sl, dead)
-        _set_head_counts(model, gs, dead, info.o.rpartition(".")[0])
+        _set_head_counts(model, gs, dead, discovered_core(info.o, info.per_head, info.per_kv_head))
         return
     if not info.v and not info.qkv:
         raise ExportError(

@@ -158,9 +158,22 @@ def _neuron_set(
             )
         removable += output_slices(f"{name}.{rel}", up, idx)
     parent = down_rel.rpartition(".")[0]
+    hidden = out_features(down)
     for rel, conv in (block.get_submodule(parent) if parent else block).named_modules():
+        full = f"{name}.{parent + '.' if parent else ''}{rel}"
         if _depthwise(conv, n):  # a per-unit conv between up and down (SegFormer's Mix-FFN): its channels go too
-            removable += output_slices(f"{name}.{parent + '.' if parent else ''}{rel}", conv, idx)
+            removable += output_slices(full, conv, idx)
+        elif n != hidden and _per_unit(conv, n):  # (as wide as the hidden size: could be the block's own norm)
+            mixes = _mixes_units(conv, n)
+            if mixes is None:  # it does not run on a plain activation: left to the check and the export's
+                continue
+            if mixes:
+                raise ValueError(
+                    f"target='neurons' cannot remove units of '{name}' exactly: '{full}' ({type(conv).__name__}) "
+                    f"{UNITS_NORMALISED}, so removing one unit changes the others (no exact export); gate 'layers'."
+                )
+            removable += [TensorSlice(full, pn, p.dim() - 1, idx) for pn, p in conv.named_parameters(recurse=False)
+                          if p.shape[-1] == n and p.numel() == n]
     site = Site(f"{name}.{down_rel}", "input", -1, idx)
     primary = input_slices(f"{name}.{down_rel}", down, idx)
     sub_norms = rms_norms_over(block, parent, n)
@@ -175,6 +188,49 @@ def _neuron_set(
         sub_norms = ()
     info = NeuronInfo(down=down_rel, up=tuple(up_rels), guessed=guessed, sub_norms=sub_norms)
     return GroupSet("neurons", layer, n, [site], primary, removable, info)
+
+
+UNITS_NORMALISED = "normalises every MLP unit by statistics over all units"
+
+
+def _per_unit(m: nn.Module, n: int) -> bool:
+    """A parameter-holding leaf other than a linear or convolutional layer with one value per unit (a per-unit
+    scale or bias, ConvNeXt V2's global response norm): it sits on the units between up and down."""
+    own = [p for p in m.parameters(recurse=False) if p.shape and p.shape[-1] == n and p.numel() == n]
+    plain = isinstance(m, (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)) or in_axis_layer(m)
+    return bool(own) and not plain and not any(True for _ in m.children())
+
+
+def in_axis_layer(m: nn.Module) -> bool:
+    """transformers' Conv1D and other layers with a 2-D weight: handled as up/down projections, not here."""
+    w = getattr(m, "weight", None)
+    return isinstance(w, torch.Tensor) and w.dim() == 2
+
+
+def _mixes_units(m: nn.Module, n: int) -> bool | None:
+    """Whether `m` makes one unit's output depend on another unit's input, with its parameters moved off their
+    initial values (a global response norm starts as the identity, weight 0): run on a random channels-last
+    activation with and without unit 0. None: it does not run on such an input."""
+    import copy
+
+    g = torch.Generator().manual_seed(3)
+    probe = copy.deepcopy(m).float().eval()
+    with torch.no_grad():
+        for p in probe.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+        for shape in ((2, 3, 3, n), (2, 5, n)):
+            x = torch.randn(shape, generator=g)
+            try:
+                y = probe(x)
+                x0 = x.clone()
+                x0[..., 0] = 0
+                y0 = probe(x0)
+            except Exception:  # noqa: BLE001 - not this input layout
+                continue
+            if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+                return None
+            return not torch.allclose(y[..., 1:], y0[..., 1:], rtol=1e-5, atol=1e-6)
+    return None
 
 
 def _depthwise(m: nn.Module, channels: int) -> bool:
