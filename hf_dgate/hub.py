@@ -303,7 +303,8 @@ def _stack_table(record: StackRecord) -> str:
     rows.append(f"Layers removed entirely: {dropped if dropped else 'none'}.")
     if record.dead_layers_kept:
         rows.append(
-            f"Layers zeroed but kept as identity blocks (no other layer can take their place): "
+            f"Layers zeroed but kept as identity blocks (no other layer can take their place, or this transformers "
+            f"cannot load or run the model without them): "
             f"{record.dead_layers_kept}."
         )
     return "\n".join(rows)
