@@ -387,8 +387,10 @@ def shrink(model, spec):
         make_no_head(model.get_submodule(_name(module_name)), _name(out) if out else None)
     for module_name in spec["no_input"]:
         make_no_input(model.get_submodule(_name(module_name)))
-    for module_name in spec.get("keep_on_switch", []):
-        keep_pruned_on_switch(model.get_submodule(_name(module_name)))
+    pruned = {*spec["attrs"], *spec["no_head"]}  # (a spec translated from the per-layer lists names no wrapper)
+    for module_name in [*spec.get("keep_on_switch", []), *pruned, *{n.rpartition(".")[0] for n in pruned}]:
+        if module_name:  # (only where it has set_attention_type; never the model itself)
+            keep_pruned_on_switch(model.get_submodule(_name(module_name)))
     for module in model.modules():  # an empty weight has nothing to initialise, and some families' inits divide by
         # its width (RWKV's gain, the LeCun init of SigLIP): transformers skips a module marked initialised (its
         # tensors all come from the checkpoint); modules with buffers are left alone (non-persistent ones need init)

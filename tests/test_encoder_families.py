@@ -73,11 +73,12 @@ def test_bigbird_export_is_exact_with_full_and_block_sparse_attention(tmp_path, 
         assert heads[:2] == [0, 4 - (family == "big_bird")], heads
 
 
-def test_the_reload_rehearsal_refuses_other_modules_or_lost_head_counts():
+def test_the_reload_rehearsal_refuses_other_modules_or_lost_head_counts(monkeypatch):
     """The rehearsal rebuilds the export as a loader would and switches its run-time attention where the export's
     was switched; it refuses an export holding another class than its config builds, and one whose attention,
     rebuilt from the config by that switch, would lose the pruned head counts (before: a crash on the first short
     input after loading)."""
+    from hf_dgate import pruned_modules
     from hf_dgate.native import reload_problem
     from hf_dgate.pruned_modules import KeepsPrunedAttention
     from hf_dgate.record import RECORD_KEY
@@ -89,10 +90,11 @@ def test_the_reload_rehearsal_refuses_other_modules_or_lost_head_counts():
         hf_dgate.get_bank(model).gammas["heads"][:, :5] = 0
     pruned = hf_dgate.export_pruned(model, example_inputs=short)
     assert reload_problem(pruned) is None
-    for m in pruned.modules():  # as if the export had not kept its head counts across the switch
+    for m in pruned.modules():  # as if neither the export nor its rebuild kept the head counts across the switch
         if isinstance(m, KeepsPrunedAttention):
             m.__class__ = type(m).__mro__[1]
     assert getattr(pruned.config, RECORD_KEY)["rebuild"].pop("keep_on_switch")
+    monkeypatch.setattr(pruned_modules, "keep_pruned_on_switch", lambda module: None)
     why = reload_problem(pruned)
     assert "'bert.encoder.layer.0.attention.self' would have {'num_attention_heads': 4" in why, why
     assert "after NoHeadBigBirdSelfAttention is rebuilt at run time" in why
@@ -226,3 +228,27 @@ def test_heads_whose_context_has_more_than_the_values_are_gated_at_the_output_pr
         pytest.skip("nezha is not in this transformers' masked-LM mapping")
     cell = zoo.run_cell("masked-lm", "nezha", "heads")
     assert cell.outcome == zoo.Outcome.EXACT.value, cell
+
+
+def test_a_bigbird_rebuild_from_the_per_layer_lists_keeps_its_head_counts_across_the_switch():
+    """A spec without keep_on_switch (one translated from the per-layer lists) still makes the attention's parent
+    keep the pruned sizes when BigBird swaps its attention at run time."""
+    from hf_dgate.pruned_modules import KeepsPrunedAttention, shrink
+    from hf_dgate.recording import rebuild_spec
+
+    model, _ = _bigbird("big_bird")
+    short = _batch(8, False)
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="heads"), example_inputs=short)
+    with torch.no_grad():
+        hf_dgate.get_bank(model).gammas["heads"][:, [0, 1, 2, 3, 5]] = 0
+    pruned = hf_dgate.export_pruned(model, example_inputs=short)
+    spec = rebuild_spec(pruned)
+    spec.pop("keep_on_switch")
+    fresh, _ = _bigbird("big_bird")
+    shrink(fresh, spec)
+    fresh.load_state_dict(pruned.state_dict())
+    assert isinstance(fresh.bert.encoder.layer[1].attention, KeepsPrunedAttention)
+    assert not isinstance(fresh, KeepsPrunedAttention)
+    long = _batch(64, False)
+    for kind, batch in (("original_full", short), ("block_sparse", long)):
+        assert torch.allclose(_logits(fresh, batch, kind), _logits(model, batch, kind), atol=1e-5), kind
