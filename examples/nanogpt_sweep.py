@@ -9,7 +9,7 @@ against head sparsity go to --results-dir.
     nice python examples/nanogpt_sweep.py --data-file $DATA/shakespeare.txt -- --gated-lr off
     # the example's defaults as they stand (gated_lr auto), D = 3, on the current code (results/nanogpt_default)
     nice python examples/nanogpt_sweep.py --data-file $DATA/shakespeare.txt --depths 3 --no-direct \
-        --lams 0.0003 0.001 0.003 0.01 0.1 --runs-dir outputs/nanogpt_sweep_default \
+        --lams 0.0003 0.001 0.003 0.01 0.03 0.1 0.3 --runs-dir outputs/nanogpt_sweep_default \
         --results-dir results/nanogpt_default
     # the gates on momentum SGD at 0.2 inside AdamW (DGateTrainer's "auto" for heads before it changed), D = 3
     nice python examples/nanogpt_sweep.py --data-file $DATA/shakespeare.txt --depths 3 --no-direct \
