@@ -253,7 +253,7 @@ def run_method(method, base, fraction, train, val, args, run_dir) -> dict:
         hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target=["heads", "neurons"], lam=0.0))
         bank = hf_dgate.get_bank(model)
         peer, _, with_teacher = method.partition("+")
-        scores = {"taylor": taylor_scores, "wanda-sp": activation_scores, "fisher": fisher_scores}.get(peer)
+        scores = ONE_SHOT.get(peer)
         scores = scores(model, train) if scores else None
         masks, _ = budget_cut(bank, budget, scores, relative=peer != "fisher")
         if method == "dense":  # the reference: nothing cut, the same steps of training
@@ -285,6 +285,36 @@ def _ranking(row: dict) -> str:
     if not row["method"].startswith("dgate") or row["method"].startswith("dgate-steered"):
         return ""
     return row.get("ranking") or "norm"
+
+
+ONE_SHOT = {"magnitude": None, "taylor": taylor_scores, "wanda-sp": activation_scores, "fisher": fisher_scores}
+
+
+def cut_losses(base, train: torch.Tensor, val: torch.Tensor, fractions: list[float], out: str) -> str:
+    """What each one-shot ranking cuts from the pretrained model and the validation loss right after the cut (no
+    training): heads and neurons kept per layer. The magnitude cut is also what D-Gating's norm ranking cuts at its
+    first step (every gate is 1 there, so its norms are the weight norms); `fisher` is the one-shot form of its
+    saliency ranking. Written to `<out>/cut_loss.md`."""
+    lines = [f"Pretrained model, no cut: validation loss {val_loss(base, val):.4f}", "",
+             "| block params kept | ranking | val loss right after the cut | heads kept per layer | "
+             "neurons kept per layer |", "|---|---|---|---|---|"]  # fmt: skip
+    for fraction in fractions:
+        for peer, score in ONE_SHOT.items():
+            model = copy.deepcopy(base)
+            hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target=["heads", "neurons"], lam=0.0))
+            bank = hf_dgate.get_bank(model)
+            masks, _ = budget_cut(bank, block_budget(model, fraction), score(model, train) if score else None,
+                                  relative=peer != "fisher")  # fmt: skip
+            zero_exactly(bank, masks)
+            layers = len(model.model.layers)
+            heads = (~masks["heads"]).view(layers, -1).sum(1).tolist()
+            neurons = (~masks["neurons"]).view(layers, -1).sum(1).tolist()
+            lines.append(f"| {fraction:.0%} | {peer} | {val_loss(model, val):.4f} | {heads} | {neurons} |")
+            print(lines[-1], flush=True)
+    table = "\n".join(lines)
+    with open(os.path.join(out, "cut_loss.md"), "w") as f:
+        f.write(table + "\n")
+    return table
 
 
 def markdown(results: list[dict], dense: float) -> str:
@@ -343,12 +373,16 @@ def _read_rows(out: str, name: str) -> list[dict]:
     return rows
 
 
+DEFAULT_ROW = "dgate+teacher (saliency)"  # the defaults of items 1-3: what the goal is judged on
+
+
 def seed_summary(results: list[dict]) -> tuple[str, dict]:
     """Per method and budget: mean, min and max of the validation loss over the seeds run (a markdown table), and
-    the verdict per budget: the lowest mean among the methods run on every seed that dgate+teacher ran on."""
+    the verdict per budget: the lowest mean among the methods run on every seed that DEFAULT_ROW ran on."""
     cells: dict = {}
-    for r in results:
-        cells.setdefault((r["method"], r["block_fraction"]), {})[r["seed"]] = r["val_loss"]
+    for r in results:  # D-Gating rows are labelled with their cut's ranking: rows of both never share a cell
+        m = f"{r['method']} ({_ranking(r)})" if _ranking(r) else r["method"]
+        cells.setdefault((m, r["block_fraction"]), {})[r["seed"]] = r["val_loss"]
     fractions = sorted({f for _, f in cells if f < 1.0}, reverse=True)
     methods = sorted({m for m, _ in cells}, key=lambda m: (m == "dense", m))
     lines = ["| method | " + " | ".join(f"{f:.0%} kept: mean (min - max, seeds)" for f in fractions) + " |",
@@ -368,7 +402,7 @@ def seed_summary(results: list[dict]) -> tuple[str, dict]:
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     verdict = {}
     for f in fractions:
-        ref = set(cells.get(("dgate+teacher", f), {}))
+        ref = set(cells.get((DEFAULT_ROW, f), {}))
         if not ref:
             continue
         means = {m: sum(v[s] for s in ref) / len(ref) for (m, g), v in cells.items() if g == f and ref <= set(v)}
@@ -379,7 +413,7 @@ def seed_summary(results: list[dict]) -> tuple[str, dict]:
         gap = f"; best peer {peer} {peers[peer]:.4f}" if peer else ""
         lines.append("")
         lines.append(f"{f:.0%} kept, mean over seeds {sorted(ref)}: best {best} ({means[best]:.4f}); "
-                     f"dgate+teacher {means['dgate+teacher']:.4f}{gap}.")  # fmt: skip
+                     f"{DEFAULT_ROW} {means[DEFAULT_ROW]:.4f}{gap}.")  # fmt: skip
     return "\n".join(lines), verdict
 
 
@@ -416,25 +450,46 @@ def render(out: str, name: str, also: list[str] = (), merge: list[str] = ()) -> 
 
 
 def render_tuning(folder: str) -> str:
-    """The tuning table (`<folder>/tuning.md`) from `<folder>/runs.json` (each run's settings) and `<name>.jsonl`."""
+    """The tuning table (`<folder>/tuning.md`) from `<folder>/runs.json` (each run's settings) and its rows: one line
+    per run and seed. A run's rows are `<name>.jsonl`, or `file` (relative to the folder: a main table's run) filtered
+    to its method; runs that share a `group` get the mean over their lines per budget below the table."""
     with open(os.path.join(folder, "runs.json")) as f:
         spec = json.load(f)
     lines = [f"Common flags: `{spec['common']}`; D-Gating, budget_schedule='gradual'. Each cell: validation loss "
              "(parameters kept).", "",
-             "| run | method | lam | --finish-steps (cut over the first) | seed | 75% | 50% | 25% |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| run | method | cut ranked by | lam | --finish-steps (cut over the first) | seed | 75% | 50% | 25% |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    groups: dict = {}
     for run in spec["runs"]:
-        cells = {}
-        with open(os.path.join(folder, f"{run['name']}.jsonl")) as f:
+        path = os.path.join(folder, run.get("file", f"{run['name']}.jsonl"))
+        meta_path = path[: -len(".jsonl")] + ".meta.json"
+        seed = run.get("seed", 0)
+        if os.path.isfile(meta_path) and "seed" not in run:
+            with open(meta_path) as f:
+                seed = json.load(f).get("seed", 0)
+        cells: dict = {}
+        with open(path) as f:
             for line in f:
                 r = json.loads(line)
-                cells[r["block_fraction"]] = f"{r['val_loss']:.4f} ({r['kept_fraction']:.1%})"
+                if r["method"] == run["method"]:
+                    cells.setdefault(r.get("seed", seed), {})[r["block_fraction"]] = r
         cut = 300 - run["finish_steps"]
-        lines.append(
-            f"| {run['name']} | {run['method']} | {run['lam']:g} | {run['finish_steps']} ({cut} steps) | "
-            f"{run.get('seed', 0)} | "
-            + " | ".join(cells.get(fr, "not run") for fr in (0.75, 0.5, 0.25)) + " |"
-        )
+        for sd, by_f in sorted(cells.items()):
+            lines.append(
+                f"| {run['name']} | {run['method']} | {run.get('ranking', 'norm')} | {run['lam']:g} | "
+                f"{run['finish_steps']} ({cut} steps) | {sd} | "
+                + " | ".join(f"{by_f[fr]['val_loss']:.4f} ({by_f[fr]['kept_fraction']:.1%})" if fr in by_f
+                             else "not run" for fr in (0.75, 0.5, 0.25)) + " |"
+            )  # fmt: skip
+            if "group" in run:
+                for fr, r in by_f.items():
+                    groups.setdefault(run["group"], {}).setdefault(fr, {})[sd] = r["val_loss"]
+    if groups:
+        lines += ["", "| group | 75%: mean (seeds) | 50%: mean (seeds) | 25%: mean (seeds) |", "|---|---|---|---|"]
+        for g, by_f in groups.items():
+            cell = [f"{sum(v.values()) / len(v):.4f} ({','.join(map(str, sorted(v)))})" if (v := by_f.get(fr))
+                    else "" for fr in (0.75, 0.5, 0.25)]  # fmt: skip
+            lines.append(f"| {g} | " + " | ".join(cell) + " |")
     table = "\n".join(lines)
     with open(os.path.join(folder, "tuning.md"), "w") as f:
         f.write(table + "\n")
@@ -472,6 +527,7 @@ def main() -> None:
     p.add_argument("--also", nargs="*", default=[], help="with --render: other runs' names to add to table and plot")
     p.add_argument("--merge", nargs="*", default=[], help="with --render: other runs' names whose rows join as the "
                    "same methods (other seeds): the table gains the mean and range per method and budget")
+    p.add_argument("--cut-loss", action="store_true", help="only the one-shot cuts' loss before training (cut_loss.md)")
     p.add_argument("--render-tuning", metavar="DIR", help="only write DIR/tuning.md from DIR/runs.json and its runs")
     args = p.parse_args()
     if args.render_tuning:
@@ -499,6 +555,9 @@ def main() -> None:
             "pretrain_steps": args.pretrain_steps, "batch": args.batch, "lr": args.lr,
             "lam": args.lam, "seed": (args.seeds or [args.seed])[0], "dense_val_loss": dense,
             "val_characters": int(val.numel())}  # fmt: skip
+    if args.cut_loss:
+        cut_losses(base, train, val, args.fractions, args.out)
+        return
     with open(os.path.join(args.out, f"{name}.meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
     results = []
