@@ -183,6 +183,17 @@ def input_width_reshape(module: nn.Module) -> bool:
     return bool(re.search(rf"\.(reshape|view)\([^()]*,\s*{width}\)", src))
 
 
+def fixed_shards(module: nn.Module) -> int | None:
+    """The number of shards a module's forward splits its fused query/key/value into when that number is a literal
+    of the source, not the head count (CodeGen's `mp_num = 4` in transformers 4.x: each shard holds an equal share
+    of the heads, so only head counts that keep the shares equal can run); None otherwise."""
+    src = _forward_source(type(module))
+    for m in re.finditer(r"\b(\w+)\s*=\s*(\d+)\b", src):
+        if re.search(rf"\.(reshape|view)\([^\n]*\(\s*{m.group(1)}\s*,\s*-1\s*\)", src):
+            return int(m.group(2))
+    return None
+
+
 def experts_list(experts: nn.Module) -> list[tuple[str, nn.Module]] | None:
     """The routed experts as (name, MLP module) pairs when they are stored as a list of modules (transformers
     4.x), None when stored as stacked tensors (5.x)."""

@@ -82,7 +82,7 @@ PHRASES: dict[Inherent, tuple[str, ...]] = {
     Inherent.NOT_A_TRANSFORMER: ("no transformer blocks",),
     Inherent.HEADS_MIXED: ("mixes its heads",),
     Inherent.ACTIVATION_CUTOFF: ("activation_sparsity_pattern",),
-    Inherent.OLD_TRANSFORMERS: ("width of its input",),
+    Inherent.OLD_TRANSFORMERS: ("width of its input", "a fixed number of shards"),
     Inherent.UNIT_NORM: ("normalises every MLP unit by statistics over all units",),
 }
 

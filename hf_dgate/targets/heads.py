@@ -25,6 +25,7 @@ from ..compat import (
     HAS_HF_PRUNE_HEADS,
     TRANSFORMERS_VERSION,
     config_value,
+    fixed_shards,
     input_width_reshape,
     output_width_attrs,
     per_layer_overrides,
@@ -277,6 +278,9 @@ def head_set(
     if input_width_reshape(get(core_rel) if core_rel else block):
         # apply_dgate refuses; reloading an export (no head removed here) goes on
         info.refuse = _WIDTH_RESHAPE.format(name=name, version=TRANSFORMERS_VERSION)
+    shards = fixed_shards(get(core_rel) if core_rel else block)
+    if info.refuse is None and shards and shards > 1:
+        info.refuse = _FIXED_SHARDS.format(name=name, version=TRANSFORMERS_VERSION, n=shards)
     if info.refuse is None and row and row.get("invalid"):
         info.refuse = row["invalid"]
     if info.refuse is None and row and "heads" in row and (len(row["heads"]), row["kv_heads"]) != (n_heads, n_kv):
@@ -330,6 +334,12 @@ def alternative_head_set(hf_config: Any, layer: int, name: str, block: nn.Module
     return None if parts is None else _discovered_head_set(hf_config, layer, name, block, parts)
 
 
+_FIXED_SHARDS = (
+    "target='heads' is not available for '{name}': its attention module in transformers {version} splits the fused "
+    "query/key/value into a fixed number of shards ({n}), each holding an equal share of the heads, so it cannot "
+    "run with the heads left after a removal; gate 'neurons' or 'layers' (or upgrade transformers, whose newer "
+    "module is rewritten)"
+)
 _WIDTH_RESHAPE = (
     "target='heads' is not available for '{name}': its attention module in transformers {version} reshapes its "
     "output to the width of its input, so it cannot run with fewer heads; gate 'neurons' or 'layers' (or, where a "
