@@ -145,3 +145,47 @@ def test_a_fixed_shard_count_of_the_fused_qkv_is_refused_by_name():
         assert (cell.outcome, cell.detail) == (zoo.Outcome.INHERENT.value, zoo.Inherent.OLD_TRANSFORMERS.value), cell
     else:
         assert cell.outcome == zoo.Outcome.EXACT.value, cell
+
+
+def test_differential_attention_removes_paired_heads_exactly():
+    """DiffLlama splits its values in two halves along the key/value heads and subtracts paired heads' outputs:
+    key/value heads j and j + n_kv/2 form one group with the query heads reading them and the output pairs they
+    write (found from the forward's source). With 4 key/value heads (2 groups), removing one group per layer and
+    scaling another is exact, reloads and generates the same tokens (before: the numerical check refused every
+    block)."""
+    import tempfile
+
+    import transformers
+
+    import hf_dgate
+    from hf_dgate.loading import save_pruned
+
+    if not hasattr(transformers, "DiffLlamaConfig"):
+        pytest.skip("no DiffLlama in this transformers")
+    torch.manual_seed(0)
+    cfg = transformers.DiffLlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=8, num_key_value_heads=4, head_dim=8)
+    model = transformers.DiffLlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (2, 8))
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="heads"), example_inputs={"input_ids": ids})
+    with torch.no_grad():
+        gammas = hf_dgate.get_bank(model).gammas["heads"]
+        assert gammas.shape[1] == 4  # 2 groups per layer
+        gammas[:, [0, 3]] = 0
+        gammas[:, 1] *= 0.7
+        gated = model(ids).logits
+    pruned = hf_dgate.export_pruned(model, example_inputs={"input_ids": ids})
+    assert pruned.config.dgate_pruning["heads"] == [[2, 3, 6, 7], [0, 1, 4, 5]]
+    with tempfile.TemporaryDirectory() as d, torch.no_grad():
+        save_pruned(pruned, d)
+        again = hf_dgate.AutoPrunedModel.from_pretrained(d).eval()
+        assert torch.allclose(again(ids).logits, gated, atol=1e-5)
+        tokens = again.generate(ids, max_new_tokens=3, do_sample=False)
+        assert torch.equal(tokens, pruned.generate(ids, max_new_tokens=3, do_sample=False))
+
+
+def test_a_bias_the_attention_returns_for_its_block_stays_whole():
+    """GPT-NeoX-Japanese's attention returns its output bias (dense_bias, as wide as all heads) for the block to add:
+    it is no per-head vector and keeps its width."""
+    cell = _exact("gpt_neox_japanese")
+    assert cell.outcome == zoo.Outcome.EXACT.value, cell

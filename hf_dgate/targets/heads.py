@@ -38,6 +38,7 @@ from ..pruned_modules import (
     keep_pruned_on_switch,
     make_no_head,
     own_head_config,
+    returned_extras,
     select_head_inputs,
 )
 from ..registry import QK_NORM_SPANS_HEADS, spec_for
@@ -76,8 +77,10 @@ def per_head_vectors(name: str, block: nn.Module, gs: GroupSet) -> list[TensorSl
     group = torch.arange(n_heads) // n_rep
     out = [TensorSlice(where, p, 0, group) for p, t in own if t is not None and t.dim() == 1 and t.numel() == n_heads]
     width = slice_index(n_heads * info.head_dim, info.head_dim * n_rep)  # a vector of one block per head (DeBERTa's
+    returned = set(returned_extras(type(core)) or ())  # (not one the forward returns: GPT-NeoX-Japanese's bias)
     out += [TensorSlice(where, p, 0, width)  # q_bias and v_bias beside its fused in_proj)
-            for p, t in own if t is not None and t.dim() == 1 and t.numel() == n_heads * info.head_dim]
+            for p, t in own if t is not None and t.dim() == 1 and t.numel() == n_heads * info.head_dim
+            and p not in returned]
     for p, t in own:  # a block per head: an axis of n_heads followed by one of the head size (Funnel's r_w_bias
         if t is None or t.dim() < 2:  # (heads, d_head), r_kernel (d_model, heads, d_head), seg_embed (2, heads, ..))
             continue
@@ -145,6 +148,41 @@ def _kernel_from_all_queries(block: nn.Module, parts: dict[str, Any], core_rel: 
     return None
 
 
+def differential_values(core: nn.Module) -> bool:
+    """Does the attention's forward split its values in two halves along the heads (differential attention:
+    DiffLlama's `torch.chunk(value_states, 2, dim=1)`)? Then heads pair up (read from the source)."""
+    import re
+
+    from ..compat import _forward_source
+
+    return bool(re.search(r"chunk\(\s*value_states\s*,\s*2\s*,\s*dim\s*=\s*1\s*\)", _forward_source(type(core))))
+
+
+def _differential_head_set(
+    layer: int, name: str, block: nn.Module, parts: dict[str, Any], n_heads: int, n_kv: int, hd: int
+) -> GroupSet:
+    """Heads of a differential attention (DiffLlama): the values' two halves along the key/value heads go into
+    every output, so key/value heads j and j + n_kv/2 form one group, with the query heads that read either and the
+    output pairs (query heads p and p + n/2, 2 x head_dim wide, each normalised alone) they write: n_kv/2 groups,
+    gated at the values. A dead group's pairs are zero, so removing it is exact."""
+    get = block.get_submodule
+    full = lambda rel: f"{name}.{rel}"  # noqa: E731
+    half, n_rep = n_kv // 2, n_heads // n_kv
+    q_group = (torch.arange(n_heads * hd) // hd // n_rep) % half
+    kv_group = (torch.arange(n_kv * hd) // hd) % half
+    o_group = torch.arange(n_heads * hd) // (2 * hd) // n_rep  # output pair p (< n/2) of query heads p, p + n/2
+    removable = input_slices(full(parts["o"]), get(parts["o"]), o_group)
+    for key, idx in (("q", q_group), ("k", kv_group), ("v", kv_group)):
+        if parts.get(key):
+            removable += output_slices(full(parts[key]), get(parts[key]), idx)
+    sites = [Site(full(parts["v"]), "output", -1, kv_group)]
+    primary = output_slices(full(parts["v"]), get(parts["v"]), kv_group)
+    keys = ("o", "q", "k", "v", "guessed", "config_heads")
+    info = HeadInfo(**{k: parts[k] for k in keys if k in parts}, layout="differential", n_heads=n_heads, n_kv=n_kv,
+                    head_dim=hd, side=HeadSide.VALUE, attention=AttentionKind.SELF)
+    return GroupSet("heads", layer, half, sites, primary, removable, info)
+
+
 def _leaf_linears(block: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in block.named_modules() if n and isinstance(m, nn.Linear)}
 
@@ -204,6 +242,9 @@ def head_set(
         hf_config, o, name, get(core_rel) if core_rel else block, _kv_width(parts, get, o), (row or {}).get("head_dim")
     )
     n_rep = n_heads // n_kv
+    core = get(core_rel) if core_rel else block
+    if not cross and parts.get("v") and not parts.get("qkv") and n_kv % 2 == 0 and differential_values(core):
+        return _differential_head_set(layer, name, block, parts, n_heads, n_kv, hd)
     q_group = slice_index(n_heads * hd, hd * n_rep)  # query head -> its key/value group
     kv_group = slice_index(n_kv * hd, hd)
     full = lambda rel: f"{name}.{rel}"  # noqa: E731
@@ -470,7 +511,7 @@ def _set_head_counts(model: nn.Module, gs: GroupSet, dead: torch.Tensor, core_re
     block = block_name(gs)
     core = model.get_submodule(f"{block}.{core_rel}" if core_rel else block)
     n_rep = info.n_heads // info.n_kv
-    n_kv = int((~dead).sum())
+    n_kv = int((~dead).sum()) * (2 if info.layout == "differential" else 1)  # (a group: two key/value heads)
     n_q, hd = n_kv * n_rep, info.head_dim
     for attr in HEAD_COUNT_ATTRS:
         if isinstance(getattr(core, attr, None), int):
@@ -579,6 +620,10 @@ class Heads(Target):
         heads = kept[gs.info.attention]
         if len(heads[gs.layer]) != gs.info.n_heads:  # read off other layers (a hybrid's head-less blocks): restart
             heads[gs.layer] = list(range(gs.info.n_heads))
+        if gs.info.layout == "differential":  # query head j reads key/value heads of group (j // n_rep) % (n_kv/2)
+            half = gs.info.n_kv // 2
+            heads[gs.layer] = [h for j, h in enumerate(heads[gs.layer]) if not dead[(j // n_rep) % half]]
+            return
         heads[gs.layer] = [h for j, h in enumerate(heads[gs.layer]) if not dead[j // n_rep]]
 
     def metric_name(self):
