@@ -159,8 +159,14 @@ def _neuron_set(
         removable += output_slices(f"{name}.{rel}", up, idx)
     parent = down_rel.rpartition(".")[0]
     hidden = out_features(down)
+    sub_norms = rms_norms_over(block, parent, n)
+    linear_up = sorted((r for r in up_rels if out_features(block.get_submodule(r)) == n),
+                       key=lambda r: "up" not in r.rpartition(".")[2])  # fmt: skip
+    sub_norms = sub_norms if linear_up else ()
     for rel, conv in (block.get_submodule(parent) if parent else block).named_modules():
         full = f"{name}.{parent + '.' if parent else ''}{rel}"
+        if f"{parent + '.' if parent else ''}{rel}" in sub_norms:  # an RMSNorm over all units: rescaled (below)
+            continue
         if _depthwise(conv, n):  # a per-unit conv between up and down (SegFormer's Mix-FFN): its channels go too
             removable += output_slices(full, conv, idx)
         elif n != hidden and _per_unit(conv, n):  # (as wide as the hidden size: could be the block's own norm)
@@ -176,16 +182,11 @@ def _neuron_set(
                           if p.shape[-1] == n and p.numel() == n]
     site = Site(f"{name}.{down_rel}", "input", -1, idx)
     primary = input_slices(f"{name}.{down_rel}", down, idx)
-    sub_norms = rms_norms_over(block, parent, n)
-    linear_up = sorted((r for r in up_rels if out_features(block.get_submodule(r)) == n),
-                       key=lambda r: "up" not in r.rpartition(".")[2])  # fmt: skip
-    if sub_norms and linear_up:  # an RMSNorm over all units before down (BitNet's ffn_sub_norm): gate before it,
-        up_rel = linear_up[0]  # on the up projection's output, so a dead unit reaches the norm as zero
+    if sub_norms:  # an RMSNorm over all units before down (BitNet's ffn_sub_norm): gate before it, on the up
+        up_rel = linear_up[0]  # projection's output, so a dead unit reaches the norm as zero
         site = Site(f"{name}.{up_rel}", "output", -1, idx)
         primary = output_slices(f"{name}.{up_rel}", block.get_submodule(up_rel), idx)
         removable += [TensorSlice(f"{name}.{rel}", "weight", 0, idx) for rel in sub_norms]
-    else:
-        sub_norms = ()
     info = NeuronInfo(down=down_rel, up=tuple(up_rels), guessed=guessed, sub_norms=sub_norms)
     return GroupSet("neurons", layer, n, [site], primary, removable, info)
 
