@@ -35,10 +35,9 @@ class CostUnit(str, Enum):
 class BudgetSchedule(str, Enum):
     """How a budgeted run (`target_params`) reaches its budget.
 
-    gradual (default): every controller interval the weakest groups (by D-Gating's norms, relative to their target's
-    median, `budget_cut`) are set to exactly zero and held there, so that the parameters kept fall on a cubic curve
-    from the whole model to the budget by the start of the finish; lam stays as given (the penalty shrinks what the
-    model does not need, the cut reads that off), and the finish (by default the second half of the run) is pure
+    gradual (default): every controller interval the weakest groups (by `BudgetRanking`, `budget_cut`) are set to
+    exactly zero and held there, so that the parameters kept fall on a cubic curve from the whole model to the budget
+    by the start of the finish; lam stays as given, and the finish (by default the last 70% of the run) is pure
     recovery. Measured in docs/compress.md: the penalty alone did not zero groups in a short run, so a finish that
     cut late removed live groups and left too few steps to recover.
     steered: lam is steered toward the budget by the controller and a single cut at the finish (a tenth of the run)

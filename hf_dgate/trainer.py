@@ -723,6 +723,8 @@ class DGateMixin:
         why = (
             "the penalty removed more than the budget asks before the finish (zero groups do not come back): start "
             "from a smaller lam or give the ramp more steps"
+            + ("; or the gradual cut's last step needed a dear group (a head costs as much as many neurons), which "
+               "held groups cannot make up for" if self._dgate_gradual() else "")
             if miss < 0
             else "removing every gated group is not enough, or the finish was not reached"
         )
