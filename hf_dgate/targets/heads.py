@@ -144,7 +144,7 @@ def _kernel_from_all_queries(block: nn.Module, parts: dict[str, Any], core_rel: 
             continue
         out = out_features(m)
         if in_features(m) == width and out != width and out % n_heads == 0 and out // n_heads > 1:
-            return rel
+            return f"{core_rel}.{rel}"
     return None
 
 
@@ -222,6 +222,13 @@ def head_set(
     parts = parts if cross else attention_parts(name, block, config, hf_config)
     get = block.get_submodule
     named_ok = parts.get("v") or parts.get("qkv")  # heads can only be removed with their value rows
+    mixer = _kernel_from_all_queries(block, parts, attention_of(block, parts.get("v") or parts.get("qkv") or ""))
+    if mixer is not None:
+        raise StructureNotFoundError(
+            f"target='heads' is not available for '{name}': its attention mixes its heads ('{mixer}' computes "
+            "every head's convolution kernel from all heads' query channels, as ConvBERT's span-based dynamic "
+            "convolution does), so one head cannot be removed without changing the others; gate 'neurons'"
+        )
     if parts.get("guessed") and not (named_ok and _names_fit(hf_config, block, parts, name)):  # ask the shapes
         parts = discovered_attention(block, hf_config) or parts
     if parts.get("discovered"):
@@ -230,13 +237,6 @@ def head_set(
         raise not_found("query/key/value projections of an attention", name, block, "value", "attn.v_proj")
     o = get(parts["o"])
     core_rel = attention_of(block, parts.get("v") or parts.get("qkv") or "")
-    mixer = _kernel_from_all_queries(block, parts, core_rel)
-    if mixer is not None:
-        raise StructureNotFoundError(
-            f"target='heads' is not available for '{name}': its attention mixes its heads ('{core_rel}.{mixer}' "
-            "computes every head's convolution kernel from all heads' query channels, as ConvBERT's span-based "
-            "dynamic convolution does), so one head cannot be removed without changing the others; gate 'neurons'"
-        )
     row = None if cross else _recorded_row(model, name, layer)
     n_heads, n_kv, hd = head_geometry(
         hf_config, o, name, get(core_rel) if core_rel else block, _kv_width(parts, get, o), (row or {}).get("head_dim")
