@@ -44,15 +44,17 @@ MODULE_TARGET_LR = 0.05
 BLOCK_TARGET_LR = 0.2
 
 
-def _is_block_target(name: str) -> bool:
+def is_block_target(name: str) -> bool:
+    """Whether `name` is a transformer block target (heads, neurons, layers, experts), not a module target."""
     target = BUILTIN.get(name)
     return target is not None and target.per_block
+
 
 
 def has_module_targets(model: nn.Module) -> bool:
     """Whether the model gates a module target (features, filters, GroupRules), whose gates take the SGD group
     under DGateTrainer's gated_lr="auto"."""
-    return any(not _is_block_target(gs.target) for gs in get_bank(model).group_sets)
+    return any(not is_block_target(gs.target) for gs in get_bank(model).group_sets)
 
 
 def gated_parameters(
@@ -73,9 +75,9 @@ def gated_parameters(
         )
     ids = {id(p) for p in bank.parameters() if p.requires_grad}
     if not block_gates:
-        ids -= {id(p) for t, p in bank.gammas.items() if _is_block_target(t)}
+        ids -= {id(p) for t, p in bank.gammas.items() if is_block_target(t)}
     for gs in bank.group_sets if include_weights is not False else ():
-        if (include_weights is None or not block_gates) and _is_block_target(gs.target):
+        if (include_weights is None or not block_gates) and is_block_target(gs.target):
             continue
         for sl in gs.primary:
             p = getattr(bank.module(sl.module), sl.param)

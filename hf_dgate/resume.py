@@ -24,6 +24,9 @@ SETUP_KEY = "setup"
 STEERING_CONFIG_FIELDS = ("lam", "threshold", "threshold_mode", "l0_train_size")
 # DGateTrainer arguments that lay out the optimizer's parameter groups (refused when changed)
 LAYOUT_ARGS = ("gated_lr", "gated_weights", "optim")
+# Version of what gated_lr="auto" lays out. 2: without a budget, transformer block targets' gates stay on the
+# Trainer's optimizer. Checkpoints without it (version 1) put every target's gates in the momentum-SGD group.
+AUTO_LAYOUT = 2
 
 
 def trainer_setup(trainer: Any) -> dict[str, Any]:
@@ -36,6 +39,7 @@ def trainer_setup(trainer: Any) -> dict[str, Any]:
             "gated_lr": trainer.dgate_gated_lr,
             "gated_weights": trainer.dgate_gated_weights,
             "optim": str(getattr(optim, "value", optim)) if optim is not None else None,
+            "auto_layout": AUTO_LAYOUT,
         },
         "controller": dict(args),
     }
@@ -60,12 +64,26 @@ def compare_setup(saved: dict[str, Any], now: dict[str, Any]) -> tuple[list[tupl
     return refused, steering
 
 
-def check_resume(checkpoint: str, state: dict[str, Any] | None, now: dict[str, Any]) -> bool:
+def check_resume(
+    checkpoint: str, state: dict[str, Any] | None, now: dict[str, Any], legacy_auto_rate: float | None = None
+) -> bool:
     """Refuse a resume whose setup changed what the checkpoint's state means; warn about steering changes.
-    Returns whether the saved lam controller may be restored (nothing that steers it changed)."""
+    Returns whether the saved lam controller may be restored (nothing that steers it changed).
+    legacy_auto_rate: the gated_lr that lays this run out as gated_lr="auto" did before AUTO_LAYOUT 2 (None where
+    both "auto"s agree); a checkpoint saved then under "auto" resumes with that rate and is refused under "auto"."""
     saved = (state or {}).get(SETUP_KEY)
     if not isinstance(saved, dict):
         return True  # a checkpoint from before setups were recorded: restored as it was
+    was_opt = saved.get("optimizer") if isinstance(saved.get("optimizer"), dict) else {}
+    if legacy_auto_rate is not None and was_opt.get("gated_lr") == "auto" and "auto_layout" not in was_opt:
+        if now["optimizer"].get("gated_lr") == "auto":
+            raise ValueError(
+                f"Cannot resume from {checkpoint!r}: it was saved by an earlier hf_dgate, whose gated_lr='auto' put "
+                "the gates of heads, neurons, layers and experts in the momentum-SGD group; this version's 'auto' "
+                f"leaves them on the Trainer's optimizer. Resume it with gated_lr={legacy_auto_rate} (its layout)."
+            )
+        if now["optimizer"].get("gated_lr") == legacy_auto_rate:
+            saved = {**saved, "optimizer": {**was_opt, "gated_lr": legacy_auto_rate}}
     refused, steering = compare_setup(saved, now)
     if refused:
         key, was, new = refused[0]

@@ -448,6 +448,18 @@ class DGateMixin:
         getattr(optim, helper)(inner, self.model, **kwargs)
         return optimizer
 
+    def _dgate_legacy_auto_rate(self) -> float | None:
+        """The gated_lr giving this run the layout gated_lr="auto" gave before block targets' gates stayed on the
+        Trainer's optimizer (resume.AUTO_LAYOUT); None where both "auto"s lay it out alike."""
+        policy, optim_name = self.dgate_bank.strategy.optimizer, getattr(self.args, "optim", None)
+        if policy is None or not policy.takes_weights or self.dgate_budget is not None:
+            return None
+        if str(getattr(optim_name, "value", optim_name)) == "sgd" or not any(
+            optim.is_block_target(gs.target) for gs in self.dgate_bank.group_sets
+        ):
+            return None
+        return optim.MODULE_TARGET_LR if optim.has_module_targets(self.model) else optim.BLOCK_TARGET_LR
+
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """Trainer's decay list minus the gates and every tensor holding gated primary weights."""
         names = super().get_decay_parameter_names(model)
@@ -809,7 +821,8 @@ class DGateMixin:
             LamController(lam=0.0).load_state_dict(state["lam_controller"])  # validated even when not restored
         except ValueError as e:
             raise ValueError(f"{path!r}: field 'lam_controller': {e} Fix the file or delete it.") from None
-        if check_resume(checkpoint, state, trainer_setup(self)):  # refuses a changed setup, names what steers anew
+        now = trainer_setup(self)
+        if check_resume(checkpoint, state, now, self._dgate_legacy_auto_rate()):  # refuses a changed setup
             self.lam_controller.load_state_dict(state["lam_controller"])
         if state.get("finish") is not None:  # the finish had begun: hold what the checkpoint holds at zero
             try:

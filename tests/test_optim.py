@@ -199,3 +199,41 @@ def test_trainer_gives_l0_gates_their_own_rate(tmp_path):
     (mine,) = [g for g in opt.param_groups if g.get("dgate_l0")]
     assert mine["lr"] == L0_LR and mine["weight_decay"] == 0.0
     assert {id(p) for p in mine["params"]} == {id(p) for p in hf_dgate.get_bank(model).parameters() if p.requires_grad}
+
+
+def test_a_checkpoint_of_the_earlier_auto_resumes_with_its_rate_and_is_refused_under_auto(tmp_path):
+    """Before block targets' gates stayed on the Trainer's optimizer, gated_lr='auto' put them in the SGD group at
+    0.2: such a checkpoint (no 'auto_layout' in its setup) is refused under today's 'auto' with the rate that
+    restores its layout, and resumes with that rate."""
+    import json
+    import os
+
+    from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+
+    from hf_dgate.optim import BLOCK_TARGET_LR
+    from hf_dgate.trainer import DGateTrainer
+
+    data = [{"input_ids": torch.randint(0, 20, (8,)), "labels": torch.randint(0, 20, (8,))} for _ in range(32)]
+
+    def trainer(gated_lr):
+        torch.manual_seed(0)
+        gpt = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=20, n_positions=8))
+        args = TrainingArguments(str(tmp_path), max_steps=4, save_strategy="steps", save_steps=2, report_to=[],
+                                 use_cpu=True, disable_tqdm=True, per_device_train_batch_size=8)  # fmt: skip
+        cfg = hf_dgate.DGateConfig(target="heads")
+        return DGateTrainer(gpt, args, dgate_config=cfg, gated_lr=gated_lr, train_dataset=data)
+
+    trainer(BLOCK_TARGET_LR).train()  # the old "auto" layout, then recorded as the old "auto" did
+    path = os.path.join(tmp_path, "checkpoint-2", "dgate_trainer_state.json")
+    with open(path) as f:
+        state = json.load(f)
+    assert state["setup"]["optimizer"].pop("auto_layout") == 2
+    state["setup"]["optimizer"]["gated_lr"] = "auto"
+    with open(path, "w") as f:
+        json.dump(state, f)
+    ckpt = os.path.join(tmp_path, "checkpoint-2")
+    with pytest.raises(ValueError, match=f"earlier hf_dgate.*gated_lr={BLOCK_TARGET_LR}"):
+        trainer("auto").train(resume_from_checkpoint=ckpt)
+    resumed = trainer(BLOCK_TARGET_LR)
+    resumed.train(resume_from_checkpoint=ckpt)
+    assert resumed.state.global_step == 4
