@@ -16,6 +16,8 @@ the per-group norms with one reduction per tensor (no Python loop over groups).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
@@ -482,11 +484,26 @@ class GateBank(nn.Module):
 
     def site_scale(self, target: str, buf: str, ungated: bool) -> torch.Tensor:
         """The forward scale at one site: the method's (L0 samples while training), one entry per position, 1 where
-        a position belongs to no group."""
+        a position belongs to no group (everywhere inside `switched_off()`)."""
+        index = getattr(self, buf)
+        if self.__dict__.get("_switched_off"):
+            dtype = self.gammas[target].dtype if target in self.gammas else torch.float32
+            return torch.ones(index.shape, device=index.device, dtype=dtype)
         s = self.strategy.forward_scale(self, target)
         if ungated:
             s = torch.cat([s, s.new_ones(1)])
-        return s[getattr(self, buf)]
+        return s[index]
+
+    @contextmanager
+    def switched_off(self) -> Iterator[None]:
+        """Every gate acts as 1 inside: the model computes what its weights alone compute (for a gated PEFT model with
+        its adapters disabled, the model before gating: DGateTrainer(teacher="base") distils from it this way)."""
+        before = self.__dict__.get("_switched_off", False)
+        self.__dict__["_switched_off"] = True
+        try:
+            yield
+        finally:
+            self.__dict__["_switched_off"] = before
 
     # ---- penalties --------------------------------------------------------------------------------------------
     def penalty(self, lam: float | None = None) -> torch.Tensor:

@@ -61,6 +61,32 @@ GREY_WARN_FRACTION = 0.25  # warn at the end of training when more than this sha
 SPARSITY_NAME = "dgate_sparsity.json"
 
 
+BASE_TEACHER = "base"  # teacher="base": a gated PEFT model's own frozen weights, adapters and gates off
+
+
+def _base_teacher_problem(model: nn.Module, bank: GateBank) -> str | None:
+    """Why `model` cannot be its own teacher (None when it can): it must be a PEFT model, and nothing but its
+    adapters and its gates may train, or the "model before gating" would move with the student."""
+    if not callable(getattr(model, "disable_adapter", None)):
+        return (
+            f"{type(model).__name__} is not a PEFT model: only a model whose base weights stay frozen (peft."
+            "get_peft_model) can be its own teacher. Pass a copy of the model before gating instead."
+        )
+    adapters = getattr(model, "active_adapters", None) or []
+    adapters = [adapters] if isinstance(adapters, str) else list(adapters)
+    own = {id(p) for p in bank.parameters()}
+    moving = [
+        n for n, p in model.named_parameters()
+        if p.requires_grad and id(p) not in own and not any(f".{a}." in n for a in adapters)
+    ]  # fmt: skip
+    if moving:
+        return (
+            f"{len(moving)} base weight(s) of the model train (e.g. {moving[0]}), so its base is no fixed teacher. "
+            "Freeze them, or pass a copy of the model before gating instead."
+        )
+    return None
+
+
 def sparsity_metric_name(target: str) -> str:
     """Log key of a target's sparsity, as the target names it (heads -> head_sparsity; a custom group type `g` ->
     g_sparsity)."""
@@ -127,8 +153,10 @@ class DGateMixin:
             loss gains `distill_weight * T^2 * KL(teacher || student)` at temperature `distill_temperature`, plus
             `distill_hidden` times the relative MSE of the last hidden states when their shapes agree. The teacher
             runs under no_grad in eval mode (its memory: its weights and one forward's activations, no gradients or
-            optimizer state). Counted like the penalty (once per optimizer step); the logged `loss` stays the data
-            loss, and `dgate/distill_kl` is logged.
+            optimizer state). "base": a gated PEFT model (LoRA ...) whose base weights are frozen is its own
+            teacher, run with its adapters disabled and every gate switched off, which is exactly the model before
+            gating and adapters, with no second copy of its weights. Counted like the penalty (once per optimizer
+            step); the logged `loss` stays the data loss, and `dgate/distill_kl` is logged.
 
     The logged `loss` is the data loss alone (comparable with `eval_loss`); the penalty is logged as
     `dgate/penalty`. Gates and gated primary weights get no optimizer weight decay: the penalty already is an L2
@@ -154,7 +182,7 @@ class DGateMixin:
         budget_schedule: str = "gradual",
         budget_ranking: str = "saliency",
         finish_steps: int | str = "auto",
-        teacher: nn.Module | None = None,
+        teacher: nn.Module | str | None = None,
         distill_weight: float = 1.0,
         distill_temperature: float = 2.0,
         distill_hidden: float = 0.0,
@@ -178,7 +206,11 @@ class DGateMixin:
                 raise ValueError(f"{name}={value!r} is invalid: pass a finite float >= 0.")
         if distill_temperature <= 0:
             raise ValueError(f"distill_temperature={distill_temperature!r} is invalid: pass a float > 0 (e.g. 2.0).")
-        if teacher is not None and (teacher is model or get_bank(teacher, required=False) is not None):
+        if isinstance(teacher, str) and teacher != BASE_TEACHER:
+            raise ValueError(
+                f"teacher={teacher!r} is invalid: pass a model, {BASE_TEACHER!r} (a PEFT model's own base) or None."
+            )
+        if isinstance(teacher, nn.Module) and (teacher is model or get_bank(teacher, required=False) is not None):
             raise ValueError("teacher= must be a separate, ungated model (e.g. a copy of the model before gating).")
         self.dgate_distill_weight, self.dgate_distill_temperature = float(distill_weight), float(distill_temperature)
         self.dgate_distill_hidden = float(distill_hidden)
@@ -233,8 +265,13 @@ class DGateMixin:
         self._dgate_saliency: dict[str, torch.Tensor] | None = None  # running mean of (s_g dL/ds_g)^2 per target
         self._dgate_saliency_steps = 0
         super().__init__(model=model, args=args, **trainer_kwargs)
-        self.dgate_teacher = None
-        if teacher is not None:
+        self.dgate_teacher: nn.Module | None = None
+        self.dgate_teacher_is_base = teacher == BASE_TEACHER
+        if self.dgate_teacher_is_base:
+            problem = _base_teacher_problem(self.model, self.dgate_bank)
+            if problem:
+                raise ValueError(f"teacher={BASE_TEACHER!r}: {problem}")
+        elif teacher is not None:
             teacher.requires_grad_(False)
             self.dgate_teacher = teacher.to(self.args.device).eval()
         self.add_callback(_DGateCallback(self))
@@ -327,7 +364,8 @@ class DGateMixin:
         A NaN/inf loss or penalty stops training here, before backward, with a NonFiniteError naming the step: one
         NaN gradient would make every gate NaN while the Trainer's `logging_nan_inf_filter` hides it from the log.
         """
-        distill = self.dgate_teacher is not None and model.training and torch.is_grad_enabled()
+        teaches = self.dgate_teacher is not None or self.dgate_teacher_is_base
+        distill = teaches and model.training and torch.is_grad_enabled()
         if distill and self.dgate_distill_hidden > 0:
             inputs = {**inputs, "output_hidden_states": True}
         out = super().compute_loss(
@@ -350,6 +388,17 @@ class DGateMixin:
             self._stop_non_finite(loss.detach().float().mean(), pen.detach().float())
         return (total, outputs) if return_outputs else total
 
+    def _dgate_base_forward(self, inputs: dict[str, Any]) -> Any:
+        """teacher="base": the model's own frozen weights, adapters disabled and gates switched off, in eval mode."""
+        net = self.model
+        was_training = net.training
+        with net.disable_adapter(), self.dgate_bank.switched_off():
+            net.eval()
+            try:
+                return net(**inputs)
+            finally:
+                net.train(was_training)
+
     def _dgate_distill_loss(self, inputs: dict[str, Any], outputs: Any) -> torch.Tensor:
         """distill_weight * T^2 * KL(teacher || student) of the temperature-softened next-token distributions, mean
         over tokens (those with attention_mask 1), plus distill_hidden * the relative MSE of the last hidden states
@@ -357,7 +406,7 @@ class DGateMixin:
         teacher, temp = self.dgate_teacher, self.dgate_distill_temperature
         t_in = {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch")}
         with torch.no_grad():
-            t_out = teacher(**t_in)
+            t_out = self._dgate_base_forward(t_in) if self.dgate_teacher_is_base else teacher(**t_in)
         s_logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
         t_logits = t_out["logits"] if isinstance(t_out, dict) else t_out.logits
         if s_logits.shape[-1] != t_logits.shape[-1]:

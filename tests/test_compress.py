@@ -424,6 +424,45 @@ def test_teacher_distillation_adds_the_kl_once_and_leaves_the_teacher_alone(tmp_
     assert float(got) == pytest.approx(float(expect), rel=1e-4)
 
 
+def test_a_peft_model_is_its_own_teacher_with_adapters_and_gates_off(tmp_path):
+    """teacher="base": the shared forward computes exactly the model before gating and adapters (no copy of its
+    weights), after training has moved the gates and adapters; the student's own forward is untouched by it."""
+    import copy
+
+    peft = pytest.importorskip("peft")
+    base = tiny_llama()
+    pristine = copy.deepcopy(base).eval()
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = peft.get_peft_model(base, lora)
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target=["heads", "neurons"], lam=0.3))
+    with pytest.raises(ValueError, match="not a PEFT model"):
+        DGateTrainer(tiny_llama(), targs(tmp_path), teacher="base", train_dataset=copy_data(16))
+    with pytest.raises(ValueError, match="teacher='copy' is invalid"):
+        DGateTrainer(model, targs(tmp_path), teacher="copy", train_dataset=copy_data(16))
+    down = base.model.layers[0].mlp.down_proj.weight
+    down.requires_grad_(True)
+    with pytest.raises(ValueError, match="base weight.*train.*down_proj"):
+        DGateTrainer(model, targs(tmp_path), teacher="base", train_dataset=copy_data(16))
+    down.requires_grad_(False)
+    tr = DGateTrainer(model, targs(tmp_path, max_steps=6, logging_steps=1, learning_rate=3e-2), teacher="base",
+                      gated_lr=0.2, train_dataset=copy_data(48))  # fmt: skip
+    tr.train()
+    bank = tr.dgate_bank
+    assert any(not torch.equal(bank.scale(t), torch.ones_like(bank.scale(t))) for t in bank.targets)  # gates moved
+    batch = {"input_ids": torch.stack([d["input_ids"] for d in copy_data(4)])}
+    with torch.no_grad():
+        student = model(**batch).logits
+        model.train()
+        shared = tr._dgate_base_forward(batch).logits
+        assert model.training  # its mode is restored
+        again = model(**batch).logits  # dropout is 0 in the tiny config: train and eval forwards agree
+        expect = pristine(**batch).logits
+    assert torch.allclose(shared, expect, atol=1e-5) and not torch.allclose(student, expect, atol=1e-3)
+    assert torch.equal(again, student)  # adapters and gates are back on
+    logs = [h for h in tr.state.log_history if "dgate/distill_kl" in h]
+    assert logs and logs[-1]["dgate/distill_kl"] > 0
+
+
 def test_compress_cli_gates_trains_finishes_and_exports_to_the_budget(tmp_path, capsys):
     """`hf-dgate compress` on a saved tiny Llama + tokenizer and a text file: the export keeps the budget, is exact,
     and the summary table is printed."""
