@@ -73,6 +73,7 @@ POST_NORM_TYPES = {
     "plbart",
     "marian",
     "fsmt",
+    "squeezebert",  # LayerNorm(conv1d(x) + x) after attention and after the MLP (ConvDropoutLayerNorm)
 }
 
 

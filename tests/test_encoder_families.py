@@ -252,3 +252,12 @@ def test_a_bigbird_rebuild_from_the_per_layer_lists_keeps_its_head_counts_across
     long = _batch(64, False)
     for kind, batch in (("original_full", short), ("block_sparse", long)):
         assert torch.allclose(_logits(fresh, batch, kind), _logits(model, batch, kind), atol=1e-5), kind
+
+
+def test_squeezebert_layers_are_refused_as_post_norm_blocks():
+    """SqueezeBERT's blocks end each branch with LayerNorm(conv1d(x) + x): a zero branch does not remove the
+    layer, the named reason (before: its NCW layout hid the branches from the probe, 'not reached')."""
+    from hf_dgate import zoo
+
+    cell = zoo.run_cell("masked-lm", "squeezebert", "layers")
+    assert (cell.outcome, cell.detail) == (zoo.Outcome.INHERENT.value, zoo.Inherent.POST_NORM.value), cell
