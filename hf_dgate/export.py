@@ -155,19 +155,28 @@ def export_checked(
             pruned, refused = None, e
         keeps = [] if inplace else _dead_blocks_to_keep(base, plan)
         why = str(refused) if refused else (_reload_problem(pruned) or check.run_problem(pruned)) if keeps else None
-        for keep in keeps if why else ():  # dead blocks without which transformers cannot load or run the family
+        def works(keep: dict[str, set[int]]) -> tuple[nn.Module, Any] | None:
             try:
-                again, again_padding = prune(keep)
+                again = prune(keep)
             except ExportError:
+                return None
+            return again if _reload_problem(again[0]) is None and check.run_problem(again[0]) is None else None
+
+        for keep in keeps if why else ():  # dead blocks without which transformers cannot load or run the family
+            found = works(keep)
+            if found is None:
                 continue
-            if _reload_problem(again) is None and check.run_problem(again) is None:
-                logger.warning(
-                    "export: dead blocks %s stay in place as identity blocks (their branches zero): without them "
-                    "this transformers cannot load or run the export (%s).",
-                    {k: sorted(v) for k, v in keep.items()}, why,
-                )
-                pruned, padding = again, again_padding
-                break
+            for path in [k for k in keep if len(keep) > 1]:  # a stack that needs none of them drops its own
+                fewer = {k: v for k, v in keep.items() if k != path}
+                smaller = works(fewer)
+                if smaller is not None:
+                    keep, found = fewer, smaller
+            logger.warning(
+                "export: dead blocks %s stay in place as identity blocks (their branches zero): without them "
+                "this transformers cannot load or run the export (%s).", {k: sorted(v) for k, v in keep.items()}, why,
+            )
+            pruned, padding = found
+            break
         if pruned is None:
             raise refused
         _check_reloadable(pruned)
