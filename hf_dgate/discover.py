@@ -131,9 +131,26 @@ def propose_mlp(block: nn.Module, hf_config: Any, exclude: str | None = None) ->
             r for r, m in leaves.items()
             if r != down and _under(r, parent) and _shape(m)[0] == hidden and _shape(m)[1] in (units, 2 * units)
         ]
+        fused = [r for r in ups if _shape(leaves[r])[1] == 2 * units]
+        if fused:  # one fused [gate | up]: a layer of I outputs beside it is another's bottleneck (an adapter's)
+            ups = fused
         if ups:
             return down, ups
     return None
+
+
+def beside_ups(block: nn.Module, hf_config: Any, down: str, ups: list[str]) -> list[str]:
+    """Layers whose outputs are added to an up projection's (a per-layer adapter beside a shared MLP's gate_up_proj,
+    Zamba2): under the MLP, as wide as an up projection but reading something else than the hidden size. Proposed
+    only: the numerical check decides."""
+    hidden = hidden_size(hf_config, block)
+    widths = {_shape(m)[1] for r, m in _linears(block).items() if r in ups}
+    parent = _parent(down)
+    return [
+        r for r, m in _linears(block).items()
+        if r != down and r not in ups and parent and _under(r, parent) and _shape(m)[1] in widths
+        and _shape(m)[0] != hidden
+    ]
 
 
 def propose_experts(block: nn.Module, hf_config: Any) -> Any:

@@ -68,6 +68,7 @@ class Inherent(str, Enum):
     ACTIVATION_CUTOFF = "a cutoff computed over all units"
     OLD_TRANSFORMERS = "the installed transformers' module cannot run with fewer heads"
     UNIT_NORM = "a norm spans all MLP units"
+    SHARED_PARAMS = "blocks share parameters"
 
 
 PHRASES: dict[Inherent, tuple[str, ...]] = {
@@ -84,6 +85,7 @@ PHRASES: dict[Inherent, tuple[str, ...]] = {
     Inherent.ACTIVATION_CUTOFF: ("activation_sparsity_pattern",),
     Inherent.OLD_TRANSFORMERS: ("width of its input", "a fixed number of shards"),
     Inherent.UNIT_NORM: ("normalises every MLP unit by statistics over all units",),
+    Inherent.SHARED_PARAMS: ("module shared by blocks",),
 }
 
 

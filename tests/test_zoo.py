@@ -489,3 +489,45 @@ def test_a_family_whose_construction_reads_a_buffer_is_rehearsed_with_real_buffe
         pytest.skip("transformers 5 builds xIELU on the meta device")
     cell = zoo.run_cell("causal-lm", "apertus", "neurons")
     assert cell.outcome == zoo.Outcome.EXACT.value, cell
+
+
+class _SharedMLPBlocks(nn.Module):
+    """Two blocks that hold one MLP module (Zamba2's shared transformer block reused by its hybrid layers)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        shared = nn.Sequential(nn.Linear(d, 32), nn.GELU(), nn.Linear(32, d))
+        self.blocks = nn.ModuleList()
+        for _ in range(2):
+            block = nn.Module()
+            block.norm, block.mlp, block.mix = nn.LayerNorm(d), shared, nn.Linear(d, d)
+            self.blocks.append(block)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b.mix(x)
+            x = x + b.mlp(b.norm(x))
+        return x
+
+
+def test_blocks_sharing_a_module_cannot_lose_its_groups_one_block_at_a_time():
+    """A module that two blocks hold is gated once per block: its weights serve both, so one block cannot lose its
+    units alone (and two gates would remove each other's). Refused, for that named reason."""
+    import hf_dgate
+
+    with pytest.raises(ValueError, match="shared by blocks") as e:
+        hf_dgate.apply_dgate(_SharedMLPBlocks(), hf_dgate.DGateConfig(target="neurons"),
+                             example_inputs=torch.randn(2, 5, 16))
+    assert zoo.inherent_reason(str(e.value)) == zoo.Inherent.SHARED_PARAMS
+
+
+def test_a_shared_mlp_with_a_per_layer_adapter_beside_its_fused_up_projection():
+    """Zamba2 (4.x) adds a per-layer adapter's output to its shared MLP's fused gate_up_proj: the adapter's last layer
+    is proposed beside the up projection (its rows go with the units) and the check confirms it; the adapter's
+    bottleneck, as wide as the units, is not taken for an up projection."""
+    if "zamba2" not in zoo.model_types("causal-lm"):
+        pytest.skip("zamba2 is not in this transformers' causal-LM mapping")
+    fam = zoo.run_family("causal-lm", "zamba2", ("neurons",))
+    if not fam.builds:
+        pytest.skip(f"zamba2 does not build tiny here: {fam.why[:80]}")
+    assert fam.cells[0].outcome == zoo.Outcome.EXACT.value, fam.cells[0]

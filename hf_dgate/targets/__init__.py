@@ -101,6 +101,7 @@ def find_group_sets(
             )
         if off_path:
             logger.warning("Stacks %s stay dense: the probe batch does not reach them.", off_path)
+    _refuse_shared_modules(model, sets)
     for target in targets:
         if not target.per_block:
             sets += target.find(model, config, example_inputs)
@@ -330,3 +331,24 @@ def _mixer_not_mlp(stack: BlockStack, gs: GroupSet) -> str | None:
         f"input and output projections of a recurrent mixer ('{rel}', {kind}, with {evidence}), whose state reads "
         "all their units; gate 'layers'"
     )
+
+
+def _refuse_shared_modules(model: nn.Module, sets: list[GroupSet]) -> None:
+    """Refuse group sets of different blocks that gate one module object (Zamba2's shared transformer block, reused
+    by every hybrid layer): its weights serve every block that holds it, so one block cannot lose groups alone, and
+    two gates on one module would remove each other's groups."""
+    seen: dict[int, tuple[str, Any, str]] = {}
+    for gs in sets:
+        for site in gs.sites:
+            m = model.get_submodule(site.module)
+            key = (gs.target, gs.info.stack)
+            first = seen.setdefault(id(m), (gs.target, gs.layer, site.module))
+            if first[0] == gs.target and first[1] != gs.layer:
+                raise ValueError(
+                    f"target={gs.target!r} is not available for {key[1]!r}: '{first[2]}' and '{site.module}' are one "
+                    f"module {SHARED_BY_BLOCKS} {first[1]} and {gs.layer} (parameters shared across layers), so one "
+                    "block cannot lose groups alone; gate 'layers', or the blocks that own their modules."
+                )
+
+
+SHARED_BY_BLOCKS = "shared by blocks"

@@ -20,7 +20,7 @@ from ..architectures import (
 )
 from ..compat import config_value, experts_list
 from ..config import DGateConfig
-from ..discover import propose_mlp
+from ..discover import beside_ups, propose_mlp
 from ..errors import ExportError
 from ..groups import ExpertUnitInfo, GroupSet, NeuronInfo, Site, TensorSlice, input_slices, output_slices, slice_index
 from ..registry import spec_for
@@ -157,6 +157,10 @@ def _neuron_set(
                 f"takes {n} inputs. Name them with DGateConfig(module_names={{'up': [...], 'down': ...}})."
             )
         removable += output_slices(f"{name}.{rel}", up, idx)
+    for rel in beside_ups(block, hf_config, down_rel, up_rels) if guessed else ():
+        beside = block.get_submodule(rel)
+        rows = torch.arange(out_features(beside))
+        removable += output_slices(f"{name}.{rel}", beside, rows % n if out_features(beside) == 2 * n else idx)
     parent = down_rel.rpartition(".")[0]
     hidden = out_features(down)
     sub_norms = rms_norms_over(block, parent, n)
