@@ -232,6 +232,33 @@ def _shrink(d: dict[str, Any]) -> dict[str, Any]:
     for key in LAYER_SCALE_FIELDS:  # a tiny init scale (1e-6) hides every branch from the probe: as if trained
         if isinstance(d.get(key), float) and 0 < d[key] < 0.1:
             out[key] = 0.5
+    heads, old_dim, dim = d.get("num_heads"), d.get("embed_dim"), out.get("embed_dim")
+    if isinstance(heads, list) and all(type(h) is int for h in heads) and isinstance(old_dim, int) and dim != old_dim:
+        if all(h * dim % old_dim == 0 for h in heads):  # per-stage heads (Swin) follow the embedding, ratio kept
+            out["num_heads"] = [h * dim // old_dim for h in heads]
+    if isinstance(d.get("window_size"), int) and isinstance(d.get("depths"), list) and "patch_size" in out:
+        stages = len(d["depths"])  # windowed stages halve the grid: the last stage's grid must hold a window (2)
+        out["window_size"] = 2
+        out["patch_size"] = max(1, out.get("image_size", 32) // (2 * 2 ** (stages - 1)))
+    if "down_ops" in d and "patch_size" in d:  # LeViT: patch_size names its fixed stride-16 stem, not a choice
+        out["patch_size"] = d["patch_size"]
+    if old_layers and len(d.get("stage_names") or []) == old_layers + 1 and old_layers > layers:
+        for key in ("stage_names", "out_features", "out_indices"):  # a backbone's stages follow the cut depth
+            out.pop(key, None)
+    if isinstance(d.get("kv_lora_rank"), int) and isinstance(out.get("num_attention_heads"), int):
+        out["num_key_value_heads"] = out["num_attention_heads"]  # MLA: keys and values are expanded to every head
+    experts = next((out[k] for k in ("n_routed_experts", "num_experts") if isinstance(out.get(k), int)), 4)
+    for key in ("n_group", "num_expert_group"):  # group-limited top-k routing: groups must tile the (fewer) experts
+        if isinstance(d.get(key), int):
+            out[key] = 2 if experts % 2 == 0 and d[key] > 1 else 1
+            out["topk_group"] = 1
+            for k in ("num_experts_per_tok", "num_experts_per_token"):
+                if isinstance(out.get(k), int):
+                    out[k] = min(out[k], 2, experts // out[key])
+    if "num_experts_per_tok" in d and d["num_experts_per_tok"] is None and isinstance(d.get("n_routed_experts"), int):
+        out["num_experts_per_tok"] = 2  # a routed MoE left unset (DeepSeek-V2's default) routes to no expert
+    if isinstance(d.get("linear_num_heads"), int) and isinstance(d.get("linear_head_dim"), int):  # linear attention
+        out["linear_num_heads"], out["linear_head_dim"] = HEADS, 16
     if "num_attention_heads" in out and "num_key_value_heads" in out and out["num_key_value_heads"] is not None:
         if out["num_attention_heads"] % max(1, out["num_key_value_heads"]):
             out["num_key_value_heads"] = 1
@@ -262,6 +289,10 @@ def model_types(mapping: str) -> list[str]:
 
 def build(mapping: str, family: str, seed: int = 0) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     cfg = tiny_config(family)
+    heads = auto_class(mapping)._model_mapping
+    classes = heads[type(cfg)] if type(cfg) in heads else None
+    if isinstance(classes, (tuple, list)) and not cfg.architectures:  # several heads (DeiT): the first, plain one
+        cfg.architectures = [classes[0].__name__]
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
