@@ -141,7 +141,7 @@ SIZES: dict[str, int] = {
         64,
     ),
     **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"), 4),
-    **dict.fromkeys(("num_experts_per_tok", "moe_topk", "num_selected_experts"), 2),
+    **dict.fromkeys(("num_experts_per_tok", "moe_topk", "num_selected_experts", "moe_k"), 2),
     **dict.fromkeys(
         ("head_dim", "d_kv", "d_head", "attention_head_dim", "kv_channels", "v_head_dim", "qk_nope_head_dim"), 16
     ),
@@ -245,6 +245,12 @@ def _shrink(d: dict[str, Any]) -> dict[str, Any]:
     if old_layers and len(d.get("stage_names") or []) == old_layers + 1 and old_layers > layers:
         for key in ("stage_names", "out_features", "out_indices"):  # a backbone's stages follow the cut depth
             out.pop(key, None)
+    heads = out.get("num_attention_heads")
+    if isinstance(heads, int) and isinstance(out.get("hidden_size"), int) and "kv_lora_rank" not in d:
+        if "head_dim" in d and d["head_dim"] is None:  # a default left unset that the model reads as is (Ministral)
+            out["head_dim"] = out["hidden_size"] // heads
+        if "num_key_value_heads" in d and d["num_key_value_heads"] is None:  # likewise (Nemotron): plain MHA
+            out["num_key_value_heads"] = heads
     if isinstance(d.get("kv_lora_rank"), int) and isinstance(out.get("num_attention_heads"), int):
         out["num_key_value_heads"] = out["num_attention_heads"]  # MLA: keys and values are expanded to every head
     experts = next((out[k] for k in ("n_routed_experts", "num_experts") if isinstance(out.get(k), int)), 4)
