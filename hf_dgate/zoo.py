@@ -263,6 +263,8 @@ def _shrink(d: dict[str, Any]) -> dict[str, Any]:
                     out[k] = min(out[k], 2, experts // out[key])
     if "num_experts_per_tok" in d and d["num_experts_per_tok"] is None and isinstance(d.get("n_routed_experts"), int):
         out["num_experts_per_tok"] = 2  # a routed MoE left unset (DeepSeek-V2's default) routes to no expert
+    if isinstance(d.get("index_head_dim"), int) and isinstance(d.get("index_n_heads"), int):  # DSA's indexer
+        out["index_n_heads"], out["index_head_dim"] = HEADS, 16  # its rope part is qk_rope_head_dim (8)
     if isinstance(d.get("linear_num_heads"), int) and isinstance(d.get("linear_head_dim"), int):  # linear attention
         out["linear_num_heads"], out["linear_head_dim"] = HEADS, 16
     if "num_attention_heads" in out and "num_key_value_heads" in out and out["num_key_value_heads"] is not None:
