@@ -313,8 +313,8 @@ def find_blocks(model: nn.Module, config: DGateConfig, stack: str | None = None)
 
 
 def attention_like(name: str, module: nn.Module) -> bool:
-    cls = type(module).__name__.lower()
-    return "attention" in cls or "attn" in cls or isinstance(module, nn.MultiheadAttention)
+    cls = type(module).__name__.lower()  # "...MLA": a multi-head latent attention (LongcatFlashMLA)
+    return "attention" in cls or "attn" in cls or cls.endswith("mla") or isinstance(module, nn.MultiheadAttention)
 
 
 def describe_stacks(stacks: list[tuple[str, nn.ModuleList]]) -> str:

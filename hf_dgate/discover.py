@@ -90,9 +90,17 @@ def propose_attention(block: nn.Module, hf_config: Any, n_heads: int, n_kv: int)
         # an attention-named module first, then heads x head_dim == hidden (an MLP's down reads more), then the
         # layer registered last (the output projection usually is)
         cands.append((not attn_like, fan_in != hidden, -order, rel, siblings))
+    latent = latent_head_widths(hf_config, n_heads)
     for *_, o_rel, siblings in sorted(cands):
         hd = _shape(leaves[o_rel])[0] // n_heads
         per_head, per_kv = [], []
+        if latent is not None:  # the per-head up-projections only (beside the output projection: not a sparse
+            # attention's indexer inside it, GLM-MoE-DSA's); the latents' own layers are shared by all heads
+            per_head = [r for r in siblings if _shape(leaves[r])[1] in latent and _parent(r) == _parent(o_rel)]
+            if len(per_head) == 2:
+                return {"o": o_rel, "per_head": tuple(per_head), "per_kv_head": (), "head_dim": hd,
+                        "n_heads": n_heads, "n_kv": n_heads, "discovered": True}
+            continue
         for rel in siblings:
             fan_in, fan_out = _shape(leaves[rel])
             if fan_out % n_heads == 0 and fan_out // n_heads >= 1:
@@ -103,6 +111,22 @@ def propose_attention(block: nn.Module, hf_config: Any, n_heads: int, n_kv: int)
             return {"o": o_rel, "per_head": tuple(per_head), "per_kv_head": tuple(per_kv), "head_dim": hd,
                     "n_heads": n_heads, "n_kv": n_kv, "discovered": True}
     return None
+
+
+MLA_FIELDS = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+
+
+def latent_head_widths(hf_config: Any, n_heads: int) -> set[int] | None:
+    """Multi-head latent attention (DeepSeek-V2/V3's MLA; the config has the four MLA fields): the output widths of
+    its two per-head up-projections, the queries (q_b_proj, or q_proj without a query latent: nope + rope per
+    head) and the keys' and values' (kv_b_proj: nope + value per head, each head's block contiguous). The latents
+    (q_a_proj, kv_a_proj_with_mqa with the rotary key shared by all heads) and their norms precede the split into
+    heads and are kept whole. None for any other attention."""
+    vals = [getattr(hf_config, f, None) for f in MLA_FIELDS]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in vals):
+        return None
+    _, nope, rope, v = vals
+    return {n_heads * (nope + rope), n_heads * (nope + v)}
 
 
 def _mlp_widths(hf_config: Any) -> set[int]:

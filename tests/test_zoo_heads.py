@@ -189,3 +189,45 @@ def test_a_bias_the_attention_returns_for_its_block_stays_whole():
     it is no per-head vector and keeps its width."""
     cell = _exact("gpt_neox_japanese")
     assert cell.outcome == zoo.Outcome.EXACT.value, cell
+
+
+@pytest.mark.parametrize("q_lora_rank", [None, 16])
+def test_multi_head_latent_attention_heads_are_removed_exactly(q_lora_rank, tmp_path):
+    """DeepSeek-V3's MLA: a head owns its block of query rows (q_b_proj, or q_proj without a query latent: nope +
+    rope per head), of kv_b_proj's rows (its key nope and value, contiguous per head) and its columns of o_proj;
+    the latents (q_a_proj, kv_a_proj_with_mqa with the rotary key shared by all heads) and their norms stay whole
+    (before: 'a zero gate does not equal removing its slices', the latents were sliced as if per head). The
+    export equals the gated model and reloads with its per-layer head counts."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    import hf_dgate
+    from hf_dgate.loading import save_pruned
+
+    cfg = DeepseekV3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=q_lora_rank, kv_lora_rank=12, qk_nope_head_dim=8,
+        qk_rope_head_dim=4, v_head_dim=6, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=1,
+        topk_group=1, first_k_dense_replace=2, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(cfg).float().eval()
+    zoo.as_if_trained(model)
+    batch = {"input_ids": torch.randint(0, 64, (2, 7))}
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="heads"), example_inputs=batch)
+    attn = model.model.layers[0].self_attn
+    sliced = {sl.module.rpartition(".")[2] for gs in hf_dgate.get_bank(model).group_sets for sl in gs.removable}
+    assert sliced == {"q_proj" if q_lora_rank is None else "q_b_proj", "kv_b_proj", "o_proj"}
+    with torch.no_grad():
+        gates = hf_dgate.get_bank(model).gammas["heads"]
+        gates[:, [0, 2, 5]] = 0  # heads 0 and 2 of layer 0, head 1 of layer 1
+    gated = zoo.run(model, batch)
+    pruned = hf_dgate.export_pruned(model, example_inputs=batch)
+    out = zoo.run(pruned, batch)
+    assert float((out - gated).abs().max()) <= 1e-4
+    attn = pruned.model.layers[0].self_attn
+    assert attn.kv_b_proj.out_features == 2 * (8 + 6) and attn.o_proj.in_features == 2 * 6
+    assert attn.kv_a_proj_with_mqa.out_features == 12 + 4  # the shared latent and rotary key: whole
+    assert pruned.model.layers[1].self_attn.kv_b_proj.out_features == 3 * (8 + 6)
+    save_pruned(pruned, tmp_path)
+    again = hf_dgate.AutoPrunedModel.from_pretrained(tmp_path).float().eval()
+    assert float((zoo.run(again, batch) - out).abs().max()) <= 1e-4
