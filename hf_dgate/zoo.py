@@ -253,6 +253,10 @@ def _shrink(d: dict[str, Any]) -> dict[str, Any]:
             out["num_key_value_heads"] = heads
     if isinstance(d.get("kv_lora_rank"), int) and isinstance(out.get("num_attention_heads"), int):
         out["num_key_value_heads"] = out["num_attention_heads"]  # MLA: keys and values are expanded to every head
+    if "n_routed_experts" in d and d["n_routed_experts"] is None and d.get("num_experts_per_tok", 0) is None:
+        out["n_routed_experts"], out["num_experts_per_tok"] = 4, 2  # a routed MoE whose default leaves both unset
+        if "n_shared_experts" in d and d["n_shared_experts"] is None:
+            out["n_shared_experts"] = 1
     experts = next((out[k] for k in ("n_routed_experts", "num_experts") if isinstance(out.get(k), int)), 4)
     for key in ("n_group", "num_expert_group"):  # group-limited top-k routing: groups must tile the (fewer) experts
         if isinstance(d.get(key), int):
