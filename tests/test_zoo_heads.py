@@ -231,3 +231,40 @@ def test_multi_head_latent_attention_heads_are_removed_exactly(q_lora_rank, tmp_
     save_pruned(pruned, tmp_path)
     again = hf_dgate.AutoPrunedModel.from_pretrained(tmp_path).float().eval()
     assert float((zoo.run(again, batch) - out).abs().max()) <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["swin", "swinv2"])
+def test_window_attention_per_head_position_tables_go_with_their_heads(family):
+    """Swin adds a relative position bias from a (positions, heads) table (held by the attention, or on 5.x by a
+    bias module in it); Swin v2 scales each head by logit_scale (heads, 1, 1) and computes its bias with an MLP whose
+    last Linear writes one output per head. Stages have different head counts. A removed head takes its table
+    column, scale and MLP row (found from shapes): the export is exact and reloads (before: the export failed on the
+    probe, the bias had the old head count)."""
+    import tempfile
+
+    import hf_dgate
+    from hf_dgate.loading import save_pruned
+
+    if family not in zoo.model_types("image-classification"):
+        pytest.skip(f"{family} is not in this transformers' image-classification mapping")
+    torch.manual_seed(0)
+    model, inputs = zoo.build("image-classification", family)
+    model.eval()
+    hf_dgate.apply_dgate(model, hf_dgate.DGateConfig(target="heads"), example_inputs=inputs)
+    with torch.no_grad():
+        gammas = hf_dgate.get_bank(model).gammas["heads"]
+        gammas[:, [0, 2, 6, 10, gammas.shape[1] - 2]] = 0  # one head of stage 0's, 1's blocks and of the last block
+        gammas[:, 5] *= 0.7
+        gated = model(**inputs).logits
+    pruned = hf_dgate.export_pruned(model, example_inputs=inputs)
+    per_head = {n: p.shape for n, p in pruned.named_parameters()
+                if n.endswith(("relative_position_bias_table", "logit_scale", "continuous_position_bias_mlp.2.weight"))}
+    assert per_head
+    heads = [s[1] if n.endswith("table") else s[0] for n, s in per_head.items() if not n.endswith("weight")]
+    if family == "swinv2":  # the bias MLP's last Linear has one row per kept head, like logit_scale
+        assert [s[0] for n, s in per_head.items() if n.endswith("weight")] == heads
+    assert heads[:4] == [1, 1, 3, 3] and heads[-1] == model.config.num_heads[-1] - 1, per_head
+    with tempfile.TemporaryDirectory() as d, torch.no_grad():
+        save_pruned(pruned, d)
+        again = hf_dgate.AutoPrunedModel.from_pretrained(d).eval()
+        assert torch.allclose(again(**inputs).logits, gated, atol=1e-5)

@@ -93,6 +93,7 @@ def per_head_vectors(name: str, block: nn.Module, gs: GroupSet) -> list[TensorSl
             for p, t in own if t is not None and t.dim() == 1 and t.numel() == info.n_kv
         ]
     out += _per_head_linears(name, block, gs, core_rel)
+    out += _per_head_position_tables(where, core, core_rel, info, group)
     hd = info.head_dim
     for rel, m in core.named_modules():  # a depthwise convolution over heads (Nystromformer's conv on the values)
         if not rel or not isinstance(m, nn.modules.conv._ConvNd) or not m.groups == m.in_channels == m.out_channels:
@@ -102,6 +103,37 @@ def per_head_vectors(name: str, block: nn.Module, gs: GroupSet) -> list[TensorSl
         elif hd and m.groups in (info.n_kv * hd, n_heads * hd):  # over each head's channels (Inkling's k/v sconv)
             idx = slice_index(m.groups, hd * (n_rep if m.groups == n_heads * hd else 1))
             out += [TensorSlice(f"{where}.{rel}", p, 0, idx) for p in ("weight", "bias") if getattr(m, p) is not None]
+    return out
+
+
+def _per_head_position_tables(
+    where: str, core: nn.Module, core_rel: str, info: HeadInfo, group: torch.Tensor
+) -> list[TensorSlice]:
+    """Tensors of the attention module and its helper submodules (not its projections) with one column per head:
+    a relative position bias table (positions, heads) (Swin's relative_position_bias_table, held by the attention or
+    by a bias module in it), a per-head scale with unit axes (Swin v2's logit_scale (heads, 1, 1)) and the last
+    Linear of a bias MLP writing one output per head (Swin v2's continuous_position_bias_mlp). A removed head takes
+    its column, entry or row along. Proposed from shapes; the export's numerical checks decide."""
+    n_heads = info.n_heads
+    taken = {r for r in (info.q, info.k, info.v, info.o, info.qkv, *info.per_head, *info.per_kv_head) if r}
+    out: list[TensorSlice] = []
+    for rel, m in core.named_modules():
+        if rel and (isinstance(m, nn.Embedding) or attention_like(rel, m)):  # (per-layer embeddings: handled apart)
+            continue
+        full = f"{where}.{rel}" if rel else where
+        if isinstance(m, nn.Linear):
+            in_block = f"{core_rel}.{rel}" if core_rel else rel
+            if rel and in_block not in taken and m.out_features == n_heads:
+                out += output_slices(full, m, group)
+            continue
+        for p, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
+            if t is None or t.dim() < 2:
+                continue
+            axes = [d for d in range(t.dim()) if t.shape[d] == n_heads]
+            if len(axes) != 1:
+                continue
+            if t.numel() == n_heads or (t.dim() == 2 and axes[0] == 1 and t.shape[0] != info.head_dim):
+                out.append(TensorSlice(full, p, axes[0], group))
     return out
 
 
