@@ -119,14 +119,15 @@ MLA_FIELDS = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_di
 def latent_head_widths(hf_config: Any, n_heads: int) -> set[int] | None:
     """Multi-head latent attention (DeepSeek-V2/V3's MLA; the config has the four MLA fields): the output widths of
     its two per-head up-projections, the queries (q_b_proj, or q_proj without a query latent: nope + rope per
-    head) and the keys' and values' (kv_b_proj: nope + value per head, each head's block contiguous). The latents
-    (q_a_proj, kv_a_proj_with_mqa with the rotary key shared by all heads) and their norms precede the split into
-    heads and are kept whole. None for any other attention."""
+    head; with a per-head output gate beside them, nope + rope + value) and the keys' and values' (kv_b_proj:
+    nope + value per head, each head's block contiguous). The latents (q_a_proj, kv_a_proj_with_mqa with the
+    rotary key shared by all heads) and their norms precede the split into heads and are kept whole. None for any
+    other attention."""
     vals = [getattr(hf_config, f, None) for f in MLA_FIELDS]
     if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in vals):
         return None
-    _, nope, rope, v = vals
-    return {n_heads * (nope + rope), n_heads * (nope + v)}
+    _, nope, rope, v = vals  # (AXK2's q_gate_proj: [query | output gate] per head, the gate scaling its output)
+    return {n_heads * (nope + rope), n_heads * (nope + v), n_heads * (nope + rope + v)}
 
 
 def _mlp_widths(hf_config: Any) -> set[int]:

@@ -268,3 +268,10 @@ def test_window_attention_per_head_position_tables_go_with_their_heads(family):
         save_pruned(pruned, d)
         again = hf_dgate.AutoPrunedModel.from_pretrained(d).eval()
         assert torch.allclose(again(**inputs).logits, gated, atol=1e-5)
+
+
+def test_latent_attention_with_a_per_head_output_gate():
+    """AXK2's MLA fuses each head's query and its sigmoid output gate in q_gate_proj ([query | gate] per head): a
+    removed head takes both (before: not found, the fused width was no known per-head width)."""
+    cell = _exact("axk2")
+    assert cell.outcome == zoo.Outcome.EXACT.value, cell
