@@ -270,8 +270,11 @@ def test_window_attention_per_head_position_tables_go_with_their_heads(family):
         assert torch.allclose(again(**inputs).logits, gated, atol=1e-5)
 
 
-def test_latent_attention_with_a_per_head_output_gate():
+@pytest.mark.parametrize("family", ["axk2", "glm_moe_dsa"])
+def test_latent_attention_with_a_per_head_output_gate_or_an_indexer(family):
     """AXK2's MLA fuses each head's query and its sigmoid output gate in q_gate_proj ([query | gate] per head): a
-    removed head takes both (before: not found, the fused width was no known per-head width)."""
-    cell = _exact("axk2")
+    removed head takes both (before: not found, the fused width was no known per-head width). Both keep their
+    sparse attention's indexer whole (its own heads pick the keys for all heads; before: its one-output-per-head
+    weights_proj was sliced as a per-head position table and the export failed on the probe)."""
+    cell = _exact(family)
     assert cell.outcome == zoo.Outcome.EXACT.value, cell

@@ -117,9 +117,13 @@ def _per_head_position_tables(
     n_heads = info.n_heads
     taken = {r for r in (info.q, info.k, info.v, info.o, info.qkv, *info.per_head, *info.per_kv_head) if r}
     out: list[TensorSlice] = []
+    own_heads = [r for r, m in core.named_modules() if r and any(isinstance(getattr(m, a, None), int)
+                                                                 for a in HEAD_COUNT_ATTRS)]
     for rel, m in core.named_modules():
         if rel and (isinstance(m, nn.Embedding) or attention_like(rel, m)):  # (per-layer embeddings: handled apart)
             continue
+        if any(rel == r or rel.startswith(r + ".") for r in own_heads):  # a helper with heads of its own (a sparse
+            continue  # attention's indexer, GLM-MoE-DSA's: it picks the keys for all heads), not per-head tables
         full = f"{where}.{rel}" if rel else where
         if isinstance(m, nn.Linear):
             in_block = f"{core_rel}.{rel}" if core_rel else rel
